@@ -1,0 +1,97 @@
+"""Create images of any supported format, resolving sizes from backing files as qemu-img does."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import InvalidArgument
+from ..hostfile import HostFile
+from ..qcow2.create import Qcow2Options, create_qcow2
+from .open import open_image, resolve_backing_path
+
+_BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    try:
+        return _BOOL[str(value).lower()]
+    except KeyError:
+        raise InvalidArgument(f"Parameter '{name}' expects 'on' or 'off'") from None
+
+
+def qcow2_options(size: int, **options: Any) -> Qcow2Options:
+    """Map qemu-img style option names (dashes or underscores) to Qcow2Options."""
+    opts = Qcow2Options(size=size)
+    for key, value in options.items():
+        key = key.replace("-", "_")
+        if value is None:
+            continue
+        if key == "cluster_size":
+            opts.cluster_size = int(value)
+        elif key == "compat":
+            opts.compat = str(value)
+        elif key == "refcount_bits":
+            opts.refcount_bits = int(value)
+        elif key == "compression_type":
+            opts.compression_type = str(value)
+        elif key == "lazy_refcounts":
+            opts.lazy_refcounts = _bool(key, value)
+        elif key == "extended_l2":
+            opts.extended_l2 = _bool(key, value)
+        elif key == "preallocation":
+            opts.preallocation = str(value)
+        elif key == "backing_file":
+            opts.backing_file = str(value)
+        elif key == "backing_fmt":
+            opts.backing_fmt = str(value)
+        else:
+            raise InvalidArgument(f"Invalid parameter '{key.replace('_', '-') if False else key}'")
+    return opts
+
+
+def backing_size(path: str, backing_file: str, backing_fmt: str | None) -> int:
+    with open_image(resolve_backing_path(path, backing_file), "r", backing_fmt) as dev:
+        return dev.size
+
+
+def create_image(path: str, size: int | None = None, format: str = "qcow2", **options: Any) -> None:
+    """Create an image; with a backing file and no size, the backing file's size is used."""
+    if format == "raw":
+        if options.get("backing_file"):
+            raise InvalidArgument("'raw' does not support backing files")
+        prealloc = str(options.pop("preallocation", None) or "off")
+        for key in options:
+            raise InvalidArgument(f"Invalid parameter '{key}'")
+        if size is None:
+            raise InvalidArgument("Image creation needs a size parameter")
+        f = HostFile(path, writable=True, create=True)
+        try:
+            if prealloc == "off":
+                f.truncate(size)
+            elif prealloc == "falloc":
+                f.truncate(size)
+                f.allocate(0, size)
+            elif prealloc == "full":
+                chunk = 1 << 20
+                for off in range(0, size, chunk):
+                    f.pwrite(bytes(min(chunk, size - off)), off)
+            else:
+                raise InvalidArgument(f"Invalid parameter '{prealloc}'")
+        finally:
+            f.close()
+        return
+    if format != "qcow2":
+        raise InvalidArgument(f"Unknown file format '{format}'")
+    backing_file = options.get("backing_file")
+    if size is None:
+        if not backing_file:
+            raise InvalidArgument("Image creation needs a size parameter")
+        size = backing_size(path, backing_file, options.get("backing_fmt"))
+    opts = qcow2_options(size, **options)
+    opts.validate()
+    if backing_file and not os.path.exists(resolve_backing_path(path, backing_file)):
+        # qemu-img checks the backing file before writing anything
+        backing_size(path, backing_file, options.get("backing_fmt"))
+    create_qcow2(path, opts)

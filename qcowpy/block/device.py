@@ -1,0 +1,150 @@
+"""The block device interface every driver implements, and chain-aware block status."""
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..errors import InvalidArgument, QcowError
+
+
+@dataclass(frozen=True)
+class LayerStatus:
+    """Status of a run of guest bytes in one layer of a chain (QEMU's BDRV_BLOCK_* bits)."""
+
+    start: int
+    length: int
+    data: bool
+    zero: bool
+    offset: int | None = None  # host offset in ``filename`` when the bytes are stored plainly
+    filename: str | None = None
+
+    @property
+    def allocated(self) -> bool:
+        return self.data or self.zero
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One run of ``block_status``: where in the chain the bytes come from and what they are."""
+
+    start: int
+    length: int
+    depth: int  # 0 = this image, 1 = its backing file, ...
+    present: bool  # allocated in some layer (False: reads as zeros because nothing has it)
+    zero: bool
+    data: bool
+    offset: int | None = None
+    filename: str | None = None
+
+
+class BlockDevice(ABC):
+    """A guest-visible disk: random-access bytes of a fixed size, plus allocation status.
+
+    Arguments follow ``os.pread``/``os.pwrite`` order. Every method is safe to call from
+    several threads. Devices are context managers; closing also closes the backing chain.
+    """
+
+    format: str
+    filename: str
+    read_only: bool
+    backing: "BlockDevice | None" = None
+
+    @property
+    @abstractmethod
+    def size(self) -> int: ...
+
+    @abstractmethod
+    def pread(self, length: int, offset: int) -> bytes: ...
+
+    @abstractmethod
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None: ...
+
+    @abstractmethod
+    def write_zeroes(self, length: int, offset: int, unmap: bool = False) -> None: ...
+
+    @abstractmethod
+    def discard(self, length: int, offset: int) -> None: ...
+
+    @abstractmethod
+    def flush(self) -> None: ...
+
+    @abstractmethod
+    def layer_status(self, offset: int, length: int) -> Iterator[LayerStatus]:
+        """Status of the range in this layer alone; unallocated runs have data=zero=False."""
+
+    @abstractmethod
+    def _close_self(self) -> None: ...
+
+    def close(self) -> None:
+        try:
+            self._close_self()
+        finally:
+            if self.backing is not None:
+                self.backing.close()
+
+    def __enter__(self) -> "BlockDevice":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise InvalidArgument(f"Range {offset}+{length} is outside the image (size {self.size})")
+
+    @property
+    def chain(self) -> list["BlockDevice"]:
+        out: list[BlockDevice] = []
+        dev: BlockDevice | None = self
+        while dev is not None:
+            out.append(dev)
+            dev = dev.backing
+        return out
+
+    def block_status(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        """Where each byte of the range comes from, walking the backing chain as qemu-img map does."""
+        if length is None:
+            length = self.size - offset
+        self.check_range(offset, length)
+        out: list[Extent] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            ext = _status_at(self, pos, end - pos)
+            out.append(ext)
+            pos += ext.length
+        return out
+
+
+def _status_at(top: BlockDevice, offset: int, length: int) -> Extent:
+    """Status of the first run at ``offset`` in the chain (QEMU's get_block_status loop)."""
+    dev: BlockDevice | None = top
+    depth = 0
+    while True:
+        assert dev is not None
+        st = next(iter(dev.layer_status(offset, length)))
+        length = st.length
+        if st.allocated:
+            return Extent(offset, length, depth, True, st.zero, st.data, st.offset,
+                          st.filename if st.offset is not None else None)
+        below = dev.backing
+        if below is None:
+            return Extent(offset, length, depth, False, True, False)
+        if offset >= below.size:
+            return Extent(offset, length, depth, False, True, False)
+        length = min(length, below.size - offset)
+        dev = below
+        depth += 1
+
+
+class LockedDevice(BlockDevice, ABC):
+    """Base for drivers that serialize their own state with one lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QcowError(f"'{self.filename}' is closed")

@@ -1,0 +1,81 @@
+"""Open images by path: format probing, backing file resolution and chains."""
+from __future__ import annotations
+
+import os
+
+from ..errors import FormatError, ImageNotFound, InvalidArgument, QcowError, UnsupportedFeature
+from ..format.constants import MAGIC
+from ..qcow2.image import Qcow2Image
+from .device import BlockDevice
+from .qcow2 import Qcow2Device
+from .raw import RawDevice
+
+FORMATS = ("qcow2", "raw")
+MAX_CHAIN_DEPTH = 256
+
+# Magic numbers of formats we recognise but do not read, so probing does not call them raw.
+_OTHER_MAGIC = {b"QFI\xfc": "qcow", b"KDMV": "vmdk", b"conectix": "vpc", b"vhdxfile": "vhdx", b"QED\x00": "qed"}
+
+
+def probe_format(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        raise ImageNotFound(f"Could not open '{path}': No such file or directory") from None
+    except OSError as e:
+        raise QcowError(f"Could not open '{path}': {e.strerror}") from None
+    if head[:4] == MAGIC:
+        return "qcow2"
+    for magic, name in _OTHER_MAGIC.items():
+        if head.startswith(magic):
+            raise UnsupportedFeature(f"Image format '{name}' of '{path}' is not supported")
+    return "raw"
+
+
+def resolve_backing_path(overlay: str, backing: str) -> str:
+    """A relative backing name is relative to the overlay's directory, as in QEMU."""
+    if ":" in backing.split("/", 1)[0] and not os.path.exists(backing):
+        raise UnsupportedFeature(f"Backing file '{backing}' uses a protocol qcowpy does not support")
+    if os.path.isabs(backing):
+        return backing
+    return os.path.join(os.path.dirname(overlay), backing)
+
+
+def open_image(path: str, mode: str = "r", format: str | None = None, backing: bool = True,
+               cache: str = "writeback", _seen: tuple = ()) -> BlockDevice:
+    """Open ``path`` (and, unless ``backing`` is False, its whole backing chain read-only)."""
+    if mode not in ("r", "r+", "rb", "r+b", "rw"):
+        raise InvalidArgument(f"Invalid mode '{mode}' (use 'r' or 'r+')")
+    writable = "+" in mode or mode == "rw"
+    fmt = format or probe_format(path)
+    if fmt not in FORMATS:
+        raise InvalidArgument(f"Unknown driver '{fmt}'")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageNotFound(f"Could not open '{path}': No such file or directory") from None
+    ident = (st.st_dev, st.st_ino)
+    if ident in _seen:
+        raise QcowError(f"Backing file chain of '{path}' contains a loop")
+    if len(_seen) >= MAX_CHAIN_DEPTH:
+        raise QcowError(f"Backing file chain is deeper than {MAX_CHAIN_DEPTH} images")
+    if fmt == "raw":
+        return RawDevice(path, read_only=not writable, cache=cache)
+    dev = Qcow2Device(Qcow2Image.open(path, writable=writable, cache=cache), path)
+    name = dev.image.header.backing_file
+    if backing and name:
+        bpath = resolve_backing_path(path, name)
+        try:
+            dev.attach_backing(open_image(bpath, "r", dev.image.header.backing_format, True,
+                                          _seen=_seen + (ident,)))
+        except ImageNotFound as e:
+            dev.close()
+            raise ImageNotFound(f"Could not open backing file: {e}") from None
+        except FormatError as e:
+            dev.close()
+            raise FormatError(f"Could not open backing file: {e}") from None
+        except BaseException:
+            dev.close()
+            raise
+    return dev

@@ -1,0 +1,99 @@
+"""The raw format: guest bytes are the file's bytes; holes in a sparse file read as zeros."""
+from __future__ import annotations
+
+import errno
+import os
+from typing import Iterator
+
+from ..errors import ReadOnlyError
+from ..hostfile import HostFile, punch_hole
+from .device import BlockDevice, LayerStatus
+
+
+class RawDevice(BlockDevice):
+    format = "raw"
+
+    def __init__(self, path: str, read_only: bool = True, cache: str = "writeback"):
+        self.filename = path
+        self.read_only = read_only
+        self.file = HostFile(path, writable=not read_only, cache=cache)
+        self._size = self.file.size()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        self.check_range(offset, length)
+        return self.file.pread(length, offset)
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        self._writable()
+        self.check_range(offset, len(memoryview(data).cast("B")))
+        self.file.pwrite(data, offset)
+
+    def write_zeroes(self, length: int, offset: int, unmap: bool = False) -> None:
+        self._writable()
+        self.check_range(offset, length)
+        if unmap and _punch_hole(self.file.fd, offset, length):
+            self.file.dirty = True
+            return
+        chunk = 1 << 20
+        zeros = bytes(min(chunk, length))
+        pos = offset
+        while pos < offset + length:
+            n = min(chunk, offset + length - pos)
+            self.file.pwrite(zeros[:n], pos)
+            pos += n
+
+    def discard(self, length: int, offset: int) -> None:
+        self._writable()
+        self.check_range(offset, length)
+        if _punch_hole(self.file.fd, offset, length):
+            self.file.dirty = True
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def truncate(self, size: int) -> None:
+        self._writable()
+        self.file.truncate(size)
+        self._size = size
+
+    def layer_status(self, offset: int, length: int) -> Iterator[LayerStatus]:
+        """Data and holes as the file system reports them (SEEK_DATA/SEEK_HOLE)."""
+        self.check_range(offset, length)
+        end = offset + length
+        pos = offset
+        while pos < end:
+            is_data, run_end = _data_or_hole(self.file.fd, pos, self._size)
+            run_end = min(run_end, end)
+            yield LayerStatus(pos, run_end - pos, data=is_data, zero=not is_data, offset=pos, filename=self.filename)
+            pos = run_end
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"'{self.filename}' is opened read-only")
+
+    def _close_self(self) -> None:
+        self.file.close()
+
+
+def _data_or_hole(fd: int, pos: int, size: int) -> tuple[bool, int]:
+    try:
+        data = os.lseek(fd, pos, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # only a hole remains up to EOF
+            return False, size
+        return True, size
+    if data > pos:
+        return False, data
+    try:
+        hole = os.lseek(fd, pos, os.SEEK_HOLE)
+    except OSError:
+        hole = size
+    return True, min(hole, size)
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    return punch_hole(fd, offset, length)

@@ -1,0 +1,142 @@
+"""``qcowpy emu``: build a machine from QEMU-style options and run its monitor, QMP and qtest servers.
+
+The click CLI passes its arguments through to :func:`main`. Option spellings follow QEMU:
+``-M/-machine``, ``-m``, ``-device`` (repeatable), ``-monitor stdio``, ``-qmp unix:PATH,server,wait=off``,
+``-qtest unix:PATH``, ``-S``; ``-nodefaults``, ``-display none`` and ``-accel`` are accepted and
+ignored. Without ``-S`` or ``-qtest`` the firmware runs first and prints its boot log. With no
+monitor, QMP or qtest the program exits after the boot.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from typing import Optional, TextIO
+
+from .errors import EmuError
+from qcowpy.errors import QcowError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qcowpy emu", add_help=False, allow_abbrev=False,
+                                description="A small PCI machine emulator with QEMU's options.")
+    p.add_argument("-h", "-help", "--help", action="store_true", dest="help")
+    p.add_argument("-version", "--version", action="store_true")
+    p.add_argument("-M", "-machine", dest="machine")
+    p.add_argument("-m", dest="memory")
+    p.add_argument("-device", action="append", default=[])
+    p.add_argument("-monitor", action="append", default=[])
+    p.add_argument("-qmp", action="append", default=[])
+    p.add_argument("-qtest")
+    p.add_argument("-S", action="store_true", dest="stopped")
+    p.add_argument("-nodefaults", action="store_true")
+    p.add_argument("-display")
+    p.add_argument("-accel")
+    p.add_argument("-name")
+    p.add_argument("-qtest-log")
+    return p
+
+
+USAGE = """usage: qcowpy emu [options]
+  -M|-machine NAME[,help]   machine type (-machine help lists them)
+  -m SIZE                   RAM size (default unit MiB; suffixes k, M, G)
+  -device DRIVER[,prop=value][,id=ID]   add a device (-device help, -device DRIVER,help)
+  -monitor stdio|none       human monitor on stdin/stdout
+  -qmp unix:PATH,server[=on][,wait=off]  QMP server on a unix socket
+  -qtest unix:PATH          connect to a qtest client listening on PATH
+  -S                        do not run the firmware at start
+  -nodefaults, -display none, -accel X, -name N   accepted for QEMU compatibility
+"""
+
+
+def _qmp_path(spec: str) -> str:
+    if not spec.startswith("unix:"):
+        raise EmuError(f"-qmp {spec}: only unix:PATH sockets are supported")
+    path, *opts = spec[len("unix:"):].split(",")
+    for o in opts:
+        key = o.partition("=")[0]
+        if key not in ("server", "wait", "nowait"):
+            raise EmuError(f"-qmp: unsupported option '{o}'")
+    return path
+
+
+def main(argv: list[str], stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None,
+         stderr: Optional[TextIO] = None) -> int:
+    """Run ``qcowpy emu`` with ``argv`` (without the program name); returns the exit status."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 1)
+    if args.help:
+        stdout.write(USAGE)
+        return 0
+    from .monitor import VERSION, HumanMonitor, device_help, parse_device_spec, run_stdio
+    if args.version:
+        stdout.write(f"qcowpy emu version {VERSION}\n")
+        return 0
+    try:
+        from .machine import create_machine, machine_help
+        machine_name = None
+        if args.machine:
+            machine_name, *mopts = args.machine.split(",")
+            if machine_name == "help" or "help" in mopts:
+                stdout.write(machine_help())
+                return 0
+            if machine_name.startswith("type="):
+                machine_name = machine_name[5:]
+        for spec in args.device:
+            driver, props, _ = parse_device_spec(spec)
+            if driver == "help" or "help" in props:
+                stdout.write(device_help(None if driver == "help" else driver))
+                return 0
+        machine = create_machine(machine_name, args.memory)
+        for spec in args.device:
+            driver, props, dev_id = parse_device_spec(spec)
+            machine.device_add(driver, props, dev_id)
+        monitor_stdio = "stdio" in args.monitor
+        for mon in args.monitor:
+            if mon not in ("stdio", "none"):
+                raise EmuError(f"-monitor {mon}: only 'stdio' and 'none' are supported")
+        if not args.stopped and not args.qtest:
+            out = HumanMonitor(machine).execute("guest boot")
+            stdout.write(out)
+            stdout.flush()
+        servers = []
+        from .qmp import QMPServer
+        for spec in args.qmp:
+            servers.append(QMPServer(machine, _qmp_path(spec)).start())
+        qtest_thread = None
+        if args.qtest:
+            if not args.qtest.startswith("unix:"):
+                raise EmuError(f"-qtest {args.qtest}: only unix:PATH is supported")
+            from .qtest import serve_unix_client
+
+            def qtest_main() -> None:
+                try:
+                    serve_unix_client(machine, args.qtest[len("unix:"):].split(",")[0])
+                except OSError as e:
+                    stderr.write(f"qcowpy emu: -qtest: {e}\n")
+                machine.quit_requested.set()
+            qtest_thread = threading.Thread(target=qtest_main, name="qtest", daemon=True)
+            qtest_thread.start()
+        try:
+            if monitor_stdio:
+                run_stdio(HumanMonitor(machine), stdin, stdout)
+            elif servers or qtest_thread is not None:
+                machine.quit_requested.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for s in servers:
+                s.close()
+        return 0
+    except QcowError as e:
+        stderr.write(f"qcowpy emu: {e}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,244 @@
+"""A QMP server on a unix socket, speaking QEMU's wire format.
+
+Greeting, then capabilities negotiation (``qmp_capabilities``), then one JSON object per command
+with ``return`` or ``error`` (``{"class": ..., "desc": ...}``) and the request's ``id`` echoed.
+Commands run under the machine lock; ``quit`` emits a ``SHUTDOWN`` event.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from .errors import CommandNotFound, EmuError
+from .machine import MachineState, machine_classes
+from .monitor import VERSION, HumanMonitor
+from .pci.info import query_pci
+from .qom import object_resolve_path
+
+
+class QMPError(EmuError):
+    """A command failed; ``qmp_class`` is the QMP error class."""
+
+    def __init__(self, desc: str, qmp_class: str = "GenericError") -> None:
+        super().__init__(desc)
+        self.qmp_class = qmp_class
+
+
+def _version() -> dict[str, Any]:
+    major, minor, micro = (int(x) for x in VERSION.split("."))
+    return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": "qcowpy-emu"}
+
+
+class QMPSession:
+    """Command dispatch for one connection (also usable without a socket, for tests)."""
+
+    def __init__(self, machine: MachineState, emit: Callable[[dict[str, Any]], None]) -> None:
+        self.machine = machine
+        self.emit = emit
+        self.negotiated = False
+        self.hmp = HumanMonitor(machine)
+        self.commands: dict[str, tuple[Callable[..., Any], set[str], set[str]]] = {
+            # name: (handler, required args, optional args)
+            "qmp_capabilities": (self.qmp_capabilities, set(), {"enable"}),
+            "query-version": (lambda: _version(), set(), set()),
+            "query-machines": (self.query_machines, set(), set()),
+            "query-pci": (lambda: query_pci(self.machine.pci_bus) if self.machine.pci_bus else [], set(), set()),
+            "query-status": (lambda: {"running": True, "singlestep": False, "status": "running"}, set(), set()),
+            "query-commands": (lambda: [{"name": n} for n in sorted(self.commands)], set(), set()),
+            "qom-list": (self.qom_list, {"path"}, set()),
+            "qom-get": (self.qom_get, {"path", "property"}, set()),
+            "human-monitor-command": (self.human_monitor_command, {"command-line"}, {"cpu-index"}),
+            "device_add": (self.device_add, {"driver"}, {"*"}),
+            "device_del": (self.device_del, {"id"}, set()),
+            "system_reset": (self.system_reset, set(), set()),
+            "quit": (self.quit, set(), set()),
+        }
+
+    # -- protocol ------------------------------------------------------------------------------
+    def handle(self, text: str) -> Optional[dict[str, Any]]:
+        """Handle one request text; returns the response object."""
+        try:
+            req = json.loads(text)
+        except json.JSONDecodeError as e:
+            return {"error": {"class": "GenericError", "desc": f"JSON parse error, {e.msg}"}}
+        if not isinstance(req, dict):
+            return {"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}
+        resp = self._execute(req)
+        if "id" in req:
+            resp["id"] = req["id"]
+        return resp
+
+    def _execute(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = req.get("execute")
+        if name is None:
+            return _err("GenericError", "QMP input lacks member 'execute'")
+        if not isinstance(name, str):
+            return _err("GenericError", "QMP input member 'execute' must be a string")
+        args = req.get("arguments", {})
+        if not isinstance(args, dict):
+            return _err("GenericError", "QMP input member 'arguments' must be an object")
+        if not self.negotiated and name != "qmp_capabilities":
+            return _err("CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'")
+        if self.negotiated and name == "qmp_capabilities":
+            return _err("CommandNotFound", "Capabilities negotiation is already complete, command ignored")
+        entry = self.commands.get(name)
+        if entry is None:
+            return _err("CommandNotFound", f"The command {name} has not been found")
+        handler, required, optional = entry
+        for r in sorted(required):
+            if r not in args:
+                return _err("GenericError", f"Parameter '{r}' is missing")
+        if "*" not in optional:
+            for a in args:
+                if a not in required and a not in optional:
+                    return _err("GenericError", f"Parameter '{a}' is unexpected")
+        try:
+            with self.machine.lock:
+                ret = handler(**{k.replace("-", "_"): v for k, v in args.items()}) if "*" not in optional \
+                    else handler(args)
+        except EmuError as e:
+            return _err(getattr(e, "qmp_class", "GenericError"), str(e))
+        return {"return": {} if ret is None else ret}
+
+    def event(self, name: str, data: Optional[dict[str, Any]] = None) -> None:
+        now = time.time()
+        ev: dict[str, Any] = {"event": name, "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)}}
+        if data is not None:
+            ev["data"] = data
+        self.emit(ev)
+
+    # -- commands ------------------------------------------------------------------------------
+    def qmp_capabilities(self, enable: Optional[list[str]] = None) -> None:
+        if enable:
+            raise QMPError(f"Capability '{enable[0]}' not available")
+        self.negotiated = True
+
+    def query_machines(self) -> list[dict[str, Any]]:
+        out = []
+        for mc in machine_classes():
+            info: dict[str, Any] = {"name": mc.machine_name, "cpu-max": 1, "hotpluggable-cpus": False,
+                                    "numa-mem-supported": False, "deprecated": False,
+                                    "default-ram-id": mc.default_ram_id, "acpi": False}
+            if mc.is_default:
+                info["is-default"] = True
+            if mc.alias:
+                info["alias"] = mc.alias
+            out.append(info)
+        return out
+
+    def qom_list(self, path: str) -> list[dict[str, str]]:
+        obj = object_resolve_path(self.machine.root(), path)
+        return [{"name": p.name, "type": p.type} for p in obj.properties()]
+
+    def qom_get(self, path: str, property: str) -> Any:
+        obj = object_resolve_path(self.machine.root(), path)
+        return obj.get_property(property)
+
+    def human_monitor_command(self, command_line: str, cpu_index: Optional[int] = None) -> str:
+        return self.hmp.execute(command_line)
+
+    def device_add(self, args: dict[str, Any]) -> None:
+        props = {k: v for k, v in args.items() if k not in ("driver", "id")}
+        self.machine.device_add(args["driver"], props, args.get("id"), hotplug=True)
+
+    def device_del(self, id: str) -> None:
+        dev = self.machine.find_device(id)
+        path = dev.canonical_path()
+        self.machine.device_del(id)
+        data = {"path": path}
+        if dev.id:
+            data = {"device": dev.id, "path": path}
+        self.event("DEVICE_DELETED", data)
+
+    def system_reset(self) -> None:
+        self.machine.system_reset()
+        self.event("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+
+    def quit(self) -> None:
+        self.machine.quit_requested.set()
+
+
+def _err(cls: str, desc: str) -> dict[str, Any]:
+    return {"error": {"class": cls, "desc": desc}}
+
+
+class QMPServer:
+    """Listens on a unix socket and serves one client at a time in a background thread."""
+
+    def __init__(self, machine: MachineState, path: str) -> None:
+        self.machine = machine
+        self.path = path
+        if os.path.exists(path):
+            os.unlink(path)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(path)
+        self._sock.listen(1)
+        self._thread = threading.Thread(target=self._serve, name="qmp", daemon=True)
+        self._closed = False
+
+    def start(self) -> "QMPServer":
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with conn:
+                self._serve_conn(conn)
+
+    def _serve_conn(self, conn: socket.socket) -> None:
+        lock = threading.Lock()
+        f = conn.makefile("rwb")
+
+        def send(obj: dict[str, Any]) -> None:
+            with lock:
+                f.write(json.dumps(obj).encode() + b"\r\n")
+                f.flush()
+
+        session = QMPSession(self.machine, send)
+        try:
+            send({"QMP": {"version": _version(), "capabilities": []}})
+            buf = ""
+            while True:
+                chunk = f.readline()
+                if not chunk:
+                    return
+                buf += chunk.decode(errors="replace")
+                if not buf.strip():
+                    buf = ""
+                    continue
+                try:
+                    json.loads(buf)
+                except json.JSONDecodeError as e:
+                    if e.pos >= len(buf.rstrip()):
+                        continue  # an object split over lines: wait for the rest
+                text, buf = buf, ""
+                resp = session.handle(text)
+                if resp is not None:
+                    send(resp)
+                if self.machine.quit_requested.is_set():
+                    session.event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+                    return
+        except OSError:
+            return
+        finally:
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        if os.path.exists(self.path):
+            os.unlink(self.path)

@@ -1,0 +1,38 @@
+"""One exception hierarchy for the whole package.
+
+Library code raises these with messages a user can act on; the CLI prints the message as a
+single stderr line and maps the class to qemu-img's exit code.
+"""
+from __future__ import annotations
+
+
+class QcowError(Exception):
+    """Base of every error qcowpy raises on purpose."""
+
+
+class InvalidArgument(QcowError, ValueError):
+    """A caller passed a bad option, size or range."""
+
+
+class UnsupportedFeature(QcowError):
+    """The image uses something qcowpy does not implement (yet)."""
+
+
+class CorruptImage(QcowError):
+    """On-disk metadata is inconsistent or out of range."""
+
+
+class ImageNotFound(QcowError, FileNotFoundError):
+    """An image or backing file does not exist."""
+
+
+class ReadOnlyError(QcowError, PermissionError):
+    """A write was attempted on an image opened read-only (or forced read-only)."""
+
+
+class FormatError(QcowError):
+    """The file is not in the expected format (bad magic, version, probing failure)."""
+
+
+class ImageLocked(QcowError):
+    """Another process holds a conflicting lock on the image."""

@@ -1,0 +1,39 @@
+"""Refcount block entries of width 1..64 bits, laid out as QEMU does.
+
+Sub-byte widths pack entries from the least significant bit of each byte upward; 8 bits and
+wider are big-endian integers.
+"""
+from __future__ import annotations
+
+
+def entries_per_block(cluster_bits: int, refcount_order: int) -> int:
+    return 1 << (cluster_bits + 3 - refcount_order)
+
+
+def max_refcount(refcount_order: int) -> int:
+    return (1 << (1 << refcount_order)) - 1
+
+
+def get_refcount(block: bytearray | bytes, index: int, refcount_order: int) -> int:
+    if refcount_order >= 3:
+        width = 1 << (refcount_order - 3)
+        start = index * width
+        return int.from_bytes(block[start:start + width], "big")
+    bits = 1 << refcount_order
+    per_byte = 8 >> refcount_order
+    shift = (index % per_byte) * bits
+    return (block[index // per_byte] >> shift) & ((1 << bits) - 1)
+
+
+def set_refcount(block: bytearray, index: int, refcount_order: int, value: int) -> None:
+    if refcount_order >= 3:
+        width = 1 << (refcount_order - 3)
+        start = index * width
+        block[start:start + width] = value.to_bytes(width, "big")
+        return
+    bits = 1 << refcount_order
+    per_byte = 8 >> refcount_order
+    shift = (index % per_byte) * bits
+    mask = ((1 << bits) - 1) << shift
+    b = index // per_byte
+    block[b] = (block[b] & ~mask) | ((value << shift) & mask)

@@ -1,0 +1,120 @@
+"""The host file under an image: positioned I/O on a file descriptor.
+
+Every driver and the qcow2 engine talk to storage only through this small interface, so a
+fault-injecting or recording layer can stand in for it in tests.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+from .errors import ImageNotFound, QcowError, ReadOnlyError
+
+
+class HostFile:
+    """An OS file with pread/pwrite/flush/truncate and a record of unflushed writes.
+
+    ``dirty`` is true while some write has not been followed by a flush: the qcow2 engine uses it
+    as the ordering barrier of its crash-safety contract (flush only when something is pending).
+    ``cache="unsafe"`` makes flush a no-op, as qemu-img convert does for its target.
+    """
+
+    def __init__(self, path: str, writable: bool = False, create: bool = False, cache: str = "writeback"):
+        self.path = path
+        self.writable = writable
+        self.unsafe = cache == "unsafe"
+        self.dirty = False
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT | os.O_TRUNC
+        flags |= getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            raise ImageNotFound(f"Could not open '{path}': No such file or directory") from None
+        except IsADirectoryError:
+            raise QcowError(f"Could not open '{path}': Is a directory") from None
+        except PermissionError:
+            raise QcowError(f"Could not open '{path}': Permission denied") from None
+        except OSError as e:
+            raise QcowError(f"Could not open '{path}': {e.strerror}") from None
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Read exactly ``length`` bytes; bytes past end of file read as zeros."""
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            parts = [data]
+            got = len(data)
+            while got < length:
+                more = os.pread(self.fd, length - got, offset + got)
+                if not more:
+                    parts.append(bytes(length - got))
+                    break
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+        return data
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        if not self.writable:
+            raise ReadOnlyError(f"'{self.path}' is opened read-only")
+        mv = memoryview(data)
+        while len(mv):
+            n = os.pwrite(self.fd, mv, offset)
+            mv = mv[n:]
+            offset += n
+        self.dirty = True
+
+    def flush(self) -> None:
+        if self.dirty and self.writable and not self.unsafe:
+            os.fdatasync(self.fd)
+        self.dirty = False
+
+    def truncate(self, size: int) -> None:
+        if not self.writable:
+            raise ReadOnlyError(f"'{self.path}' is opened read-only")
+        os.ftruncate(self.fd, size)
+        self.dirty = True
+
+    def allocate(self, offset: int, length: int) -> None:
+        """Reserve space (preallocation=falloc)."""
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError:
+            if self.size() < offset + length:
+                self.truncate(offset + length)
+        self.dirty = True
+
+    def allocated_bytes(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                self.flush()
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a byte range (reads as zeros afterwards); False where the OS cannot."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc or length <= 0:
+        return False
+    return _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0

@@ -1,0 +1,234 @@
+"""Reference counts and cluster allocation.
+
+Allocation follows QEMU: scan upward from a hint for free clusters (past the end of the image
+everything is free), then raise their refcounts. A missing refcount block is created in place,
+describing itself when it falls in its own range; a full refcount table is replaced by a larger
+one placed past the end of the image together with the blocks that describe it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..errors import CorruptImage, QcowError
+from ..format import constants as C
+from ..format.entries import pack_table, unpack_table
+from ..format.refcount import entries_per_block, get_refcount, max_refcount, set_refcount
+from ..hostfile import HostFile
+from .cache import TableCache
+
+
+class Refcounts:
+    def __init__(self, file: HostFile, cluster_bits: int, refcount_order: int,
+                 reftable_offset: int, reftable_clusters: int,
+                 update_header: Callable[[int, int], None], cache_tables: int = 32):
+        self.file = file
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.order = refcount_order
+        self.max = max_refcount(refcount_order)
+        self.per_block_bits = cluster_bits + 3 - refcount_order
+        self.per_block = entries_per_block(cluster_bits, refcount_order)
+        self.table_offset = reftable_offset
+        self.table_clusters = reftable_clusters
+        self._update_header = update_header
+        size = reftable_clusters * self.cluster_size
+        if size > C.MAX_REFTABLE_SIZE_BYTES:
+            raise CorruptImage("Reference count table too large")
+        self.table = unpack_table(file.pread(size, reftable_offset)) if size else []
+        self.cache: TableCache[bytearray] = TableCache(file, self.cluster_size, cache_tables, bytearray, bytes)
+        self.free_cluster_index = 0
+        self.free_byte_offset = 0  # where the next compressed cluster may start
+
+    # --- reading -------------------------------------------------------------------------
+    def _block(self, block_index: int) -> bytearray | None:
+        if block_index >= len(self.table):
+            return None
+        off = self.table[block_index] & C.L1E_OFFSET_MASK
+        if not off:
+            return None
+        if off & (self.cluster_size - 1):
+            raise CorruptImage(f"Refblock offset {off:#x} unaligned (reftable index: {block_index:#x})")
+        return self.cache.get(off)
+
+    def get(self, cluster: int) -> int:
+        block = self._block(cluster >> self.per_block_bits)
+        if block is None:
+            return 0
+        return get_refcount(block, cluster & (self.per_block - 1), self.order)
+
+    # --- changing ------------------------------------------------------------------------
+    def change(self, cluster: int, delta: int) -> int:
+        bi = cluster >> self.per_block_bits
+        block = self._block(bi)
+        if block is None:
+            if delta < 0:
+                raise CorruptImage(f"Refcount of cluster {cluster} would drop below zero")
+            block = self._new_block(bi)
+        idx = cluster & (self.per_block - 1)
+        value = get_refcount(block, idx, self.order) + delta
+        if value < 0:
+            raise CorruptImage(f"Refcount of cluster {cluster} would drop below zero")
+        if value > self.max:
+            raise QcowError(f"Refcount of cluster {cluster} would exceed {self.max} (refcount_bits too small)")
+        set_refcount(block, idx, self.order, value)
+        self.cache.mark_dirty(self.table[bi] & C.L1E_OFFSET_MASK)
+        if value == 0 and cluster < self.free_cluster_index:
+            self.free_cluster_index = cluster
+        return value
+
+    def change_range(self, offset: int, length: int, delta: int) -> None:
+        first = offset >> self.cluster_bits
+        last = (offset + length - 1) >> self.cluster_bits
+        for cluster in range(first, last + 1):
+            self.change(cluster, delta)
+
+    # --- allocation ----------------------------------------------------------------------
+    def _find_free(self, n: int) -> int:
+        """First run of ``n`` free clusters at or after the hint (nothing is marked yet)."""
+        start = self.free_cluster_index
+        while True:
+            run = 0
+            while run < n and self.get(start + run) == 0:
+                run += 1
+            if run == n:
+                self.free_cluster_index = start + n
+                return start
+            start += run + 1
+
+    def alloc_clusters(self, n: int = 1) -> int:
+        """Allocate ``n`` contiguous clusters and return the host offset of the first."""
+        while True:
+            start = self._find_free(n)
+            # Creating refcount blocks may have taken clusters inside the run; retry past them.
+            for i in range(n):
+                if self.get(start + i) != 0:
+                    break
+                self.change(start + i, 1)
+            else:
+                return start << self.cluster_bits
+            for j in range(i):
+                self.change(start + j, -1)
+
+    def alloc_bytes(self, size: int) -> int:
+        """Allocate ``size`` bytes for compressed data, packing byte-contiguously like QEMU.
+
+        Every host cluster the bytes touch gains one reference.
+        """
+        cs = self.cluster_size
+        off = self.free_byte_offset
+        if off and off % cs and self.get(off >> self.cluster_bits) < self.max:
+            start = off
+            end = start + size
+            first_new = (start >> self.cluster_bits) + 1
+            needed = ((end - 1) >> self.cluster_bits) + 1 - first_new
+            if needed > 0:
+                # The continuation must be the very next clusters; otherwise start afresh.
+                if all(self.get(first_new + i) == 0 for i in range(needed)) and \
+                        self.free_cluster_index <= first_new:
+                    self.free_cluster_index = first_new + needed
+                else:
+                    start = -1
+            if start >= 0:
+                self.change_range(start, size, 1)
+                self.free_byte_offset = end
+                return start
+        start = self._find_free((size + cs - 1) // cs) << self.cluster_bits
+        self.change_range(start, size, 1)
+        self.free_byte_offset = start + size
+        return start
+
+    def free(self, offset: int, length: int) -> None:
+        self.change_range(offset, length, -1)
+
+    # --- refcount blocks and table -------------------------------------------------------
+    def _new_block(self, block_index: int) -> bytearray:
+        if block_index >= len(self.table):
+            self._grow_table(block_index)
+            block = self._block(block_index)
+            if block is not None:
+                return block
+        first = block_index << self.per_block_bits
+        start = self._find_free(1)
+        block = bytearray(self.cluster_size)
+        if first <= start < first + self.per_block:
+            set_refcount(block, start - first, self.order, 1)  # the block describes itself
+        else:
+            self.change(start, 1)
+            if self._block(block_index) is not None:  # created while we allocated our cluster
+                self.change(start, -1)
+                return self._block(block_index)  # type: ignore[return-value]
+        offset = start << self.cluster_bits
+        # The new block, and the refcount of its cluster, reach the disk before the table entry.
+        self.cache.flush()
+        self.file.pwrite(block, offset)
+        self.file.flush()
+        self.table[block_index] = offset
+        self._write_table_entry(block_index)
+        self.file.flush()
+        return self.cache.get(offset)
+
+    def _write_table_entry(self, index: int) -> None:
+        self.file.pwrite(self.table[index].to_bytes(8, "big"), self.table_offset + index * 8)
+
+    def image_end_cluster(self) -> int:
+        """One past the highest cluster with a nonzero refcount (scans the blocks)."""
+        for bi in range(len(self.table) - 1, -1, -1):
+            block = self._block(bi)
+            if block is None:
+                continue
+            for i in range(self.per_block - 1, -1, -1):
+                if get_refcount(block, i, self.order):
+                    return (bi << self.per_block_bits) + i + 1
+        return 0
+
+    def _grow_table(self, needed_index: int) -> None:
+        """Move the refcount table to a larger area past the image end, with blocks for it."""
+        cs = self.cluster_size
+        old_len = len(self.table)
+        # Start where only new blocks describe the area, so no existing block needs an update.
+        end = max(self.image_end_cluster(), (self.file.size() + cs - 1) // cs, self.free_cluster_index,
+                  old_len << self.per_block_bits)
+        new_len = max(needed_index + 1, old_len + old_len // 2, 1)
+        while True:
+            table_clusters = (new_len * 8 + cs - 1) // cs
+            new_len = table_clusters * cs // 8
+            # New blocks cover every block index from old_len up to the area's last cluster.
+            n_blocks = 0
+            while True:
+                area_end = end + n_blocks + table_clusters
+                need = max(0, ((area_end - 1) >> self.per_block_bits) + 1 - old_len)
+                if need <= n_blocks:
+                    break
+                n_blocks = need
+            if old_len + n_blocks <= new_len:
+                break
+            new_len = old_len + n_blocks + 1
+        if table_clusters * cs > C.MAX_REFTABLE_SIZE_BYTES:
+            raise QcowError("Image would need a refcount table larger than QEMU allows")
+        blocks_start = end
+        table_start = end + n_blocks
+        new_table = self.table + [0] * (new_len - old_len)
+        for k in range(n_blocks):
+            bi = old_len + k
+            block = bytearray(cs)
+            first = bi << self.per_block_bits
+            for c in range(blocks_start, table_start + table_clusters):
+                if first <= c < first + self.per_block:
+                    set_refcount(block, c - first, self.order, 1)
+            off = (blocks_start + k) << self.cluster_bits
+            new_table[bi] = off
+            self.file.pwrite(block, off)
+        self.file.pwrite(pack_table(new_table), table_start << self.cluster_bits)
+        self.file.flush()
+        old_offset, old_clusters = self.table_offset, self.table_clusters
+        self.table = new_table
+        self.table_offset = table_start << self.cluster_bits
+        self.table_clusters = table_clusters
+        self._update_header(self.table_offset, table_clusters)
+        self.file.flush()
+        self.free_cluster_index = min(self.free_cluster_index, blocks_start)
+        if old_clusters:
+            self.free(old_offset, old_clusters * cs)
+
+    def flush(self) -> None:
+        self.cache.flush()
