@@ -71,8 +71,11 @@ class BlockDevice(ABC):
     def flush(self) -> None: ...
 
     @abstractmethod
-    def layer_status(self, offset: int, length: int) -> Iterator[LayerStatus]:
-        """Status of the range in this layer alone; unallocated runs have data=zero=False."""
+    def layer_status(self, offset: int, length: int, max_extents: int | None = None) -> Iterator[LayerStatus]:
+        """Status of the range in this layer alone; unallocated runs have data=zero=False.
+
+        Runs are maximal; ``max_extents`` lets a caller that needs only the first run stop early.
+        """
 
     @abstractmethod
     def _close_self(self) -> None: ...
@@ -123,7 +126,7 @@ def _status_at(top: BlockDevice, offset: int, length: int) -> Extent:
     depth = 0
     while True:
         assert dev is not None
-        st = next(iter(dev.layer_status(offset, length)))
+        st = next(iter(dev.layer_status(offset, length, 1)))
         length = st.length
         if st.allocated:
             return Extent(offset, length, depth, True, st.zero, st.data, st.offset,

@@ -60,7 +60,7 @@ class RawDevice(BlockDevice):
         self.file.truncate(size)
         self._size = size
 
-    def layer_status(self, offset: int, length: int) -> Iterator[LayerStatus]:
+    def layer_status(self, offset: int, length: int, max_extents: int | None = None) -> Iterator[LayerStatus]:
         """Data and holes as the file system reports them (SEEK_DATA/SEEK_HOLE)."""
         self.check_range(offset, length)
         end = offset + length

@@ -229,41 +229,52 @@ class Qcow2Image:
                 pieces.append((t, i * sc, sc, host))
         return pieces
 
-    def layer_extents(self, offset: int, length: int) -> Iterator[LayerExtent]:
-        """Status of ``[offset, offset+length)`` in this image alone, as maximal runs."""
+    def layer_extents(self, offset: int, length: int, max_extents: int | None = None) -> list[LayerExtent]:
+        """Status of ``[offset, offset+length)`` in this image alone, as maximal runs.
+
+        ``max_extents`` stops the scan early (block status asks for one run at a time).
+        """
         with self.lock:
             self._check_range(offset, length)
-            cur: list = []  # [kind, start, length, host]
-            end = offset + length
-            pos = offset
-            cs = self.cluster_size
-            while pos < end:
-                l1_index = pos >> (self.cluster_bits + self.l2_bits)
-                got = self._l2_table(l1_index)
-                table = got[1] if got else None
-                span_end = min(end, (l1_index + 1) << (self.cluster_bits + self.l2_bits))
-                while pos < span_end:
-                    cstart = pos & ~(cs - 1)
-                    idx = (pos >> self.cluster_bits) & (self.l2_entries - 1)
-                    for t, pstart, plen, host in self._cluster_pieces(table, idx):
-                        a = max(pos, cstart + pstart)
-                        b = min(span_end, cstart + pstart + plen)
-                        if a >= b:
-                            continue
-                        kind = _KIND[t]
-                        h = host + (a - cstart - pstart) if host else None
-                        if cur and cur[0] == kind and kind != COMPRESSED and cur[1] + cur[2] == a and (
-                                (cur[3] is None and h is None) or
-                                (cur[3] is not None and h is not None and cur[3] + cur[2] == h)):
-                            cur[2] += b - a
-                        else:
-                            if cur:
-                                yield LayerExtent(*cur)
-                            cur = [kind, a, b - a, h]
-                    pos = cstart + cs
-                pos = span_end
-            if cur:
-                yield LayerExtent(*cur)
+            out: list[LayerExtent] = []
+            for ext in self._iter_extents(offset, length):
+                out.append(ext)
+                if max_extents is not None and len(out) >= max_extents:
+                    break
+            return out
+
+    def _iter_extents(self, offset: int, length: int) -> Iterator[LayerExtent]:
+        cur: list = []  # [kind, start, length, host]
+        end = offset + length
+        pos = offset
+        cs = self.cluster_size
+        while pos < end:
+            l1_index = pos >> (self.cluster_bits + self.l2_bits)
+            got = self._l2_table(l1_index)
+            table = got[1] if got else None
+            span_end = min(end, (l1_index + 1) << (self.cluster_bits + self.l2_bits))
+            while pos < span_end:
+                cstart = pos & ~(cs - 1)
+                idx = (pos >> self.cluster_bits) & (self.l2_entries - 1)
+                for t, pstart, plen, host in self._cluster_pieces(table, idx):
+                    a = max(pos, cstart + pstart)
+                    b = min(span_end, cstart + pstart + plen)
+                    if a >= b:
+                        continue
+                    kind = _KIND[t]
+                    h = host + (a - cstart - pstart) if host else None
+                    if cur and cur[0] == kind and cur[1] + cur[2] == a and (
+                            (cur[3] is None and h is None) or
+                            (cur[3] is not None and h is not None and cur[3] + cur[2] == h)):
+                        cur[2] += b - a
+                    else:
+                        if cur:
+                            yield LayerExtent(*cur)
+                        cur = [kind, a, b - a, h]
+                pos = cstart + cs
+            pos = span_end
+        if cur:
+            yield LayerExtent(*cur)
 
     # ------------------------------------------------------------------ reading
     def pread(self, length: int, offset: int) -> bytes:

@@ -72,8 +72,11 @@ class Refcounts:
             raise QcowError(f"Refcount of cluster {cluster} would exceed {self.max} (refcount_bits too small)")
         set_refcount(block, idx, self.order, value)
         self.cache.mark_dirty(self.table[bi] & C.L1E_OFFSET_MASK)
-        if value == 0 and cluster < self.free_cluster_index:
-            self.free_cluster_index = cluster
+        if value == 0:
+            if cluster < self.free_cluster_index:
+                self.free_cluster_index = cluster
+            if self.free_byte_offset and (self.free_byte_offset - 1) >> self.cluster_bits == cluster:
+                self.free_byte_offset = 0  # never pack compressed data into a cluster we gave back
         return value
 
     def change_range(self, offset: int, length: int, delta: int) -> None:
@@ -123,9 +126,9 @@ class Refcounts:
             needed = ((end - 1) >> self.cluster_bits) + 1 - first_new
             if needed > 0:
                 # The continuation must be the very next clusters; otherwise start afresh.
-                if all(self.get(first_new + i) == 0 for i in range(needed)) and \
-                        self.free_cluster_index <= first_new:
-                    self.free_cluster_index = first_new + needed
+                if all(self.get(first_new + i) == 0 for i in range(needed)):
+                    if first_new <= self.free_cluster_index < first_new + needed:
+                        self.free_cluster_index = first_new + needed
                 else:
                     start = -1
             if start >= 0:
