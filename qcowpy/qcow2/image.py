@@ -125,10 +125,9 @@ class Qcow2Image:
         if h.incompatible_features & C.INCOMPAT_DIRTY:
             raise CorruptImage("qcow2: Image is dirty (lazy refcounts were not written back); "
                                "repair it with 'qemu-img check -r all' before opening it read/write")
-        if h.autoclear_features:
-            # We maintain no autoclear-guarded structure (bitmaps, raw data file): the spec
-            # asks a writer that does not to clear the bits so readers stop trusting them.
-            h.autoclear_features = 0
+        if h.autoclear_features & ~C.AUTOCLEAR_KNOWN:
+            # The spec: a writer that does not know an autoclear bit clears it on opening.
+            h.autoclear_features &= C.AUTOCLEAR_KNOWN
             self._write_header()
             self.file.flush()
 
@@ -339,7 +338,13 @@ class Qcow2Image:
             raise UnsupportedFeature("Writing to qcow2 images with extended L2 entries is not supported yet")
 
     def _mark_dirty_if_lazy(self) -> None:
+        """Runs before every modification: header bits that must change before data does."""
         h = self.header
+        if h.autoclear_features & C.AUTOCLEAR_BITMAPS:
+            # We do not update dirty bitmaps, so they stop being trustworthy with this write.
+            h.autoclear_features &= ~C.AUTOCLEAR_BITMAPS
+            self._write_header()
+            self.file.flush()
         if h.compatible_features & C.COMPAT_LAZY_REFCOUNTS and not h.incompatible_features & C.INCOMPAT_DIRTY:
             h.incompatible_features |= C.INCOMPAT_DIRTY
             self._write_incompat()
