@@ -19,6 +19,7 @@ from ..format.header import Header, pack_header, parse_header, unknown_incompati
 from ..hostfile import HostFile
 from . import codec
 from .cache import TableCache
+from .extl2 import ExtendedL2Writes
 from .refcount import Refcounts
 
 # Layer-level extent kinds
@@ -44,10 +45,10 @@ class LayerExtent:
     host_offset: int | None = None  # contiguous host bytes for DATA and preallocated ZERO
 
 
-class Qcow2Image:
+class Qcow2Image(ExtendedL2Writes):
     """A qcow2 image file. Thread-safe: every public method holds the image lock."""
 
-    def __init__(self, file: HostFile, header: Header, writable: bool, l2_cache_tables: int = 64):
+    def __init__(self, file: HostFile, header: Header, writable: bool, l2_cache_tables: int | None = None):
         self.file = file
         self.header = header
         self.writable = writable
@@ -69,7 +70,9 @@ class Qcow2Image:
         self.l1 = unpack_table(file.pread(l1_bytes, header.l1_table_offset)) if l1_bytes else []
         self.refcounts = Refcounts(file, self.cluster_bits, header.refcount_order,
                                    header.refcount_table_offset, header.refcount_table_clusters,
-                                   self._write_reftable_location)
+                                   self._write_reftable_location, _cache_tables(self.cluster_size) // 2)
+        if l2_cache_tables is None:
+            l2_cache_tables = _cache_tables(self.cluster_size)
         self.l2cache: TableCache[list[int]] = TableCache(file, self.cluster_size, l2_cache_tables,
                                                          unpack_table, pack_table)
         self.l2cache.depends_on = self.refcounts.cache
@@ -334,8 +337,6 @@ class Qcow2Image:
     def _require_writable(self) -> None:
         if not self.writable:
             raise ReadOnlyError("Image is opened read-only")
-        if self.extended:
-            raise UnsupportedFeature("Writing to qcow2 images with extended L2 entries is not supported yet")
 
     def _mark_dirty_if_lazy(self) -> None:
         """Runs before every modification: header bits that must change before data does."""
@@ -427,7 +428,9 @@ class Qcow2Image:
                 return
             self._mark_dirty_if_lazy()
             self._compressed_cache = None
-            cs = self.cluster_size
+            if self.extended:
+                self._ext_pwrite(mv, offset)
+                return
             pos = offset
             end = offset + len(mv)
             while pos < end:
@@ -507,7 +510,8 @@ class Qcow2Image:
                 return
             host = self.refcounts.alloc_bytes(len(comp))
             self.file.pwrite(comp, host)
-            old = self._set_l2(offset, make_compressed_entry(host, len(comp), self.cluster_bits))
+            entry = make_compressed_entry(host, len(comp), self.cluster_bits)
+            old = self._set_l2_pair(offset, entry, 0)[0] if self.extended else self._set_l2(offset, entry)
             self._free_entry_later(old)
 
     def write_zeroes(self, length: int, offset: int, unmap: bool = False) -> None:
@@ -519,6 +523,9 @@ class Qcow2Image:
                 return
             self._mark_dirty_if_lazy()
             self._compressed_cache = None
+            if self.extended:
+                self._ext_write_zeroes(length, offset, unmap)
+                return
             cs = self.cluster_size
             end = offset + length
             pos = offset
@@ -578,6 +585,9 @@ class Qcow2Image:
             self._compressed_cache = None
             new = C.OFLAG_ZERO if self.header.version >= 3 else 0
             for cstart in range(start, end, cs):
+                if self.extended:
+                    self._ext_discard_cluster(cstart)
+                    continue
                 entry = self._l2_entry_at(cstart)
                 t = std_cluster_type(entry)
                 if self.backing is None and t in (ClusterType.UNALLOCATED, ClusterType.ZERO_PLAIN):
@@ -629,7 +639,10 @@ class Qcow2Image:
                     n = (last - first + cs - 1) // cs
                     host = self.refcounts.alloc_clusters(n)
                     for i in range(n):
-                        self._set_l2(first + i * cs, (host + i * cs) | C.OFLAG_COPIED)
+                        if self.extended:  # host cluster reserved; subclusters read as before
+                            self._set_l2_pair(first + i * cs, (host + i * cs) | C.OFLAG_COPIED, 0)
+                        else:
+                            self._set_l2(first + i * cs, (host + i * cs) | C.OFLAG_COPIED)
                     used = min(last, self.size) - first
                     if mode == "falloc":
                         self.file.allocate(host, used)
@@ -657,6 +670,11 @@ class Qcow2Image:
             self.size = self.header.size = new_size
             self.file.pwrite(struct.pack(">Q", new_size), 24)
             self.file.flush()
+
+
+def _cache_tables(cluster_size: int) -> int:
+    """Tables per metadata cache: 64 for 64 KiB clusters, never fewer than 4 (memory stays bounded)."""
+    return max(4, min(64, (4 << 20) // cluster_size))
 
 
 _MAX_RUN_BYTES = 16 << 20  # cap on one allocating write's buffer
