@@ -124,9 +124,12 @@ def main(argv: list[str], stdin: Optional[TextIO] = None, stdout: Optional[TextI
             qtest_thread.start()
         try:
             if monitor_stdio:
-                run_stdio(HumanMonitor(machine), stdin, stdout)
-            elif servers or qtest_thread is not None:
-                machine.quit_requested.wait()
+                mon_thread = threading.Thread(target=run_stdio, args=(HumanMonitor(machine), stdin, stdout),
+                                              name="monitor", daemon=True)
+                mon_thread.start()
+            if monitor_stdio or servers or qtest_thread is not None:
+                while not machine.quit_requested.wait(0.5):
+                    pass
         except KeyboardInterrupt:
             pass
         finally:

@@ -16,7 +16,6 @@ from .clock import VirtualClock
 from .errors import DeviceError, EmuError, PathNotFound, PropertyError
 from .memory import SIZE_2_64, AddressSpace, MemoryRegion, MemoryRegionOps, mtree_info
 from .pci.bus import PCIBus
-from .pci.device import PCIDevice
 from .pci.host import TYPE_PCI_HOST, TYPE_PCI_HOST_BRIDGE_FN, PCIHostState
 from .qdev import DeviceState
 from .qom import (TYPE_CONTAINER, TYPE_OBJECT, Object, ObjectClass, ObjectProperty, TypeInfo,
@@ -86,7 +85,7 @@ class MachineState(Object):
         if not klass.is_a("device") or klass.type.abstract:
             raise DeviceError(f"'{driver}' is not a valid device model name")
         if not getattr(klass, "user_creatable", False):
-            raise DeviceError(f"Parameter 'driver' expects a pluggable device type")
+            raise DeviceError("Parameter 'driver' expects a pluggable device type")
         if hotplug and not getattr(klass, "hotpluggable", True):
             raise DeviceError(f"Device '{driver}' does not support hotplugging")
         if id is not None and id in self.child("peripheral").children():

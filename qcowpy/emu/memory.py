@@ -516,7 +516,7 @@ def mtree_info(address_spaces: Iterable[AddressSpace], show_disabled: bool = Fal
 
 def mtree_flatview(as_: AddressSpace) -> str:
     """Text of ``info mtree -f`` for one address space."""
-    lines = [f'FlatView', f' AS "{as_.name}", root: {as_.root.name}']
+    lines = ['FlatView', f' AS "{as_.name}", root: {as_.root.name}']
     for r in as_.flatview.ranges:
         ro = " rom" if r.readonly else ""
         kind = "ram" if r.mr.ram is not None else "i/o"

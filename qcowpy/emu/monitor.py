@@ -15,7 +15,7 @@ from .pci import regs
 from .pci.device import PCIDevice, format_pci_addr
 from .pci.info import format_info_pci, query_pci
 from .qdev import BusState, DeviceState
-from .qom import Object, object_resolve_path, walk
+from .qom import object_resolve_path, walk
 
 VERSION = "0.1.0"
 _SIZES = {"b": 1, "h": 2, "w": 4, "g": 8}
@@ -304,13 +304,17 @@ def device_help(driver: Optional[str]) -> str:
         return "\n".join(out)
     if not default_registry.exists(driver) or not object_class_by_name(driver).is_a("device"):
         raise EmuError(f"'{driver}' is not a valid device model name")
-    k = object_class_by_name(driver)
+    from .qom import object_new
+    obj = object_new(driver)
     out = [f"{driver} options:"]
-    for p in sorted(getattr(k, "props", []), key=lambda p: p.name):
-        default = p.show(p.default) if p.show else p.default
+    for p in sorted(obj.properties(), key=lambda p: p.name):
+        if p.name in ("type", "realized") or p.set is None:
+            continue
+        default = p.default if p.default is not None else p.get(obj) if p.get else None
         if isinstance(default, bool):
             default = "true" if default else "false"
-        out.append(f"  {p.name + '=<' + p.type + '>':<24} - {p.description} (default: {default})".rstrip())
+        desc = f" - {p.description}" if p.description else ""
+        out.append(f"  {p.name + '=<' + p.type + '>':<24}{desc} (default: {default})")
     return "\n".join(out) + "\n"
 
 

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .errors import DeviceError, PropertyError
-from .qom import (TYPE_OBJECT, Object, ObjectClass, ObjectProperty, TypeInfo, convert_value,
-                  type_register_once)
+from .qom import TYPE_OBJECT, Object, ObjectClass, ObjectProperty, TypeInfo, type_register_once
 
 TYPE_DEVICE = "device"
 TYPE_BUS = "bus"
@@ -153,29 +152,15 @@ def device_class_set_props(dc: DeviceClass, props: list[Property]) -> None:
         dc.props = [q for q in dc.props if q.name != p.name] + [p]
         dc.properties[p.name] = ObjectProperty(
             p.name, p.type, (lambda o, a=p.attr: getattr(o, a)), _static_setter(p),
-            p.description, p.default)
+            p.description, p.default, p.parse)
 
 
 def _static_setter(p: Property) -> Callable[[Object, Any], None]:
     def setter(obj: Object, value: Any) -> None:
         if getattr(obj, "realized", False):
             raise PropertyError(f"Attempt to set property '{p.name}' on device '{obj.typename}' after it was realized")
-        if p.parse is not None:
-            value = p.parse(value)
         setattr(obj, p.attr, value)
     return setter
-
-
-def set_static_prop(dev: DeviceState, name: str, value: Any) -> None:
-    """Set a property from a Python value or a command-line string."""
-    prop = dev.find_property(name)
-    if prop.set is None:
-        raise PropertyError(f"Property '{dev.typename}.{name}' is not writable")
-    static = next((p for p in dev.klass.props if p.name == name), None)
-    if static is not None and static.parse is not None:
-        prop.set(dev, value)
-    else:
-        prop.set(dev, convert_value(prop.type, value, name))
 
 
 def _bus_instance_init(obj: Object) -> None:

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from .errors import CommandNotFound, EmuError
+from .errors import EmuError
 from .machine import MachineState, machine_classes
 from .monitor import VERSION, HumanMonitor
 from .pci.info import query_pci
@@ -40,6 +40,7 @@ class QMPSession:
         self.machine = machine
         self.emit = emit
         self.negotiated = False
+        self.quit_pending = False
         self.hmp = HumanMonitor(machine)
         self.commands: dict[str, tuple[Callable[..., Any], set[str], set[str]]] = {
             # name: (handler, required args, optional args)
@@ -139,7 +140,8 @@ class QMPSession:
         return obj.get_property(property)
 
     def human_monitor_command(self, command_line: str, cpu_index: Optional[int] = None) -> str:
-        return self.hmp.execute(command_line)
+        # QEMU's monitor ends lines with CRLF, and human-monitor-command passes that through
+        return self.hmp.execute(command_line).replace("\n", "\r\n")
 
     def device_add(self, args: dict[str, Any]) -> None:
         props = {k: v for k, v in args.items() if k not in ("driver", "id")}
@@ -159,7 +161,7 @@ class QMPSession:
         self.event("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
     def quit(self) -> None:
-        self.machine.quit_requested.set()
+        self.quit_pending = True  # the server stops the machine once the reply is out
 
 
 def _err(cls: str, desc: str) -> dict[str, Any]:
@@ -205,27 +207,36 @@ class QMPServer:
         session = QMPSession(self.machine, send)
         try:
             send({"QMP": {"version": _version(), "capabilities": []}})
+            decoder = json.JSONDecoder()
             buf = ""
             while True:
-                chunk = f.readline()
+                chunk = conn.recv(65536)  # QMP input is a JSON stream; newlines are optional
                 if not chunk:
                     return
                 buf += chunk.decode(errors="replace")
-                if not buf.strip():
-                    buf = ""
-                    continue
-                try:
-                    json.loads(buf)
-                except json.JSONDecodeError as e:
-                    if e.pos >= len(buf.rstrip()):
-                        continue  # an object split over lines: wait for the rest
-                text, buf = buf, ""
-                resp = session.handle(text)
-                if resp is not None:
-                    send(resp)
-                if self.machine.quit_requested.is_set():
-                    session.event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
-                    return
+                while True:
+                    text = buf.lstrip()
+                    if not text:
+                        buf = ""
+                        break
+                    try:
+                        _, end = decoder.raw_decode(text)
+                    except json.JSONDecodeError as e:
+                        if e.pos >= len(text.rstrip()):
+                            buf = text
+                            break  # incomplete: wait for more input
+                        cut = text.find("\n")
+                        bad, buf = (text, "") if cut < 0 else (text[:cut], text[cut + 1:])
+                        resp = session.handle(bad)
+                    else:
+                        buf = text[end:]
+                        resp = session.handle(text[:end])
+                    if resp is not None:
+                        send(resp)
+                    if session.quit_pending:
+                        session.event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+                        self.machine.quit_requested.set()
+                        return
         except OSError:
             return
         finally:

@@ -13,7 +13,7 @@ walks it, which is what ``qom-list``/``qom-get`` use.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 from .errors import PathNotFound, PropertyError, TypeCastError, TypeNotFound, EmuError
@@ -54,6 +54,7 @@ class ObjectProperty:
     set: Optional[Callable[["Object", Any], None]] = None
     description: str = ""
     default: Any = None
+    parse: Optional[Callable[[Any], Any]] = None  # string parser replacing the type's default one
 
 
 class ObjectClass:
@@ -261,7 +262,7 @@ class Object:
         prop = self.find_property(name)
         if prop.set is None:
             raise PropertyError(f"Property '{self.typename}.{name}' is not writable")
-        prop.set(self, convert_value(prop.type, value, name))
+        prop.set(self, prop.parse(value) if prop.parse else convert_value(prop.type, value, name))
 
     # -- composition ------------------------------------------------------------------------
     def add_child(self, name: str, child: "Object") -> "Object":

@@ -5,7 +5,7 @@ emulator and on QEMU.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from ..pci import regs

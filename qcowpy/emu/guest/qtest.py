@@ -203,7 +203,12 @@ def _launch(argv_head: list[str], args: Sequence[str], qemu: bool) -> EmulatorPr
         argv += ["-accel", "tcg", "-qtest-log", "/dev/null", "-display", "none", "-nodefaults",
                  "-monitor", "none", "-S"]
     argv += list(args)
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = dict(os.environ)
+    if not qemu:  # make this checkout importable in the child even when not installed
+        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env)
     try:
         client.accept()
     except QTestError:

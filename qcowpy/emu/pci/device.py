@@ -264,14 +264,16 @@ class PCIDevice(DeviceState):
         size = self.config_size
         self.set_word(regs.COMMAND, regs.COMMAND_IO | regs.COMMAND_MEMORY | regs.COMMAND_MASTER
                       | regs.COMMAND_SERR | regs.COMMAND_INTX_DISABLE, self.wmask)
+        self.wmask[regs.CACHE_LINE_SIZE] = 0xFF
         self.wmask[regs.INTERRUPT_LINE] = 0xFF
         self.wmask[regs.CONFIG_HEADER_SIZE:size] = b"\xff" * (size - regs.CONFIG_HEADER_SIZE)
         self.set_word(regs.STATUS, regs.STATUS_PARITY | regs.STATUS_SIG_TARGET_ABORT
                       | regs.STATUS_REC_TARGET_ABORT | regs.STATUS_REC_MASTER_ABORT
                       | regs.STATUS_SIG_SYSTEM_ERROR | regs.STATUS_DETECTED_PARITY, self.w1cmask)
-        self.cmask[0:regs.REVISION_ID] = b"\xff" * regs.REVISION_ID  # IDs are checked on migration
+        self.cmask[0:4] = b"\xff" * 4  # fields a migration would check: IDs, revision, class, header
         self.cmask[regs.STATUS] = regs.STATUS_CAP_LIST
-        self.cmask[regs.REVISION_ID:regs.HEADER_TYPE + 1] = b"\xff" * 7
+        self.cmask[regs.REVISION_ID:regs.CACHE_LINE_SIZE] = b"\xff" * 4
+        self.cmask[regs.HEADER_TYPE] = 0xFF
         self.used[0:regs.CONFIG_HEADER_SIZE] = b"\x01" * regs.CONFIG_HEADER_SIZE
 
     # -- capabilities ---------------------------------------------------------------------------
@@ -485,7 +487,7 @@ def _pci_class_init(klass: ObjectClass, _data: Any) -> None:
     k.is_bridge = False
     k.bus_type = "PCI"
     device_class_set_props(k, [
-        Property("addr", "str", "devfn", -1, "Slot and optional function number, example: 06.0 or 06",
+        Property("addr", "int32", "devfn", -1, "Slot and optional function number, example: 06.0 or 06",
                  parse=parse_pci_addr, show=format_pci_addr),
         Property("multifunction", "bool", "multifunction", False, "on/off"),
     ])
