@@ -1,0 +1,368 @@
+"""``qcowpy``: qemu-img's commands and options, with qemu-img's output and exit codes.
+
+Every failure is one ``qcowpy: <message>`` line on stderr (a few QEMU messages carry an
+unprefixed hint line after it, as qemu-img prints them) and exit status 1 — except ``compare``,
+which exits 2 on errors because 1 means "images differ".
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import warnings
+
+import click
+
+from ..errors import QcowError
+from ..units import cvtnum
+
+PROG = "qcowpy"
+
+
+class CommandFailed(Exception):
+    """Raised inside a command to exit with ``code`` after printing ``message`` (if any)."""
+
+    def __init__(self, message: str | None, code: int = 1, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.hint = hint
+
+
+def error_line(message: str) -> None:
+    for line in message.split("\n"):
+        sys.stderr.write(f"{PROG}: {line}\n")
+
+
+def warn_line(message: str) -> None:
+    sys.stderr.write(f"{PROG}: warning: {message}\n")
+
+
+def out(text: str) -> None:
+    sys.stdout.write(text)
+
+
+def size_arg(name: str, text: str) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = cvtnum(name, text)
+    for w in caught:
+        warn_line(str(w.message))
+    return value
+
+
+def open_error(filename: str, e: QcowError) -> str:
+    return f"Could not open '{filename}': {e}"  # qemu-img prefixes even the driver's own "Could not open"
+
+
+class QemuGroup(click.Group):
+    """Lists commands in definition order."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(cls=QemuGroup, context_settings=CONTEXT)
+@click.version_option(package_name="qcowpy", prog_name="qcowpy", message="%(prog)s version %(version)s")
+def cli() -> None:
+    """qcowpy: a qemu-img compatible qcow2/raw image tool."""
+
+
+# ---------------------------------------------------------------------------------------- create
+@cli.command(context_settings=CONTEXT)
+@click.option("-f", "fmt", default="raw", metavar="FMT", help="Image format (qcow2 or raw; default raw).")
+@click.option("-o", "options", multiple=True, metavar="OPTIONS", help="Comma-separated -o options ('-o help').")
+@click.option("-b", "backing", metavar="BACKING", help="Backing file (same as -o backing_file=).")
+@click.option("-F", "backing_fmt", metavar="BACKING_FMT", help="Backing file format.")
+@click.option("-u", "unsafe", is_flag=True, help="Do not open the backing file (size must be given).")
+@click.option("-q", "quiet", is_flag=True, help="Quiet: no Formatting line.")
+@click.option("--object", "objects", multiple=True, hidden=True)
+@click.argument("args", nargs=-1)
+def create(fmt, options, backing, backing_fmt, unsafe, quiet, objects, args) -> None:
+    """Create FILENAME of SIZE bytes (k, M, G, T, P, E suffixes).
+
+    \b
+    qcowpy create [-f fmt] [-o options] [-b backing] [-F backing_fmt] [-u] [-q] filename [size]
+    """
+    from ..tools import options as optmod
+    from ..tools.create import CreateError, CreateRequest, run_create
+
+    optstr = optmod.accumulate(options)
+    filename = args[0] if args else None
+    if optstr and optmod.has_help(optstr):
+        out(optmod.help_text(fmt, filename))
+        return
+    if filename is None:
+        raise click.UsageError("Expecting image file name")
+    size = None
+    if len(args) > 1:
+        size = size_arg("image size", args[1])
+    if len(args) > 2:
+        raise click.UsageError(f"Unexpected argument: {args[2]}")
+    req = CreateRequest(filename, fmt, size, optstr, backing, backing_fmt, unsafe)
+    try:
+        run_create(req, quiet, echo=lambda line: (out(line + "\n"), sys.stdout.flush()))
+    except CreateError as e:
+        raise CommandFailed(f"{filename}: {e}", hint=e.hint) from None
+    except QcowError as e:
+        raise CommandFailed(f"{filename}: {e}", hint=getattr(e, "hint", None)) from None
+
+
+# ---------------------------------------------------------------------------------------- info
+def _output_option(f):
+    return click.option("--output", "output", default="human", metavar="human|json",
+                        help="Output format: human (default) or json.")(f)
+
+
+def check_output(output: str) -> None:
+    if output not in ("human", "json"):
+        raise CommandFailed("--output must be used with human or json as argument.")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("-f", "--format", "fmt", metavar="FMT", help="Image format (probed when omitted).")
+@_output_option
+@click.option("--backing-chain", is_flag=True, help="Show every image of the backing chain (top first).")
+@click.option("-U", "--force-share", is_flag=True, help="Accepted for compatibility (no locking in qcowpy).")
+@click.option("--image-opts", is_flag=True, hidden=True)
+@click.option("--object", "objects", multiple=True, hidden=True)
+@click.argument("filenames", nargs=-1)
+def info(fmt, output, backing_chain, force_share, image_opts, objects, filenames) -> None:
+    """Show an image's format, sizes, backing file and format-specific details."""
+    from ..tools.info import collect, render
+
+    if len(filenames) != 1:
+        raise click.UsageError("Expecting one image file name")
+    filename = filenames[0]
+    check_output(output)
+    try:
+        infos = collect(filename, fmt, backing_chain)
+    except QcowError as e:
+        raise CommandFailed(str(e)) from None
+    out(render(infos, output, backing_chain))
+
+
+# ---------------------------------------------------------------------------------------- map
+@cli.command("map", context_settings=CONTEXT)
+@click.option("-f", "--format", "fmt", metavar="FMT", help="Image format (probed when omitted).")
+@_output_option
+@click.option("-s", "--start-offset", "start_offset", metavar="OFFSET", help="Start at this guest offset.")
+@click.option("-l", "--max-length", "max_length", metavar="LENGTH", help="Map at most this many bytes.")
+@click.option("-U", "--force-share", is_flag=True, help="Accepted for compatibility.")
+@click.option("--image-opts", is_flag=True, hidden=True)
+@click.option("--object", "objects", multiple=True, hidden=True)
+@click.argument("filenames", nargs=-1)
+def map_cmd(fmt, output, start_offset, max_length, force_share, image_opts, objects, filenames) -> None:
+    """Show where each guest range of an image (and its backing chain) comes from."""
+    from ..block.open import open_image
+    from ..tools.mapping import MapError, map_lines
+
+    start = size_arg("start offset", start_offset) if start_offset is not None else 0
+    length = size_arg("max length", max_length) if max_length is not None else None
+    if len(filenames) != 1:
+        raise click.UsageError("Expecting one image file name")
+    filename = filenames[0]
+    check_output(output)
+    try:
+        dev = open_image(filename, "r", fmt)
+    except QcowError as e:
+        raise CommandFailed(open_error(filename, e)) from None
+    with dev:
+        try:
+            for line in map_lines(dev, output, start, length):
+                out(line)
+        except MapError as e:
+            sys.stdout.flush()
+            raise CommandFailed(str(e)) from None
+        except QcowError as e:
+            sys.stdout.flush()
+            raise CommandFailed(f"Could not read file metadata: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------- convert
+@cli.command(context_settings=CONTEXT)
+@click.option("-f", "fmt", metavar="FMT", help="Source format (probed when omitted).")
+@click.option("-O", "out_fmt", metavar="OUTPUT_FMT", help="Output format (default raw).")
+@click.option("-o", "options", multiple=True, metavar="OPTIONS", help="Create options for the output.")
+@click.option("-c", "compress", is_flag=True, help="Compress the output (qcow2).")
+@click.option("-B", "backing", metavar="BACKING", help="Backing file of the output.")
+@click.option("-F", "backing_fmt", metavar="BACKING_FMT", help="Format of the -B backing file.")
+@click.option("-p", "progress", is_flag=True, help="Show progress.")
+@click.option("-n", "no_create", is_flag=True, help="The output exists: do not create it.")
+@click.option("-S", "sparse", metavar="SPARSE_SIZE", help="Zero runs this long are not written (default 4k).")
+@click.option("-q", "quiet", is_flag=True, help="Quiet.")
+@click.option("-W", "unordered", is_flag=True, help="Accepted for compatibility (writes are in order).")
+@click.option("-m", "coroutines", metavar="N", help="Accepted for compatibility (1..16).")
+@click.option("-t", "cache", metavar="CACHE", help="Output cache mode (default unsafe).")
+@click.option("-T", "src_cache", metavar="SRC_CACHE", help="Accepted for compatibility.")
+@click.option("-U", "--force-share", is_flag=True, help="Accepted for compatibility.")
+@click.option("-C", "copy_range", is_flag=True, hidden=True)
+@click.option("--target-is-zero", is_flag=True, help="With -n: the target already reads as zeros.")
+@click.option("--object", "objects", multiple=True, hidden=True)
+@click.argument("filenames", nargs=-1)
+def convert(fmt, out_fmt, options, compress, backing, backing_fmt, progress, no_create, sparse, quiet, unordered,
+            coroutines, cache, src_cache, force_share, copy_range, target_is_zero, objects, filenames) -> None:
+    """Convert FILENAME [FILENAME2 ...] to OUTPUT_FILENAME (several sources are concatenated).
+
+    \b
+    qcowpy convert [-f fmt] [-O output_fmt] [-o options] [-c] [-B backing] [-p] [-n]
+                   [-S sparse_size] [-q] filename [filename2 ...] output_filename
+    """
+    from ..tools import options as optmod
+    from ..tools.convert import ConvertError, ConvertRequest, run_convert
+
+    optstr = optmod.accumulate(options)
+    if optstr and optmod.has_help(optstr):
+        out(optmod.help_text(out_fmt or "raw", filenames[-1] if filenames else None))
+        return
+    if len(filenames) < 2:
+        raise CommandFailed("Must specify image file name")
+    min_sparse = 8 * 512
+    if sparse is not None:
+        sval = size_arg("buffer size for sparse output", sparse)
+        if sval & 511 or sval > (16 << 20):
+            raise CommandFailed("Invalid buffer size for sparse output specified. Valid sizes are multiples of "
+                                "512 up to 16777216. Select 0 to disable sparse detection (fully allocates "
+                                "output).")
+        min_sparse = sval
+    if coroutines is not None:
+        try:
+            n = int(coroutines)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= 16:
+            raise CommandFailed("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
+    if cache is not None and cache not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
+        raise CommandFailed(f"Invalid cache option: {cache}")
+    if src_cache is not None and src_cache not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
+        raise CommandFailed(f"Invalid source cache option: {src_cache}")
+    if quiet:
+        progress = False
+    req = ConvertRequest(sources=list(filenames[:-1]), target=filenames[-1], src_fmt=fmt, out_fmt=out_fmt,
+                         options=optstr, compress=compress, backing=backing, backing_fmt=backing_fmt,
+                         no_create=no_create, min_sparse=min_sparse, cache=cache or "unsafe",
+                         target_is_zero=target_is_zero)
+    try:
+        run_convert(req, progress=progress)
+    except ConvertError as e:
+        raise CommandFailed(str(e), hint=e.hint) from None
+    except QcowError as e:
+        raise CommandFailed(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------- compare
+@cli.command(context_settings=CONTEXT)
+@click.option("-f", "fmt1", metavar="FMT", help="Format of the first image.")
+@click.option("-F", "fmt2", metavar="FMT", help="Format of the second image.")
+@click.option("-s", "strict", is_flag=True, help="Strict: sizes and allocation must match too.")
+@click.option("-p", "progress", is_flag=True, help="Show progress.")
+@click.option("-q", "quiet", is_flag=True, help="Quiet: only the exit status tells.")
+@click.option("-T", "src_cache", metavar="SRC_CACHE", help="Accepted for compatibility.")
+@click.option("-U", "--force-share", is_flag=True, help="Accepted for compatibility.")
+@click.option("--image-opts", is_flag=True, hidden=True)
+@click.option("--object", "objects", multiple=True, hidden=True)
+@click.argument("filenames", nargs=-1)
+def compare(fmt1, fmt2, strict, progress, quiet, src_cache, force_share, image_opts, objects, filenames) -> None:
+    """Compare two images' guest contents: exit 0 identical, 1 different, 2 error.
+
+    \b
+    qcowpy compare [-f fmt] [-F fmt] [-s] [-p] [-q] [-U] filename1 filename2
+    """
+    from ..tools.compare import run_compare
+
+    if len(filenames) != 2:
+        raise click.UsageError("Expecting two image file names")
+    if quiet:
+        progress = False
+    if src_cache is not None and src_cache not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
+        raise CommandFailed(f"Invalid source cache option: {src_cache}", code=2)
+    code = run_compare(filenames[0], filenames[1], fmt1, fmt2, strict=strict, quiet=quiet, progress=progress,
+                       echo=out, error=error_line)
+    if code:
+        raise CommandFailed(None, code)
+
+
+# ---------------------------------------------------------------------------------------- emu
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                               "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def emu(args) -> None:
+    """Run the machine emulator (QEMU-style options; 'qcowpy emu -help')."""
+    from ..emu.cli import main as emu_main
+
+    code = emu_main(list(args))
+    if code:
+        raise CommandFailed(None, int(code))
+
+
+# ---------------------------------------------------------------------------------------- entry point
+_USAGE_COMPARE = {"compare"}  # commands whose non-usage failures exit 2
+
+
+def _usage_message(e: click.UsageError) -> str:
+    if isinstance(e, click.NoSuchOption):
+        return f"unrecognized option '{e.option_name}'"
+    if isinstance(e, click.BadOptionUsage) and "requires an argument" in e.message:
+        return f"missing argument for option '{e.option_name}'"
+    if isinstance(e, click.BadArgumentUsage) and e.message.startswith("Got unexpected extra argument"):
+        return "Unexpected argument: " + e.message.split("(", 1)[1].rstrip(")").split()[0]
+    return e.format_message()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns (and exits with) qemu-img's status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in args if not a.startswith("-")), None)
+    failure_code = 2 if command in _USAGE_COMPARE else 1  # usage errors exit 1 everywhere, as error_exit
+    code = 0
+    try:
+        try:
+            rv = cli.main(args=args, prog_name=PROG, standalone_mode=False)
+            code = rv if isinstance(rv, int) else 0
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        except click.UsageError as e:
+            if "No such command" in e.format_message():
+                error_line(f"Command not found: {command}")
+            else:
+                error_line(_usage_message(e))
+            sys.stderr.write(f"Try '{PROG} --help' for more information\n")
+            code = 1
+        except click.Abort:  # click turns KeyboardInterrupt (and EOF on a prompt) into Abort
+            code = 130
+        except CommandFailed as e:
+            if e.message:
+                error_line(e.message)
+            if e.hint:
+                sys.stderr.write(e.hint)
+            code = e.code
+        except QcowError as e:  # SizeError included
+            error_line(str(e))
+            if getattr(e, "hint", None):
+                sys.stderr.write(e.hint)  # type: ignore[attr-defined]
+            code = failure_code
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        code = 130
+    except BrokenPipeError:
+        # stdout went away (e.g. "| head"): silence the final flush and exit quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        code = 1
+    except OSError as e:
+        error_line(e.strerror or str(e))
+        code = failure_code if e.errno != errno.EPIPE else 1
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

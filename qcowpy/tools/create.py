@@ -1,0 +1,156 @@
+"""``create``: qemu-img's bdrv_img_create flow (checks in QEMU's order, then the Formatting line)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..block.create import create_image, qcow2_options
+from ..block.open import open_image, resolve_backing_path
+from ..errors import InvalidArgument, QcowError
+from ..format import constants as C
+from ..qcow2.create import create_qcow2
+from ..units import INT64_MAX
+from .options import ParsedOpts, parse_create_options
+
+_VERSIONS = {"v2": "0.10", "0.10": "0.10", "v3": "1.1", "1.1": "1.1"}
+_PREALLOC = {"qcow2": ("off", "metadata", "falloc", "full"), "raw": ("off", "falloc", "full")}
+
+
+class CreateError(QcowError):
+    """A create failure; ``hint`` is printed after the message without a prefix (as QEMU's hints)."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass
+class CreateRequest:
+    filename: str
+    fmt: str = "raw"
+    size: int | None = None
+    options: str | None = None
+    backing: str | None = None
+    backing_fmt: str | None = None
+    no_backing_open: bool = False  # -u
+
+
+def prepare(req: CreateRequest) -> ParsedOpts:
+    """Everything qemu-img checks before it prints the Formatting line."""
+    opts = parse_create_options(req.fmt, req.options)
+    if "size" not in opts.values:
+        if req.size is not None:
+            opts.set("size", req.size)
+    elif req.size is not None:
+        raise InvalidArgument("The image size must be specified only once")
+    if req.backing is not None:
+        if req.fmt == "raw":
+            raise InvalidArgument(f"Backing file not supported for file format '{req.fmt}'")
+        opts.set("backing_file", req.backing)
+    if req.backing_fmt is not None:
+        if req.fmt == "raw":
+            raise InvalidArgument(f"Backing file format not supported for file format '{req.fmt}'")
+        opts.set("backing_fmt", req.backing_fmt)
+    backing_file = opts.values.get("backing_file")
+    if backing_file is not None:
+        if backing_file == req.filename:
+            raise InvalidArgument("Error: Trying to create an image with the same filename as the backing file")
+        if backing_file == "":
+            raise InvalidArgument("Expected backing file name, got empty string")
+    backing_fmt = opts.values.get("backing_fmt")
+    if backing_file and not req.no_backing_open:
+        try:
+            dev = open_image(resolve_backing_path(req.filename, str(backing_file)), "r",
+                             str(backing_fmt) if backing_fmt else None, backing=False)
+        except QcowError as e:
+            raise CreateError(str(e), "Could not open backing image.\n") from None
+        with dev:
+            if not backing_fmt:
+                raise CreateError("Backing file specified without backing format", f"Detected format of {dev.format}.")
+            if "size" not in opts.values:
+                opts.set("size", dev.size)
+    elif backing_file and not backing_fmt:
+        raise InvalidArgument("Backing file specified without backing format")
+    if "size" not in opts.values:
+        raise InvalidArgument("Image creation needs a size parameter")
+    return opts
+
+
+def validate(fmt: str, opts: ParsedOpts) -> dict:
+    """The checks QEMU's format drivers make after the Formatting line; keyword options for create_image."""
+    v = opts.values
+    prealloc = str(v.get("preallocation", "off"))
+    size = int(v["size"])  # type: ignore[call-overload]
+    if fmt == "raw":
+        if prealloc not in _PREALLOC["raw"]:
+            raise InvalidArgument(f"Parameter 'preallocation' does not accept value '{prealloc}'")
+        return {"preallocation": prealloc} if "preallocation" in v else {}
+    compat = str(v.get("compat", "1.1"))
+    if compat not in _VERSIONS:
+        raise InvalidArgument(f"Parameter 'version' does not accept value '{compat}'")
+    if prealloc not in _PREALLOC["qcow2"]:
+        raise InvalidArgument(f"Parameter 'preallocation' does not accept value '{prealloc}'")
+    ctype = str(v.get("compression_type", "zlib"))
+    if ctype not in ("zlib", "zstd"):
+        raise InvalidArgument(f"Parameter 'compression-type' does not accept value '{ctype}'")
+    version = 2 if _VERSIONS[compat] == "0.10" else 3
+    rounded = (size + 511) & ~511
+    ext = bool(v.get("extended_l2", False))
+    cs = int(v.get("cluster_size", 65536))  # type: ignore[call-overload]
+    if ext and version < 3:
+        raise InvalidArgument("Extended L2 entries are only supported with compatibility level 1.1 and above "
+                              "(use version=v3 or greater)")
+    if cs < 512 or cs > (2 << 20) or cs & (cs - 1):
+        raise InvalidArgument("Cluster size must be a power of two between 512 and 2048k")
+    if ext and cs < 16384:
+        raise InvalidArgument("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
+    if v.get("backing_file") and prealloc != "off" and not ext:
+        raise InvalidArgument("Backing file and preallocation can only be used at the same time if extended_l2 is on")
+    if v.get("backing_fmt") and not v.get("backing_file"):
+        raise InvalidArgument("Backing format cannot be used without backing file")
+    if version < 3 and v.get("lazy_refcounts"):
+        raise InvalidArgument("Lazy refcounts only supported with compatibility level 1.1 and above "
+                              "(use version=v3 or greater)")
+    rb = int(v.get("refcount_bits", 16))  # type: ignore[call-overload]
+    if rb > 64 or rb < 1 or rb & (rb - 1):
+        raise InvalidArgument("Refcount width must be a power of two and may not exceed 64 bits")
+    if version < 3 and rb != 16:
+        raise InvalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 or above "
+                              "(use version=v3 or greater)")
+    if version < 3 and ctype != "zlib":
+        raise InvalidArgument("Non-zlib compression type is only supported with compatibility level 1.1 and above "
+                              "(use version=v3 or greater)")
+    if rounded > INT64_MAX:
+        raise InvalidArgument("Could not resize image: Image size cannot be negative")
+    l2_entries = cs // (16 if ext else 8)
+    l1_entries = -(-rounded // (cs * l2_entries))
+    if l1_entries * 8 > C.MAX_L1_SIZE_BYTES:
+        raise InvalidArgument("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
+    out: dict = {}
+    for key in ("cluster_size", "compat", "refcount_bits", "compression_type", "lazy_refcounts", "extended_l2",
+                "preallocation", "backing_file", "backing_fmt"):
+        if key in v:
+            out[key] = v[key]
+    return out
+
+
+def run_create(req: CreateRequest, quiet: bool = False, echo: Callable[[str], None] = print) -> None:
+    """The whole ``qemu-img create``: checks, Formatting line, then the image."""
+    opts = prepare(req)
+    if not quiet:
+        echo(opts.formatting_line(req.filename))
+    kwargs = validate(req.fmt, opts)
+    size = int(opts.values["size"])  # type: ignore[call-overload]
+    try:
+        if req.fmt == "qcow2":
+            # the checks above are qemu-img's; the backing file was opened (or -u given) already
+            opts_ = qcow2_options(size, **kwargs)
+            create_qcow2(req.filename, opts_)
+        else:
+            create_image(req.filename, size, req.fmt, **kwargs)
+    except QcowError as e:
+        msg = str(e)
+        prefix = f"Could not open '{req.filename}': "
+        if msg.startswith(prefix):
+            raise type(e)(f"Could not create '{req.filename}': " + msg[len(prefix):]) from None
+        raise

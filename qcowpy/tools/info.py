@@ -1,0 +1,199 @@
+"""``info``: qemu-img's ImageInfo (keys, value types, order) and its human rendering."""
+from __future__ import annotations
+
+import os
+
+from ..block.device import BlockDevice
+from ..block.open import open_image, resolve_backing_path
+from ..errors import QcowError
+from ..format import constants as C
+from ..units import format_size
+from .qjson import QDict, dumps_pretty, qdict_order
+
+
+def _allocated(dev: BlockDevice) -> int | None:
+    f = getattr(dev, "file", None) or getattr(getattr(dev, "image", None), "file", None)
+    if f is None:
+        return None
+    try:
+        return f.allocated_bytes()
+    except OSError:
+        return None
+
+
+def image_info(dev: BlockDevice, filename: str) -> QDict:
+    """One ImageInfo, keys inserted in QAPI schema order (printing reorders them like QEMU)."""
+    info = QDict()
+    info["filename"] = filename
+    info["format"] = dev.format
+    image = getattr(dev, "image", None)
+    h = image.header if image is not None else None
+    info["dirty-flag"] = bool(h.incompatible_features & C.INCOMPAT_DIRTY) if h else False
+    actual = _allocated(dev)
+    if actual is not None:
+        info["actual-size"] = actual
+    info["virtual-size"] = dev.size
+    if h is not None:
+        info["cluster-size"] = h.cluster_size
+        if h.backing_file:
+            info["backing-filename"] = h.backing_file
+            info["full-backing-filename"] = resolve_backing_path(filename, h.backing_file)
+            if h.backing_format:
+                info["backing-filename-format"] = h.backing_format
+        snaps = _snapshots(image)
+        if snaps:
+            info["snapshots"] = snaps
+        data = QDict()
+        if h.version == 2:
+            data["compat"] = "0.10"
+            data["refcount-bits"] = h.refcount_bits
+        else:
+            data["compat"] = "1.1"
+            if h.data_file:
+                data["data-file"] = h.data_file
+                data["data-file-raw"] = bool(h.autoclear_features & 2)
+            data["extended-l2"] = h.extended_l2
+            data["lazy-refcounts"] = bool(h.compatible_features & C.COMPAT_LAZY_REFCOUNTS)
+            data["corrupt"] = bool(h.incompatible_features & C.INCOMPAT_CORRUPT)
+            data["refcount-bits"] = h.refcount_bits
+        data["compression-type"] = "zstd" if h.compression_type == C.COMPRESSION_ZSTD else "zlib"
+        spec = QDict()
+        spec["type"] = "qcow2"
+        spec["data"] = data
+        info["format-specific"] = spec
+    return info
+
+
+def _snapshots(image) -> list:
+    h = image.header
+    if not h.nb_snapshots:
+        return []
+    try:
+        from ..format.snapshot import parse_snapshot_table
+        raw = image.file.pread(min(h.nb_snapshots * 1024 + 65536, 64 << 20), h.snapshots_offset)
+        snaps = parse_snapshot_table(raw, h.nb_snapshots)
+    except (QcowError, ValueError, IndexError):
+        return []
+    out = []
+    for s in snaps:
+        d = QDict()
+        d["id"] = s.id_str
+        d["name"] = s.name
+        d["vm-state-size"] = s.vm_state_size_large() if callable(getattr(s, "vm_state_size_large", None)) else s.vm_state_size
+        d["date-sec"] = s.date_sec
+        d["date-nsec"] = s.date_nsec
+        d["vm-clock-sec"] = s.vm_clock_nsec // 1000000000
+        d["vm-clock-nsec"] = s.vm_clock_nsec % 1000000000
+        icount = s.icount() if callable(getattr(s, "icount", None)) else getattr(s, "icount", None)
+        if icount is not None:
+            d["icount"] = icount
+        out.append(d)
+    return out
+
+
+def collect(filename: str, fmt: str | None, chain: bool) -> list[QDict]:
+    """ImageInfo for ``filename`` and, with ``chain``, every backing file below it (top first)."""
+    out: list[QDict] = []
+    seen: set[tuple[int, int]] = set()
+    name: str | None = filename
+    while name:
+        try:
+            st = os.stat(name)
+            ident = (st.st_dev, st.st_ino)
+        except OSError:
+            ident = None
+        if ident is not None and ident in seen:
+            raise QcowError(f"Backing file '{name}' creates an infinite loop.")
+        if ident is not None:
+            seen.add(ident)
+        try:
+            dev = open_image(name, "r", fmt, backing=False)
+        except QcowError as e:
+            raise QcowError(f"Could not open '{name}': {e}") from None
+        with dev:
+            info = image_info(dev, name)
+        out.append(info)
+        if not chain:
+            break
+        name = info.get("full-backing-filename")
+        fmt = info.get("backing-filename-format")
+    return out
+
+
+def human(info: dict) -> str:
+    """qemu-img's human rendering of one ImageInfo."""
+    lines = [
+        f"image: {info['filename']}",
+        f"file format: {info['format']}",
+        f"virtual size: {format_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
+        "disk size: " + (format_size(info["actual-size"]) if "actual-size" in info else "unavailable"),
+    ]
+    if info.get("encrypted"):
+        lines.append("encrypted: yes")
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
+    if "backing-filename" in info:
+        line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full is None:
+            line += " (cannot determine actual path)"
+        elif full != info["backing-filename"]:
+            line += f" (actual path: {full})"
+        lines.append(line)
+        if "backing-filename-format" in info:
+            lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        lines.append("Snapshot list:")
+        lines.append(_snapshot_header())
+        for s in info["snapshots"]:
+            lines.append(_snapshot_line(s))
+    if "format-specific" in info:
+        lines.append("Format specific information:")
+        _dump(info["format-specific"]["data"], 1, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _dump(obj, indent: int, lines: list[str]) -> None:
+    if isinstance(obj, dict):
+        items = qdict_order(obj) if isinstance(obj, QDict) else obj
+        for k, v in items.items():
+            key = k.replace("-", " ")
+            if isinstance(v, (dict, list)):
+                lines.append(f"{' ' * (4 * indent)}{key}:")
+                _dump(v, indent + 1, lines)
+            else:
+                lines.append(f"{' ' * (4 * indent)}{key}: {_scalar(v)}")
+    else:
+        for i, v in enumerate(obj):
+            if isinstance(v, (dict, list)):
+                lines.append(f"{' ' * (4 * indent)}[{i}]:")
+                _dump(v, indent + 1, lines)
+            else:
+                lines.append(f"{' ' * (4 * indent)}[{i}]: {_scalar(v)}")
+
+
+def _scalar(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _snapshot_header() -> str:
+    return "%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
+
+
+def _snapshot_line(s: dict) -> str:
+    import time
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+    secs = s["vm-clock-sec"]
+    clock = "%02d:%02d:%02d.%03d" % (secs // 3600, (secs // 60) % 60, secs % 60, (s["vm-clock-nsec"] // 1000000) % 1000)
+    icount = str(s["icount"]) if "icount" in s else ""
+    return "%-9s %-16s %8s%20s%13s%11s" % (s["id"], s["name"], format_size(s["vm-state-size"]), date, clock, icount)
+
+
+def render(infos: list[QDict], output: str, chain: bool) -> str:
+    if output == "json":
+        return dumps_pretty(infos if chain else infos[0]) + "\n"
+    return "\n".join(human(i) for i in infos)

@@ -1,0 +1,105 @@
+"""JSON exactly as QEMU prints it.
+
+QEMU's dictionaries (QDict) are hash tables of 512 buckets; printing walks the buckets in
+order and, inside a bucket, the most recently inserted key first. The key order of
+``qemu-img info --output=json`` is therefore a function of the key names (and of insertion
+order only on a bucket collision). :func:`qdict_order` reproduces it; :func:`dumps_pretty`
+reproduces QEMU's pretty printer (4-space indent, ``"key": value``, ``\\uXXXX`` escapes).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_BUCKETS = 512
+_M32 = 0xFFFFFFFF
+
+
+def tdb_hash(name: str) -> int:
+    data = name.encode("utf-8")
+    value = (0x238F13AF * len(data)) & _M32
+    for i, ch in enumerate(data):
+        value = (value + (ch << (i * 5 % 24))) & _M32
+    return (1103515243 * value + 12345) & _M32
+
+
+def qdict_order(d: dict[str, Any]) -> dict[str, Any]:
+    """The same items, in the order QEMU would print a QDict filled in ``d``'s insertion order."""
+    items = list(d.items())
+    indexed = [(tdb_hash(k) % _BUCKETS, -i, k, v) for i, (k, v) in enumerate(items)]
+    indexed.sort(key=lambda t: (t[0], t[1]))
+    return {k: v for _, _, k, v in indexed}
+
+
+class QDict(dict):
+    """A dict that prints in QDict order (insertion order is the QAPI schema's field order)."""
+
+
+def _quote(s: str) -> str:
+    out = ['"']
+    for ch in s:
+        cp = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\b":
+            out.append("\\b")
+        elif ch == "\f":
+            out.append("\\f")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif 0xDC80 <= cp <= 0xDCFF:  # undecodable byte (surrogateescape): QEMU prints U+FFFD
+            out.append("\\uFFFD")
+        elif cp > 0xFFFF:
+            cp -= 0x10000
+            out.append("\\u%04X\\u%04X" % (0xD800 + (cp >> 10), 0xDC00 + (cp & 0x3FF)))
+        elif cp < 0x20 or cp >= 0x7F:
+            out.append("\\u%04X" % cp)
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def dumps_pretty(obj: Any) -> str:
+    """QEMU's ``qobject_to_json_pretty``. Dicts of type :class:`QDict` are reordered like QEMU's."""
+    parts: list[str] = []
+    _emit(obj, 0, parts)
+    return "".join(parts)
+
+
+def _emit(obj: Any, depth: int, parts: list[str]) -> None:
+    if isinstance(obj, bool):
+        parts.append("true" if obj else "false")
+    elif obj is None:
+        parts.append("null")
+    elif isinstance(obj, int):
+        parts.append(str(obj))
+    elif isinstance(obj, float):
+        parts.append("%.17g" % obj)
+    elif isinstance(obj, str):
+        parts.append(_quote(obj))
+    elif isinstance(obj, dict):
+        items = qdict_order(obj) if isinstance(obj, QDict) else obj
+        parts.append("{")
+        first = True
+        for k, v in items.items():
+            parts.append("\n" + " " * (4 * (depth + 1)) if first else ",\n" + " " * (4 * (depth + 1)))
+            first = False
+            parts.append(_quote(k) + ": ")
+            _emit(v, depth + 1, parts)
+        parts.append("\n" + " " * (4 * depth) + "}")
+    elif isinstance(obj, (list, tuple)):
+        parts.append("[")
+        first = True
+        for v in obj:
+            parts.append("\n" + " " * (4 * (depth + 1)) if first else ",\n" + " " * (4 * (depth + 1)))
+            first = False
+            _emit(v, depth + 1, parts)
+        parts.append("\n" + " " * (4 * depth) + "]")
+    else:
+        raise TypeError(f"cannot print {type(obj).__name__} as JSON")
