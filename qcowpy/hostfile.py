@@ -20,7 +20,8 @@ class HostFile:
     ``cache="unsafe"`` makes flush a no-op, as qemu-img convert does for its target.
     """
 
-    def __init__(self, path: str, writable: bool = False, create: bool = False, cache: str = "writeback"):
+    def __init__(self, path: str, writable: bool = False, create: bool = False, cache: str = "writeback",
+                 lock: bool = True, force_share: bool = False):
         self.path = path
         self.writable = writable
         self.unsafe = cache == "unsafe"
@@ -39,6 +40,14 @@ class HostFile:
             raise QcowError(f"Could not open '{path}': Permission denied") from None
         except OSError as e:
             raise QcowError(f"Could not open '{path}': {e.strerror}") from None
+        if lock:  # QEMU-compatible OFD locks (qcowpy/lock.py); released when the fd is closed
+            from .lock import lock_file
+            try:
+                lock_file(self.fd, path, writable, force_share)
+            except BaseException:
+                os.close(self.fd)
+                self.fd = -1
+                raise
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size

@@ -43,8 +43,11 @@ def resolve_backing_path(overlay: str, backing: str) -> str:
 
 
 def open_image(path: str, mode: str = "r", format: str | None = None, backing: bool = True,
-               cache: str = "writeback", _seen: tuple = ()) -> BlockDevice:
-    """Open ``path`` (and, unless ``backing`` is False, its whole backing chain read-only)."""
+               cache: str = "writeback", _seen: tuple = (), force_share: bool = False) -> BlockDevice:
+    """Open ``path`` (and, unless ``backing`` is False, its whole backing chain read-only).
+
+    ``force_share`` (qemu-img's ``-U``) opens read-only images without conflicting with, or
+    being stopped by, another process's QEMU-compatible locks (qcowpy/lock.py)."""
     if mode not in ("r", "r+", "rb", "r+b", "rw"):
         raise InvalidArgument(f"Invalid mode '{mode}' (use 'r' or 'r+')")
     writable = "+" in mode or mode == "rw"
@@ -61,14 +64,14 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
     if len(_seen) >= MAX_CHAIN_DEPTH:
         raise QcowError(f"Backing file chain is deeper than {MAX_CHAIN_DEPTH} images")
     if fmt == "raw":
-        return RawDevice(path, read_only=not writable, cache=cache)
-    dev = Qcow2Device(Qcow2Image.open(path, writable=writable, cache=cache), path)
+        return RawDevice(path, read_only=not writable, cache=cache, force_share=force_share)
+    dev = Qcow2Device(Qcow2Image.open(path, writable=writable, cache=cache, force_share=force_share), path)
     name = dev.image.header.backing_file
     if backing and name:
         bpath = resolve_backing_path(path, name)
         try:
             dev.attach_backing(open_image(bpath, "r", dev.image.header.backing_format, True,
-                                          _seen=_seen + (ident,)))
+                                          _seen=_seen + (ident,), force_share=force_share))
         except ImageNotFound as e:
             dev.close()
             raise ImageNotFound(f"Could not open backing file: {e}") from None

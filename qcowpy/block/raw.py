@@ -13,10 +13,10 @@ from .device import BlockDevice, LayerStatus
 class RawDevice(BlockDevice):
     format = "raw"
 
-    def __init__(self, path: str, read_only: bool = True, cache: str = "writeback"):
+    def __init__(self, path: str, read_only: bool = True, cache: str = "writeback", force_share: bool = False):
         self.filename = path
         self.read_only = read_only
-        self.file = HostFile(path, writable=not read_only, cache=cache)
+        self.file = HostFile(path, writable=not read_only, cache=cache, force_share=force_share)
         self._size = self.file.size()
 
     @property

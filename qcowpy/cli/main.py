@@ -126,7 +126,7 @@ def check_output(output: str) -> None:
 @click.option("-f", "--format", "fmt", metavar="FMT", help="Image format (probed when omitted).")
 @_output_option
 @click.option("--backing-chain", is_flag=True, help="Show every image of the backing chain (top first).")
-@click.option("-U", "--force-share", is_flag=True, help="Accepted for compatibility (no locking in qcowpy).")
+@click.option("-U", "--force-share", is_flag=True, help="Open read-only without taking the shared write lock (like qemu-img -U).")
 @click.option("--image-opts", is_flag=True, hidden=True)
 @click.option("--object", "objects", multiple=True, hidden=True)
 @click.argument("filenames", nargs=-1)
@@ -139,7 +139,7 @@ def info(fmt, output, backing_chain, force_share, image_opts, objects, filenames
     filename = filenames[0]
     check_output(output)
     try:
-        infos = collect(filename, fmt, backing_chain)
+        infos = collect(filename, fmt, backing_chain, force_share)
     except QcowError as e:
         raise CommandFailed(str(e)) from None
     out(render(infos, output, backing_chain))
@@ -151,7 +151,7 @@ def info(fmt, output, backing_chain, force_share, image_opts, objects, filenames
 @_output_option
 @click.option("-s", "--start-offset", "start_offset", metavar="OFFSET", help="Start at this guest offset.")
 @click.option("-l", "--max-length", "max_length", metavar="LENGTH", help="Map at most this many bytes.")
-@click.option("-U", "--force-share", is_flag=True, help="Accepted for compatibility.")
+@click.option("-U", "--force-share", is_flag=True, help="Open read-only without taking the shared write lock (like qemu-img -U).")
 @click.option("--image-opts", is_flag=True, hidden=True)
 @click.option("--object", "objects", multiple=True, hidden=True)
 @click.argument("filenames", nargs=-1)
@@ -167,7 +167,7 @@ def map_cmd(fmt, output, start_offset, max_length, force_share, image_opts, obje
     filename = filenames[0]
     check_output(output)
     try:
-        dev = open_image(filename, "r", fmt)
+        dev = open_image(filename, "r", fmt, force_share=force_share)
     except QcowError as e:
         raise CommandFailed(open_error(filename, e)) from None
     with dev:
@@ -198,7 +198,7 @@ def map_cmd(fmt, output, start_offset, max_length, force_share, image_opts, obje
 @click.option("-m", "coroutines", metavar="N", help="Accepted for compatibility (1..16).")
 @click.option("-t", "cache", metavar="CACHE", help="Output cache mode (default unsafe).")
 @click.option("-T", "src_cache", metavar="SRC_CACHE", help="Accepted for compatibility.")
-@click.option("-U", "--force-share", is_flag=True, help="Accepted for compatibility.")
+@click.option("-U", "--force-share", is_flag=True, help="Open read-only without taking the shared write lock (like qemu-img -U).")
 @click.option("-C", "copy_range", is_flag=True, hidden=True)
 @click.option("--target-is-zero", is_flag=True, help="With -n: the target already reads as zeros.")
 @click.option("--object", "objects", multiple=True, hidden=True)
@@ -244,7 +244,7 @@ def convert(fmt, out_fmt, options, compress, backing, backing_fmt, progress, no_
     req = ConvertRequest(sources=list(filenames[:-1]), target=filenames[-1], src_fmt=fmt, out_fmt=out_fmt,
                          options=optstr, compress=compress, backing=backing, backing_fmt=backing_fmt,
                          no_create=no_create, min_sparse=min_sparse, cache=cache or "unsafe",
-                         target_is_zero=target_is_zero)
+                         target_is_zero=target_is_zero, force_share=force_share)
     try:
         run_convert(req, progress=progress)
     except ConvertError as e:
@@ -261,7 +261,7 @@ def convert(fmt, out_fmt, options, compress, backing, backing_fmt, progress, no_
 @click.option("-p", "progress", is_flag=True, help="Show progress.")
 @click.option("-q", "quiet", is_flag=True, help="Quiet: only the exit status tells.")
 @click.option("-T", "src_cache", metavar="SRC_CACHE", help="Accepted for compatibility.")
-@click.option("-U", "--force-share", is_flag=True, help="Accepted for compatibility.")
+@click.option("-U", "--force-share", is_flag=True, help="Open read-only without taking the shared write lock (like qemu-img -U).")
 @click.option("--image-opts", is_flag=True, hidden=True)
 @click.option("--object", "objects", multiple=True, hidden=True)
 @click.argument("filenames", nargs=-1)
@@ -280,6 +280,7 @@ def compare(fmt1, fmt2, strict, progress, quiet, src_cache, force_share, image_o
     if src_cache is not None and src_cache not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
         raise CommandFailed(f"Invalid source cache option: {src_cache}", code=2)
     code = run_compare(filenames[0], filenames[1], fmt1, fmt2, strict=strict, quiet=quiet, progress=progress,
+                       force_share=force_share,
                        echo=out, error=error_line)
     if code:
         raise CommandFailed(None, code)
@@ -296,6 +297,11 @@ def emu(args) -> None:
     code = emu_main(list(args))
     if code:
         raise CommandFailed(None, int(code))
+
+
+from .check import check  # noqa: E402  (the command lives in its own module)
+
+cli.add_command(check)
 
 
 # ---------------------------------------------------------------------------------------- entry point

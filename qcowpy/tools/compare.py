@@ -60,7 +60,7 @@ class _Walker:
 
 
 def run_compare(file1: str, file2: str, fmt1: str | None = None, fmt2: str | None = None, strict: bool = False,
-                quiet: bool = False, progress: bool = False, echo: Callable[[str], None] = sys.stdout.write,
+                quiet: bool = False, progress: bool = False, force_share: bool = False, echo: Callable[[str], None] = sys.stdout.write,
                 error: Callable[[str], None] = lambda m: sys.stderr.write(m + "\n")) -> int:
     say = (lambda s: None) if quiet else echo
     prog = Progress(progress, 2.0)
@@ -68,7 +68,7 @@ def run_compare(file1: str, file2: str, fmt1: str | None = None, fmt2: str | Non
     try:
         for name, fmt in ((file1, fmt1), (file2, fmt2)):
             try:
-                devs.append(open_image(name, "r", fmt))
+                devs.append(open_image(name, "r", fmt, force_share=force_share))
             except QcowError as e:
                 error(f"Could not open '{name}': {e}")
                 return 2

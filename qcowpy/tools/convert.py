@@ -47,6 +47,7 @@ class ConvertRequest:
     min_sparse: int = 4096
     cache: str = "unsafe"
     target_is_zero: bool = False
+    force_share: bool = False
 
 
 class Progress:
@@ -220,7 +221,7 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
     try:
         for name in req.sources:
             try:
-                sources.append(open_image(name, "r", req.src_fmt))
+                sources.append(open_image(name, "r", req.src_fmt, force_share=req.force_share))
             except QcowError as e:
                 raise ConvertError(f"Could not open '{name}': {e}") from None
         sizes = [(d.size + 511) & ~511 for d in sources]

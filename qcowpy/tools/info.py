@@ -91,7 +91,7 @@ def _snapshots(image) -> list:
     return out
 
 
-def collect(filename: str, fmt: str | None, chain: bool) -> list[QDict]:
+def collect(filename: str, fmt: str | None, chain: bool, force_share: bool = False) -> list[QDict]:
     """ImageInfo for ``filename`` and, with ``chain``, every backing file below it (top first)."""
     out: list[QDict] = []
     seen: set[tuple[int, int]] = set()
@@ -107,7 +107,7 @@ def collect(filename: str, fmt: str | None, chain: bool) -> list[QDict]:
         if ident is not None:
             seen.add(ident)
         try:
-            dev = open_image(name, "r", fmt, backing=False)
+            dev = open_image(name, "r", fmt, backing=False, force_share=force_share)
         except QcowError as e:
             raise QcowError(f"Could not open '{name}': {e}") from None
         with dev:

@@ -1,0 +1,226 @@
+"""Metadata overlap checks: refuse any write that would land on qcow2 metadata it is not meant for.
+
+QEMU runs ``qcow2_pre_write_overlap_check`` before every data and metadata write; its default
+mode, ``overlap-check=cached``, checks the header, the active L1 and L2 tables, the refcount table
+and blocks, the snapshot table, the snapshots' L1 tables and the bitmap directory (everything but
+the snapshots' L2 tables, which would have to be read from disk). We check the same set.
+
+A would-be overlap sets the corrupt bit on disk, stops every further write to the image and
+raises :class:`~qcowpy.errors.CorruptImage` — the offending write never happens.
+
+:class:`OverlapGuard` wraps the engine's host file. Writes are classified by what the engine is
+doing: metadata caches announce their kind (an L2 table may overwrite an active L2 table, a
+refcount block a refcount block); header updates are writes inside cluster 0 that are small or
+start with the qcow2 magic; L1 and refcount-table entry updates are single entries inside those
+tables; everything else (guest data, compressed data, newly placed tables and blocks) must not
+touch any metadata at all.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ..errors import CorruptImage
+from ..format import constants as C
+from ..kernels import find_offset_in
+
+MAIN_HEADER = 1 << 0
+ACTIVE_L1 = 1 << 1
+ACTIVE_L2 = 1 << 2
+REFCOUNT_TABLE = 1 << 3
+REFCOUNT_BLOCK = 1 << 4
+SNAPSHOT_TABLE = 1 << 5
+INACTIVE_L1 = 1 << 6
+INACTIVE_L2 = 1 << 7
+BITMAP_DIRECTORY = 1 << 8
+ALL = (1 << 9) - 1
+CACHED = ALL & ~INACTIVE_L2  # QEMU's default overlap-check mode
+
+NAMES = {
+    MAIN_HEADER: "qcow2_header",
+    ACTIVE_L1: "active L1 table",
+    ACTIVE_L2: "active L2 table",
+    REFCOUNT_TABLE: "refcount table",
+    REFCOUNT_BLOCK: "refcount block",
+    SNAPSHOT_TABLE: "snapshot table",
+    INACTIVE_L1: "inactive L1 table",
+    INACTIVE_L2: "inactive L2 table",
+    BITMAP_DIRECTORY: "bitmap directory",
+}
+
+_REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+
+
+@dataclass
+class Layout:
+    """Where an image's metadata lives (offsets in bytes)."""
+
+    cluster_size: int
+    l1_offset: int = 0
+    l1: list[int] = field(default_factory=list)
+    reftable_offset: int = 0
+    reftable: list[int] = field(default_factory=list)
+    snapshots_offset: int = 0
+    snapshots_size: int = 0
+    snapshot_l1s: list[tuple[int, int]] = field(default_factory=list)  # (offset, entries)
+    bitmap_directory: tuple[int, int] | None = None  # (offset, size)
+
+
+def _overlaps(a: int, alen: int, b: int, blen: int) -> bool:
+    return alen > 0 and blen > 0 and a < b + blen and b < a + alen
+
+
+def find_overlap(layout: Layout, offset: int, size: int, ignore: int = 0, check: int = CACHED) -> int:
+    """The first metadata kind (one bit) that ``[offset, offset+size)`` would overwrite, or 0."""
+    chk = check & ~ignore
+    if size <= 0:
+        return 0
+    cs = layout.cluster_size
+    if chk & MAIN_HEADER and offset < cs:
+        return MAIN_HEADER
+    # QEMU compares whole clusters
+    end = (offset + size + cs - 1) & ~(cs - 1)
+    offset &= ~(cs - 1)
+    size = end - offset
+    if chk & ACTIVE_L1 and _overlaps(offset, size, layout.l1_offset, len(layout.l1) * 8):
+        return ACTIVE_L1
+    if chk & REFCOUNT_TABLE and _overlaps(offset, size, layout.reftable_offset, len(layout.reftable) * 8):
+        return REFCOUNT_TABLE
+    if chk & SNAPSHOT_TABLE and _overlaps(offset, size, layout.snapshots_offset, layout.snapshots_size):
+        return SNAPSHOT_TABLE
+    if chk & INACTIVE_L1:
+        for off, n in layout.snapshot_l1s:
+            if n and _overlaps(offset, size, off, n * 8):
+                return INACTIVE_L1
+    # find_offset_in (qcowpy.kernels): first nonzero ``entry & mask`` in [offset, end), or -1
+    if chk & ACTIVE_L2 and find_offset_in(layout.l1, C.L1E_OFFSET_MASK, offset, end) >= 0:
+        return ACTIVE_L2
+    if chk & REFCOUNT_BLOCK and find_offset_in(layout.reftable, _REFT_OFFSET_MASK, offset, end) >= 0:
+        return REFCOUNT_BLOCK
+    if chk & BITMAP_DIRECTORY and layout.bitmap_directory:
+        if _overlaps(offset, size, *layout.bitmap_directory):
+            return BITMAP_DIRECTORY
+    return 0
+
+
+def overlap_message(kind: int) -> str:
+    return f"Preventing invalid write on metadata (overlaps with {NAMES[kind]})"
+
+
+def bitmap_directory(header) -> tuple[int, int] | None:
+    if not header.autoclear_features & C.AUTOCLEAR_BITMAPS:
+        return None
+    ext = header.find_extension(C.EXT_BITMAPS)
+    if ext is None or len(ext.data) < 24:
+        return None
+    nb, _, size, off = struct.unpack_from(">IIQQ", ext.data)
+    return (off, size) if nb else None
+
+
+def snapshot_layout(file, header) -> tuple[int, list[tuple[int, int]]]:
+    """(snapshot table size in bytes, [(L1 offset, L1 entries)]) — empty if unreadable."""
+    if not header.nb_snapshots:
+        return 0, []
+    from ..format.snapshot import parse_snapshot_table
+    try:
+        limit = min(header.nb_snapshots * (40 + 1024 + 2 * 65535 + 8),
+                    max(0, file.size() - header.snapshots_offset))
+        snaps = parse_snapshot_table(file.pread(limit, header.snapshots_offset), header.nb_snapshots)
+    except Exception:  # noqa: BLE001 - a broken table protects nothing; open/check report it
+        return 0, []
+    size = 0
+    for s in snaps:
+        size += 40 + len(s.extra_data) + len(s.id_str.encode("utf-8", "surrogateescape")) + \
+            len(s.name.encode("utf-8", "surrogateescape"))
+        size = (size + 7) & ~7
+    return size, [(s.l1_table_offset, s.l1_size) for s in snaps]
+
+
+class OverlapGuard:
+    """A host file stand-in that checks every write of a Qcow2Image against its metadata."""
+
+    def __init__(self, file, image):
+        self._file = file
+        self._image = image
+        self._pending = 0
+        self._snapshots: tuple[int, list[tuple[int, int]]] | None = None
+        self.tripped: str | None = None
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    @property
+    def dirty(self) -> bool:
+        return self._file.dirty
+
+    @dirty.setter
+    def dirty(self, value: bool) -> None:
+        self._file.dirty = value
+
+    def expect(self, kind: int):
+        """A ``before_write`` hook for a metadata cache whose tables are of ``kind``."""
+        def hook(offset: int, size: int) -> None:
+            self._pending = kind
+        return hook
+
+    def layout(self) -> Layout:
+        img = self._image
+        h = img.header
+        if self._snapshots is None:
+            self._snapshots = snapshot_layout(self._file, h)
+        rc = getattr(img, "refcounts", None)
+        return Layout(img.cluster_size, h.l1_table_offset, getattr(img, "l1", []),
+                      rc.table_offset if rc else h.refcount_table_offset, rc.table if rc else [],
+                      h.snapshots_offset, self._snapshots[0], self._snapshots[1], bitmap_directory(h))
+
+    def _classify(self, data, offset: int) -> int:
+        n = len(data)
+        cs = self._image.cluster_size
+        if offset + n <= cs and (n <= 16 or bytes(memoryview(data)[:4]) == C.MAGIC):
+            return MAIN_HEADER
+        if n <= 16:
+            img = self._image
+            if _overlaps(offset, n, img.header.l1_table_offset, img.header.l1_size * 8) and \
+                    img.header.l1_table_offset <= offset and offset + n <= img.header.l1_table_offset + img.header.l1_size * 8:
+                return ACTIVE_L1
+            rc = getattr(img, "refcounts", None)
+            if rc is not None and rc.table_offset <= offset and offset + n <= rc.table_offset + rc.table_clusters * cs:
+                return REFCOUNT_TABLE
+        return 0
+
+    def pwrite(self, data, offset: int) -> None:
+        if self.tripped:
+            raise CorruptImage(f"qcow2: image is marked corrupt after an invalid write was prevented "
+                               f"({self.tripped}); no further writes")
+        ignore, self._pending = self._pending, 0
+        size = len(memoryview(data).cast("B"))
+        if not ignore:
+            ignore = self._classify(data, offset)
+        kind = find_overlap(self.layout(), offset, size, ignore)
+        if kind:
+            self._trip(overlap_message(kind))
+        self._file.pwrite(data, offset)
+
+    def _trip(self, message: str) -> None:
+        self.tripped = message
+        img = self._image
+        img.header.incompatible_features |= C.INCOMPAT_CORRUPT
+        try:
+            self._file.pwrite(struct.pack(">Q", img.header.incompatible_features), 72)
+            self._file.flush()
+        finally:
+            img.writable = False  # no flushing of caches on close: nothing more is written
+        raise CorruptImage(f"qcow2: Marking image as corrupt: {message}; further corruption events "
+                           "will be suppressed")
+
+
+def install(image) -> OverlapGuard:
+    """Route every write of ``image`` (data, caches, refcounts) through an overlap guard."""
+    guard = OverlapGuard(image.file, image)
+    image.file = guard
+    image.refcounts.file = guard
+    image.refcounts.cache.file = guard
+    image.l2cache.file = guard
+    image.l2cache._before_write = guard.expect(ACTIVE_L2)
+    image.refcounts.cache._before_write = guard.expect(REFCOUNT_BLOCK)
+    return guard

@@ -1,0 +1,141 @@
+"""Hostile images: malformed headers and tables give one clean error line (qemu-img's exit code),
+in bounded time and memory (run under RLIMIT_AS = 1 GiB and RLIMIT_CPU in a subprocess), and a
+read-only open never modifies the file (bytes and mtime unchanged)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+import qcowpy
+from qcowpy.format import constants as C
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _base(tmp_path) -> str:
+    p = str(tmp_path / "base.qcow2")
+    qcowpy.create(p, 4 << 20, cluster_size=65536)
+    with qcowpy.open(p, "r+") as d:
+        d.pwrite(b"A" * 70000, 0)
+        d.write_compressed(bytes(range(256)) * 256, 2 << 20)
+    return p
+
+
+def _u64(buf, off):
+    return struct.unpack_from(">Q", buf, off)[0]
+
+
+def _l2_entry_off(buf, idx):
+    l1 = _u64(buf, 40)
+    return (_u64(buf, l1) & C.L1E_OFFSET_MASK) + 8 * idx
+
+
+def _set(buf, off, fmt, value):
+    struct.pack_into(fmt, buf, off, value)
+
+
+MUTATIONS = {
+    "bad_magic": lambda b: b.__setitem__(slice(0, 4), b"QFI\x00"),
+    "version_1": lambda b: _set(b, 4, ">I", 1),
+    "version_4": lambda b: _set(b, 4, ">I", 4),
+    "cluster_bits_8": lambda b: _set(b, 20, ">I", 8),
+    "cluster_bits_63": lambda b: _set(b, 20, ">I", 63),
+    "huge_size": lambda b: _set(b, 24, ">Q", 1 << 62),
+    "l1_size_huge": lambda b: _set(b, 36, ">I", 0x7FFFFFFF),
+    "l1_offset_unaligned": lambda b: _set(b, 40, ">Q", _u64(b, 40) + 8),
+    "l1_offset_past_eof": lambda b: _set(b, 40, ">Q", 1 << 40),
+    "reftable_past_eof": lambda b: _set(b, 48, ">Q", 1 << 40),
+    "reftable_huge": lambda b: _set(b, 56, ">I", 0xFFFFFFFF),
+    "reftable_unaligned": lambda b: _set(b, 48, ">Q", _u64(b, 48) + 512),
+    "too_many_snapshots": lambda b: _set(b, 60, ">I", 70000),
+    "snapshot_table_past_eof": lambda b: (_set(b, 60, ">I", 3), _set(b, 64, ">Q", 1 << 40)),
+    "unknown_incompat_bit": lambda b: _set(b, 72, ">Q", 1 << 40),
+    "refcount_order_7": lambda b: _set(b, 96, ">I", 7),
+    "header_length_huge": lambda b: _set(b, 100, ">I", 1 << 20),
+    "extension_overflow": lambda b: b.__setitem__(slice(112, 120), struct.pack(">II", 0x1234, 0xFFFFFFF0)),
+    "backing_name_too_long": lambda b: (_set(b, 8, ">Q", 512), _set(b, 16, ">I", 4096)),
+    "backing_name_past_cluster": lambda b: (_set(b, 8, ">Q", 65530), _set(b, 16, ">I", 100)),
+    "crypt_method": lambda b: _set(b, 32, ">I", 1),
+    "l2_entry_past_eof": lambda b: _set(b, _l2_entry_off(b, 0), ">Q", (1 << 40) | C.OFLAG_COPIED),
+    "l2_entry_unaligned": lambda b: _set(b, _l2_entry_off(b, 0), ">Q", _u64(b, _l2_entry_off(b, 0)) | 0x200),
+    "l2_reserved_bits": lambda b: _set(b, _l2_entry_off(b, 0), ">Q", _u64(b, _l2_entry_off(b, 0)) | 0x2),
+    "l1_entry_past_eof": lambda b: _set(b, _u64(b, 40), ">Q", (1 << 40) | C.OFLAG_COPIED),
+    "compressed_garbage": lambda b: b.__setitem__(
+        slice(_u64(b, _l2_entry_off(b, 32)) & ((1 << 54) - 1), (_u64(b, _l2_entry_off(b, 32)) & ((1 << 54) - 1)) + 64),
+        b"\xff" * 64),
+    "compressed_oversize": lambda b: _set(b, _l2_entry_off(b, 32), ">Q",
+                                          _u64(b, _l2_entry_off(b, 32)) | (((1 << 8) - 1) << 54)),
+    "truncated_header": lambda b: b.__delitem__(slice(50, None)),
+    "truncated_tables": lambda b: b.__delitem__(slice(3 * 65536, None)),
+    "empty": lambda b: b.clear(),
+}
+
+
+# Where qcowpy's open is deliberately stricter than QEMU 7.2's (which only checks table offsets for
+# alignment and int64 overflow, and opens encrypted images for info): we refuse at open time.
+STRICTER_THAN_QEMU = {"crypt_method", "l1_offset_past_eof", "reftable_past_eof", "truncated_tables"}
+
+
+def _qemu_info_code(path):
+    if not shutil.which("qemu-img"):
+        return None
+    return subprocess.run(["qemu-img", "info", "-f", "qcow2", path], capture_output=True).returncode
+
+
+@pytest.mark.parametrize("name", sorted(MUTATIONS))
+def test_hostile_image(tmp_path, name):
+    base = _base(tmp_path)
+    buf = bytearray(open(base, "rb").read())
+    MUTATIONS[name](buf)
+    path = str(tmp_path / f"{name}.qcow2")
+    with open(path, "wb") as f:
+        f.write(buf)
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    before = os.stat(path)
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "tests.hostile.driver", path, str(tmp_path / "out.raw")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert p.returncode == 0, f"driver crashed (limits exceeded or uncaught error):\n{p.stdout}\n{p.stderr[-3000:]}"
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert elapsed < 30, f"{name}: took {elapsed:.1f}s"
+    # every failure is one clean line (a QEMU-style hint line may follow, unprefixed)
+    for cmd in ("info", "map", "convert", "compare"):
+        r = res[cmd]
+        if r["code"] != 0:
+            lines = [ln for ln in r["err"].splitlines() if ln.startswith("qcowpy:")]
+            assert len(lines) == 1 and "Traceback" not in r["err"], f"{cmd}: {r['err']}"
+            # qemu-img: 1 for errors; compare: 2 open/usage errors, 4 read errors
+            assert r["code"] in ((2, 4) if cmd == "compare" else (1,)), (cmd, r)
+    if not res["api"]["ok"]:
+        assert "\n" not in res["api"]["error"] and res["api"]["error"]
+    # qemu-img's verdict on opening the image is ours (info exit code)
+    q = _qemu_info_code(path)
+    if q is not None and name in STRICTER_THAN_QEMU:
+        assert q == 0 and res["info"]["code"] == 1, (name, q, res["info"])
+    elif q is not None:
+        assert res["info"]["code"] == q, f"{name}: qcowpy info exit {res['info']['code']}, qemu-img {q}\n{res}"
+    after = os.stat(path)
+    assert open(path, "rb").read() == bytes(buf), "read-only use modified the file"
+    assert after.st_mtime_ns == before.st_mtime_ns
+
+
+def test_backing_loop(tmp_path):
+    a = str(tmp_path / "a.qcow2")
+    qcowpy.create(a, 1 << 20)
+    b = str(tmp_path / "b.qcow2")
+    qcowpy.create(b, 1 << 20, backing_file="a.qcow2", backing_fmt="qcow2")
+    # rewrite a's header to point back at b: a -> b -> a
+    with qcowpy.open(a, "r+") as dev:
+        img = dev.image
+        img.header.backing_file = "b.qcow2"
+        img._write_header()
+    with pytest.raises(qcowpy.QcowError, match="loop"):
+        qcowpy.open(b)

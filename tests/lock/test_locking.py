@@ -1,0 +1,140 @@
+"""QEMU-compatible image locking, tested in both directions against live qemu-io / qemu-img."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+import qcowpy
+from qcowpy.errors import ImageLocked
+from qcowpy.lock import PERM_BASE, SHARED_BASE, _held_by_other
+
+pytestmark = pytest.mark.interop
+
+
+@pytest.fixture
+def tools():
+    if not (shutil.which("qemu-img") and shutil.which("qemu-io")):
+        if os.environ.get("QCOWPY_REQUIRE_QEMU"):
+            pytest.fail("qemu-img/qemu-io required (QCOWPY_REQUIRE_QEMU is set) but not found")
+        pytest.skip("qemu-img/qemu-io not installed")
+
+
+@pytest.fixture
+def image(tools, tmp_path):
+    p = str(tmp_path / "img.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", p, "1M"], check=True)
+    return p
+
+
+def _lock_byte_held(path: str, byte: int) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _held_by_other(fd, byte)
+    finally:
+        os.close(fd)
+
+
+class LiveQemuIo:
+    """qemu-io kept running with the image open (commands on stdin), like a VM holding its disk."""
+
+    def __init__(self, path: str, read_only: bool = False):
+        argv = ["qemu-io", "-f", "qcow2"] + (["-r"] if read_only else []) + [path]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while not _lock_byte_held(path, PERM_BASE):  # consistent-read lock byte: it has opened
+            assert self.proc.poll() is None, self.proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "qemu-io did not open the image"
+            time.sleep(0.02)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def run(*argv):
+    return subprocess.run(list(argv), capture_output=True, text=True)
+
+
+def test_lock_bytes_match_qemu(image):
+    """qcowpy takes exactly the bytes qemu-io takes for the same access (as /proc/locks shows)."""
+    for read_only in (False, True):
+        q = LiveQemuIo(image, read_only=read_only)
+        theirs = [b for b in (100, 101, 102, 103, 200, 201, 202, 203) if _lock_byte_held(image, b)]
+        q.close()
+        with qcowpy.open(image, "r" if read_only else "r+"):
+            ours = [b for b in (100, 101, 102, 103, 200, 201, 202, 203) if _lock_byte_held(image, b)]
+        assert ours == theirs, (read_only, ours, theirs)
+
+
+def test_qcowpy_refuses_image_qemu_writes(image):
+    q = LiveQemuIo(image)
+    try:
+        with pytest.raises(ImageLocked, match='Failed to get "write" lock'):
+            qcowpy.open(image, "r+")
+        with pytest.raises(ImageLocked, match='Failed to get shared "write" lock'):
+            qcowpy.open(image, "r")
+        from qcowpy.block.open import open_image
+        with open_image(image, "r", force_share=True) as dev:  # -U: inspection still works
+            assert dev.size == 1 << 20
+    finally:
+        q.close()
+    with qcowpy.open(image, "r+") as dev:  # released when qemu-io exits
+        dev.pwrite(b"x", 0)
+
+
+def test_qemu_refuses_image_qcowpy_writes(image):
+    with qcowpy.open(image, "r+") as dev:
+        dev.pwrite(b"y" * 512, 0)
+        dev.flush()
+        p = run("qemu-img", "info", image)
+        assert p.returncode == 1 and 'Failed to get shared "write" lock' in p.stderr, p.stderr
+        assert "Is another process using the image" in p.stderr
+        p = run("qemu-img", "info", "-U", image)
+        assert p.returncode == 0, p.stderr
+        p = run("qemu-io", "-f", "qcow2", "-c", "write 0 512", image)
+        assert 'Failed to get "write" lock' in p.stdout + p.stderr
+    assert run("qemu-img", "info", image).returncode == 0  # released on close
+
+
+def test_readers_share(image):
+    q = LiveQemuIo(image, read_only=True)
+    try:
+        with qcowpy.open(image, "r") as dev:  # two readers coexist
+            assert dev.pread(512, 0) == bytes(512)
+        with pytest.raises(ImageLocked, match='Failed to get "write" lock'):
+            qcowpy.open(image, "r+")
+    finally:
+        q.close()
+    with qcowpy.open(image, "r"):
+        assert run("qemu-img", "info", image).returncode == 0
+        p = run("qemu-io", "-f", "qcow2", "-c", "write 0 512", image)
+        assert "lock" in p.stdout + p.stderr
+
+
+def test_check_respects_locks(image):
+    from tests.check.conftest import qcowpy_cli
+    q = LiveQemuIo(image)
+    try:
+        r = qcowpy_cli("check", "-r", "all", image)
+        assert r.code == 1 and 'Failed to get "write" lock' in r.err
+        r = qcowpy_cli("check", image)
+        assert r.code == 1 and 'Failed to get shared "write" lock' in r.err
+        r = qcowpy_cli("check", "-U", image)
+        assert r.code == 0 and "No errors were found" in r.out
+    finally:
+        q.close()
+
+
+def test_locking_can_be_disabled(image, monkeypatch):
+    q = LiveQemuIo(image)
+    try:
+        monkeypatch.setenv("QCOWPY_LOCKING", "off")
+        with qcowpy.open(image, "r"):
+            pass
+    finally:
+        q.close()
