@@ -17,6 +17,7 @@ from ..format.entries import (ClusterType, compressed_descriptor, l1_offset, l2_
 from ..format.entries import cluster_type as std_cluster_type
 from ..format.header import Header, pack_header, parse_header, unknown_incompatible_message
 from ..hostfile import HostFile
+from ..kernels import l2_runs
 from . import codec
 from .cache import TableCache
 from .extl2 import ExtendedL2Writes
@@ -77,14 +78,22 @@ class Qcow2Image(ExtendedL2Writes):
                                                          unpack_table, pack_table)
         self.l2cache.depends_on = self.refcounts.cache
         self.refcounts.free_cluster_index = 0
+        from .overlap import install as _install_overlap_guard
+        self.overlap_guard = _install_overlap_guard(self)  # metadata overlap checks (qcow2/overlap.py)
 
     # ------------------------------------------------------------------ opening / closing
     @classmethod
-    def open(cls, path: str, writable: bool = False, cache: str = "writeback") -> "Qcow2Image":
-        file = HostFile(path, writable=writable, cache=cache)
+    def open(cls, path: str, writable: bool = False, cache: str = "writeback",
+             force_share: bool = False) -> "Qcow2Image":
+        file = HostFile(path, writable=writable, cache=cache, force_share=force_share)
         try:
             head = file.pread(min(file.size(), 1 << C.MAX_CLUSTER_BITS), 0)
             header = parse_header(head, file.size())
+            if writable and header.incompatible_features & C.INCOMPAT_DIRTY and \
+                    not header.incompatible_features & C.INCOMPAT_CORRUPT:
+                cls(file, header, False)  # validate before repairing, as any open does
+                from .check import repair_dirty
+                repair_dirty(file, header)  # QEMU repairs a dirty image opened read-write
             img = cls(file, header, writable)
             if writable:
                 img._open_read_write()
@@ -255,6 +264,38 @@ class Qcow2Image(ExtendedL2Writes):
             got = self._l2_table(l1_index)
             table = got[1] if got else None
             span_end = min(end, (l1_index + 1) << (self.cluster_bits + self.l2_bits))
+            if table is None or not self.extended:
+                # Whole runs of clusters at a time (kernels.l2_runs), a bounded number per call so
+                # a caller that stops after the first extent does not pay for the whole table.
+                base = l1_index << (self.cluster_bits + self.l2_bits)
+                idx = (pos - base) >> self.cluster_bits
+                stop = ((span_end - base - 1) >> self.cluster_bits) + 1
+                while idx < stop:
+                    if table is None:
+                        runs = [(ClusterType.UNALLOCATED, idx, stop - idx, 0)]
+                    else:
+                        runs = l2_runs(table, idx, stop, self.cluster_bits, 64)
+                    for t, first, count, host in runs:
+                        if t < 0:
+                            raise CorruptImage(f"L2 entry {host:#x} has reserved bits set" if t == -1 else
+                                               f"Cluster allocation offset {l2_offset(host):#x} unaligned "
+                                               f"(L2 entry {host:#x})")
+                        rstart = base + (first << self.cluster_bits)
+                        a = max(pos, rstart)
+                        b = min(span_end, rstart + (count << self.cluster_bits))
+                        kind = _KIND[t]
+                        h = host + (a - rstart) if host else None
+                        if cur and cur[0] == kind and cur[1] + cur[2] == a and (
+                                (cur[3] is None and h is None) or
+                                (cur[3] is not None and h is not None and cur[3] + cur[2] == h)):
+                            cur[2] += b - a
+                        else:
+                            if cur:
+                                yield LayerExtent(*cur)
+                            cur = [kind, a, b - a, h]
+                        idx = first + count
+                pos = span_end
+                continue
             while pos < span_end:
                 cstart = pos & ~(cs - 1)
                 idx = (pos >> self.cluster_bits) & (self.l2_entries - 1)
@@ -282,23 +323,26 @@ class Qcow2Image(ExtendedL2Writes):
     def pread(self, length: int, offset: int) -> bytes:
         with self.lock:
             self._check_range(offset, length)
-            out = bytearray(length)
-            for ext in self.layer_extents(offset, length):
-                dst = ext.start - offset
+            exts = self.layer_extents(offset, length)
+            if len(exts) == 1 and exts[0].kind == DATA:  # one contiguous host run: no copy at all
+                return self.file.pread(length, exts[0].host_offset)  # type: ignore[arg-type]
+            parts: list[bytes] = []  # joined once at the end (one copy of the data)
+            for ext in exts:
                 if ext.kind == DATA:
-                    out[dst:dst + ext.length] = self.file.pread(ext.length, ext.host_offset)
-                elif ext.kind == UNALLOCATED:
-                    if self.backing is not None:
-                        out[dst:dst + ext.length] = self._read_backing(ext.length, ext.start)
+                    parts.append(self.file.pread(ext.length, ext.host_offset))  # type: ignore[arg-type]
+                elif ext.kind == UNALLOCATED and self.backing is not None:
+                    parts.append(self._read_backing(ext.length, ext.start))
                 elif ext.kind == COMPRESSED:
                     pos = ext.start
                     while pos < ext.start + ext.length:
                         cstart = pos & ~(self.cluster_size - 1)
                         n = min(ext.start + ext.length, cstart + self.cluster_size) - pos
                         data = self._read_compressed_cluster(cstart)
-                        out[pos - offset:pos - offset + n] = data[pos - cstart:pos - cstart + n]
+                        parts.append(data if n == len(data) else data[pos - cstart:pos - cstart + n])
                         pos += n
-            return bytes(out)
+                else:  # ZERO, or UNALLOCATED without a backing file
+                    parts.append(bytes(ext.length))
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read_backing(self, length: int, offset: int) -> bytes:
         """Backing data, zeros past the end of a shorter backing file."""
@@ -476,14 +520,18 @@ class Qcow2Image(ExtendedL2Writes):
             if run_end - first >= _MAX_RUN_BYTES:
                 break
         nclusters = (run_end - first) // cs
-        buf = bytearray(nclusters * cs)
         wend = min(span_end, run_end)
-        if pos > first:
-            buf[:cs] = self._read_cluster_here(first)
-        last = run_end - cs
-        if wend < run_end and (last > first or pos == first):
-            buf[last - first:] = self._read_cluster_here(last)
-        buf[pos - first:wend - first] = mv[pos - base:wend - base]
+        if pos == first and wend == run_end:  # whole clusters: write the caller's bytes, no copy
+            buf: bytearray | memoryview = mv[pos - base:wend - base]
+        else:
+            buf = bytearray(nclusters * cs)
+            if pos > first:
+                buf[:cs] = self._read_cluster_here(first)
+            last = run_end - cs
+            if wend < run_end and (last > first or pos == first):
+                buf[last - first:] = self._read_cluster_here(last)
+            buf[pos - first:wend - first] = mv[pos - base:wend - base]
+        self._writable_l2(l1_index)  # like QEMU: the L2 table is allocated before the data clusters
         host = self.refcounts.alloc_clusters(nclusters)
         # Trim the copy at the image end so the file does not grow past the last cluster's data need.
         self.file.pwrite(buf, host)
@@ -508,6 +556,7 @@ class Qcow2Image(ExtendedL2Writes):
             if comp is None:  # does not shrink: store it plainly, as QEMU does
                 self.pwrite(data[:min(cs, self.size - offset)], offset)
                 return
+            self._writable_l2(offset >> (self.cluster_bits + self.l2_bits))  # L2 before data, as QEMU
             host = self.refcounts.alloc_bytes(len(comp))
             self.file.pwrite(comp, host)
             entry = make_compressed_entry(host, len(comp), self.cluster_bits)
@@ -548,10 +597,20 @@ class Qcow2Image(ExtendedL2Writes):
                 continue
             if ext.kind == ZERO:
                 continue
-            if ext.kind == UNALLOCATED and (self.backing is None or lo >= self.backing.size):
+            if ext.kind == UNALLOCATED and all(self._backing_reads_zero(x, y) for x, y in
+                                               ((lo, min(hi, skip_a)), (max(lo, skip_b), hi)) if x < y):
                 continue
             return False
         return True
+
+    def _backing_reads_zero(self, a: int, b: int) -> bool:
+        """True if the backing chain reads [a, b) as zeros by its block status (as QEMU's is_zero)."""
+        if self.backing is None or a >= self.backing.size:
+            return True
+        status = getattr(self.backing, "block_status", None)
+        if status is None:
+            return False
+        return all(e.zero for e in status(a, min(b, self.backing.size) - a))
 
     def _zero_cluster(self, cstart: int, unmap: bool) -> None:
         entry = self._l2_entry_at(cstart)
