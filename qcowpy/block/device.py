@@ -132,10 +132,10 @@ def _status_at(top: BlockDevice, offset: int, length: int) -> Extent:
             return Extent(offset, length, depth, True, st.zero, st.data, st.offset,
                           st.filename if st.offset is not None else None)
         below = dev.backing
-        if below is None:
-            return Extent(offset, length, depth, False, True, False)
-        if offset >= below.size:
-            return Extent(offset, length, depth, False, True, False)
+        if below is None or offset >= below.size:
+            # nothing below answers: zeros, at this depth (with a reserved host offset if any)
+            return Extent(offset, length, depth, False, True, False, st.offset,
+                          st.filename if st.offset is not None else None)
         length = min(length, below.size - offset)
         dev = below
         depth += 1

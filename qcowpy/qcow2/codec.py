@@ -21,7 +21,8 @@ def compress(data: bytes, ctype: int, limit: int) -> bytes | None:
         c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
         out = c.compress(data) + c.flush()
     elif ctype == C.COMPRESSION_ZSTD:
-        out = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(data)
+        # QEMU: ZSTD_compressStream2(e_end) with default parameters (level 3, content size)
+        out = zstandard.ZstdCompressor(level=3).compress(data)
     else:
         raise CorruptImage(f"Unknown compression type {ctype}")
     return out if len(out) < limit else None

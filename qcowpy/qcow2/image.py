@@ -230,10 +230,15 @@ class Qcow2Image(ExtendedL2Writes):
             t = subcluster_type(entry, bitmap, i)
             if t == ClusterType.INVALID:
                 raise CorruptImage(f"Invalid subcluster bitmap {bitmap:#x} in L2 entry")
-            if t == ClusterType.UNALLOCATED_ALLOC:
+            # A reserved but unallocated subcluster reads from below yet keeps its host offset,
+            # which block status reports when nothing below answers (as QEMU's map does).
+            reserved = t == ClusterType.UNALLOCATED_ALLOC
+            if reserved:
                 t = ClusterType.UNALLOCATED
-            host = base + i * sc if t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) else 0
-            if pieces and pieces[-1][0] == t and (not host or pieces[-1][3] + pieces[-1][2] == host):
+            host = base + i * sc if reserved or t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) else 0
+            prev_host = pieces[-1][3] if pieces else 0
+            if pieces and pieces[-1][0] == t and (host == prev_host == 0 or
+                                                  (host and prev_host and prev_host + pieces[-1][2] == host)):
                 p = pieces[-1]
                 pieces[-1] = (t, p[1], p[2] + sc, p[3])
             else:
@@ -627,8 +632,9 @@ class Qcow2Image(ExtendedL2Writes):
     def discard(self, length: int, offset: int) -> None:
         """Drop whole clusters (partial ones are left alone, as QEMU does).
 
-        Discarded clusters read as zeros on v3 (zero flag); on v2 they fall through to the
-        backing file, or read as zeros without one.
+        Discarded clusters read as zeros on v3 (zero flag) and on v2 without a backing file.
+        On v2 with a backing file the request is ignored, as QEMU does: without a zero flag the
+        clusters could only fall through and expose stale backing data.
         """
         with self.lock:
             if not self.writable:
@@ -637,7 +643,7 @@ class Qcow2Image(ExtendedL2Writes):
             cs = self.cluster_size
             start = (offset + cs - 1) & ~(cs - 1)
             end = offset + length if offset + length == self.size else (offset + length) & ~(cs - 1)
-            if end <= start:
+            if end <= start or (self.header.version < 3 and self.backing is not None):
                 return
             self._require_writable()
             self._mark_dirty_if_lazy()

@@ -72,19 +72,14 @@ def qcowpy_map(path: str) -> list[dict]:
     return merge_map(entries)
 
 
-def assert_map_like_qemu(qemu, path: str, ignore_recursed_zero: bool = False,
-                         ignore_unallocated_offsets: bool = False) -> None:
+def assert_map_like_qemu(qemu, path: str, ignore_recursed_zero: bool = False) -> None:
     """Compare merged block_status with merged ``qemu-img map --output=json``.
 
     ``ignore_recursed_zero``: on images QEMU detects as metadata-preallocated it asks the host
     file system about holes under data clusters (BDRV_BLOCK_RECURSE) and reports them as
     zero+data; qcowpy does not do that, so such entries are compared as plain data.
-    ``ignore_unallocated_offsets``: QEMU reports the host offset of reserved but unallocated
-    extended-L2 subclusters when nothing lies below them (present=false); qcowpy does not.
     """
     raw = qemu.map_json(path)
-    if ignore_unallocated_offsets:
-        raw = [{k: v for k, v in e.items() if k != "offset" or e["present"]} for e in raw]
     if ignore_recursed_zero:
         raw = [dict(e, zero=False) if e["zero"] and e["data"] else e for e in raw]
     want = merge_map(raw)

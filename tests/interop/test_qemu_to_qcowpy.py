@@ -146,15 +146,9 @@ def test_extended_l2(qemu, tmp_path, cs, with_backing):
             f"write -c -P 0x14 {3 * cs} {cs}")  # compressed cluster
     qemu.assert_clean(path)
     assert_reads_like_qemu(qemu, path, tmp_path)
-    try:
-        assert_map_like_qemu(qemu, path)
-    except AssertionError:
-        # Known deviation: for reserved-but-unallocated subclusters QEMU reports the host
-        # offset when nothing lies below them (BDRV_BLOCK_OFFSET_VALID on an unallocated run,
-        # no backing file or past its end); qcowpy's block_status drops it. Everything else
-        # must still agree.
-        assert_map_like_qemu(qemu, path, ignore_unallocated_offsets=True)
-        pytest.xfail("block_status omits the host offset of reserved, unallocated subclusters")
+    # includes reserved-but-unallocated subclusters: QEMU reports their host offset when
+    # nothing lies below them (no backing file or past its end)
+    assert_map_like_qemu(qemu, path)
 
 
 # ----------------------------------------------------------------------------- backing chains
