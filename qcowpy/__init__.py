@@ -21,8 +21,8 @@ def open(path: str, mode: str = "r", format: str | None = None, cache: str = "wr
     return open_image(path, mode, format, cache=cache)
 
 
-def create(path: str, size: int | None = None, format: str = "qcow2", **options: Any) -> None:
-    """Create an image with qemu-img's ``-o`` options as keyword arguments."""
+def create(path: str, size: int | str | None = None, format: str = "qcow2", **options: Any) -> None:
+    """Create an image with qemu-img's ``-o`` options as keyword arguments; sizes may be "20G"."""
     create_image(path, size, format, **options)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from ..errors import InvalidArgument
 from ..hostfile import HostFile
 from ..qcow2.create import Qcow2Options, create_qcow2
+from ..units import parse_option_size, parse_size
 from .open import open_image, resolve_backing_path
 
 _BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
@@ -29,7 +30,7 @@ def qcow2_options(size: int, **options: Any) -> Qcow2Options:
         if value is None:
             continue
         if key == "cluster_size":
-            opts.cluster_size = int(value)
+            opts.cluster_size = parse_option_size("cluster_size", value)
         elif key == "compat":
             opts.compat = str(value)
         elif key == "refcount_bits":
@@ -56,8 +57,13 @@ def backing_size(path: str, backing_file: str, backing_fmt: str | None) -> int:
         return dev.size
 
 
-def create_image(path: str, size: int | None = None, format: str = "qcow2", **options: Any) -> None:
-    """Create an image; with a backing file and no size, the backing file's size is used."""
+def create_image(path: str, size: int | str | None = None, format: str = "qcow2", **options: Any) -> None:
+    """Create an image; with a backing file and no size, the backing file's size is used.
+
+    Sizes may be ints or strings with qemu-img's suffixes ("20G", "64k").
+    """
+    if size is not None:
+        size = parse_size(size)
     if format == "raw":
         if options.get("backing_file"):
             raise InvalidArgument("'raw' does not support backing files")
