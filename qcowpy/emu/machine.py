@@ -22,6 +22,7 @@ from .qom import (TYPE_CONTAINER, TYPE_OBJECT, Object, ObjectClass, ObjectProper
                   object_class_by_name, object_class_get_list, object_new, object_resolve_path,
                   parse_size, type_register_once)
 from . import hw  # noqa: F401  (registers the device types)
+from .virtio import pci as _virtio_pci  # noqa: F401  (registers virtio-blk-pci)
 
 TYPE_MACHINE = "machine"
 MACHINE_SUFFIX = "-machine"
@@ -73,6 +74,58 @@ class MachineState(Object):
     msi_log: list[tuple[int, int]]
     quit_requested: threading.Event
     boot_log: list[str]
+    drives: dict[str, Any]
+
+    # -- drives ----------------------------------------------------------------------------------
+    def drive_add(self, file: Optional[str] = None, format: Optional[str] = None, interface: str = "virtio",
+                  id: Optional[str] = None, readonly: bool = False, serial: str = "",
+                  spec: Optional[str] = None) -> Any:
+        """Open an image as a drive (``-drive``); ``if=virtio`` also plugs a virtio-blk-pci for it.
+
+        Either keyword arguments or a QEMU-style ``spec`` string (``file=...,format=...,if=...``)."""
+        from .block import open_drive, parse_drive_spec
+        if spec is not None:
+            opts: dict[str, Any] = parse_drive_spec(spec)
+        else:
+            opts = {"file": file, "if": interface, "readonly": readonly, "serial": serial}
+            if format is not None:
+                opts["format"] = format
+            if id is not None:
+                opts["id"] = id
+        with self.lock:
+            default_id = f"{opts.get('if', 'virtio')}{len(self.drives)}"
+            if opts.get("id") in self.drives:
+                raise DeviceError(f"Duplicate ID '{opts['id']}' for drive")
+            drive = open_drive(opts, default_id)
+            self.drives[drive.id] = drive
+            if drive.interface == "virtio":
+                try:
+                    self.device_add("virtio-blk-pci", {"drive": drive.id})
+                except BaseException:
+                    del self.drives[drive.id]
+                    drive.close()
+                    raise
+            return drive
+
+    def drive_del(self, drive_id: str) -> None:
+        drive = self.drives.get(drive_id)
+        if drive is None:
+            raise DeviceError(f"Device '{drive_id}' not found")
+        if drive.attached_to is not None:
+            raise DeviceError(f"Drive '{drive_id}' is in use by a device")
+        del self.drives[drive_id]
+        drive.close()
+
+    def shutdown(self) -> None:
+        """Flush and close every drive (the images are clean afterwards)."""
+        with self.lock:
+            for drive in list(self.drives.values()):
+                drive.close()
+            self.drives.clear()
+
+    def info_block(self) -> str:
+        from .block import info_block
+        return info_block(self.drives)
 
     # -- devices -------------------------------------------------------------------------------
     def device_add(self, driver: str, props: Optional[dict[str, Any]] = None, id: Optional[str] = None,
@@ -205,6 +258,7 @@ def _machine_instance_init(obj: Object) -> None:
     m.msi_log = []
     m.quit_requested = threading.Event()
     m.boot_log = []
+    m.drives = {}
     m.system_memory = MemoryRegion.container_region(m, "system", SIZE_2_64)
     m.system_io = MemoryRegion.container_region(m, "io", 0x10000)
     m.memory = AddressSpace(m.system_memory, "memory")
@@ -237,6 +291,7 @@ def mini_pc_init(m: MachineState) -> None:
     host.setup()
     bus = host.bus
     bus.clock = m.clock
+    bus.machine = m
     bus.setup("pci.0", pci_mem, m.system_io, m.system_memory, 4,
               lambda dev, pin: (dev.slot - 1 + pin) & 3, m.set_pirq, m.address_spaces)
     host.realize()

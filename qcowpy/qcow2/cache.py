@@ -28,6 +28,9 @@ class TableCache(Generic[T]):
         self._dirty: set[int] = set()
         self.depends_on: TableCache | None = None
 
+    def __contains__(self, offset: int) -> bool:
+        return offset in self._tables
+
     def get(self, offset: int) -> T:
         table = self._tables.get(offset)
         if table is None:

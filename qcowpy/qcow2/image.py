@@ -196,7 +196,7 @@ class Qcow2Image(ExtendedL2Writes):
             return None
         if off & (self.cluster_size - 1):
             raise CorruptImage(f"L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})")
-        if off + self.cluster_size > self.file.size():
+        if off not in self.l2cache and off + self.cluster_size > self.file.size():
             raise CorruptImage(f"L2 table offset {off:#x} is past the end of the image file")
         return off, self.l2cache.get(off)
 
@@ -260,19 +260,33 @@ class Qcow2Image(ExtendedL2Writes):
             return out
 
     def _iter_extents(self, offset: int, length: int) -> Iterator[LayerExtent]:
+        """Merge the raw runs into maximal extents (same kind, contiguous host bytes)."""
         cur: list = []  # [kind, start, length, host]
-        end = offset + length
-        pos = offset
+        for kind, a, b, h in self._raw_runs(offset, offset + length):
+            if cur and cur[0] == kind and cur[1] + cur[2] == a and (
+                    (cur[3] is None and h is None) or
+                    (cur[3] is not None and h is not None and cur[3] + cur[2] == h)):
+                cur[2] += b - a
+            else:
+                if cur:
+                    yield LayerExtent(*cur)
+                cur = [kind, a, b - a, h]
+        if cur:
+            yield LayerExtent(*cur)
+
+    def _raw_runs(self, pos: int, end: int) -> Iterator[tuple[str, int, int, int | None]]:
+        """(kind, start, end, host offset or None) runs, at most one L2 table's worth at a time."""
         cs = self.cluster_size
+        span_bits = self.cluster_bits + self.l2_bits
         while pos < end:
-            l1_index = pos >> (self.cluster_bits + self.l2_bits)
+            l1_index = pos >> span_bits
             got = self._l2_table(l1_index)
             table = got[1] if got else None
-            span_end = min(end, (l1_index + 1) << (self.cluster_bits + self.l2_bits))
+            base = l1_index << span_bits
+            span_end = min(end, base + (1 << span_bits))
             if table is None or not self.extended:
                 # Whole runs of clusters at a time (kernels.l2_runs), a bounded number per call so
                 # a caller that stops after the first extent does not pay for the whole table.
-                base = l1_index << (self.cluster_bits + self.l2_bits)
                 idx = (pos - base) >> self.cluster_bits
                 stop = ((span_end - base - 1) >> self.cluster_bits) + 1
                 while idx < stop:
@@ -287,42 +301,20 @@ class Qcow2Image(ExtendedL2Writes):
                                                f"(L2 entry {host:#x})")
                         rstart = base + (first << self.cluster_bits)
                         a = max(pos, rstart)
-                        b = min(span_end, rstart + (count << self.cluster_bits))
-                        kind = _KIND[t]
-                        h = host + (a - rstart) if host else None
-                        if cur and cur[0] == kind and cur[1] + cur[2] == a and (
-                                (cur[3] is None and h is None) or
-                                (cur[3] is not None and h is not None and cur[3] + cur[2] == h)):
-                            cur[2] += b - a
-                        else:
-                            if cur:
-                                yield LayerExtent(*cur)
-                            cur = [kind, a, b - a, h]
+                        yield _KIND[t], a, min(span_end, rstart + (count << self.cluster_bits)), \
+                            host + (a - rstart) if host else None
                         idx = first + count
-                pos = span_end
-                continue
-            while pos < span_end:
-                cstart = pos & ~(cs - 1)
-                idx = (pos >> self.cluster_bits) & (self.l2_entries - 1)
-                for t, pstart, plen, host in self._cluster_pieces(table, idx):
-                    a = max(pos, cstart + pstart)
-                    b = min(span_end, cstart + pstart + plen)
-                    if a >= b:
-                        continue
-                    kind = _KIND[t]
-                    h = host + (a - cstart - pstart) if host else None
-                    if cur and cur[0] == kind and cur[1] + cur[2] == a and (
-                            (cur[3] is None and h is None) or
-                            (cur[3] is not None and h is not None and cur[3] + cur[2] == h)):
-                        cur[2] += b - a
-                    else:
-                        if cur:
-                            yield LayerExtent(*cur)
-                        cur = [kind, a, b - a, h]
-                pos = cstart + cs
+            else:
+                while pos < span_end:
+                    cstart = pos & ~(cs - 1)
+                    idx = (pos >> self.cluster_bits) & (self.l2_entries - 1)
+                    for t, pstart, plen, host in self._cluster_pieces(table, idx):
+                        a = max(pos, cstart + pstart)
+                        b = min(span_end, cstart + pstart + plen)
+                        if a < b:
+                            yield _KIND[t], a, b, host + (a - cstart - pstart) if host else None
+                    pos = cstart + cs
             pos = span_end
-        if cur:
-            yield LayerExtent(*cur)
 
     # ------------------------------------------------------------------ reading
     def pread(self, length: int, offset: int) -> bytes:
@@ -569,7 +561,9 @@ class Qcow2Image(ExtendedL2Writes):
             self._free_entry_later(old)
 
     def write_zeroes(self, length: int, offset: int, unmap: bool = False) -> None:
-        """Make a range read as zeros: zero flags on v3, explicit zeros elsewhere or on partial clusters."""
+        """Make a range read as zeros, allocating like QEMU: on v3 a cluster becomes a zero cluster
+        when the request covers it or the rest of it already reads as zeros; otherwise (and always
+        on v2) explicit zeros are written."""
         with self.lock:
             self._require_writable()
             self._check_range(offset, length)
@@ -590,7 +584,7 @@ class Qcow2Image(ExtendedL2Writes):
                 whole = pos == cstart and pos + n == cend
                 if self.header.version >= 3 and (whole or self._reads_zero(cstart, cend, pos, pos + n)):
                     self._zero_cluster(cstart, unmap)
-                elif not self._reads_zero(pos, pos + n):
+                else:  # as QEMU's fallback: explicit zeros, even where the range reads zero
                     self.pwrite(bytes(n), pos)
                 pos += n
 

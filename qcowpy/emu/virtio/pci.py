@@ -1,0 +1,336 @@
+"""The virtio 1.x PCI transport ("modern" only) and the ``virtio-blk-pci`` device.
+
+Layout, as in QEMU's virtio-pci with its defaults: one 16 KiB 64-bit prefetchable memory BAR
+(BAR4) holding the common configuration at 0x0000, the ISR byte at 0x1000, the device
+configuration at 0x2000 and the notification area at 0x3000 (``notify_off_multiplier`` 4, queue
+*n* notifies at 0x3000 + 4*n). Four vendor-specific capabilities (cfg_type COMMON, NOTIFY, ISR,
+DEVICE) point into it. Interrupts are INTx (pin A) with the ISR register: bit 0 used-buffer,
+bit 1 configuration change; reading the ISR clears it and lowers the line. There is no MSI-X:
+``msix_config`` and ``queue_msix_vector`` read VIRTIO_MSI_NO_VECTOR. There is no
+VIRTIO_PCI_CAP_PCI_CFG window and no legacy I/O BAR.
+
+Notifications are served synchronously, inside the MMIO write that carries them.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Any, Optional
+
+from ..errors import DeviceError
+from ..memory import AccessConstraints, Endianness, ImplConstraints, MemoryRegion, MemoryRegionOps
+from ..pci import regs
+from ..pci.device import INTERFACE_CONVENTIONAL_PCI_DEVICE, TYPE_PCI_DEVICE, PCIDevice, PCIDeviceClass
+from ..qdev import Property, device_class_set_props
+from ..qom import ObjectClass, TypeInfo, type_register_once
+from .blk import VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VirtioBlk
+from .split import AddressSpaceMemory, SplitVirtQueue, VirtQueueError
+
+TYPE_VIRTIO_BLK_PCI = "virtio-blk-pci"
+VIRTIO_PCI_VENDOR_ID = 0x1AF4
+VIRTIO_PCI_DEVICE_ID_BASE = 0x1040
+
+# device status
+VIRTIO_CONFIG_S_ACKNOWLEDGE = 1
+VIRTIO_CONFIG_S_DRIVER = 2
+VIRTIO_CONFIG_S_DRIVER_OK = 4
+VIRTIO_CONFIG_S_FEATURES_OK = 8
+VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
+VIRTIO_CONFIG_S_FAILED = 0x80
+
+# capability cfg_type
+VIRTIO_PCI_CAP_COMMON_CFG = 1
+VIRTIO_PCI_CAP_NOTIFY_CFG = 2
+VIRTIO_PCI_CAP_ISR_CFG = 3
+VIRTIO_PCI_CAP_DEVICE_CFG = 4
+VIRTIO_PCI_CAP_PCI_CFG = 5
+
+VIRTIO_MSI_NO_VECTOR = 0xFFFF
+VIRTIO_PCI_ISR_QUEUE = 1
+VIRTIO_PCI_ISR_CONFIG = 2
+
+# common configuration offsets
+COMMON_DFSELECT = 0
+COMMON_DF = 4
+COMMON_GFSELECT = 8
+COMMON_GF = 12
+COMMON_MSIX = 16
+COMMON_NUMQ = 18
+COMMON_STATUS = 20
+COMMON_CFGGENERATION = 21
+COMMON_Q_SELECT = 22
+COMMON_Q_SIZE = 24
+COMMON_Q_MSIX = 26
+COMMON_Q_ENABLE = 28
+COMMON_Q_NOFF = 30
+COMMON_Q_DESCLO = 32
+COMMON_Q_DESCHI = 36
+COMMON_Q_AVAILLO = 40
+COMMON_Q_AVAILHI = 44
+COMMON_Q_USEDLO = 48
+COMMON_Q_USEDHI = 52
+COMMON_SIZE = 56
+
+MODERN_BAR = 4
+BAR_SIZE = 0x4000
+COMMON_OFF, ISR_OFF, DEVICE_OFF, NOTIFY_OFF = 0x0000, 0x1000, 0x2000, 0x3000
+REGION_SIZE = 0x1000
+NOTIFY_MULT = 4
+
+
+class VirtIOPCIState(PCIDevice):
+    """Transport state: status, features, queue registers and the device model behind them."""
+
+    vdev: VirtioBlk
+    queues: list[SplitVirtQueue]
+    status: int
+    isr: int
+    dfselect: int
+    gfselect: int
+    guest_features: int
+    queue_sel: int
+    config_generation: int
+    bar_mr: MemoryRegion
+    drive_id: Optional[str]
+    serial: Optional[str]
+    queue_size: int
+    drive: Any
+    broken_reason: str
+
+    # -- device life cycle --------------------------------------------------------------------------
+    def virtio_reset(self) -> None:
+        self.status = 0
+        self.isr = 0
+        self.dfselect = self.gfselect = 0
+        self.guest_features = 0
+        self.queue_sel = 0
+        self.broken_reason = ""
+        for q in self.queues:
+            q.reset()
+            q.indirect = q.event_idx = False
+        self.set_irq(0)
+
+    def virtio_error(self, reason: str) -> None:
+        """QEMU's ``virtio_error``: the device is broken until the driver resets it."""
+        self.broken_reason = reason
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK:
+            self.isr |= VIRTIO_PCI_ISR_CONFIG
+            self.set_irq(1)
+
+    @property
+    def host_features(self) -> int:
+        return self.vdev.host_features()
+
+    def notify(self, n: int) -> None:
+        if n >= len(self.queues) or self.status & VIRTIO_CONFIG_S_NEEDS_RESET:
+            return
+        if not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
+            return
+        q = self.queues[n]
+        if not q.ready:
+            return
+        try:
+            if q.desc % 16 or q.avail % 2 or q.used % 4:
+                raise VirtQueueError("misaligned virtqueue")
+            if self.vdev.process_queue(q):
+                self.isr |= VIRTIO_PCI_ISR_QUEUE
+                self.set_irq(1)
+        except VirtQueueError as e:
+            self.virtio_error(str(e))
+
+    # -- common configuration -------------------------------------------------------------------------
+    def _common_image(self) -> bytes:
+        q = self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+        df = (self.host_features >> (32 * self.dfselect)) & 0xFFFFFFFF if self.dfselect < 2 else 0
+        gf = (self.guest_features >> (32 * self.gfselect)) & 0xFFFFFFFF if self.gfselect < 2 else 0
+        b = bytearray(COMMON_SIZE)
+        struct.pack_into("<IIIIHHBBH", b, 0, self.dfselect, df, self.gfselect, gf, VIRTIO_MSI_NO_VECTOR,
+                         len(self.queues), self.status, self.config_generation, self.queue_sel)
+        if q is not None:
+            struct.pack_into("<HHHHQQQ", b, COMMON_Q_SIZE, q.num, VIRTIO_MSI_NO_VECTOR, int(q.ready),
+                             self.queue_sel, q.desc, q.avail, q.used)
+        return bytes(b)
+
+    def common_read(self, addr: int, size: int) -> int:
+        if addr + size > COMMON_SIZE:
+            return 0
+        return int.from_bytes(self._common_image()[addr:addr + size], "little")
+
+    def common_write(self, addr: int, val: int, size: int) -> None:
+        q = self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+        if addr == COMMON_DFSELECT and size == 4:
+            self.dfselect = val
+        elif addr == COMMON_GFSELECT and size == 4:
+            self.gfselect = val
+        elif addr == COMMON_GF and size == 4:
+            if self.gfselect < 2 and not self.status & VIRTIO_CONFIG_S_FEATURES_OK:
+                shift = 32 * self.gfselect
+                self.guest_features = (self.guest_features & ~(0xFFFFFFFF << shift)) | (val << shift)
+        elif addr == COMMON_STATUS and size == 1:
+            self._set_status(val)
+        elif addr == COMMON_Q_SELECT and size == 2:
+            self.queue_sel = val
+        elif q is None or q.ready:
+            return  # queue registers of an absent or enabled queue are read-only
+        elif addr == COMMON_Q_SIZE and size == 2:
+            if 0 < val <= q.max_size and not val & (val - 1):
+                q.num = val
+        elif addr == COMMON_Q_ENABLE and size == 2:
+            if val == 1:
+                q.ready = True
+        elif addr in (COMMON_Q_DESCLO, COMMON_Q_DESCHI, COMMON_Q_AVAILLO, COMMON_Q_AVAILHI,
+                      COMMON_Q_USEDLO, COMMON_Q_USEDHI) and size == 4:
+            name = {COMMON_Q_DESCLO: "desc", COMMON_Q_DESCHI: "desc", COMMON_Q_AVAILLO: "avail",
+                    COMMON_Q_AVAILHI: "avail", COMMON_Q_USEDLO: "used", COMMON_Q_USEDHI: "used"}[addr]
+            shift = 32 if addr % 8 == 4 else 0
+            old = getattr(q, name)
+            setattr(q, name, (old & ~(0xFFFFFFFF << shift)) | (val << shift))
+
+    def _set_status(self, val: int) -> None:
+        if val == 0:
+            self.virtio_reset()
+            return
+        if val & VIRTIO_CONFIG_S_FEATURES_OK and not self.status & VIRTIO_CONFIG_S_FEATURES_OK:
+            ok = not (self.guest_features & ~self.host_features) and \
+                self.guest_features & (1 << VIRTIO_F_VERSION_1)
+            if not ok:
+                val &= ~VIRTIO_CONFIG_S_FEATURES_OK
+            else:
+                from .blk import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC
+                for q in self.queues:
+                    q.indirect = bool(self.guest_features & (1 << VIRTIO_F_RING_INDIRECT_DESC))
+                    q.event_idx = bool(self.guest_features & (1 << VIRTIO_F_RING_EVENT_IDX))
+        keep = self.status & VIRTIO_CONFIG_S_NEEDS_RESET
+        self.status = (val & 0xFF & ~VIRTIO_CONFIG_S_NEEDS_RESET) | keep
+
+    # -- the BAR ----------------------------------------------------------------------------------------
+    def bar_read(self, addr: int, size: int) -> int:
+        if addr < COMMON_OFF + REGION_SIZE:
+            return self.common_read(addr - COMMON_OFF, size)
+        if addr < ISR_OFF + REGION_SIZE:
+            if addr != ISR_OFF:
+                return 0
+            v = self.isr
+            self.isr = 0
+            self.set_irq(0)
+            return v
+        if addr < DEVICE_OFF + REGION_SIZE:
+            cfg = self.vdev.config()
+            off = addr - DEVICE_OFF
+            return int.from_bytes(cfg[off:off + size].ljust(size, b"\0"), "little")
+        return 0
+
+    def bar_write(self, addr: int, val: int, size: int) -> None:
+        if addr < COMMON_OFF + REGION_SIZE:
+            self.common_write(addr - COMMON_OFF, val, size)
+        elif NOTIFY_OFF <= addr < NOTIFY_OFF + REGION_SIZE:
+            off = addr - NOTIFY_OFF
+            if off % NOTIFY_MULT == 0:
+                self.notify(val & 0xFFFF)
+        # ISR and device config writes are ignored (no writable config fields are offered)
+
+
+_BAR_OPS = MemoryRegionOps(
+    read=lambda s, a, n: s.bar_read(a, n), write=lambda s, a, v, n: s.bar_write(a, v, n),
+    endianness=Endianness.LITTLE,
+    valid=AccessConstraints(min_access_size=1, max_access_size=4, unaligned=False),
+    impl=ImplConstraints(min_access_size=1, max_access_size=4, unaligned=False),
+)
+
+
+def _add_virtio_cap(s: PCIDevice, cfg_type: int, offset: int, length: int, extra: bytes = b"") -> int:
+    cap_len = 16 + len(extra)
+    pos = s.add_capability(regs.CAP_ID_VNDR, 0, cap_len)
+    body = struct.pack("<BBBBHII", cap_len, cfg_type, MODERN_BAR, 0, 0, offset, length) + extra
+    s.config[pos + 2:pos + 2 + len(body)] = body[:cap_len - 2]
+    return pos
+
+
+def _instance_init(obj: Any) -> None:
+    s: VirtIOPCIState = obj
+    s.queues = []
+    s.status = s.isr = 0
+    s.config_generation = 0
+    s.drive = None
+    s.broken_reason = ""
+
+
+def _resolve_drive(s: VirtIOPCIState) -> Any:
+    if s.drive_id is None:
+        return None
+    drive = s.drive_id if not isinstance(s.drive_id, str) else None
+    if drive is None:
+        bus = s.parent_bus
+        drives = getattr(getattr(bus, "machine", None), "drives", {})
+        drive = drives.get(s.drive_id)
+        if drive is None:
+            raise DeviceError(f"Property 'virtio-blk-device.drive' can't find value '{s.drive_id}'")
+    if getattr(drive, "attached_to", None) is not None:
+        raise DeviceError(f"Property 'virtio-blk-device.drive' can't take value '{drive.id}', "
+                          f"it's in use")
+    return drive
+
+
+def _realize(pdev: PCIDevice) -> None:
+    s: VirtIOPCIState = pdev  # type: ignore[assignment]
+    drive = _resolve_drive(s)
+    if drive is None:
+        raise DeviceError("drive property not set")
+    if not 2 <= s.queue_size <= 1024 or s.queue_size & (s.queue_size - 1):
+        raise DeviceError(f"invalid queue-size property ({s.queue_size}), must be a power of 2 in [2, 1024]")
+    serial = s.serial if s.serial is not None else (drive.serial or "")
+    s.vdev = VirtioBlk(drive.blk, read_only=drive.read_only, serial=serial, queue_size=s.queue_size)
+    assert s.bus_master_as is not None
+    mem = AddressSpaceMemory(s.bus_master_as)
+    s.queues = [SplitVirtQueue(mem, s.queue_size)]
+    s.config[regs.INTERRUPT_PIN] = 1
+    s.bar_mr = MemoryRegion.io_region(s, _BAR_OPS, s, "virtio-pci", BAR_SIZE)
+    s.register_bar(MODERN_BAR, regs.BASE_ADDRESS_MEM_TYPE_64 | regs.BASE_ADDRESS_MEM_PREFETCH, s.bar_mr)
+    # inserted at the list head, so add in reverse of the order a driver should meet them
+    _add_virtio_cap(s, VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_OFF, REGION_SIZE)
+    _add_virtio_cap(s, VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_OFF, REGION_SIZE, struct.pack("<I", NOTIFY_MULT))
+    _add_virtio_cap(s, VIRTIO_PCI_CAP_ISR_CFG, ISR_OFF, REGION_SIZE)
+    _add_virtio_cap(s, VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFF, REGION_SIZE)
+    s.drive = drive
+    drive.attached_to = s
+    s.virtio_reset()
+
+
+def _exit(pdev: PCIDevice) -> None:
+    s: VirtIOPCIState = pdev  # type: ignore[assignment]
+    if s.drive is not None:
+        s.drive.attached_to = None
+        s.drive = None
+
+
+def _reset(dev: Any) -> None:
+    if dev.realized:
+        dev.virtio_reset()
+        dev.pci_reset()
+
+
+def _class_init(klass: ObjectClass, _data: Any) -> None:
+    k: PCIDeviceClass = klass  # type: ignore[assignment]
+    k.realize = _realize
+    k.exit = _exit
+    k.vendor_id = VIRTIO_PCI_VENDOR_ID
+    k.device_id = VIRTIO_PCI_DEVICE_ID_BASE + VIRTIO_ID_BLOCK
+    k.revision = 1
+    k.class_id = 0x0100  # PCI_CLASS_STORAGE_SCSI, as QEMU's virtio-blk-pci
+    k.subsystem_vendor_id = VIRTIO_PCI_VENDOR_ID
+    k.subsystem_id = 0x1100  # QEMU's modern-only value (PCI_SUBDEVICE_ID_QEMU)
+    k.desc = "Virtio block device (virtio 1.x modern PCI, split rings, INTx)"
+    k.category = "storage"
+    k.reset = _reset
+    device_class_set_props(k, [
+        Property("drive", "str", "drive_id", None, "Node name or ID of a block device to use as a backend"),
+        Property("serial", "str", "serial", None, "serial number reported by GET_ID (default: the drive's)"),
+        Property("queue-size", "uint16", "queue_size", 256, "virtqueue size (power of 2, 2..1024)",
+                 parse=lambda v: int(v, 0) if isinstance(v, str) else int(v)),
+    ])
+
+
+type_register_once(TypeInfo(
+    name=TYPE_VIRTIO_BLK_PCI, parent=TYPE_PCI_DEVICE, instance_type=VirtIOPCIState,
+    instance_init=_instance_init, class_init=_class_init, interfaces=(INTERFACE_CONVENTIONAL_PCI_DEVICE,),
+))
