@@ -10,6 +10,8 @@ flushed once at the end, as qemu-img does.
 from __future__ import annotations
 
 import sys
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -133,6 +135,9 @@ def _read(run: _Run, offset: int, length: int) -> bytes:
     return data if avail == length else data + bytes(length - avail)
 
 
+_MAX_PENDING_WRITES = 8  # chunks in flight: bounds memory to a few times CHUNK
+
+
 class _Copier:
     def __init__(self, target: BlockDevice, zero_init: bool, min_sparse: int, compress: bool,
                  progress: Callable[[int], None]):
@@ -142,6 +147,27 @@ class _Copier:
         self.compress = compress
         self.done = progress
         self.cluster = getattr(getattr(target, "image", None), "cluster_size", 65536)
+        # Raw targets take their writes on two worker threads (os.pwrite drops the GIL), so
+        # writing overlaps reading the next chunk, as qemu-img's parallel requests do.
+        self._pool = ThreadPoolExecutor(2) if target.format == "raw" else None
+        self._pending: deque[Future] = deque()
+
+    def _pwrite(self, data, offset: int) -> None:
+        if self._pool is None:
+            self.target.pwrite(data, offset)
+            return
+        while len(self._pending) >= _MAX_PENDING_WRITES:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self.target.pwrite, data, offset))
+
+    def finish(self) -> None:
+        """Wait for every queued write (re-raising the first failure) and stop the workers."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
 
     def zero(self, offset: int, length: int) -> None:
         if self.zero_init or not length:
@@ -161,7 +187,7 @@ class _Copier:
 
     def _write(self, buf: bytes, offset: int) -> None:
         if not self.min_sparse:
-            self.target.pwrite(buf, offset)
+            self._pwrite(buf, offset)
             return
         mv = memoryview(buf)
         if is_zero(mv):
@@ -175,7 +201,7 @@ class _Copier:
         if zero:
             self.zero(offset + a, b - a)
         else:
-            self.target.pwrite(mv[a:b], offset + a)
+            self._pwrite(mv[a:b], offset + a)
 
 
 def _copy_compressed(runs: list[_Run], target: BlockDevice, total: int, zero_init: bool,
@@ -307,13 +333,16 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
                 hf.truncate((fsize + 511) & ~511)
         else:
             copier = _Copier(target, zero_init, req.min_sparse, False, advance)
-            for r in runs:
-                if r.kind == DATA:
-                    copier.data(r, r.start, r.length)
-                elif r.kind == ZERO:
-                    copier.zero(r.start, r.length)
-                    if not req.min_sparse:
-                        advance(r.length)
+            try:
+                for r in runs:
+                    if r.kind == DATA:
+                        copier.data(r, r.start, r.length)
+                    elif r.kind == ZERO:
+                        copier.zero(r.start, r.length)
+                        if not req.min_sparse:
+                            advance(r.length)
+            finally:
+                copier.finish()
         target.flush()
         ok = True
     except OSError as e:
