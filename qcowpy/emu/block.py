@@ -91,7 +91,7 @@ def open_drive(opts: dict[str, Any], default_id: str) -> Drive:
     try:
         blk = qcowpy.open(str(opts["file"]), "r" if ro else "r+", format=fmt)
     except QcowError as e:
-        raise EmuError(f"Could not open '{opts['file']}': {e}") from None
+        raise EmuError(str(e)) from None
     return Drive(id=str(opts.get("id") or default_id), file=str(opts["file"]), format=blk.format,
                  interface=interface, read_only=ro, serial=str(opts.get("serial", "")), blk=blk)
 
@@ -100,8 +100,8 @@ def info_block(drives: dict[str, Drive]) -> str:
     """QEMU's ``info block`` layout, one entry per drive."""
     lines = []
     for d in drives.values():
-        ro = " (ro)" if d.read_only else ""
-        lines.append(f"{d.id} ({'#block' + d.id}): {d.file} ({d.format}{ro})")
+        ro = ", read-only" if d.read_only else ""
+        lines.append(f"{d.id} (#block-{d.id}): {d.file} ({d.format}{ro})")
         if d.attached_to is not None:
             dev = d.attached_to
             where = dev.id or dev.canonical_path()

@@ -9,6 +9,7 @@ monitor, QMP or qtest the program exits after the boot.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
 from typing import Optional, TextIO
@@ -25,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-M", "-machine", dest="machine")
     p.add_argument("-m", dest="memory")
     p.add_argument("-device", action="append", default=[])
+    p.add_argument("-drive", action="append", default=[])
     p.add_argument("-monitor", action="append", default=[])
     p.add_argument("-qmp", action="append", default=[])
     p.add_argument("-qtest")
@@ -41,6 +43,9 @@ USAGE = """usage: qcowpy emu [options]
   -M|-machine NAME[,help]   machine type (-machine help lists them)
   -m SIZE                   RAM size (default unit MiB; suffixes k, M, G)
   -device DRIVER[,prop=value][,id=ID]   add a device (-device help, -device DRIVER,help)
+  -drive file=PATH[,format=qcow2|raw][,if=virtio|none][,id=ID][,readonly=on][,serial=S]
+                            open an image; if=virtio (default) adds a virtio-blk-pci for it,
+                            if=none waits for -device virtio-blk-pci,drive=ID
   -monitor stdio|none       human monitor on stdin/stdout
   -qmp unix:PATH,server[=on][,wait=off]  QMP server on a unix socket
   -qtest unix:PATH          connect to a qtest client listening on PATH
@@ -93,9 +98,15 @@ def main(argv: list[str], stdin: Optional[TextIO] = None, stdout: Optional[TextI
                 stdout.write(device_help(None if driver == "help" else driver))
                 return 0
         machine = create_machine(machine_name, args.memory)
-        for spec in args.device:
-            driver, props, dev_id = parse_device_spec(spec)
-            machine.device_add(driver, props, dev_id)
+        try:
+            for spec in args.drive:
+                machine.drive_add(spec=spec)
+            for spec in args.device:
+                driver, props, dev_id = parse_device_spec(spec)
+                machine.device_add(driver, props, dev_id)
+        except BaseException:
+            machine.shutdown()
+            raise
         monitor_stdio = "stdio" in args.monitor
         for mon in args.monitor:
             if mon not in ("stdio", "none"):
@@ -122,6 +133,10 @@ def main(argv: list[str], stdin: Optional[TextIO] = None, stdout: Optional[TextI
                 machine.quit_requested.set()
             qtest_thread = threading.Thread(target=qtest_main, name="qtest", daemon=True)
             qtest_thread.start()
+        prev_term = None
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM quits cleanly: the drives are flushed and closed below
+            prev_term = signal.signal(signal.SIGTERM, lambda *_: machine.quit_requested.set())
         try:
             if monitor_stdio:
                 mon_thread = threading.Thread(target=run_stdio, args=(HumanMonitor(machine), stdin, stdout),
@@ -135,6 +150,9 @@ def main(argv: list[str], stdin: Optional[TextIO] = None, stdout: Optional[TextI
         finally:
             for s in servers:
                 s.close()
+            if prev_term is not None:
+                signal.signal(signal.SIGTERM, prev_term)
+            machine.shutdown()
         return 0
     except QcowError as e:
         stderr.write(f"qcowpy emu: {e}\n")

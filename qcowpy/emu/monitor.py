@@ -51,7 +51,7 @@ class HumanMonitor:
         self._commands: dict[str, tuple[Callable[[list[str]], str], str]] = {
             "help": (self.cmd_help, "help [cmd] -- show help"),
             "?": (self.cmd_help, "? -- same as help"),
-            "info": (self.cmd_info, "info pci|mtree [-f] [-D]|qtree|qom-tree|version|status|irq -- show machine state"),
+            "info": (self.cmd_info, "info pci|block|mtree [-f] [-D]|qtree|qom-tree|version|status|irq -- show machine state"),
             "xp": (self.cmd_xp, "xp /fmt addr -- physical memory dump (fmt: count, x/d/u, b/h/w/g)"),
             "xpw": (self.cmd_xpw, "xpw /size addr value -- physical memory write of size b/h/w/g (qcowpy)"),
             "i": (self.cmd_in, "i /fmt port -- I/O port read (b/w/l)"),
@@ -61,7 +61,7 @@ class HumanMonitor:
             "system_reset": (self.cmd_system_reset, "system_reset -- reset the system"),
             "qom-list": (self.cmd_qom_list, "qom-list path -- list QOM properties"),
             "qom-get": (self.cmd_qom_get, "qom-get path property -- print a QOM property"),
-            "guest": (self.cmd_guest, "guest boot|lspci|pmio-test|mmio-test|edu-test|clock-step [ns] -- run guest code"),
+            "guest": (self.cmd_guest, "guest boot|lspci|pmio-test|mmio-test|edu-test|clock-step [ns]|disks|disk-read|disk-write|disk-verify|disk-test|disk-copy|disk-bench -- run guest code"),
             "quit": (self.cmd_quit, "quit|q -- quit the emulator"),
             "q": (self.cmd_quit, "q -- quit the emulator"),
         }
@@ -96,11 +96,13 @@ class HumanMonitor:
 
     def cmd_info(self, args: list[str]) -> str:
         if not args:
-            return "info pci|mtree|qtree|qom-tree|version|status|irq\n"
+            return "info pci|block|mtree|qtree|qom-tree|version|status|irq\n"
         what, rest = args[0], args[1:]
         m = self.machine
         if what == "pci":
             return format_info_pci(query_pci(m.pci_bus)) if m.pci_bus else ""
+        if what == "block":
+            return m.info_block()
         if what == "mtree":
             if "-f" in rest:
                 return "".join(mtree_flatview(a) + "\n" for a in m.address_spaces)
@@ -267,18 +269,74 @@ class HumanMonitor:
         what = args[0]
         if what == "boot":
             res = pci_boot(qts, self.machine.ram_size)
+            disks: list = []
+            if self.machine.ram_size >= 16 << 20:
+                from .guest.virtio import GuestAlloc, VirtioGuestError
+                from .guest.virtio_blk import describe, find_disks
+                try:
+                    disks = find_disks(qts, GuestAlloc(0x10_0000, min(self.machine.ram_size, 0x800_0000)))
+                    res.log += [describe(d) for d in disks]
+                    if disks:
+                        res.log.append(f"virtio-blk: {len(disks)} disk(s)")
+                except VirtioGuestError as e:
+                    res.log.append(f"virtio-blk: driver error: {e}")
             self.machine.boot_log = res.log
+            self.machine.guest_disks = disks
             return "\n".join(res.log) + "\n"
         if what == "lspci":
             return "\n".join(lspci(GuestPCIBus(qts), verbose="-v" in args)) + "\n"
         if what == "clock-step":
             return f"clock: {qts.clock_step(int(args[1], 0) if len(args) > 1 else None)} ns\n"
+        if what.startswith("disk"):
+            return self._guest_disk(what, args[1:])
         runs = {"pmio-test": workloads.a3dev_pmio_test, "mmio-test": workloads.a3dev_mmio_test,
                 "edu-test": workloads.edu_test}
         if what not in runs:
             raise ValueError(f"unknown guest program '{what}'")
         _, lines = runs[what](qts)
         return "\n".join(lines) + "\n"
+
+    def _guest_disk(self, what: str, args: list[str]) -> str:
+        from .guest import virtio_blk as vb
+        disks = getattr(self.machine, "guest_disks", [])
+        if what == "disks":
+            return "".join(f"disk {i}: {vb.describe(d)}\n" for i, d in enumerate(disks)) or "no disks\n"
+        usage = ("guest disk-read N OFF LEN | disk-write N OFF LEN [SEED] | disk-verify N OFF LEN [SEED] "
+                 "| disk-test N OFF LEN [SEED] | disk-copy SRC DST | disk-bench N seq|rand [BS] [TOTAL]")
+        if len(args) < 2:
+            raise ValueError(usage)
+        if not disks:
+            raise ValueError("no guest disks: run 'guest boot' first")
+        n = int(args[0], 0)
+        if not 0 <= n < len(disks):
+            raise ValueError(f"no guest disk {n}")
+        disk = disks[n]
+        if what == "disk-bench":
+            mode = args[1]
+            bs = int(args[2], 0) if len(args) > 2 else 65536
+            total = int(args[3], 0) if len(args) > 3 else 4 << 20
+            return "\n".join(vb.throughput(disk, mode, bs, total)[1]) + "\n"
+        if what == "disk-copy":
+            return f"copied {vb.copy_disk(disk, disks[int(args[1], 0)])} bytes\n"
+        off, length = int(args[1], 0), int(args[2], 0)
+        seed = int(args[3], 0) if len(args) > 3 else 1
+        try:
+            if what == "disk-read":
+                start, end = off & ~511, (off + length + 511) & ~511
+                data = disk.read(start, end - start)[off - start:off - start + length]
+                return "\n".join(vb.hexdump(data, off)) + "\n"
+            if what == "disk-write":
+                disk.write(off, vb.pattern(off, length, seed))
+                return f"wrote {length} bytes at {off:#x}\n"
+            if what == "disk-verify":
+                ok = disk.read(off, length) == vb.pattern(off, length, seed)
+                return f"verify {off:#x}+{length:#x}: {'OK' if ok else 'MISMATCH'}\n"
+            if what == "disk-test":
+                _, lines = vb.pattern_test(disk, off, length, seed)
+                return "\n".join(lines) + "\n"
+        except vb.GuestIOError as e:
+            return f"guest I/O error: {e}\n"
+        raise ValueError(usage)
 
     def cmd_quit(self, args: list[str]) -> str:
         self.machine.quit_requested.set()

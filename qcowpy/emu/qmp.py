@@ -48,6 +48,9 @@ class QMPSession:
             "query-version": (lambda: _version(), set(), set()),
             "query-machines": (self.query_machines, set(), set()),
             "query-pci": (lambda: query_pci(self.machine.pci_bus) if self.machine.pci_bus else [], set(), set()),
+            "query-block": (self.query_block, set(), set()),
+            "blockdev-add": (self.blockdev_add, {"driver", "node-name", "file"}, {"read-only"}),
+            "blockdev-del": (self.blockdev_del, {"node-name"}, set()),
             "query-status": (lambda: {"running": True, "singlestep": False, "status": "running"}, set(), set()),
             "query-commands": (lambda: [{"name": n} for n in sorted(self.commands)], set(), set()),
             "qom-list": (self.qom_list, {"path"}, set()),
@@ -129,6 +132,41 @@ class QMPSession:
             if mc.alias:
                 info["alias"] = mc.alias
             out.append(info)
+        return out
+
+    def blockdev_add(self, driver: str, node_name: str, file: Any, read_only: bool = False) -> None:
+        """``blockdev-add`` for a qcow2 or raw format node over a file (QEMU's argument shape:
+        ``file`` is ``{"driver": "file", "filename": PATH}`` or a plain path)."""
+        if driver not in ("qcow2", "raw"):
+            raise EmuError(f"Driver '{driver}' is not supported here (qcow2 or raw)")
+        if isinstance(file, dict):
+            if file.get("driver", "file") != "file" or "filename" not in file:
+                raise EmuError("Parameter 'file' must name a 'file' node with a 'filename'")
+            path = file["filename"]
+        else:
+            path = str(file)
+        self.machine.drive_add(path, format=driver, interface="none", id=node_name, readonly=bool(read_only))
+
+    def blockdev_del(self, node_name: str) -> None:
+        self.machine.drive_del(node_name)
+
+    def query_block(self) -> list[dict[str, Any]]:
+        """QEMU's ``query-block``, with the fields this emulator knows."""
+        out = []
+        for d in self.machine.drives.values():
+            entry: dict[str, Any] = {"device": d.id, "qdev": "", "locked": False, "removable": False,
+                                     "type": "unknown", "tray_open": False}
+            if d.attached_to is not None:
+                entry["qdev"] = d.attached_to.id or d.attached_to.canonical_path()
+            if d.blk is not None:
+                inserted: dict[str, Any] = {"file": d.file, "drv": d.format, "ro": d.read_only,
+                                            "encrypted": False, "backing_file_depth": len(d.blk.chain) - 1,
+                                            "image": {"filename": d.file, "format": d.format,
+                                                      "virtual-size": d.blk.size}}
+                if len(d.blk.chain) > 1:
+                    inserted["backing_file"] = d.blk.chain[1].filename
+                entry["inserted"] = inserted
+            out.append(entry)
         return out
 
     def qom_list(self, path: str) -> list[dict[str, str]]:

@@ -56,7 +56,7 @@ VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
 VIRTIO_BLK_ID_BYTES = 20
 
 SECTOR = 512
-CONFIG_SIZE = 60  # up to and including write_zeroes_may_unmap + padding (QEMU 7.2's size)
+CONFIG_SIZE = 57  # up to and including write_zeroes_may_unmap (QEMU 7.2's config_len)
 MAX_DISCARD_SECTORS = 0x3FFFFF  # QEMU's defaults (BDRV_REQUEST_MAX_SECTORS clamp)
 MAX_WRITE_ZEROES_SECTORS = 0x3FFFFF
 MAX_TRANSFER = 32 << 20  # larger IN/OUT requests complete with IOERR (bounded host memory)
@@ -101,7 +101,10 @@ class VirtioBlk:
         """The device configuration structure (``struct virtio_blk_config``), little-endian."""
         c = bytearray(CONFIG_SIZE)
         struct.pack_into("<QII", c, 0, self.capacity, 0, self.seg_max)
+        # geometry as QEMU guesses it for an unpartitioned disk (the GEOMETRY feature is not offered)
+        struct.pack_into("<HBB", c, 16, max(2, min(16383, self.capacity // (16 * 63))), 16, 63)
         struct.pack_into("<I", c, 20, self.logical_block_size)
+        c[32] = 1  # writeback: the cache mode is writeback (CONFIG_WCE not offered)
         struct.pack_into("<H", c, 34, 1)  # num_queues
         struct.pack_into("<III", c, 36, MAX_DISCARD_SECTORS, 1, self.logical_block_size // SECTOR)
         struct.pack_into("<IIB", c, 48, MAX_WRITE_ZEROES_SECTORS, 1, 1)

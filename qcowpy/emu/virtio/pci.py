@@ -217,7 +217,9 @@ class VirtIOPCIState(PCIDevice):
         if addr < DEVICE_OFF + REGION_SIZE:
             cfg = self.vdev.config()
             off = addr - DEVICE_OFF
-            return int.from_bytes(cfg[off:off + size].ljust(size, b"\0"), "little")
+            if off + size > len(cfg):  # like QEMU: an access past the structure reads all-ones
+                return (1 << (8 * size)) - 1
+            return int.from_bytes(cfg[off:off + size], "little")
         return 0
 
     def bar_write(self, addr: int, val: int, size: int) -> None:
@@ -286,11 +288,12 @@ def _realize(pdev: PCIDevice) -> None:
     s.config[regs.INTERRUPT_PIN] = 1
     s.bar_mr = MemoryRegion.io_region(s, _BAR_OPS, s, "virtio-pci", BAR_SIZE)
     s.register_bar(MODERN_BAR, regs.BASE_ADDRESS_MEM_TYPE_64 | regs.BASE_ADDRESS_MEM_PREFETCH, s.bar_mr)
-    # inserted at the list head, so add in reverse of the order a driver should meet them
+    # QEMU's order and placement: common 0x40, ISR 0x50, device 0x60, notify 0x70 (each new
+    # capability becomes the list head, so a driver meets notify first)
+    _add_virtio_cap(s, VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFF, REGION_SIZE)
+    _add_virtio_cap(s, VIRTIO_PCI_CAP_ISR_CFG, ISR_OFF, REGION_SIZE)
     _add_virtio_cap(s, VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_OFF, REGION_SIZE)
     _add_virtio_cap(s, VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_OFF, REGION_SIZE, struct.pack("<I", NOTIFY_MULT))
-    _add_virtio_cap(s, VIRTIO_PCI_CAP_ISR_CFG, ISR_OFF, REGION_SIZE)
-    _add_virtio_cap(s, VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFF, REGION_SIZE)
     s.drive = drive
     drive.attached_to = s
     s.virtio_reset()

@@ -1,0 +1,254 @@
+"""Guest-side virtio over PCI (libqos's virtio-pci-modern and virtqueue code, in Python).
+
+Everything goes through a :class:`~qcowpy.emu.guest.qtest.QTest`: the driver finds the device
+with PCI config cycles, walks its vendor capabilities, resets it, negotiates features, builds split
+virtqueues in guest RAM (from a :class:`GuestAlloc`), submits chains and polls the used ring.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+from ..pci import regs
+from .pci import BarInfo, GuestPCIDevice
+from .qtest import QTest
+
+VIRTIO_VENDOR = 0x1AF4
+STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK = 1, 2, 4, 8
+STATUS_NEEDS_RESET, STATUS_FAILED = 0x40, 0x80
+CAP_COMMON, CAP_NOTIFY, CAP_ISR, CAP_DEVICE = 1, 2, 3, 4
+F_INDIRECT_DESC, F_EVENT_IDX, F_VERSION_1 = 28, 29, 32
+DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT = 1, 2, 4
+
+# common config offsets (VIRTIO 1.x 4.1.4.3)
+DFSELECT, DF, GFSELECT, GF, MSIX, NUMQ, STATUS, CFGGEN = 0, 4, 8, 12, 16, 18, 20, 21
+Q_SELECT, Q_SIZE, Q_MSIX, Q_ENABLE, Q_NOFF, Q_DESC, Q_AVAIL, Q_USED = 22, 24, 26, 28, 30, 32, 40, 48
+
+
+class VirtioGuestError(Exception):
+    """The device misbehaved or refused what the driver asked (features, queue, timeout)."""
+
+
+class GuestAlloc:
+    """A bump allocator over a window of guest RAM (libqos's guest_alloc, without free)."""
+
+    def __init__(self, start: int = 0x10_0000, end: int = 0x400_0000) -> None:
+        self.start, self.next, self.end = start, start, end
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        addr = (self.next + align - 1) & ~(align - 1)
+        if addr + size > self.end:
+            raise VirtioGuestError(f"guest allocator exhausted ({size:#x} bytes wanted)")
+        self.next = addr + size
+        return addr
+
+
+@dataclass
+class VirtioCap:
+    offset: int      # in config space
+    cfg_type: int
+    bar: int
+    bar_offset: int
+    length: int
+    notify_mult: int = 0
+
+
+class VirtioPCIGuest:
+    """A virtio 1.x PCI function as a driver sees it."""
+
+    def __init__(self, qts: QTest, dev: GuestPCIDevice, alloc: GuestAlloc) -> None:
+        self.qts = qts
+        self.dev = dev
+        self.alloc = alloc
+        dev.enable()
+        self.bars: dict[int, BarInfo] = {b.index: b for b in dev.size_bars()}
+        self.caps: list[VirtioCap] = []
+        for off, cid in dev.capabilities():
+            if cid != regs.CAP_ID_VNDR:
+                continue
+            cap = VirtioCap(off, dev.readb(off + 3), dev.readb(off + 4), dev.readl(off + 8), dev.readl(off + 12))
+            if cap.cfg_type == CAP_NOTIFY:
+                cap.notify_mult = dev.readl(off + 16)
+            self.caps.append(cap)
+        self.common = self._region(CAP_COMMON)
+        self.isr_addr = self._region(CAP_ISR)
+        self.device_cfg = self._region(CAP_DEVICE)
+        self.notify_base = self._region(CAP_NOTIFY)
+        self.notify_mult = next(c.notify_mult for c in self.caps if c.cfg_type == CAP_NOTIFY)
+        self.features = 0
+        self.queues: list["GuestVirtQueue"] = []
+
+    def _region(self, cfg_type: int) -> int:
+        for c in self.caps:
+            if c.cfg_type == cfg_type:
+                bar = self.bars.get(c.bar)
+                if bar is None or bar.is_io or not bar.address:
+                    raise VirtioGuestError(f"capability {cfg_type} points at unusable BAR{c.bar}")
+                return bar.address + c.bar_offset
+        raise VirtioGuestError(f"{self.dev.bdf}: no virtio capability of type {cfg_type}")
+
+    # -- registers ------------------------------------------------------------------------------
+    def cread(self, off: int, size: int) -> int:
+        return {1: self.qts.readb, 2: self.qts.readw, 4: self.qts.readl}[size](self.common + off)
+
+    def cwrite(self, off: int, v: int, size: int) -> None:
+        {1: self.qts.writeb, 2: self.qts.writew, 4: self.qts.writel}[size](self.common + off, v)
+
+    @property
+    def status(self) -> int:
+        return self.cread(STATUS, 1)
+
+    def set_status(self, v: int) -> None:
+        self.cwrite(STATUS, v, 1)
+
+    def add_status(self, bits: int) -> None:
+        self.set_status(self.status | bits)
+
+    def device_features(self) -> int:
+        f = 0
+        for sel in (0, 1):
+            self.cwrite(DFSELECT, sel, 4)
+            f |= self.cread(DF, 4) << (32 * sel)
+        return f
+
+    def write_driver_features(self, f: int) -> None:
+        for sel in (0, 1):
+            self.cwrite(GFSELECT, sel, 4)
+            self.cwrite(GF, (f >> (32 * sel)) & 0xFFFFFFFF, 4)
+
+    def read_isr(self) -> int:
+        return self.qts.readb(self.isr_addr)
+
+    def config_read(self, off: int, size: int) -> int:
+        return {1: self.qts.readb, 2: self.qts.readw, 4: self.qts.readl}[size](self.device_cfg + off) \
+            if size <= 4 else self.config_read(off, 4) | (self.config_read(off + 4, 4) << 32)
+
+    def reset(self) -> None:
+        self.set_status(0)
+        if self.status != 0:
+            raise VirtioGuestError("device did not reset")
+        self.queues = []
+
+    # -- initialisation (VIRTIO 1.x 3.1.1) ----------------------------------------------------------
+    def init(self, wanted: int) -> int:
+        """Reset, acknowledge, negotiate ``wanted & offered`` (plus VERSION_1), set FEATURES_OK."""
+        self.reset()
+        self.add_status(STATUS_ACKNOWLEDGE)
+        self.add_status(STATUS_DRIVER)
+        offered = self.device_features()
+        if not offered >> F_VERSION_1 & 1:
+            raise VirtioGuestError("device does not offer VIRTIO_F_VERSION_1")
+        self.features = (wanted | 1 << F_VERSION_1) & offered
+        self.write_driver_features(self.features)
+        self.add_status(STATUS_FEATURES_OK)
+        if not self.status & STATUS_FEATURES_OK:
+            self.add_status(STATUS_FAILED)
+            raise VirtioGuestError("device refused the features")
+        return self.features
+
+    def setup_queue(self, index: int, size: Optional[int] = None) -> "GuestVirtQueue":
+        self.cwrite(Q_SELECT, index, 2)
+        max_size = self.cread(Q_SIZE, 2)
+        if max_size == 0:
+            raise VirtioGuestError(f"queue {index} does not exist")
+        size = size or max_size
+        self.cwrite(Q_SIZE, size, 2)
+        vq = GuestVirtQueue(self, index, self.cread(Q_SIZE, 2))
+        for off, addr in ((Q_DESC, vq.desc), (Q_AVAIL, vq.avail), (Q_USED, vq.used)):
+            self.cwrite(off, addr & 0xFFFFFFFF, 4)
+            self.cwrite(off + 4, addr >> 32, 4)
+        vq.notify_addr = self.notify_base + self.cread(Q_NOFF, 2) * self.notify_mult
+        self.cwrite(Q_ENABLE, 1, 2)
+        self.queues.append(vq)
+        return vq
+
+    def driver_ok(self) -> None:
+        self.add_status(STATUS_DRIVER_OK)
+
+
+class GuestVirtQueue:
+    """A split virtqueue laid out in guest RAM by the driver."""
+
+    def __init__(self, dev: VirtioPCIGuest, index: int, size: int) -> None:
+        self.dev = dev
+        self.qts = dev.qts
+        self.index = index
+        self.size = size
+        self.event_idx = bool(dev.features >> F_EVENT_IDX & 1)
+        self.indirect = bool(dev.features >> F_INDIRECT_DESC & 1)
+        self.desc = dev.alloc.alloc(16 * size, 4096)
+        self.avail = dev.alloc.alloc(6 + 2 * size, 2)
+        self.used = dev.alloc.alloc(6 + 8 * size, 4096)
+        self.qts.memset(self.desc, 16 * size, 0)
+        self.qts.memset(self.avail, 6 + 2 * size, 0)
+        self.qts.memset(self.used, 6 + 8 * size, 0)
+        self.free = list(range(size))
+        self.chains: dict[int, list[int]] = {}
+        self.avail_idx = 0
+        self.last_used = 0
+        self.notify_addr = 0
+        self.kicked_at = 0
+
+    def add(self, bufs: list[tuple[int, int, bool]], indirect: bool = False) -> int:
+        """Queue a chain of (addr, len, device_writable) buffers; returns its head index."""
+        if indirect:
+            table = self.dev.alloc.alloc(16 * len(bufs), 16)
+            self.qts.memwrite(table, _pack_chain(bufs, list(range(len(bufs)))))
+            head = self._take(1)[0]
+            self.qts.memwrite(self.desc + 16 * head, struct.pack("<QIHH", table, 16 * len(bufs), DESC_F_INDIRECT, 0))
+            self.chains[head] = [head]
+        else:
+            ids = self._take(len(bufs))
+            packed = _pack_chain(bufs, ids)
+            for i, d in enumerate(ids):
+                self.qts.memwrite(self.desc + 16 * d, packed[16 * i:16 * i + 16])
+            head = ids[0]
+            self.chains[head] = ids
+        self.qts.writew(self.avail + 4 + 2 * (self.avail_idx % self.size), head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.qts.writew(self.avail + 2, self.avail_idx)
+        return head
+
+    def _take(self, n: int) -> list[int]:
+        if n > len(self.free):
+            raise VirtioGuestError("virtqueue full")
+        ids, self.free = self.free[:n], self.free[n:]
+        return ids
+
+    def kick(self) -> None:
+        """Notify the device (honouring VIRTQ_USED_F_NO_NOTIFY or avail_event)."""
+        old, new = self.kicked_at, self.avail_idx
+        self.kicked_at = new
+        if self.event_idx:
+            ev = self.qts.readw(self.used + 4 + 8 * self.size)
+            if ((new - ev - 1) & 0xFFFF) >= ((new - old) & 0xFFFF):
+                return
+        elif self.qts.readw(self.used) & 1:
+            return
+        self.qts.writew(self.notify_addr, self.index)
+
+    def get_used(self) -> list[tuple[int, int]]:
+        """Reap completions: (head id, used.len) pairs; frees their descriptors."""
+        out = []
+        used_idx = self.qts.readw(self.used + 2)
+        while self.last_used != used_idx:
+            slot = self.last_used % self.size
+            ident, length = struct.unpack("<II", self.qts.memread(self.used + 4 + 8 * slot, 8))
+            self.last_used = (self.last_used + 1) & 0xFFFF
+            if ident not in self.chains:
+                raise VirtioGuestError(f"device returned unknown descriptor {ident}")
+            self.free += self.chains.pop(ident)
+            out.append((ident, length))
+        if self.event_idx:
+            self.qts.writew(self.avail + 4 + 2 * self.size, self.last_used)
+        return out
+
+
+def _pack_chain(bufs: list[tuple[int, int, bool]], ids: list[int]) -> bytes:
+    out = bytearray()
+    for i, (addr, length, writable) in enumerate(bufs):
+        flags = (DESC_F_WRITE if writable else 0) | (DESC_F_NEXT if i + 1 < len(bufs) else 0)
+        nxt = ids[i + 1] if i + 1 < len(bufs) else 0
+        out += struct.pack("<QIHH", addr, length, flags, nxt)
+    return bytes(out)

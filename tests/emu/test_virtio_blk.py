@@ -1,0 +1,180 @@
+"""The virtio-blk request engine on a bytearray guest and a real qcowpy BlockDevice (no PCI)."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+import qcowpy
+from qcowpy.emu.virtio import blk as vb
+from qcowpy.emu.virtio.split import (VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, BytesMemory, SplitVirtQueue,
+                                     VirtQueueError)
+from qcowpy.errors import QcowError
+
+NUM = 16
+DESC, AVAIL, USED = 0x1000, 0x2000, 0x3000
+HDR, DATA, STATUS = 0x4000, 0x10000, 0x5000
+SIZE = 1 << 20
+
+
+class Guest:
+    def __init__(self, blkdev, read_only=False, serial="") -> None:
+        self.buf = bytearray(0x80000)
+        self.mem = BytesMemory(self.buf)
+        self.vq = SplitVirtQueue(self.mem, NUM)
+        self.vq.desc, self.vq.avail, self.vq.used, self.vq.ready = DESC, AVAIL, USED, True
+        self.dev = vb.VirtioBlk(blkdev, read_only=read_only, serial=serial, queue_size=NUM)
+        self.avail = 0
+
+    def submit(self, bufs):
+        """bufs: (addr, len, writable); returns (status byte, used.len) after processing."""
+        for i, (a, n, w) in enumerate(bufs):
+            flags = (VRING_DESC_F_WRITE if w else 0) | (VRING_DESC_F_NEXT if i + 1 < len(bufs) else 0)
+            struct.pack_into("<QIHH", self.buf, DESC + 16 * i, a, n, flags, i + 1)
+        struct.pack_into("<H", self.buf, AVAIL + 4 + 2 * (self.avail % NUM), 0)
+        self.avail += 1
+        struct.pack_into("<H", self.buf, AVAIL + 2, self.avail)
+        self.buf[STATUS] = 0xEE
+        self.dev.process_queue(self.vq)
+        _, used_len = struct.unpack_from("<II", self.buf, USED + 4 + 8 * ((self.avail - 1) % NUM))
+        return self.buf[STATUS], used_len
+
+    def req(self, rtype, sector, out=b"", in_len=0):
+        struct.pack_into("<IIQ", self.buf, HDR, rtype, 0, sector)
+        bufs = [(HDR, 16, False)]
+        if out:
+            self.buf[DATA:DATA + len(out)] = out
+            bufs.append((DATA, len(out), False))
+        if in_len:
+            bufs.append((DATA, in_len, True))
+        bufs.append((STATUS, 1, True))
+        return self.submit(bufs)
+
+
+@pytest.fixture
+def disk(tmp_path):
+    p = tmp_path / "d.qcow2"
+    qcowpy.create(str(p), SIZE, cluster_size=4096)
+    d = qcowpy.open(str(p), "r+")
+    yield d
+    d.close()
+
+
+def test_config_space(disk):
+    g = Guest(disk, serial="x")
+    c = g.dev.config()
+    assert len(c) == 57
+    assert struct.unpack_from("<Q", c, 0)[0] == SIZE // 512
+    assert struct.unpack_from("<I", c, 12)[0] == NUM - 2          # seg_max
+    assert struct.unpack_from("<I", c, 20)[0] == 512              # blk_size
+    assert struct.unpack_from("<III", c, 36) == (vb.MAX_DISCARD_SECTORS, 1, 1)
+    assert struct.unpack_from("<IIB", c, 48) == (vb.MAX_WRITE_ZEROES_SECTORS, 1, 1)
+    f = g.dev.host_features()
+    for b in (32, 28, 29, 2, 6, 9, 13, 14):
+        assert f >> b & 1
+    assert not f >> vb.VIRTIO_BLK_F_RO & 1
+    assert vb.VirtioBlk(disk, read_only=True).host_features() >> vb.VIRTIO_BLK_F_RO & 1
+
+
+def test_write_read_flush(disk):
+    g = Guest(disk)
+    data = bytes(range(256)) * 8
+    assert g.req(vb.VIRTIO_BLK_T_OUT, 8, out=data) == (vb.VIRTIO_BLK_S_OK, 1)
+    assert disk.pread(len(data), 8 * 512) == data
+    st, used = g.req(vb.VIRTIO_BLK_T_IN, 8, in_len=2048)
+    assert (st, used) == (vb.VIRTIO_BLK_S_OK, 2049)
+    assert bytes(g.buf[DATA:DATA + 2048]) == data
+    assert g.req(vb.VIRTIO_BLK_T_FLUSH, 0) == (vb.VIRTIO_BLK_S_OK, 1)
+
+
+def test_scattered_buffers(disk):
+    g = Guest(disk)
+    disk.pwrite(b"A" * 512 + b"B" * 512, 0)
+    struct.pack_into("<IIQ", g.buf, HDR, vb.VIRTIO_BLK_T_IN, 0, 0)
+    # 1024 data bytes in three pieces, the status byte sharing the last one
+    st, used = g.submit([(HDR, 16, False), (0x20000, 100, True), (0x30000, 700, True), (0x40000, 225, True)])
+    assert used == 1025
+    assert g.buf[0x40000 + 224] == 0
+    got = bytes(g.buf[0x20000:0x20000 + 100] + g.buf[0x30000:0x30000 + 700] + g.buf[0x40000:0x40000 + 224])
+    assert got == b"A" * 512 + b"B" * 512
+
+
+def test_get_id(disk):
+    g = Guest(disk, serial="QCOWPY-SERIAL")
+    assert g.req(vb.VIRTIO_BLK_T_GET_ID, 0, in_len=20) == (0, 21)
+    assert bytes(g.buf[DATA:DATA + 14]) == b"QCOWPY-SERIAL\0"
+    g = Guest(disk, serial="S" * 25)
+    g.req(vb.VIRTIO_BLK_T_GET_ID, 0, in_len=20)
+    assert bytes(g.buf[DATA:DATA + 20]) == b"S" * 20  # not terminated when 20 bytes long
+
+
+def test_discard_and_write_zeroes(disk):
+    g = Guest(disk)
+    disk.pwrite(b"\x55" * 65536, 0)
+    seg = struct.pack("<QII", 0, 16, 0)
+    assert g.req(vb.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=seg)[0] == 0
+    assert disk.pread(8192, 0) == bytes(8192)
+    assert g.req(vb.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=struct.pack("<QII", 16, 16, 1))[0] == 0
+    assert disk.pread(8192, 8192) == bytes(8192)
+    assert g.req(vb.VIRTIO_BLK_T_DISCARD, 0, out=struct.pack("<QII", 32, 32, 0))[0] == 0
+    # UNMAP on discard, unknown flags, two segments
+    assert g.req(vb.VIRTIO_BLK_T_DISCARD, 0, out=struct.pack("<QII", 0, 8, 1))[0] == vb.VIRTIO_BLK_S_UNSUPP
+    assert g.req(vb.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=struct.pack("<QII", 0, 8, 2))[0] == vb.VIRTIO_BLK_S_UNSUPP
+    assert g.req(vb.VIRTIO_BLK_T_DISCARD, 0, out=struct.pack("<QII", 0, 8, 0) * 2)[0] == vb.VIRTIO_BLK_S_UNSUPP
+    # past capacity
+    assert g.req(vb.VIRTIO_BLK_T_WRITE_ZEROES, 0,
+                 out=struct.pack("<QII", SIZE // 512 - 1, 2, 0))[0] == vb.VIRTIO_BLK_S_IOERR
+    assert disk.pread(4096, 65536 - 4096) == b"\x55" * 4096
+
+
+def test_errors_complete_only_that_request(disk):
+    g = Guest(disk)
+    cap = SIZE // 512
+    assert g.req(vb.VIRTIO_BLK_T_IN, cap, in_len=512)[0] == vb.VIRTIO_BLK_S_IOERR
+    assert g.req(vb.VIRTIO_BLK_T_IN, cap - 1, in_len=1024)[0] == vb.VIRTIO_BLK_S_IOERR
+    assert g.req(vb.VIRTIO_BLK_T_IN, 2**64 - 1, in_len=512)[0] == vb.VIRTIO_BLK_S_IOERR
+    assert g.req(vb.VIRTIO_BLK_T_OUT, 0, out=b"x" * 100)[0] == vb.VIRTIO_BLK_S_IOERR  # not a sector multiple
+    assert g.req(vb.VIRTIO_BLK_T_IN, cap - 1, in_len=512)[0] == vb.VIRTIO_BLK_S_OK
+    assert g.req(99, 0)[0] == vb.VIRTIO_BLK_S_UNSUPP
+    assert g.dev.stats["failed_operations"] == 5
+
+
+def test_read_only(disk):
+    g = Guest(disk, read_only=True)
+    assert g.req(vb.VIRTIO_BLK_T_OUT, 0, out=b"x" * 512)[0] == vb.VIRTIO_BLK_S_IOERR
+    assert g.req(vb.VIRTIO_BLK_T_WRITE_ZEROES, 0, out=struct.pack("<QII", 0, 8, 0))[0] == vb.VIRTIO_BLK_S_IOERR
+    assert g.req(vb.VIRTIO_BLK_T_IN, 0, in_len=512)[0] == vb.VIRTIO_BLK_S_OK
+    assert disk.pread(512, 0) == bytes(512)
+
+
+def test_block_layer_error_gives_ioerr(disk):
+    class Failing:
+        size = SIZE
+        read_only = False
+
+        def pread(self, *a):
+            raise QcowError("injected")
+
+        pwrite = flush = pread
+    g = Guest(Failing())
+    assert g.req(vb.VIRTIO_BLK_T_IN, 0, in_len=512)[0] == vb.VIRTIO_BLK_S_IOERR
+    assert g.req(vb.VIRTIO_BLK_T_FLUSH, 0)[0] == vb.VIRTIO_BLK_S_IOERR
+    assert g.req(vb.VIRTIO_BLK_T_GET_ID, 0, in_len=20)[0] == vb.VIRTIO_BLK_S_OK
+
+
+@pytest.mark.parametrize("bufs", [
+    [(HDR, 16, False)],                                  # no status
+    [(STATUS, 1, True)],                                 # no header
+    [(HDR, 8, False), (STATUS, 1, True)],                # short header
+    [(HDR, 16, False), (STATUS, 0, True)],               # empty status buffer
+])
+def test_malformed_chains_are_driver_errors(disk, bufs):
+    g = Guest(disk)
+    with pytest.raises(VirtQueueError):
+        g.submit(bufs)
+
+
+def test_short_discard_segment_is_driver_error(disk):
+    g = Guest(disk)
+    with pytest.raises(VirtQueueError):
+        g.req(vb.VIRTIO_BLK_T_DISCARD, 0, out=b"\0" * 8)

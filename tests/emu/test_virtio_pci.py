@@ -1,0 +1,319 @@
+"""virtio-blk-pci end to end: guest driver over qtest, modern PCI transport, qcow2 images checked by qemu-img."""
+from __future__ import annotations
+
+import io
+import os
+import random
+import struct
+
+import pytest
+
+import qcowpy
+from qcowpy.emu import cli
+from qcowpy.emu.guest.firmware import pci_boot
+from qcowpy.emu.guest.pci import GuestPCIBus
+from qcowpy.emu.guest.qtest import InProcessQTest
+from qcowpy.emu.guest.virtio import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
+                                     GuestAlloc, VirtioPCIGuest)
+from qcowpy.emu.guest.virtio_blk import GuestDisk, GuestIOError, find_disks
+from qcowpy.emu.machine import create_machine
+from qcowpy.emu.monitor import HumanMonitor
+from qcowpy.emu.pci import regs
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A mini-pc with one fresh 8 MiB qcow2 drive, booted; yields (machine, qts, path)."""
+    path = str(tmp_path / "disk.qcow2")
+    qcowpy.create(path, 8 * MiB, cluster_size=65536)
+    m = create_machine("mini-pc", "64M")
+    m.drive_add(path, id="d0", serial="SER-1")
+    qts = InProcessQTest(m)
+    pci_boot(qts, m.ram_size)
+    yield m, qts, path
+    qts.close()
+    m.shutdown()
+
+
+def _virtio_fn(qts):
+    return next(d for d in GuestPCIBus(qts).scan() if d.vendor_id == 0x1AF4)
+
+
+def test_pci_identity_and_capabilities(env):
+    _, qts, _ = env
+    dev = _virtio_fn(qts)
+    assert (dev.device_id, dev.revision, dev.class_code) == (0x1042, 1, 0x0100)
+    caps = dev.capabilities()
+    assert [cid for _, cid in caps] == [regs.CAP_ID_VNDR] * 4
+    types = {dev.readb(off + 3): (dev.readb(off + 2), dev.readb(off + 4), dev.readl(off + 8), dev.readl(off + 12))
+             for off, _ in caps}
+    assert types == {1: (16, 4, 0x0000, 0x1000), 3: (16, 4, 0x1000, 0x1000),
+                     4: (16, 4, 0x2000, 0x1000), 2: (20, 4, 0x3000, 0x1000)}
+    notify = next(off for off, _ in caps if dev.readb(off + 3) == 2)
+    assert dev.readl(notify + 16) == 4
+    bar = next(b for b in dev.size_bars() if b.index == 4)
+    assert bar.is_64 and bar.prefetch and bar.size == 0x4000
+
+
+def test_guest_disk_basics(env):
+    m, qts, _ = env
+    (disk,) = find_disks(qts)
+    assert disk.capacity == 8 * MiB and disk.blk_size == 512 and not disk.read_only
+    assert disk.serial() == "SER-1"
+    assert disk.last_used_len == 21
+    data = os.urandom(128 * 1024)
+    disk.write(3 * MiB, data)
+    assert disk.read(3 * MiB, len(data)) == data
+    assert disk.last_used_len == len(data) + 1
+    assert m.drives["d0"].blk.pread(512, 3 * MiB + 65536) == data[65536:65536 + 512]
+    disk.flush()
+    disk.write_zeroes(3 * MiB, 65536, unmap=True)
+    assert disk.read(3 * MiB, 65536) == bytes(65536)
+    disk.discard(3 * MiB + 65536, 65536)
+    with pytest.raises(GuestIOError) as ei:
+        disk.read(8 * MiB, 512)
+    assert ei.value.status == 1
+    assert disk.read(3 * MiB + 65536, 65536) == bytes(65536)
+
+
+def test_indirect_descriptors_through_pci(env):
+    _, qts, _ = env
+    disk = GuestDisk(qts, _virtio_fn(qts), GuestAlloc(), use_indirect=True)
+    assert disk.use_indirect
+    disk.write(0, b"\xAB" * 4096)
+    assert disk.read(0, 4096) == b"\xAB" * 4096
+
+
+def test_feature_negotiation(env):
+    _, qts, _ = env
+    v = VirtioPCIGuest(qts, _virtio_fn(qts), GuestAlloc())
+    v.reset()
+    v.add_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+    offered = v.device_features()
+    assert offered >> 32 & 1 and offered >> 28 & 1 and offered >> 29 & 1
+    v.write_driver_features(offered & ~(1 << 32))        # no VERSION_1: refused
+    v.add_status(STATUS_FEATURES_OK)
+    assert not v.status & STATUS_FEATURES_OK
+    v.reset()
+    v.add_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+    v.write_driver_features((1 << 32) | (1 << 40))        # a bit the device does not offer
+    v.add_status(STATUS_FEATURES_OK)
+    assert not v.status & STATUS_FEATURES_OK
+    assert v.init(1 << 9) == (1 << 32) | (1 << 9)
+    assert v.status & STATUS_FEATURES_OK
+    v.write_driver_features(offered)                      # features are frozen after FEATURES_OK
+    v.cwrite(8, 0, 4)
+    assert v.cread(12, 4) == 1 << 9
+
+
+def test_reset_clears_queues(env):
+    _, qts, _ = env
+    disk = find_disks(qts)[0]
+    v = disk.vdev
+    v.cwrite(22, 0, 2)
+    assert v.cread(28, 2) == 1 and v.cread(32, 4) == disk.vq.desc
+    v.reset()
+    v.cwrite(22, 0, 2)
+    assert v.cread(28, 2) == 0 and v.cread(32, 4) == 0 and v.cread(24, 2) == 256
+    assert v.status == 0
+
+
+def test_intx_and_isr(env):
+    m, qts, _ = env
+    disk = find_disks(qts)[0]
+    dev = _virtio_fn(qts)
+    irq = dev.readb(regs.INTERRUPT_LINE)
+    disk.read(0, 512)
+    assert m.irq_levels[irq]
+    assert disk.vdev.read_isr() == 1
+    assert not m.irq_levels[irq]
+    assert disk.vdev.read_isr() == 0
+
+
+def _hostile(disk, desc_bytes: bytes):
+    """Put raw descriptor 0 into the ring and publish it."""
+    vq = disk.vq
+    disk.qts.memwrite(vq.desc, desc_bytes)
+    disk.qts.writew(vq.avail + 4 + 2 * (vq.avail_idx % vq.size), 0)
+    vq.avail_idx += 1
+    disk.qts.writew(vq.avail + 2, vq.avail_idx)
+    disk.qts.writew(vq.notify_addr, 0)
+
+
+@pytest.mark.parametrize("case", ["loop", "outside-ram", "mmio-buffer", "head-too-big"])
+def test_hostile_guest_needs_reset_and_recovers(env, case):
+    m, qts, path = env
+    disk = find_disks(qts)[0]
+    disk.write(0, b"\x11" * 4096)
+    hdr = disk.hdr
+    qts.memwrite(hdr, struct.pack("<IIQ", 1, 0, 0))
+    if case == "loop":
+        raw = struct.pack("<QIHH", hdr, 16, 1, 1) + struct.pack("<QIHH", disk.buf, 512, 1, 0)
+    elif case == "outside-ram":
+        raw = struct.pack("<QIHH", hdr, 16, 1, 1) + struct.pack("<QIHH", 0x7000_0000, 512, 1, 2) \
+            + struct.pack("<QIHH", disk.status_addr, 1, 2, 0)
+    elif case == "mmio-buffer":
+        raw = struct.pack("<QIHH", hdr, 16, 1, 1) + struct.pack("<QIHH", 0xC000_0000, 512, 1, 2) \
+            + struct.pack("<QIHH", disk.status_addr, 1, 2, 0)
+    else:
+        raw = b""
+    if case == "head-too-big":
+        qts.writew(disk.vq.avail + 4 + 2 * (disk.vq.avail_idx % disk.vq.size), 999)
+        disk.vq.avail_idx += 1
+        qts.writew(disk.vq.avail + 2, disk.vq.avail_idx)
+        qts.writew(disk.vq.notify_addr, 0)
+    else:
+        _hostile(disk, raw)
+    assert disk.vdev.status & STATUS_NEEDS_RESET
+    assert disk.vdev.read_isr() & 2                         # configuration-change interrupt
+    assert m.drives["d0"].blk.pread(4096, 0) == b"\x11" * 4096
+    disk2 = GuestDisk(qts, _virtio_fn(qts), GuestAlloc(0x200_0000, 0x300_0000))
+    assert not disk2.vdev.status & STATUS_NEEDS_RESET
+    assert disk2.read(0, 4096) == b"\x11" * 4096
+
+
+def test_bus_master_off_is_a_driver_error(env):
+    _, qts, _ = env
+    disk = find_disks(qts)[0]
+    dev = _virtio_fn(qts)
+    dev.writew(regs.COMMAND, dev.readw(regs.COMMAND) & ~regs.COMMAND_MASTER)
+    disk.vq.add([(disk.hdr, 16, False), (disk.status_addr, 1, True)])
+    disk.vq.kick()
+    assert disk.vdev.status & STATUS_NEEDS_RESET
+
+
+def test_read_only_drive(tmp_path):
+    path = str(tmp_path / "ro.raw")
+    with open(path, "wb") as f:
+        f.write(b"\x42" * MiB)
+    m = create_machine("mini-pc", "64M")
+    m.drive_add(path, format="raw", readonly=True)
+    qts = InProcessQTest(m)
+    pci_boot(qts, m.ram_size)
+    disk = find_disks(qts)[0]
+    assert disk.read_only
+    with pytest.raises(GuestIOError):
+        disk.write(0, bytes(512))
+    assert disk.read(0, 512) == b"\x42" * 512
+    m.shutdown()
+    assert open(path, "rb").read() == b"\x42" * MiB
+
+
+def test_system_reset_resets_device(env):
+    m, qts, _ = env
+    disk = find_disks(qts)[0]
+    assert disk.vdev.status & 4
+    m.system_reset()
+    pci_boot(qts, m.ram_size)
+    disk = find_disks(qts)[0]
+    assert disk.read(0, 512) == bytes(512)
+
+
+# -- qemu-img as the oracle ------------------------------------------------------------------------
+
+def test_e2e_overlay_check_and_compare(qemu, tmp_path):
+    base = str(tmp_path / "base.qcow2")
+    overlay = str(tmp_path / "overlay.qcow2")
+    qemu.create(base, "4M", cluster_size=65536)
+    qemu.io(base, "write -P 0x5a 0 4M")
+    qemu.create(overlay, None, backing=base, backing_fmt="qcow2", cluster_size=65536)
+    expected = bytearray(b"\x5a" * (4 * MiB))
+    m = create_machine("mini-pc", "64M")
+    m.drive_add(overlay, format="qcow2", id="ov")
+    qts = InProcessQTest(m)
+    pci_boot(qts, m.ram_size)
+    disk = find_disks(qts)[0]
+    rng = random.Random(5)
+    for _ in range(12):
+        off = rng.randrange(0, 4 * MiB // 512 - 64) * 512
+        data = bytes([rng.randrange(256)]) * (rng.randrange(1, 64) * 512)
+        disk.write(off, data)
+        expected[off:off + len(data)] = data
+    disk.write_zeroes(MiB, 65536 * 2, unmap=True)
+    expected[MiB:MiB + 2 * 65536] = bytes(2 * 65536)
+    disk.write_zeroes(2 * MiB + 512, 4096)
+    expected[2 * MiB + 512:2 * MiB + 512 + 4096] = bytes(4096)
+    disk.flush()
+    assert disk.read(0, 4 * MiB) == bytes(expected)
+    m.shutdown()
+    qemu.assert_clean(overlay)
+    raw = tmp_path / "expected.raw"
+    raw.write_bytes(bytes(expected))
+    p = qemu.compare(overlay, raw, fmt_a="qcow2", fmt_b="raw")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Images are identical" in p.stdout
+
+
+@pytest.mark.parametrize("kind", ["compressed", "zero-clusters", "backing-chain"])
+def test_reads_equal_qemu_img_convert(qemu, tmp_path, kind):
+    img = str(tmp_path / "img.qcow2")
+    if kind == "compressed":
+        src = str(tmp_path / "src.qcow2")
+        qemu.create(src, "2M")
+        qemu.io(src, "write -P 0x33 0 512k", "write -P 0x44 1M 100k")
+        qemu.img("convert", "-c", "-O", "qcow2", src, img)
+    elif kind == "zero-clusters":
+        qemu.create(img, "2M")
+        qemu.io(img, "write -P 0x66 0 2M", "write -z 64k 128k", "write -z -u 1M 256k")
+    else:
+        base = str(tmp_path / "base.qcow2")
+        mid = str(tmp_path / "mid.qcow2")
+        qemu.create(base, "2M")
+        qemu.io(base, "write -P 0x01 0 2M")
+        qemu.create(mid, None, backing=base, backing_fmt="qcow2")
+        qemu.io(mid, "write -P 0x02 512k 512k")
+        qemu.create(img, None, backing=mid, backing_fmt="qcow2")
+        qemu.io(img, "write -P 0x03 768k 4k", "write -z 1536k 64k")
+    want = qemu.to_raw(img, tmp_path / "want.raw")
+    m = create_machine("mini-pc", "64M")
+    m.drive_add(img, format="qcow2", readonly=True)
+    qts = InProcessQTest(m)
+    pci_boot(qts, m.ram_size)
+    disk = find_disks(qts)[0]
+    assert disk.capacity == len(want)
+    assert disk.read(0, len(want)) == want
+    m.shutdown()
+
+
+# -- command line and monitor ----------------------------------------------------------------------
+
+def test_cli_drive_boot_log_and_info_block(tmp_path):
+    a = str(tmp_path / "a.qcow2")
+    b = str(tmp_path / "b.raw")
+    qcowpy.create(a, 8 * MiB)
+    qcowpy.create(b, 2 * MiB, format="raw")
+    out = io.StringIO()
+    rc = cli.main(["-drive", f"file={a},format=qcow2,id=disk0,serial=ABC",
+                   "-drive", f"file={b},format=raw,if=none,id=d1,readonly=on",
+                   "-device", "virtio-blk-pci,drive=d1,id=vblk1", "-monitor", "stdio"],
+                  stdin=io.StringIO("info block\nquit\n"), stdout=out, stderr=io.StringIO())
+    text = out.getvalue()
+    assert rc == 0
+    assert "virtio-blk: 00:01.0 16384 512-byte sectors (8.00 MiB) features" in text
+    assert "virtio-blk: 00:02.0 4096 512-byte sectors (2.00 MiB) (read-only)" in text
+    assert f"disk0 (#block-disk0): {a} (qcow2)" in text
+    assert f"d1 (#block-d1): {b} (raw, read-only)" in text
+    assert "Attached to:      vblk1" in text
+
+
+def test_cli_drive_errors(tmp_path):
+    err = io.StringIO()
+    assert cli.main(["-drive", f"file={tmp_path}/missing.qcow2"], stdout=io.StringIO(), stderr=err) == 1
+    assert "missing.qcow2" in err.getvalue()
+    a = str(tmp_path / "a.qcow2")
+    qcowpy.create(a, MiB)
+    err = io.StringIO()
+    assert cli.main(["-drive", f"file={a},if=ide"], stdout=io.StringIO(), stderr=err) == 1
+    assert "not supported" in err.getvalue()
+    err = io.StringIO()
+    assert cli.main(["-drive", f"file={a},if=none,id=x", "-device", "virtio-blk-pci,drive=nope"],
+                    stdout=io.StringIO(), stderr=err) == 1
+    assert "nope" in err.getvalue()
+
+
+def test_monitor_info_block_and_drive_in_use(env):
+    m, _, path = env
+    assert f"d0 (#block-d0): {path} (qcow2)" in HumanMonitor(m).execute("info block")
+    assert "in use" in HumanMonitor(m).execute("device_add virtio-blk-pci,drive=d0")
