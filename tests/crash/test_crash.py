@@ -26,7 +26,6 @@ from qcowpy.format import constants as C
 from qcowpy.format.header import parse_header
 from qcowpy.qcow2.check import FIX_ERRORS, FIX_LEAKS, check_file
 
-from .conftest import qemu_img_or_skip
 from .harness import MemBacking, RecordingFile, compare_acknowledged, open_on
 from .workloads import WORKLOADS, Recorded, record
 
@@ -89,8 +88,7 @@ def test_crash_points(name):
 
 @pytest.mark.interop
 @pytest.mark.parametrize("name", ["alloc", "backing_cow", "compressed", "lazy", "extended_l2", "refgrow"])
-def test_crash_points_qemu_agrees(name, tmp_path):
-    qemu_img = qemu_img_or_skip()
+def test_crash_points_qemu_agrees(name, tmp_path, qemu_img):
     rng = random.Random("qemu" + name)
     rec = record(name, seed=2, nops=20)
     if rec.backing:
