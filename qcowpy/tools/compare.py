@@ -104,25 +104,15 @@ def run_compare(file1: str, file2: str, fmt1: str | None = None, fmt2: str | Non
                 pos = offset
                 while pos < offset + chunk:
                     n = min(CHUNK, offset + chunk - pos)
-                    try:
-                        b1 = d1.pread(n, pos)
-                    except (QcowError, OSError) as e:
-                        error(f"Error while reading offset {pos} of {file1}: {e}")
-                        return 4
-                    try:
-                        b2 = d2.pread(n, pos)
-                    except (QcowError, OSError) as e:
-                        error(f"Error while reading offset {pos} of {file2}: {e}")
-                        return 4
+                    b1, b2 = _read(d1, file1, n, pos), _read(d2, file2, n, pos)
                     if b1 != b2:
                         say(f"Content mismatch at offset {pos + _first_diff(b1, b2)}!\n")
                         return 1
                     pos += n
             else:
                 dev, name = (d1, file1) if e1.present else (d2, file2)
-                code = _check_empty(dev, name, offset, chunk, say, error)
-                if code:
-                    return code
+                if _check_empty(dev, name, offset, chunk, say):
+                    return 1
             offset += chunk
             step(chunk)
         if size1 != size2:
@@ -133,30 +123,40 @@ def run_compare(file1: str, file2: str, fmt1: str | None = None, fmt2: str | Non
                 e = w.at(offset, base)
                 chunk = e.start + e.length - offset
                 if e.present and not e.zero:
-                    code = _check_empty(dev, name, offset, chunk, say, error)
-                    if code:
-                        return code
+                    if _check_empty(dev, name, offset, chunk, say):
+                        return 1
                 offset += chunk
                 step(chunk)
         say("Images are identical.\n")
         return 0
+    except _ReadFailed as e:
+        error(str(e))
+        return 4
     finally:
         for d in devs:
             d.close()
         prog.end()
 
 
-def _check_empty(dev: BlockDevice, name: str, offset: int, length: int, say, error) -> int:
+class _ReadFailed(Exception):
+    """A read error: qemu-img compare reports it and exits 4."""
+
+
+def _read(dev: BlockDevice, name: str, length: int, offset: int) -> bytes:
+    try:
+        return dev.pread(length, offset)
+    except (QcowError, OSError) as e:
+        raise _ReadFailed(f"Error while reading offset {offset} of {name}: {e}") from None
+
+
+def _check_empty(dev: BlockDevice, name: str, offset: int, length: int, say) -> bool:
+    """True (after reporting it) if the range holds a nonzero byte."""
     pos = offset
     while pos < offset + length:
         n = min(CHUNK, offset + length - pos)
-        try:
-            buf = dev.pread(n, pos)
-        except (QcowError, OSError) as e:
-            error(f"Error while reading offset {pos} of {name}: {e}")
-            return 4
+        buf = _read(dev, name, n, pos)
         if not is_zero(memoryview(buf)):
             say(f"Content mismatch at offset {pos + _first_nonzero(buf)}!\n")
-            return 1
+            return True
         pos += n
-    return 0
+    return False
