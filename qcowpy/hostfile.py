@@ -28,7 +28,9 @@ class HostFile:
         self.dirty = False
         flags = os.O_RDWR if writable else os.O_RDONLY
         if create:
-            flags |= os.O_CREAT | os.O_TRUNC
+            # No O_TRUNC: truncating before the lock is taken would destroy an image that a
+            # running QEMU holds. Truncate only once the lock is ours (below).
+            flags |= os.O_CREAT
         flags |= getattr(os, "O_CLOEXEC", 0)
         try:
             self.fd = os.open(path, flags, 0o644)
@@ -48,6 +50,13 @@ class HostFile:
                 os.close(self.fd)
                 self.fd = -1
                 raise
+        if create and writable:
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError as e:
+                os.close(self.fd)
+                self.fd = -1
+                raise QcowError(f"Could not create '{path}': {e.strerror}") from None
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size

@@ -55,9 +55,13 @@ def check(fmt, output, repair, quiet, force_share, cache, image_opts, objects, f
             sys.stdout.write(render_human(report) if output == "human" else render_json(report))
     code = report.exit_code
     if code == 1:
+        from ..qcow2.check import Hint
+        from .main import PROG
         lines = list(report.failed_lines or [])
         lines.append(f"Check failed: {report.failed}" if report.failed else "Check failed")
-        raise _fail("\n".join(lines))
+        for line in lines:  # error reports carry the program name, QEMU's hint lines do not
+            sys.stderr.write(f"{line}\n" if isinstance(line, Hint) else f"{PROG}: {line}\n")
+        raise _fail(None)
     sys.stdout.flush()
     if code:
         click.get_current_context().exit(code)

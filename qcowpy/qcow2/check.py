@@ -29,7 +29,7 @@ from ..format import constants as C
 from ..format.entries import compressed_descriptor, csize_shift
 from ..format.header import Header
 from ..format.refcount import max_refcount
-from ..format.snapshot import Snapshot, parse_snapshot_table
+from ..format.snapshot import Snapshot
 from ..hostfile import HostFile
 
 FIX_LEAKS = 1
@@ -79,6 +79,15 @@ class CheckResult:
             self.allocated_clusters = other.allocated_clusters
             self.fragmented_clusters = other.fragmented_clusters
             self.compressed_clusters = other.compressed_clusters
+
+
+class Hint(str):
+    """A hint line among the error reports of a failed check: printed without the program name."""
+
+
+_SN_FIXED = struct.Struct(">QIHHIIQII")  # a snapshot table entry's fixed 40-byte part
+_SN_MAX_EXTRA = 1024  # QCOW_MAX_SNAPSHOT_EXTRA_DATA
+_SN_MAX_TABLE = 1024 * C.MAX_SNAPSHOTS  # QCOW_MAX_SNAPSHOTS_SIZE
 
 
 class _InternalError(Exception):
@@ -197,25 +206,67 @@ class _Checker:
         raw = self.file.pread(n * 8, h.refcount_table_offset) if n else b""
         self.ondisk = _OnDisk(self.file, h, list(struct.unpack(f">{n}Q", raw)))
 
-    def load_snapshots(self, res: CheckResult) -> None:
+    def load_snapshots(self, res: CheckResult, fix: int = 0) -> None:
+        """Read the snapshot table as QEMU's check does (``qcow2_check_read_snapshot_table``).
+
+        The count and offset are validated first; entries are then read one by one, bytes past the
+        end of the file reading as zeros (so a table past EOF yields empty, incomplete entries that
+        are reported as corruptions). Too many snapshots, too much extra data in an entry or a
+        table larger than QEMU allows end the check ("Check failed: File too large"), with QEMU's
+        hint; no repair of the snapshot table is attempted (the check stops before writing).
+        """
         h = self.h
-        if not h.nb_snapshots:
+        n = h.nb_snapshots
+        if not n:
             return
-        # Entries are at most 40 + 1024 + 2 * 65535 bytes; read what the count can need, bounded by the file.
-        limit = min(h.nb_snapshots * (40 + 1024 + 2 * 65535 + 8), max(0, self.file_len - h.snapshots_offset))
-        buf = self.file.pread(limit, h.snapshots_offset)
-        try:
-            self.snapshots = parse_snapshot_table(buf, h.nb_snapshots)
-        except CorruptImage as e:
-            self._msg(res, f"ERROR failed to read the snapshot table: {e}")
-            res.corruptions += 1
-            return
-        size = 0
-        for s in self.snapshots:
-            size += 40 + len(s.extra_data) + len(s.id_str.encode("utf-8", "surrogateescape")) + \
-                len(s.name.encode("utf-8", "surrogateescape"))
-            size = (size + 7) & ~7
-        self.snapshots_size = size
+        sn_off = h.snapshots_offset
+        if n > C.MAX_SNAPSHOTS:
+            res.check_errors += 1
+            raise _InternalError("File too large", (
+                "ERROR snapshot table too large",
+                Hint(f"You can force-remove all {n - C.MAX_SNAPSHOTS} overhanging snapshots with "
+                     "qemu-img check -r all")))
+        if (1 << 63) - 1 - n * _SN_FIXED.size < sn_off or sn_off & (self.cs - 1):
+            res.check_errors += 1
+            raise _InternalError("Invalid argument", ("ERROR snapshot table offset invalid",))
+        snaps: list[Snapshot] = []
+        offset = sn_off
+        table_length = 0
+        for i in range(n):
+            table_length = (table_length + 7) & ~7
+            offset = (offset + 7) & ~7
+            (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmsize,
+             extra_len) = _SN_FIXED.unpack(self.file.pread(_SN_FIXED.size, offset))
+            offset += _SN_FIXED.size
+            if extra_len > _SN_MAX_EXTRA:
+                res.check_errors += 1
+                raise _InternalError("File too large", (
+                    f"ERROR failed to read the snapshot table: Too much extra metadata in snapshot "
+                    f"table entry {i}",
+                    Hint("You can force-remove this extra metadata with qemu-img check -r all")))
+            extra = self.file.pread(extra_len, offset)
+            offset += extra_len
+            id_b = self.file.pread(id_len, offset)
+            offset += id_len
+            name_b = self.file.pread(name_len, offset)
+            offset += name_len
+            table_length += _SN_FIXED.size + extra_len + id_len + name_len
+            if table_length > _SN_MAX_TABLE or offset - sn_off > 0x7FFFFFFF:
+                res.check_errors += 1
+                raise _InternalError("File too large", (
+                    "ERROR failed to read the snapshot table: Snapshot table is too big",
+                    Hint(f"You can force-remove all {n - i} overhanging snapshots with qemu-img check "
+                         "-r all")))
+            snaps.append(Snapshot(l1_off, l1_size, id_b.split(b"\0")[0].decode("utf-8", "replace"),
+                                  name_b.split(b"\0")[0].decode("utf-8", "replace"),
+                                  dsec, dnsec, clock, vmsize, extra))
+        self.snapshots = snaps
+        self.snapshots_size = offset - sn_off
+        if h.version >= 3:  # v3 entries need at least vm_state_size_large and disk_size
+            for i, sn in enumerate(snaps):
+                if len(sn.extra_data) < 16:
+                    res.corruptions += 1
+                    self._msg(res, f"ERROR snapshot table entry {i} is incomplete")
 
     def _msg(self, res: CheckResult, text: str) -> None:
         res.messages.append(text)
@@ -252,7 +303,8 @@ class _Checker:
             return "zero_alloc" if entry & C.L2E_OFFSET_MASK else "zero_plain"
         return "normal" if entry & C.L2E_OFFSET_MASK else "unallocated"
 
-    def _fix_l2_by_zero(self, res: CheckResult, l2_offset: int, table: list[int], i: int) -> bool:
+    def _fix_l2_by_zero(self, res: CheckResult, l2_offset: int, table: list[int], i: int,
+                        active: bool = True) -> bool:
         if self.extended:
             bitmap = table[2 * i + 1]
             bitmap = (bitmap | (bitmap << 32)) & _L2_BITMAP_ALL_ZEROES
@@ -263,6 +315,13 @@ class _Checker:
             table[i] = C.OFLAG_ZERO
             data = struct.pack(">Q", C.OFLAG_ZERO)
             where = l2_offset + 8 * i
+        from .overlap import ACTIVE_L2, INACTIVE_L2
+        try:
+            self._guarded_check(where, len(data), ignore=ACTIVE_L2 if active else INACTIVE_L2)
+        except _InternalError:
+            self._msg(res, "ERROR: Overlap check failed")
+            res.check_errors += 1
+            raise
         try:
             self.file.pwrite(data, where)
             self.file.flush()
@@ -274,7 +333,8 @@ class _Checker:
         res.corruptions_fixed += 1
         return True
 
-    def check_l2(self, res: CheckResult, table_rc: array, l2_offset: int, flags: int, fix: int) -> None:
+    def check_l2(self, res: CheckResult, table_rc: array, l2_offset: int, flags: int, fix: int,
+                 active: bool = True) -> None:
         raw = self.file.pread(self.cs, l2_offset)
         table = list(struct.unpack(f">{self.cs // 8}Q", raw))
         step = 2 if self.extended else 1
@@ -319,7 +379,7 @@ class _Checker:
                     if not contains_data:
                         self._msg(res, f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} offset={offset:x}: "
                                        "Preallocated cluster is not properly aligned; L2 entry corrupted.")
-                        if fix & FIX_ERRORS and self._fix_l2_by_zero(res, l2_offset, table, i):
+                        if fix & FIX_ERRORS and self._fix_l2_by_zero(res, l2_offset, table, i, active):
                             continue
                     else:
                         self._msg(res, f"ERROR offset={offset:x}: Data cluster is not properly aligned; "
@@ -336,7 +396,7 @@ class _Checker:
                     self._msg(res, "ERROR: Unallocated cluster has non-zero subcluster allocation map")
 
     def check_l1(self, res: CheckResult, table_rc: array, l1_offset: int, l1_size: int, flags: int,
-                 fix: int) -> None:
+                 fix: int, active: bool = True) -> None:
         if not l1_size:
             return
         self.inc(res, table_rc, l1_offset, l1_size * 8)
@@ -352,7 +412,7 @@ class _Checker:
             if l2_offset & (self.cs - 1):
                 self._msg(res, f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted")
                 res.corruptions += 1
-            self.check_l2(res, table_rc, l2_offset, flags, fix)
+            self.check_l2(res, table_rc, l2_offset, flags, fix, active)
 
     # ---------------------------------------------------------------- bitmaps
     def check_bitmaps(self, res: CheckResult, table_rc: array) -> None:
@@ -449,7 +509,7 @@ class _Checker:
                                "L1 table is too large; snapshot table entry corrupted")
                 res.corruptions += 1
                 continue
-            self.check_l1(res, table_rc, sn.l1_table_offset, sn.l1_size, 0, fix)
+            self.check_l1(res, table_rc, sn.l1_table_offset, sn.l1_size, 0, fix, active=False)
         self.inc(res, table_rc, h.snapshots_offset, self.snapshots_size)
         self.inc(res, table_rc, h.refcount_table_offset, len(self.ondisk.reftable) * 8)
         self.check_bitmaps(res, table_rc)
@@ -594,7 +654,13 @@ class _Checker:
                       h.snapshots_offset, self.snapshots_size,
                       [(s.l1_table_offset, s.l1_size) for s in self.snapshots], bitmap_directory(h))
 
-    def _overlap_check(self, offset: int, size: int, what: str, ignore: int = 0) -> None:
+    def _guarded_check(self, offset: int, size: int, ignore: int, what: str | None = None) -> None:
+        """Overlap check for a repair write against the image's current metadata (as QEMU checks its
+        in-memory state before every repair write); an overlap marks the image corrupt and raises."""
+        self._layout = self._current_layout()
+        self._overlap_check(offset, size, what, ignore)
+
+    def _overlap_check(self, offset: int, size: int, what: str | None, ignore: int = 0) -> None:
         from .overlap import find_overlap, overlap_message
         kind = find_overlap(self._layout, offset, size, ignore)
         if not kind:
@@ -604,7 +670,7 @@ class _Checker:
         self.h.incompatible_features |= C.INCOMPAT_CORRUPT
         self.file.pwrite(struct.pack(">Q", self.h.incompatible_features), 72)
         self.file.flush()
-        raise _InternalError("Input/output error", (f"{what}: Input/output error",))
+        raise _InternalError("Input/output error", (f"{what}: Input/output error",) if what else ())
 
     # ---------------------------------------------------------------- OFLAG_COPIED
     def check_copied(self, res: CheckResult, fix: int) -> None:
@@ -617,6 +683,7 @@ class _Checker:
         h = self.h
         if not h.l1_size:
             return
+        from .overlap import ACTIVE_L1, ACTIVE_L2
         l1 = list(struct.unpack(f">{h.l1_size}Q", self.file.pread(h.l1_size * 8, h.l1_table_offset)))
         step = 2 if self.extended else 1
         word = "Repairing" if repair else "ERROR"
@@ -633,6 +700,11 @@ class _Checker:
                 self._msg(res, f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} refcount={rc}")
                 if repair:
                     new = l1_entry | C.OFLAG_COPIED if rc == 1 else l1_entry & ~C.OFLAG_COPIED
+                    try:
+                        self._guarded_check(h.l1_table_offset + 8 * i, 8, ignore=ACTIVE_L1)
+                    except _InternalError:
+                        res.check_errors += 1
+                        raise
                     self.file.pwrite(struct.pack(">Q", new), h.l1_table_offset + 8 * i)
                     self.file.flush()
                     res.corruptions -= 1
@@ -655,6 +727,13 @@ class _Checker:
                         table[j * step] = e | C.OFLAG_COPIED if rc == 1 else e & ~C.OFLAG_COPIED
                         dirty += 1
             if dirty:
+                try:
+                    self._guarded_check(l2_offset, self.cs, ignore=ACTIVE_L2)
+                except _InternalError:
+                    self._msg(res, "ERROR: Could not write L2 table; metadata overlap check failed: "
+                                   "Input/output error")
+                    res.check_errors += 1
+                    raise
                 self.file.pwrite(struct.pack(f">{len(table)}Q", *table), l2_offset)
                 self.file.flush()
                 res.corruptions -= dirty
@@ -724,8 +803,8 @@ def check_file(file: HostFile, header: Header, fix: int = 0,
     """
     res = CheckResult()
     checker = _Checker(file, header, log or (lambda s: None))
-    checker.load_snapshots(res)
     try:
+        checker.load_snapshots(res, fix)
         checker.check_refcounts(res, fix)
     except _InternalError as e:
         raise CheckFailed(str(e), res, e.lines) from None

@@ -22,6 +22,7 @@ from . import codec
 from .cache import TableCache
 from .extl2 import ExtendedL2Writes
 from .refcount import Refcounts
+from .overlap import ACTIVE_L1, MAIN_HEADER, write_metadata
 
 # Layer-level extent kinds
 UNALLOCATED = "unallocated"  # defer to the backing file
@@ -49,7 +50,10 @@ class LayerExtent:
 class Qcow2Image(ExtendedL2Writes):
     """A qcow2 image file. Thread-safe: every public method holds the image lock."""
 
-    def __init__(self, file: HostFile, header: Header, writable: bool, l2_cache_tables: int | None = None):
+    def __init__(self, file: HostFile, header: Header, writable: bool, l2_cache_tables: int | None = None,
+                 check_mode: bool = False):
+        # check_mode: open as qemu-img check does, leaving the snapshot table to the check itself
+        self._check_mode = check_mode
         self.file = file
         self.header = header
         self.writable = writable
@@ -122,7 +126,7 @@ class Qcow2Image(ExtendedL2Writes):
         if h.l1_size < needed:
             raise CorruptImage("L1 table is too small")
         _check_table(h.l1_table_offset, h.l1_size * 8, self.cluster_size, fsize, "Active L1 table")
-        if h.nb_snapshots > C.MAX_SNAPSHOTS:
+        if h.nb_snapshots > C.MAX_SNAPSHOTS and not self._check_mode:
             raise CorruptImage("Too many snapshots")
 
     def _l1_entries_for(self, size: int) -> int:
@@ -167,18 +171,19 @@ class Qcow2Image(ExtendedL2Writes):
     # ------------------------------------------------------------------ header writes
     def _write_header(self) -> None:
         data = pack_header(self.header)
-        self.file.pwrite(data + bytes(self.cluster_size - len(data)), 0)
+        write_metadata(self.file, MAIN_HEADER, data + bytes(self.cluster_size - len(data)), 0)
 
     def _write_incompat(self) -> None:
-        self.file.pwrite(struct.pack(">Q", self.header.incompatible_features), 72)
+        write_metadata(self.file, MAIN_HEADER, struct.pack(">Q", self.header.incompatible_features), 72)
 
     def _write_reftable_location(self, offset: int, clusters: int) -> None:
         self.header.refcount_table_offset = offset
         self.header.refcount_table_clusters = clusters
-        self.file.pwrite(struct.pack(">QI", offset, clusters), 48)  # one sector: atomic
+        write_metadata(self.file, MAIN_HEADER, struct.pack(">QI", offset, clusters), 48)  # one sector: atomic
 
     def _write_l1_location(self) -> None:
-        self.file.pwrite(struct.pack(">IQ", self.header.l1_size, self.header.l1_table_offset), 36)
+        write_metadata(self.file, MAIN_HEADER,
+                       struct.pack(">IQ", self.header.l1_size, self.header.l1_table_offset), 36)
 
     # ------------------------------------------------------------------ mapping
     def _check_range(self, offset: int, length: int) -> None:
@@ -407,7 +412,8 @@ class Qcow2Image(ExtendedL2Writes):
         self.l2cache.flush()
         self.file.flush()
         self.l1[l1_index] = new | C.OFLAG_COPIED
-        self.file.pwrite(struct.pack(">Q", self.l1[l1_index]), self.header.l1_table_offset + 8 * l1_index)
+        write_metadata(self.file, ACTIVE_L1, struct.pack(">Q", self.l1[l1_index]),
+                       self.header.l1_table_offset + 8 * l1_index)
         if old:
             self._free_later(old, self.cluster_size)
         return table
@@ -727,7 +733,7 @@ class Qcow2Image(ExtendedL2Writes):
             if need > len(self.l1):
                 self._grow_l1(need, exact=exact_l1)
             self.size = self.header.size = new_size
-            self.file.pwrite(struct.pack(">Q", new_size), 24)
+            write_metadata(self.file, MAIN_HEADER, struct.pack(">Q", new_size), 24)
             self.file.flush()
 
 

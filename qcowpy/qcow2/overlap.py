@@ -8,12 +8,14 @@ the snapshots' L2 tables, which would have to be read from disk). We check the s
 A would-be overlap sets the corrupt bit on disk, stops every further write to the image and
 raises :class:`~qcowpy.errors.CorruptImage` — the offending write never happens.
 
-:class:`OverlapGuard` wraps the engine's host file. Writes are classified by what the engine is
-doing: metadata caches announce their kind (an L2 table may overwrite an active L2 table, a
-refcount block a refcount block); header updates are writes inside cluster 0 that are small or
-start with the qcow2 magic; L1 and refcount-table entry updates are single entries inside those
-tables; everything else (guest data, compressed data, newly placed tables and blocks) must not
-touch any metadata at all.
+:class:`OverlapGuard` wraps the engine's host file. Writes are classified by what the engine
+says it is doing, never guessed from their size or place: metadata caches announce their kind (an
+L2 table may overwrite an active L2 table, a refcount block a refcount block), and the engine's own
+header, L1-entry and refcount-table-entry updates announce theirs (:func:`write_metadata`); an
+announcement covers exactly the next write. Every unannounced write (guest data, compressed
+data, newly placed tables and blocks) must not touch any metadata at all — so a
+hostile image whose data cluster points into the header, L1 table or refcount table is caught
+whatever the size of the guest write.
 """
 from __future__ import annotations
 
@@ -103,6 +105,22 @@ def find_overlap(layout: Layout, offset: int, size: int, ignore: int = 0, check:
     return 0
 
 
+def announce(file, kind: int) -> None:
+    """Tell the overlap guard under ``file`` (if any) that its next write updates metadata of
+    ``kind`` (one of the bits above): the engine's own header, L1-entry and refcount-table-entry
+    writes call this; guest data writes never do."""
+    hook = getattr(file, "announce", None)
+    if hook is not None:
+        hook(kind)
+
+
+def write_metadata(file, kind: int, data, offset: int) -> None:
+    """Write ``data`` at ``offset`` as the engine's own update of metadata of ``kind``. The data is
+    computed before the announcement, so an announcement can never outlive its write."""
+    announce(file, kind)
+    file.pwrite(data, offset)
+
+
 def overlap_message(kind: int) -> str:
     return f"Preventing invalid write on metadata (overlaps with {NAMES[kind]})"
 
@@ -163,6 +181,10 @@ class OverlapGuard:
             self._pending = kind
         return hook
 
+    def announce(self, kind: int) -> None:
+        """The next write is the engine's own update of metadata of ``kind`` (see :func:`announce`)."""
+        self._pending = kind
+
     def layout(self) -> Layout:
         img = self._image
         h = img.header
@@ -173,29 +195,12 @@ class OverlapGuard:
                       rc.table_offset if rc else h.refcount_table_offset, rc.table if rc else [],
                       h.snapshots_offset, self._snapshots[0], self._snapshots[1], bitmap_directory(h))
 
-    def _classify(self, data, offset: int) -> int:
-        n = len(data)
-        cs = self._image.cluster_size
-        if offset + n <= cs and (n <= 16 or bytes(memoryview(data)[:4]) == C.MAGIC):
-            return MAIN_HEADER
-        if n <= 16:
-            img = self._image
-            if _overlaps(offset, n, img.header.l1_table_offset, img.header.l1_size * 8) and \
-                    img.header.l1_table_offset <= offset and offset + n <= img.header.l1_table_offset + img.header.l1_size * 8:
-                return ACTIVE_L1
-            rc = getattr(img, "refcounts", None)
-            if rc is not None and rc.table_offset <= offset and offset + n <= rc.table_offset + rc.table_clusters * cs:
-                return REFCOUNT_TABLE
-        return 0
-
     def pwrite(self, data, offset: int) -> None:
         if self.tripped:
             raise CorruptImage(f"qcow2: image is marked corrupt after an invalid write was prevented "
                                f"({self.tripped}); no further writes")
         ignore, self._pending = self._pending, 0
         size = len(memoryview(data).cast("B"))
-        if not ignore:
-            ignore = self._classify(data, offset)
         kind = find_overlap(self.layout(), offset, size, ignore)
         if kind:
             self._trip(overlap_message(kind))

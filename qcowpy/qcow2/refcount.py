@@ -15,6 +15,7 @@ from ..format.entries import pack_table, unpack_table
 from ..format.refcount import entries_per_block, get_refcount, max_refcount, set_refcount
 from ..hostfile import HostFile
 from .cache import TableCache
+from .overlap import REFCOUNT_TABLE, write_metadata
 
 
 class Refcounts:
@@ -171,7 +172,8 @@ class Refcounts:
         return self.cache.get(offset)
 
     def _write_table_entry(self, index: int) -> None:
-        self.file.pwrite(self.table[index].to_bytes(8, "big"), self.table_offset + index * 8)
+        write_metadata(self.file, REFCOUNT_TABLE, self.table[index].to_bytes(8, "big"),
+                       self.table_offset + index * 8)
 
     def image_end_cluster(self) -> int:
         """One past the highest cluster with a nonzero refcount (scans the blocks)."""

@@ -77,7 +77,8 @@ def run_check(filename: str, fmt: str | None = None, repair: str | None = None, 
         from ..format import constants as C
 
         header = parse_header(file.pread(min(file.size(), 1 << C.MAX_CLUSTER_BITS), 0), file.size())
-        Qcow2Image(file, header, writable=False)  # the open-time validation (same errors as any open)
+        # the open-time validation (same errors as any open; the snapshot table is the check's)
+        Qcow2Image(file, header, writable=False, check_mode=True)
         report = CheckReport(filename, fmt, CheckResult())
         try:
             first = check_file(file, header, fix, log)

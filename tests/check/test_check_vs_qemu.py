@@ -147,6 +147,17 @@ def corrupt_unaligned_zero_prealloc(p):
     return p
 
 
+def corrupt_l2_is_refblock(p):
+    # The L1 entry points at the refcount block, whose first 8 bytes (refcounts 1, 1, 1, 0x201) read
+    # as an unaligned preallocated zero cluster: the -r all fix would write into the refcount block,
+    # so the repair's overlap check must mark the image corrupt instead of writing.
+    I.create(p, "4M", "write -P 1 0 64k")
+    rb = I.u64(p, I.header(p).refcount_table_offset) & ~0x1FF
+    I.set_rc(p, 3, 0x201)
+    I.poke64(p, I.l1_entry_offset(p, 0), rb | C.OFLAG_COPIED)
+    return p
+
+
 def corrupt_unaligned_data(p):
     I.create(p, "4M", "write -P 1 0 64k")
     off = I.l2_entry_offset(p, 0)
@@ -232,3 +243,38 @@ def test_repair_matches_qemu(qemu_tools, tmp_path, scenario, mode):
     if after_a.code in (0, 3):
         cmp = qemu_img("compare", "-U", a, b)
         assert cmp.code == 0, cmp.out + cmp.err
+
+
+def test_repair_writes_pass_the_overlap_check(qemu_tools, tmp_path):
+    """The zero-entry repair of an "L2 table" that is really the refcount block is refused exactly as
+    QEMU refuses it: the corrupt bit is set and nothing else is written (byte-identical to qemu-img)."""
+    src = corrupt_l2_is_refblock(str(tmp_path / "src.qcow2"))
+    a, b = str(tmp_path / "qemu.qcow2"), str(tmp_path / "ours.qcow2")
+    shutil.copy(src, a)
+    shutil.copy(src, b)
+    theirs, ours = qemu_img("check", "-r", "all", a), qcowpy_cli("check", "-r", "all", b)
+    _same(ours, theirs, "check -r all")
+    assert ours.code == 1 and "overlaps with refcount block" in ours.err
+    assert I.header(b).incompatible_features & C.INCOMPAT_CORRUPT
+    assert I.peek(b, 0, 1 << 30) == I.peek(a, 0, 1 << 30)
+    rb = I.u64(b, I.header(b).refcount_table_offset) & ~0x1FF
+    assert I.peek(b, rb, 8) == I.peek(src, rb, 8)  # the refcount block was not overwritten
+
+
+def test_copied_flag_repair_passes_the_overlap_check(qemu_tools, tmp_path):
+    """The L1 entry points at the L1 table itself: after the refcount repair, the OFLAG_COPIED fix
+    of that L1 entry would write into what is also an active L2 table. QEMU refuses it through its
+    overlap check; so must we (same messages and exit code, corrupt bit set, L1 entry untouched)."""
+    src = str(tmp_path / "src.qcow2")
+    I.create(src, "4M")
+    l1 = I.header(src).l1_table_offset
+    I.poke64(src, l1, l1 | C.OFLAG_COPIED)
+    a, b = str(tmp_path / "qemu.qcow2"), str(tmp_path / "ours.qcow2")
+    shutil.copy(src, a)
+    shutil.copy(src, b)
+    theirs, ours = qemu_img("check", "-r", "all", a), qcowpy_cli("check", "-r", "all", b)
+    _same(ours, theirs, "check -r all")
+    assert ours.code == 1 and "Repairing OFLAG_COPIED L2 cluster" in ours.err
+    assert "overlaps with active L2 table" in ours.err
+    assert I.header(b).incompatible_features & C.INCOMPAT_CORRUPT
+    assert I.u64(b, l1) == I.u64(a, l1) == l1 | C.OFLAG_COPIED  # the L1 entry was not rewritten

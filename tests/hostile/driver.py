@@ -47,5 +47,6 @@ if __name__ == "__main__":
            "info": cli("info", "-f", "qcow2", path),
            "map": cli("map", "-f", "qcow2", "--output=json", path),
            "convert": cli("convert", "-f", "qcow2", "-O", "raw", path, tmpout),
-           "compare": cli("compare", "-f", "qcow2", "-F", "qcow2", path, path)}
+           "compare": cli("compare", "-f", "qcow2", "-F", "qcow2", path, path),
+           "check": cli("check", "-f", "qcow2", path)}
     print(json.dumps(res))

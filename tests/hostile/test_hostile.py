@@ -89,6 +89,12 @@ def _qemu_info_code(path):
     return subprocess.run(["qemu-img", "info", "-f", "qcow2", path], capture_output=True).returncode
 
 
+def _qemu_check_code(path):
+    if not shutil.which("qemu-img"):
+        return None
+    return subprocess.run(["qemu-img", "check", "-f", "qcow2", path], capture_output=True).returncode
+
+
 @pytest.mark.parametrize("name", sorted(MUTATIONS))
 def test_hostile_image(tmp_path, name):
     base = _base(tmp_path)
@@ -116,6 +122,18 @@ def test_hostile_image(tmp_path, name):
             assert r["code"] in ((2, 4) if cmd == "compare" else (1,)), (cmd, r)
     if not res["api"]["ok"]:
         assert "\n" not in res["api"]["error"] and res["api"]["error"]
+    # qcowpy check (no -r): a one-line error (exit 1) or a corruption/leak report, with the exit
+    # code qemu-img check gives on the same image; the file is left unchanged (checked below)
+    chk = res["check"]
+    assert chk["code"] in (0, 1, 2, 3) and "Traceback" not in chk["err"], chk
+    if chk["code"] == 1:  # an open error, or QEMU's error reports ending in "Check failed: ..."
+        prefixed = [ln for ln in chk["err"].splitlines() if ln.startswith("qcowpy:")]
+        assert len(prefixed) == 1 or prefixed[-1].startswith("qcowpy: Check failed: "), chk
+    qc = _qemu_check_code(path)
+    if qc is not None and name in STRICTER_THAN_QEMU:
+        assert chk["code"] == 1, (name, chk)
+    elif qc is not None:
+        assert chk["code"] == qc, f"{name}: qcowpy check exit {chk['code']}, qemu-img check {qc}\n{chk}"
     # qemu-img's verdict on opening the image is ours (info exit code)
     q = _qemu_info_code(path)
     if q is not None and name in STRICTER_THAN_QEMU:
@@ -139,3 +157,37 @@ def test_backing_loop(tmp_path):
         img._write_header()
     with pytest.raises(qcowpy.QcowError, match="loop"):
         qcowpy.open(b)
+
+
+@pytest.mark.parametrize("target", ["l1", "reftable"])
+@pytest.mark.parametrize("length", [8, 16, 512])
+def test_data_cluster_pointing_into_metadata_table(tmp_path, target, length):
+    """A hostile L2 entry maps guest cluster 0 onto the L1 table (or the refcount table). A guest
+    write there — however small, even one the size of a table entry — is a data write and must be
+    refused: the corrupt bit is set and the table is not written, as qemu-io does on the same image."""
+    if not shutil.which("qemu-io"):
+        pytest.skip("qemu-io not installed")
+    from qcowpy.errors import CorruptImage
+    p = str(tmp_path / "base.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", p, "4M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", p], check=True, capture_output=True)
+    buf = bytearray(open(p, "rb").read())
+    table = _u64(buf, 40) if target == "l1" else _u64(buf, 48)
+    _set(buf, _l2_entry_off(buf, 0), ">Q", table | C.OFLAG_COPIED)  # refcount 1: written in place
+    with open(p, "wb") as f:
+        f.write(buf)
+    theirs = str(tmp_path / "qemu.qcow2")
+    shutil.copy(p, theirs)
+    q = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x77 0 {length}", theirs],
+                       capture_output=True, text=True)
+    name = "active L1 table" if target == "l1" else "refcount table"
+    assert f"Preventing invalid write on metadata (overlaps with {name})" in q.stdout + q.stderr
+    with qcowpy.open(p, "r+") as dev:
+        with pytest.raises(CorruptImage, match=rf"overlaps with {name}"):
+            dev.pwrite(b"\x77" * length, 0)
+        with pytest.raises(qcowpy.QcowError):
+            dev.pwrite(b"x", 1 << 20)  # no further writes
+    out = open(p, "rb").read()
+    assert out[table:table + 65536] == bytes(buf[table:table + 65536]), "metadata table overwritten"
+    assert out == open(theirs, "rb").read()  # byte-identical to what qemu-io leaves: only the corrupt bit
+    assert _u64(out, 72) & C.INCOMPAT_CORRUPT

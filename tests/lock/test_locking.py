@@ -138,3 +138,29 @@ def test_locking_can_be_disabled(image, monkeypatch):
             pass
     finally:
         q.close()
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_create_over_held_image_fails_without_destroying_it(image, fmt):
+    """Creating over an image a live qemu-io holds fails on the lock, as qemu-img create does, and
+    the image is left intact (the file is truncated only after the lock is taken)."""
+    from tests.check.conftest import qcowpy_cli
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 64k", image], check=True,
+                   capture_output=True)
+    with open(image, "rb") as f:
+        before = f.read()
+    q = LiveQemuIo(image)
+    try:
+        p = run("qemu-img", "create", "-q", "-f", fmt, image, "2M")  # the oracle refuses too
+        assert p.returncode == 1 and 'Failed to get "write" lock' in p.stderr, p.stderr
+        with pytest.raises(ImageLocked, match='Failed to get "write" lock'):
+            qcowpy.create(image, "2M", format=fmt)
+        r = qcowpy_cli("create", "-q", "-f", fmt, image, "2M")
+        assert r.code == p.returncode and 'Failed to get "write" lock' in r.err, r.err
+        with open(image, "rb") as f:
+            assert f.read() == before
+    finally:
+        q.close()
+    assert run("qemu-img", "check", image).returncode == 0
+    p = run("qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 0 64k", image)
+    assert p.returncode == 0 and "Pattern verification failed" not in p.stdout, p.stdout
