@@ -97,13 +97,18 @@ def find_qemu_oracle() -> QemuOracle | None:
     return None
 
 
+def skip_or_fail(what: str) -> None:
+    """A missing oracle skips the test, unless QCOWPY_REQUIRE_QEMU is set: then it fails."""
+    if os.environ.get("QCOWPY_REQUIRE_QEMU"):
+        pytest.fail(f"{what} required (QCOWPY_REQUIRE_QEMU is set) but not found on PATH")
+    pytest.skip(f"{what.rsplit(' ', 1)[0]} not installed")
+
+
 def require_qemu_tools() -> QemuOracle:
     """The qemu-img/qemu-io oracle; skip if missing, unless QCOWPY_REQUIRE_QEMU is set (then fail)."""
     oracle = find_qemu_oracle()
     if oracle is None:
-        if os.environ.get("QCOWPY_REQUIRE_QEMU"):
-            pytest.fail("qemu-img and qemu-io are required (QCOWPY_REQUIRE_QEMU is set) but not found on PATH")
-        pytest.skip("qemu-img/qemu-io not installed")
+        skip_or_fail("qemu-img and qemu-io are")
     return oracle
 
 
@@ -121,9 +126,7 @@ def require_qemu_img() -> str:
     """Path of qemu-img; skip without it unless QCOWPY_REQUIRE_QEMU is set (then fail)."""
     path = shutil.which("qemu-img")
     if path is None:
-        if os.environ.get("QCOWPY_REQUIRE_QEMU"):
-            pytest.fail("qemu-img is required (QCOWPY_REQUIRE_QEMU is set) but not found on PATH")
-        pytest.skip("qemu-img not installed")
+        skip_or_fail("qemu-img is")
     return path
 
 
