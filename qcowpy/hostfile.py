@@ -77,6 +77,16 @@ class HostFile:
             data = b"".join(parts)
         return data
 
+    def preadinto(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` from ``offset`` without an intermediate copy; past end of file reads zeros."""
+        got, want = os.preadv(self.fd, [buf], offset), len(buf)
+        while got < want:
+            n = os.preadv(self.fd, [buf[got:]], offset + got)
+            if n == 0:
+                zero_fill(buf[got:])
+                return
+            got += n
+
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         if not self.writable:
             raise ReadOnlyError(f"'{self.path}' is opened read-only")
@@ -136,3 +146,15 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     if not _libc or length <= 0:
         return False
     return _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def zero_fill(buf: memoryview) -> None:
+    """Zero a writable byte view in place (from a shared zero buffer, no per-call allocation)."""
+    pos, n = 0, len(buf)
+    while pos < n:
+        k = min(n - pos, len(_ZEROS))
+        buf[pos:pos + k] = _ZEROS[:k]
+        pos += k

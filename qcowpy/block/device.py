@@ -58,6 +58,12 @@ class BlockDevice(ABC):
     @abstractmethod
     def pread(self, length: int, offset: int) -> bytes: ...
 
+    def preadinto(self, buf: bytearray | memoryview, offset: int) -> None:
+        """Read ``len(buf)`` bytes into ``buf``; drivers override it to skip the intermediate copy
+        (a device model reads straight into guest RAM this way)."""
+        view = memoryview(buf).cast("B")
+        view[:] = self.pread(len(view), offset)
+
     @abstractmethod
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None: ...
 

@@ -45,7 +45,7 @@ class BlockFile(io.RawIOBase):
         mv = memoryview(buf).cast("B")
         n = max(0, min(len(mv), self.device.size - self._pos))
         if n:
-            mv[:n] = self.device.pread(n, self._pos)
+            self.device.preadinto(mv[:n], self._pos)
             self._pos += n
         return n
 

@@ -27,6 +27,11 @@ class RawDevice(BlockDevice):
         self.check_range(offset, length)
         return self.file.pread(length, offset)
 
+    def preadinto(self, buf: bytearray | memoryview, offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        self.check_range(offset, len(view))
+        self.file.preadinto(view, offset)
+
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         self._writable()
         self.check_range(offset, len(memoryview(data).cast("B")))

@@ -16,7 +16,7 @@ from ..format.entries import (ClusterType, compressed_descriptor, l1_offset, l2_
                               make_compressed_entry, pack_table, subcluster_type, unpack_table)
 from ..format.entries import cluster_type as std_cluster_type
 from ..format.header import Header, pack_header, parse_header, unknown_incompatible_message
-from ..hostfile import HostFile
+from ..hostfile import HostFile, zero_fill
 from ..kernels import l2_runs
 from . import codec
 from .cache import TableCache
@@ -35,6 +35,8 @@ class Backing(Protocol):
     size: int
 
     def pread(self, length: int, offset: int) -> bytes: ...
+
+    def preadinto(self, buf: memoryview, offset: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -328,32 +330,48 @@ class Qcow2Image(ExtendedL2Writes):
             exts = self.layer_extents(offset, length)
             if len(exts) == 1 and exts[0].kind == DATA:  # one contiguous host run: no copy at all
                 return self.file.pread(length, exts[0].host_offset)  # type: ignore[arg-type]
-            parts: list[bytes] = []  # joined once at the end (one copy of the data)
-            for ext in exts:
-                if ext.kind == DATA:
-                    parts.append(self.file.pread(ext.length, ext.host_offset))  # type: ignore[arg-type]
-                elif ext.kind == UNALLOCATED and self.backing is not None:
-                    parts.append(self._read_backing(ext.length, ext.start))
-                elif ext.kind == COMPRESSED:
-                    pos = ext.start
-                    while pos < ext.start + ext.length:
-                        cstart = pos & ~(self.cluster_size - 1)
-                        n = min(ext.start + ext.length, cstart + self.cluster_size) - pos
-                        data = self._read_compressed_cluster(cstart)
-                        parts.append(data if n == len(data) else data[pos - cstart:pos - cstart + n])
-                        pos += n
-                else:  # ZERO, or UNALLOCATED without a backing file
-                    parts.append(bytes(ext.length))
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            buf = bytearray(length)
+            self._read_extents(memoryview(buf), exts, zeroed=True)
+            return bytes(buf)
 
-    def _read_backing(self, length: int, offset: int) -> bytes:
+    def preadinto(self, buf: bytearray | memoryview, offset: int) -> None:
+        """Read ``len(buf)`` guest bytes straight into ``buf`` (a device's DMA target): one copy."""
+        view = buf if type(buf) is memoryview and buf.format == "B" else memoryview(buf).cast("B")
+        with self.lock:
+            self._check_range(offset, len(view))
+            exts = self.layer_extents(offset, len(view))
+            if len(exts) == 1 and exts[0].kind == DATA:
+                self.file.preadinto(view, exts[0].host_offset)  # type: ignore[arg-type]
+            else:
+                self._read_extents(view, exts, zeroed=False)
+
+    def _read_extents(self, view: memoryview, exts: list[LayerExtent], zeroed: bool) -> None:
+        pos = 0
+        for ext in exts:
+            dst = view[pos:pos + ext.length]
+            if ext.kind == DATA:
+                self.file.preadinto(dst, ext.host_offset)  # type: ignore[arg-type]
+            elif ext.kind == UNALLOCATED and self.backing is not None:
+                self._read_backing_into(dst, ext.start)
+            elif ext.kind == COMPRESSED:
+                p = ext.start
+                while p < ext.start + ext.length:
+                    cstart = p & ~(self.cluster_size - 1)
+                    n = min(ext.start + ext.length, cstart + self.cluster_size) - p
+                    data = self._read_compressed_cluster(cstart)
+                    dst[p - ext.start:p - ext.start + n] = memoryview(data)[p - cstart:p - cstart + n]
+                    p += n
+            elif not zeroed:  # ZERO, or UNALLOCATED without a backing file
+                zero_fill(dst)
+            pos += ext.length
+
+    def _read_backing_into(self, dst: memoryview, offset: int) -> None:
         """Backing data, zeros past the end of a shorter backing file."""
-        bsize = self.backing.size  # type: ignore[union-attr]
-        if offset >= bsize:
-            return bytes(length)
-        n = min(length, bsize - offset)
-        data = self.backing.pread(n, offset)  # type: ignore[union-attr]
-        return data if n == length else data + bytes(length - n)
+        n = max(0, min(len(dst), self.backing.size - offset))  # type: ignore[union-attr]
+        if n:
+            self.backing.preadinto(dst[:n], offset)  # type: ignore[union-attr]
+        if n < len(dst):
+            zero_fill(dst[n:])
 
     def _l2_entry_at(self, guest_offset: int) -> int:
         got = self._l2_table(guest_offset >> (self.cluster_bits + self.l2_bits))

@@ -41,6 +41,9 @@ class RecordingFile:
         chunk = bytes(self.buf[offset:offset + length])
         return chunk + bytes(length - len(chunk))
 
+    def preadinto(self, buf: memoryview, offset: int) -> None:
+        buf[:] = self.pread(len(buf), offset)
+
     def pwrite(self, data, offset: int) -> None:
         data = bytes(memoryview(data).cast("B"))
         if offset + len(data) > len(self.buf):
@@ -148,6 +151,9 @@ class MemBacking:
 
     def pread(self, length: int, offset: int) -> bytes:
         return self.data[offset:offset + length]
+
+    def preadinto(self, buf: memoryview, offset: int) -> None:
+        buf[:] = self.data[offset:offset + len(buf)]
 
 
 @dataclass

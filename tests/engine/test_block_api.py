@@ -65,10 +65,35 @@ def test_out_of_range_is_a_clear_error(qimg, rawimg, kind):
                 dev.write_zeroes(length, off)
             with pytest.raises(InvalidArgument):
                 dev.discard(length, off)
+            if length >= 0:
+                with pytest.raises(InvalidArgument):
+                    dev.preadinto(bytearray(length), off)
         with pytest.raises(InvalidArgument):
             dev.block_status(size - 10, 11)
         # nothing was changed by the refused calls
         assert dev.pread(size, 0) == (bytes(size) if kind == "qcow2" else open(rawimg, "rb").read())
+
+
+@pytest.mark.parametrize("kind", ["qcow2", "raw"])
+def test_preadinto_fills_any_buffer_like_pread(qimg, rawimg, kind):
+    """preadinto is pread without the intermediate bytes: same data into bytearrays, slices of a
+    larger buffer and non-byte memoryviews, with zero, data and unallocated ranges mixed."""
+    path = qimg if kind == "qcow2" else rawimg
+    with qcowpy.open(path, "r+") as dev:
+        if kind == "qcow2":
+            dev.pwrite(random.Random(1).randbytes(10000), 3000)
+            dev.write_zeroes(8192, 20480)
+        size = dev.size
+        for off, n in [(0, size), (1, 4095), (2999, 10003), (20000, 9000), (size - 700, 700)]:
+            want = dev.pread(n, off)
+            big = bytearray(b"\xee") * (n + 20)
+            dev.preadinto(memoryview(big)[10:10 + n], off)
+            assert bytes(big[10:10 + n]) == want
+            assert big[:10] == big[-10:] == b"\xee" * 10  # nothing written outside the view
+            if n % 4 == 0:
+                words = memoryview(bytearray(n)).cast("I")
+                dev.preadinto(words, off)
+                assert words.tobytes() == want
 
 
 def test_compressed_write_must_be_one_cluster(qimg):

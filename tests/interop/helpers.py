@@ -35,12 +35,26 @@ def read_all_qcowpy(path: str, chunk: int | None = None) -> bytes:
         return b"".join(dev.pread(min(chunk, dev.size - o), o) for o in range(0, dev.size, chunk))
 
 
+def read_all_qcowpy_into(path: str, step: int) -> bytes:
+    """The whole device through ``preadinto`` in odd-sized pieces, into a buffer pre-filled with 0xaa
+    (so a piece the driver forgets to fill shows)."""
+    with qcowpy.open(path) as dev:
+        buf = bytearray(b"\xaa") * dev.size
+        view = memoryview(buf)
+        for o in range(0, dev.size, step):
+            dev.preadinto(view[o:o + step], o)
+        return bytes(buf)
+
+
 def assert_reads_like_qemu(qemu, path: str, tmp_path, chunk: int | None = None) -> bytes:
-    """qcowpy.open(path).pread(size, 0) must equal ``qemu-img convert -O raw`` of the same file."""
+    """qcowpy.open(path).pread(size, 0) — and preadinto in odd pieces — must equal
+    ``qemu-img convert -O raw`` of the same file."""
     raw = os.path.join(str(tmp_path), os.path.basename(path) + ".oracle.raw")
     want = qemu.to_raw(path, raw)
     got = read_all_qcowpy(path, chunk)
     assert_same_bytes(got, want, f"qcowpy read of {path} vs qemu-img convert -O raw")
+    got = read_all_qcowpy_into(path, 3 * 65536 + 1000 + 7)
+    assert_same_bytes(got, want, f"qcowpy preadinto of {path} vs qemu-img convert -O raw")
     return want
 
 
