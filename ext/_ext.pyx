@@ -159,3 +159,63 @@ def find_offset_in(list table not None, uint64_t mask, uint64_t lo, uint64_t hi)
         if o and lo <= o < hi:
             return i
     return -1
+
+
+# ------------------------------------------------------------------------ split virtqueue chains
+
+cdef enum:
+    VRING_DESC_F_NEXT = 1
+    VRING_DESC_F_WRITE = 2
+    VRING_DESC_F_INDIRECT = 4
+
+
+def vring_chain(const unsigned char[::1] table not None, Py_ssize_t head, Py_ssize_t limit,
+                object ram, uint64_t win_start, uint64_t win_end):
+    """Follow the descriptor chain from ``head`` in ``table`` (``limit`` entries, little-endian
+    ``addr u64, len u32, flags u16, next u16``) when every buffer lies in the RAM window
+    ``[win_start, win_end)`` whose bytes are ``ram``.
+
+    Returns ``(out_sg, in_sg, out_iov, in_iov, out_len, in_len)`` — (addr, len) pairs and ``ram``
+    slices, zero-length buffers in the sg lists only — or None when the chain needs the general
+    walker: an indirect descriptor, a buffer outside the window, or any broken rule (loop, next
+    out of range, device-readable after device-writable), which the walker then reports.
+    """
+    cdef Py_ssize_t i = head, count = 0
+    cdef uint64_t addr
+    cdef unsigned int length, flags, nxt
+    cdef const unsigned char *d
+    cdef uint64_t out_len = 0, in_len = 0
+    cdef list out_sg = [], in_sg = [], out_iov = [], in_iov = []
+    if limit * 16 > table.shape[0] or i < 0 or i >= limit:
+        return None
+    while True:
+        count += 1
+        if count > limit:
+            return None
+        d = &table[16 * i]
+        addr = (<uint64_t>d[0] | <uint64_t>d[1] << 8 | <uint64_t>d[2] << 16 | <uint64_t>d[3] << 24
+                | <uint64_t>d[4] << 32 | <uint64_t>d[5] << 40 | <uint64_t>d[6] << 48 | <uint64_t>d[7] << 56)
+        length = d[8] | d[9] << 8 | d[10] << 16 | <unsigned int>d[11] << 24
+        flags = d[12] | d[13] << 8
+        nxt = d[14] | d[15] << 8
+        if flags & VRING_DESC_F_INDIRECT:
+            return None
+        if length and (addr < win_start or addr > win_end or length > win_end - addr):
+            return None
+        if flags & VRING_DESC_F_WRITE:
+            in_sg.append((addr, length))
+            if length:
+                in_iov.append(ram[addr - win_start:addr - win_start + length])
+                in_len += length
+        else:
+            if in_sg:
+                return None
+            out_sg.append((addr, length))
+            if length:
+                out_iov.append(ram[addr - win_start:addr - win_start + length])
+                out_len += length
+        if not flags & VRING_DESC_F_NEXT:
+            return out_sg, in_sg, out_iov, in_iov, out_len, in_len
+        if nxt >= limit:
+            return None
+        i = nxt

@@ -6,6 +6,8 @@ they agree. docs/performance.md records the benchmark that earned each kernel it
 """
 from __future__ import annotations
 
+import struct
+
 _OFLAG_COMPRESSED = 1 << 62
 _OFLAG_ZERO = 1
 _L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -94,14 +96,57 @@ def py_find_offset_in(table: list[int], mask: int, lo: int, hi: int) -> int:
     return -1
 
 
+_VRING_DESC = struct.Struct("<QIHH")
+
+
+def py_vring_chain(table, head: int, limit: int, ram, win_start: int, win_end: int):  # type: ignore[no-untyped-def]
+    """A split-virtqueue chain whose buffers all lie in one RAM window, or None (see _ext.vring_chain)."""
+    if limit * 16 > len(table) or not 0 <= head < limit:
+        return None
+    out_sg: list[tuple[int, int]] = []
+    in_sg: list[tuple[int, int]] = []
+    out_iov: list = []
+    in_iov: list = []
+    out_len = in_len = count = 0
+    i = head
+    while True:
+        count += 1
+        if count > limit:
+            return None
+        addr, length, flags, nxt = _VRING_DESC.unpack_from(table, 16 * i)
+        if flags & 4:  # INDIRECT
+            return None
+        if length and not (win_start <= addr and addr + length <= win_end):
+            return None
+        if flags & 2:  # WRITE
+            in_sg.append((addr, length))
+            if length:
+                in_iov.append(ram[addr - win_start:addr - win_start + length])
+                in_len += length
+        else:
+            if in_sg:
+                return None
+            out_sg.append((addr, length))
+            if length:
+                out_iov.append(ram[addr - win_start:addr - win_start + length])
+                out_len += length
+        if not flags & 1:  # no NEXT
+            return out_sg, in_sg, out_iov, in_iov, out_len, in_len
+        if nxt >= limit:
+            return None
+        i = nxt
+
+
 try:
-    from ._ext import find_offset_in, is_zero, l2_runs, zero_runs  # type: ignore[attr-defined]
+    from ._ext import find_offset_in, is_zero, l2_runs, vring_chain, zero_runs  # type: ignore[attr-defined]
     HAVE_EXT = True
 except ImportError:  # not built (or built from an older ext/): pure Python
     find_offset_in = py_find_offset_in
     is_zero = py_is_zero
     l2_runs = py_l2_runs
+    vring_chain = py_vring_chain
     zero_runs = py_zero_runs
     HAVE_EXT = False
 
-__all__ = ["HAVE_EXT", "find_offset_in", "is_zero", "l2_runs", "py_find_offset_in", "py_is_zero", "py_l2_runs", "py_zero_runs", "zero_runs"]
+__all__ = ["HAVE_EXT", "find_offset_in", "is_zero", "l2_runs", "py_find_offset_in", "py_is_zero", "py_l2_runs",
+           "py_vring_chain", "py_zero_runs", "vring_chain", "zero_runs"]

@@ -40,6 +40,11 @@ def _topology_changed() -> None:
         _current_generation = next(_generation)
 
 
+def topology_generation() -> int:
+    """Changes whenever any region's topology changes; mappings taken before are then stale."""
+    return _current_generation
+
+
 class Endianness(Enum):
     """How a device's registers order bytes (QEMU's ``enum device_endian``)."""
 
@@ -401,8 +406,12 @@ class AddressSpace:
 
     def read(self, addr: int, length: int) -> bytes:
         """Read guest bytes (QEMU's ``address_space_read``)."""
-        out = bytearray()
         view = self.flatview
+        r = view.lookup(addr)
+        if r is not None and r.mr.ram is not None and addr + length <= r.end:  # all in one RAM range
+            off = r.offset + (addr - r.start)
+            return bytes(memoryview(r.mr.ram)[off:off + length])
+        out = bytearray()
         while length > 0:
             r = view.lookup(addr)
             if r is None:
@@ -425,6 +434,12 @@ class AddressSpace:
         """Write guest bytes (QEMU's ``address_space_write``)."""
         view = self.flatview
         pos, length = 0, len(data)
+        r = view.lookup(addr)
+        if r is not None and r.mr.ram is not None and addr + length <= r.end:  # all in one RAM range
+            if not r.readonly:
+                off = r.offset + (addr - r.start)
+                r.mr.ram[off:off + length] = data
+            return
         while pos < length:
             r = view.lookup(addr)
             if r is None:

@@ -6,6 +6,7 @@ against plain definitions, so kernel == reference == specification.
 from __future__ import annotations
 
 import random
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -251,3 +252,55 @@ def test_bench_find_offset_in_reftable(benchmark, impl: str) -> None:
     table[:3] = [0x30000, 0x40000, 0x7770000]
     fn = ext.find_offset_in if impl == "cython" else K.py_find_offset_in
     assert benchmark(fn, table, REFT_MASK, 1 << 40, (1 << 40) + (4 << 20)) == -1
+
+
+# --------------------------------------------------------------------------- vring_chain
+
+WIN = (0x1000, 0x9000)  # the RAM window of the chain tests
+
+
+def _desc_table(descs: list[tuple[int, int, int, int]]) -> bytearray:
+    return bytearray(b"".join(struct.pack("<QIHH", *d) for d in descs))
+
+
+def _plain(res):  # memoryview slices -> (offset into the window, bytes) for comparison
+    if res is None:
+        return None
+    out_sg, in_sg, out_iov, in_iov, out_len, in_len = res
+    return out_sg, in_sg, [bytes(v) for v in out_iov], [bytes(v) for v in in_iov], out_len, in_len
+
+
+desc_st = st.tuples(st.one_of(st.integers(0, 0xA000), st.integers(0, (1 << 64) - 1)),
+                    st.one_of(st.integers(0, 0x3000), st.integers(0, (1 << 32) - 1)),
+                    st.integers(0, 7), st.integers(0, 9))
+
+
+@settings(max_examples=400)
+@given(st.lists(desc_st, min_size=1, max_size=8), st.integers(0, 9))
+def test_vring_chain_matches_reference(descs, head) -> None:
+    table = _desc_table(descs)
+    ram = memoryview(bytes(range(256)) * ((WIN[1] - WIN[0]) // 256))
+    got = ext.vring_chain(table, head, len(descs), ram, *WIN)
+    assert _plain(got) == _plain(K.py_vring_chain(table, head, len(descs), ram, *WIN))
+
+
+def test_vring_chain_cases() -> None:
+    ram = memoryview(bytearray(WIN[1] - WIN[0]))
+    nxt, wr, ind = 1, 2, 4
+    ok = _desc_table([(0x1000, 16, nxt, 2), (0x3000, 1, wr, 0), (0x2000, 512, nxt | wr, 1)])
+    for fn in (ext.vring_chain, K.py_vring_chain):
+        res = fn(ok, 0, 3, ram, *WIN)
+        assert res[0] == [(0x1000, 16)] and res[1] == [(0x2000, 512), (0x3000, 1)] and res[4:] == (16, 513)
+        assert [len(v) for v in res[3]] == [512, 1]
+        res[3][1][0] = 7  # the iovecs are the window itself
+        assert ram[0x3000 - WIN[0]] == 7
+        # every case the general walker must handle or report
+        assert fn(_desc_table([(0x1000, 16, nxt, 0)]), 0, 1, ram, *WIN) is None             # loop
+        assert fn(_desc_table([(0x1000, 16, nxt, 5)]), 0, 1, ram, *WIN) is None             # next out of range
+        assert fn(_desc_table([(0x1000, 16, ind, 0)]), 0, 1, ram, *WIN) is None             # indirect
+        assert fn(_desc_table([(0x8F00, 0x200, 0, 0)]), 0, 1, ram, *WIN) is None            # leaves the window
+        assert fn(_desc_table([(2**64 - 8, 16, 0, 0)]), 0, 1, ram, *WIN) is None            # wraps around
+        assert fn(_desc_table([(0x1000, 8, wr | nxt, 1), (0x1100, 8, 0, 0)]), 0, 2, ram, *WIN) is None
+        assert fn(ok, 3, 3, ram, *WIN) is None                                              # head out of range
+        assert fn(ok, 0, 4, ram, *WIN) is None                                              # table too short
+        assert fn(_desc_table([(0xDEAD0000, 0, 0, 0)]), 0, 1, ram, *WIN)[0] == [(0xDEAD0000, 0)]  # empty buffer

@@ -155,7 +155,7 @@ def test_block_layer_error_gives_ioerr(disk):
         def pread(self, *a):
             raise QcowError("injected")
 
-        pwrite = flush = pread
+        preadinto = pwrite = flush = pread
     g = Guest(Failing())
     assert g.req(vb.VIRTIO_BLK_T_IN, 0, in_len=512)[0] == vb.VIRTIO_BLK_S_IOERR
     assert g.req(vb.VIRTIO_BLK_T_FLUSH, 0)[0] == vb.VIRTIO_BLK_S_IOERR

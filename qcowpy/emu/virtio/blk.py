@@ -20,7 +20,8 @@ from typing import Any, Optional
 
 from qcowpy.errors import QcowError
 
-from .split import GuestMemory, SplitVirtQueue, VirtQueueElement, VirtQueueError, sg_read, sg_write
+from .split import (SplitVirtQueue, VirtQueueElement, VirtQueueError, iov_from_bytes, iov_split_tail,
+                    iov_to_bytes)
 
 VIRTIO_ID_BLOCK = 2
 
@@ -80,6 +81,7 @@ class VirtioBlk:
         self.queue_size = queue_size
         self.logical_block_size = logical_block_size
         self.seg_max = queue_size - 2
+        self._capacity = self.capacity
         self.stats = {"rd_bytes": 0, "wr_bytes": 0, "rd_operations": 0, "wr_operations": 0,
                       "flush_operations": 0, "failed_operations": 0}
 
@@ -116,47 +118,58 @@ class VirtioBlk:
 
         Raises VirtQueueError on a driver error (the transport then sets NEEDS_RESET)."""
         old = vq.used_idx
+        self._capacity = self.capacity  # fixed for the batch (a resize lands between batches)
         while True:
             elem = vq.pop()
             if elem is None:
                 break
-            used_len = self.handle(vq.mem, elem)
+            used_len = self.handle(elem)
             vq.push(elem, used_len)
         return vq.used_idx != old and vq.should_notify(old)
 
-    def handle(self, mem: GuestMemory, elem: VirtQueueElement) -> int:
+    def handle(self, elem: VirtQueueElement) -> int:
         """Serve one chain; write its status byte; return used.len."""
         if not elem.out_sg or not elem.in_sg:
             raise VirtQueueError("virtio-blk missing headers")
         if elem.out_len < _HDR.size:
             raise VirtQueueError("virtio-blk request outhdr too short")
-        last_addr, last_len = elem.in_sg[-1]
-        if last_len < 1:
-            raise VirtQueueError("virtio-blk request inhdr too short")
         in_len = elem.in_len
-        status_addr = last_addr + last_len - 1
-        data_in = elem.in_sg[:-1] + ([(last_addr, last_len - 1)] if last_len > 1 else [])
-        rtype, _, sector = _HDR.unpack(sg_read(mem, elem.out_sg, 0, _HDR.size))
-        status = self._dispatch(mem, elem, rtype & ~VIRTIO_BLK_T_BARRIER, sector, data_in, in_len - 1)
+        if in_len < 1 or elem.in_sg[-1][1] < 1:
+            raise VirtQueueError("virtio-blk request inhdr too short")
+        in_iov = elem.in_iov
+        if len(in_iov[-1]) == 1:  # the usual layout: the status byte has a descriptor of its own
+            data_in, status_view = in_iov[:-1], in_iov[-1]
+        else:
+            data_in, tail = iov_split_tail(in_iov, 1)
+            status_view = tail[0]
+        head = elem.out_iov[0]
+        if len(head) >= _HDR.size:
+            rtype, _, sector = _HDR.unpack_from(head)
+        else:
+            rtype, _, sector = _HDR.unpack(iov_to_bytes(elem.out_iov, 0, _HDR.size))
+        status = self._dispatch(elem, rtype & ~VIRTIO_BLK_T_BARRIER, sector, data_in, in_len - 1)
         if status != VIRTIO_BLK_S_OK:
             self.stats["failed_operations"] += 1
-        mem.write(status_addr, bytes([status]))
+        status_view[0] = status
         return in_len
 
     def _range_ok(self, sector: int, nbytes: int) -> bool:
         if nbytes % self.logical_block_size or (sector * SECTOR) % self.logical_block_size:
             return False
-        return sector <= self.capacity and nbytes // SECTOR <= self.capacity - sector
+        cap = self._capacity
+        return sector <= cap and nbytes // SECTOR <= cap - sector
 
-    def _dispatch(self, mem: GuestMemory, elem: VirtQueueElement, rtype: int, sector: int,
-                  data_in: list[tuple[int, int]], data_in_len: int) -> int:
+    def _dispatch(self, elem: VirtQueueElement, rtype: int, sector: int,
+                  data_in: list[memoryview], data_in_len: int) -> int:
         out_data_len = elem.out_len - _HDR.size
         try:
             if rtype == VIRTIO_BLK_T_IN:
                 if self.blk is None or not self._range_ok(sector, data_in_len) or data_in_len > MAX_TRANSFER:
                     return VIRTIO_BLK_S_IOERR
-                data = self.blk.pread(data_in_len, sector * SECTOR) if data_in_len else b""
-                sg_write(mem, data_in, data)
+                pos = sector * SECTOR
+                for view in data_in:  # straight into guest RAM, one block-layer read per mapped piece
+                    self.blk.preadinto(view, pos)
+                    pos += len(view)
                 self.stats["rd_bytes"] += data_in_len
                 self.stats["rd_operations"] += 1
                 return VIRTIO_BLK_S_OK
@@ -164,9 +177,9 @@ class VirtioBlk:
                 if (self.blk is None or self.read_only or not self._range_ok(sector, out_data_len)
                         or out_data_len > MAX_TRANSFER):
                     return VIRTIO_BLK_S_IOERR
-                data = sg_read(mem, elem.out_sg, _HDR.size)
-                if data:
-                    self.blk.pwrite(data, sector * SECTOR)
+                if out_data_len:
+                    _, data = iov_split_tail(elem.out_iov, out_data_len)
+                    self.blk.pwrite(data[0] if len(data) == 1 else b"".join(data), sector * SECTOR)
                 self.stats["wr_bytes"] += out_data_len
                 self.stats["wr_operations"] += 1
                 return VIRTIO_BLK_S_OK
@@ -181,22 +194,22 @@ class VirtioBlk:
                 ident = self.serial.encode()[:VIRTIO_BLK_ID_BYTES]
                 if len(ident) < VIRTIO_BLK_ID_BYTES:
                     ident += b"\0"
-                sg_write(mem, data_in, ident[:data_in_len])
+                iov_from_bytes(data_in, ident[:data_in_len])
                 return VIRTIO_BLK_S_OK
             if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
-                return self._discard_write_zeroes(mem, elem, rtype == VIRTIO_BLK_T_WRITE_ZEROES, out_data_len)
+                return self._discard_write_zeroes(elem, rtype == VIRTIO_BLK_T_WRITE_ZEROES, out_data_len)
             return VIRTIO_BLK_S_UNSUPP
         except VirtQueueError:
             raise
         except (QcowError, OSError):
             return VIRTIO_BLK_S_IOERR
 
-    def _discard_write_zeroes(self, mem: GuestMemory, elem: VirtQueueElement, wz: bool, out_len: int) -> int:
+    def _discard_write_zeroes(self, elem: VirtQueueElement, wz: bool, out_len: int) -> int:
         if out_len > _DWZ.size:  # more than one segment (max_*_seg is 1)
             return VIRTIO_BLK_S_UNSUPP
         if out_len < _DWZ.size:
             raise VirtQueueError("virtio-blk discard/write_zeroes header too short")
-        sector, num, flags = _DWZ.unpack(sg_read(mem, elem.out_sg, _HDR.size, _DWZ.size))
+        sector, num, flags = _DWZ.unpack(iov_to_bytes(elem.out_iov, _HDR.size, _DWZ.size))
         if num > (MAX_WRITE_ZEROES_SECTORS if wz else MAX_DISCARD_SECTORS):
             return VIRTIO_BLK_S_IOERR
         if self.blk is None or not self._range_ok(sector, num * SECTOR):

@@ -1,25 +1,32 @@
 """Split virtqueues (VIRTIO 1.x section 2.7), independent of any transport.
 
-The engine reads the descriptor table and the driver ring and writes the device ring through a
-*guest-memory accessor*: any object with ``read(addr, length) -> bytes`` and
-``write(addr, data)`` that raises :class:`GuestMemoryError` for an address that is not guest RAM.
+The engine works on guest memory through a *guest-memory accessor* (:class:`GuestMemory`):
+``map(addr, length, writable)`` returns the guest RAM behind a range as memoryviews (QEMU's
+``dma_memory_map``) and ``generation()`` changes whenever that mapping may have changed.
 :class:`AddressSpaceMemory` adapts an emulator :class:`~qcowpy.emu.memory.AddressSpace` (a PCI
 device's bus-master view) and :class:`BytesMemory` a plain ``bytearray`` (for tests and a future
 vhost-user back-end).
 
+Like QEMU's vring region caches, the descriptor table, driver ring and device ring are mapped once
+(and again after a memory-topology change) and then read and written in place; each of them must
+lie in one piece of guest RAM. A popped element carries its buffers both as guest addresses
+(``out_sg``/``in_sg``) and mapped (``out_iov``/``in_iov``), so a device moves data straight between
+guest RAM and its back-end.
+
 Nothing the guest puts in memory is trusted. A descriptor index outside the queue, a chain longer
 than the queue (a loop), a nested or misaligned indirect table, a device-readable buffer after a
-device-writable one, a buffer outside guest RAM or an available index that runs more than a queue
-size ahead all raise :class:`VirtQueueError`; the transport answers with DEVICE_NEEDS_RESET, as
-QEMU's ``virtio_error`` does.
+device-writable one, a buffer or ring outside guest RAM or an available index that runs more than
+a queue size ahead all raise :class:`VirtQueueError`; the transport answers with DEVICE_NEEDS_RESET,
+as QEMU's ``virtio_error`` does.
 """
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
+from ...kernels import vring_chain
 from ..errors import EmuError
+from ..memory import topology_generation
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
@@ -44,8 +51,16 @@ class GuestMemoryError(VirtQueueError):
 
 
 class GuestMemory(Protocol):
-    def read(self, addr: int, length: int) -> bytes: ...
-    def write(self, addr: int, data: bytes) -> None: ...
+    def map(self, addr: int, length: int, writable: bool) -> list[memoryview]: ...
+    def generation(self) -> int: ...
+
+    def window(self) -> Optional[tuple[int, int, memoryview]]:
+        """A block of writable guest RAM ``(start, end, bytes)`` (the one mapped last), or None;
+        buffers inside it can be sliced from it directly."""
+
+
+def _outside(addr: int, length: int) -> GuestMemoryError:
+    return GuestMemoryError(f"guest address range {addr:#x}+{length:#x} is outside guest RAM")
 
 
 class BytesMemory:
@@ -53,69 +68,87 @@ class BytesMemory:
 
     def __init__(self, buf: bytearray) -> None:
         self.buf = buf
+        self.view = memoryview(buf)
 
-    def _check(self, addr: int, length: int) -> None:
+    def map(self, addr: int, length: int, writable: bool) -> list[memoryview]:
         if addr < 0 or length < 0 or addr + length > len(self.buf):
-            raise GuestMemoryError(f"guest address range {addr:#x}+{length:#x} is outside guest RAM")
+            raise _outside(addr, length)
+        return [self.view[addr:addr + length]]
 
-    def read(self, addr: int, length: int) -> bytes:
-        self._check(addr, length)
-        return bytes(self.buf[addr:addr + length])
+    def generation(self) -> int:
+        return 0
 
-    def write(self, addr: int, data: bytes) -> None:
-        self._check(addr, len(data))
-        self.buf[addr:addr + len(data)] = data
+    def window(self) -> Optional[tuple[int, int, memoryview]]:
+        return 0, len(self.buf), self.view
 
 
 class AddressSpaceMemory:
-    """RAM reachable through an AddressSpace; holes, MMIO and disabled bus mastering are errors."""
+    """RAM reachable through an AddressSpace; holes, MMIO and disabled bus mastering are errors.
+
+    Writable mappings of read-only RAM (ROM) get a scratch buffer, so device writes there are
+    dropped, as QEMU's bounce buffer does for them."""
 
     def __init__(self, address_space) -> None:  # type: ignore[no-untyped-def]
         self.address_space = address_space
+        # the RAM range of the last mapping: (generation, start, end, view of the range), so a
+        # run of buffers in the same RAM block skips the flat-view lookup
+        self._last: tuple[int, int, int, memoryview] = (-1, 0, 0, memoryview(b""))
 
-    def _pieces(self, addr: int, length: int):  # type: ignore[no-untyped-def]
+    def generation(self) -> int:
+        return topology_generation()
+
+    def window(self) -> Optional[tuple[int, int, memoryview]]:
+        gen, start, end, ram = self._last
+        return (start, end, ram) if gen == topology_generation() else None
+
+    def map(self, addr: int, length: int, writable: bool) -> list[memoryview]:
+        gen, start, end, ram = self._last
+        if start <= addr and addr + length <= end and gen == topology_generation():
+            return [ram[addr - start:addr - start + length]]
         if addr < 0 or length < 0 or addr + length > 1 << 64:
             raise GuestMemoryError(f"guest address range {addr:#x}+{length:#x} is invalid")
         view = self.address_space.flatview
-        while length > 0:
+        out = []
+        while True:
             r = view.lookup(addr)
             if r is None or r.mr.ram is None:
                 raise GuestMemoryError(f"guest address {addr:#x} is not RAM")
             n = min(length, r.end - addr)
             off = r.offset + (addr - r.start)
-            yield r, off, n
+            if r.readonly:  # never cached: writable mappings of ROM get a scratch buffer
+                out.append(memoryview(bytearray(n)) if writable else memoryview(r.mr.ram)[off:off + n])
+            else:
+                ram = memoryview(r.mr.ram)[r.offset:r.offset + (r.end - r.start)]
+                self._last = (topology_generation(), r.start, r.end, ram)
+                out.append(ram[addr - r.start:addr - r.start + n])
             addr += n
             length -= n
-
-    def read(self, addr: int, length: int) -> bytes:
-        parts = [bytes(r.mr.ram[off:off + n]) for r, off, n in self._pieces(addr, length)]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def write(self, addr: int, data: bytes) -> None:
-        mv = memoryview(data)
-        pos = 0
-        pieces = list(self._pieces(addr, len(data)))  # validate everything before writing anything
-        for r, off, n in pieces:
-            if not r.readonly:
-                r.mr.ram[off:off + n] = mv[pos:pos + n]
-            pos += n
+            if length <= 0:
+                return out
 
 
-@dataclass
+def map_one(mem: GuestMemory, addr: int, length: int, writable: bool, what: str) -> memoryview:
+    """One contiguous mapping of ``length`` bytes, or VirtQueueError (QEMU: "Cannot map ...")."""
+    views = mem.map(addr, length, writable)
+    if len(views) != 1:
+        raise VirtQueueError(f"cannot map {what} at {addr:#x}+{length:#x}: not one piece of guest RAM")
+    return views[0]
+
+
 class VirtQueueElement:
-    """One available chain: its head index and the device-readable / device-writable buffers."""
+    """One available chain: its head index and its device-readable / device-writable buffers,
+    as guest (address, length) pairs and as mapped memoryviews."""
 
-    index: int
-    out_sg: list[tuple[int, int]] = field(default_factory=list)
-    in_sg: list[tuple[int, int]] = field(default_factory=list)
+    __slots__ = ("index", "out_sg", "in_sg", "out_iov", "in_iov", "out_len", "in_len")
 
-    @property
-    def out_len(self) -> int:
-        return sum(n for _, n in self.out_sg)
-
-    @property
-    def in_len(self) -> int:
-        return sum(n for _, n in self.in_sg)
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.out_sg: list[tuple[int, int]] = []
+        self.in_sg: list[tuple[int, int]] = []
+        self.out_iov: list[memoryview] = []
+        self.in_iov: list[memoryview] = []
+        self.out_len = 0  # total bytes of out_sg / in_sg
+        self.in_len = 0
 
 
 def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
@@ -146,54 +179,74 @@ class SplitVirtQueue:
         self.used_idx = 0
         self.signalled_used: Optional[int] = None  # used_idx at the last interrupt (event idx)
         self.inflight = 0
+        self.known_avail = 0  # chains seen at the last read of the driver's index, not yet popped
+        self._maps_key: Optional[tuple[int, ...]] = None
+        self._desc_v = self._avail_v = self._used_v = memoryview(b"")
+
+    def _maps(self) -> None:
+        """(Re)map the three rings when their addresses, size or the memory topology changed."""
+        key = (self.desc, self.avail, self.used, self.num, self.event_idx, self.mem.generation())
+        if key == self._maps_key:
+            return
+        extra = 2 if self.event_idx else 0  # used_event / avail_event exist only with EVENT_IDX
+        num = self.num
+        self._desc_v = map_one(self.mem, self.desc, DESC_SIZE * num, False, "descriptor table")
+        self._avail_v = map_one(self.mem, self.avail, 4 + 2 * num + extra, False, "driver ring")
+        self._used_v = map_one(self.mem, self.used, 4 + 8 * num + extra, True, "device ring")
+        self._maps_key = key
 
     # -- driver ring --------------------------------------------------------------------------
-    def _avail_idx(self) -> int:
-        return _U16.unpack(self.mem.read(self.avail + 2, 2))[0]
-
-    def _avail_flags(self) -> int:
-        return _U16.unpack(self.mem.read(self.avail, 2))[0]
-
-    def _used_event(self) -> int:
-        return _U16.unpack(self.mem.read(self.avail + 4 + 2 * self.num, 2))[0]
-
     def available(self) -> int:
         """How many chains the driver has made available and we have not popped."""
-        n = (self._avail_idx() - self.last_avail_idx) & 0xFFFF
+        self._maps()
+        idx = _U16.unpack_from(self._avail_v, 2)[0]
+        n = (idx - self.last_avail_idx) & 0xFFFF
         if n > self.num:
             raise VirtQueueError(f"guest moved available index from {self.last_avail_idx} by {n}"
                                  f" (queue size {self.num})")
+        self.known_avail = n
         return n
 
     def pop(self) -> Optional[VirtQueueElement]:
-        """The next available chain, or None when the ring is empty."""
+        """The next available chain, or None when the ring is empty.
+
+        The driver's index is re-read only once the chains seen at the last read are used up
+        (QEMU's shadow_avail_idx)."""
         if not self.ready:
             return None
-        if self.available() == 0:
-            if self.event_idx:
-                self._set_avail_event(self._avail_idx())
-            return None
-        slot = self.last_avail_idx % self.num
-        head = _U16.unpack(self.mem.read(self.avail + 4 + 2 * slot, 2))[0]
+        if not self.known_avail:
+            if self.available() == 0:
+                if self.event_idx:
+                    self._set_avail_event(self.last_avail_idx)
+                return None
+        # else: still inside the batch the last read announced (one process_queue call under the
+        # machine lock), so the ring mappings made for that read are current
+        head = _U16.unpack_from(self._avail_v, 4 + 2 * (self.last_avail_idx % self.num))[0]
         elem = self._walk(head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        self.known_avail -= 1
         if self.event_idx:
             self._set_avail_event(self.last_avail_idx)
         self.inflight += 1
         return elem
 
     def _set_avail_event(self, idx: int) -> None:
-        self.mem.write(self.used + 4 + 8 * self.num, _U16.pack(idx))
-
-    def _read_desc(self, table: int, i: int) -> tuple[int, int, int, int]:
-        return _DESC.unpack(self.mem.read(table + DESC_SIZE * i, DESC_SIZE))
+        _U16.pack_into(self._used_v, 4 + 8 * self.num, idx)
 
     def _walk(self, head: int) -> VirtQueueElement:
         if head >= self.num:
             raise VirtQueueError(f"guest chain head {head} >= queue size {self.num}")
+        mem = self.mem
         elem = VirtQueueElement(head)
-        table, limit, i = self.desc, self.num, head
-        addr, length, flags, nxt = self._read_desc(table, i)
+        win = mem.window()
+        if win is not None:  # the common case in one call: a direct chain with buffers in one RAM block
+            got = vring_chain(self._desc_v, head, self.num, win[2], win[0], win[1])
+            if got is not None:
+                elem.out_sg, elem.in_sg, elem.out_iov, elem.in_iov, elem.out_len, elem.in_len = got
+                return elem
+        # everything else, and every broken rule with its message: step by step
+        table, limit = self._desc_v, self.num
+        addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * head)
         if flags & VRING_DESC_F_INDIRECT:
             if not self.indirect:
                 raise VirtQueueError("indirect descriptor but VIRTIO_F_INDIRECT_DESC not negotiated")
@@ -204,9 +257,9 @@ class SplitVirtQueue:
             limit = length // DESC_SIZE
             if limit > VIRTQUEUE_MAX_SIZE:
                 raise VirtQueueError(f"indirect table of {limit} descriptors is too long")
-            self.mem.read(addr, length)  # the whole table must be RAM
-            table, i = addr, 0
-            addr, length, flags, nxt = self._read_desc(table, i)
+            table = map_one(mem, addr, length, False, "indirect descriptor table")
+            addr, length, flags, nxt = _DESC.unpack_from(table, 0)
+        out_sg, in_sg, out_iov, in_iov, gmap = elem.out_sg, elem.in_sg, elem.out_iov, elem.in_iov, mem.map
         count = 0
         while True:
             count += 1
@@ -214,35 +267,39 @@ class SplitVirtQueue:
                 raise VirtQueueError("descriptor chain is longer than its table (loop?)")
             if flags & VRING_DESC_F_INDIRECT:
                 raise VirtQueueError("indirect descriptor inside a chain or an indirect table")
-            if length:
-                _check_ram(self.mem, addr, length)
             if flags & VRING_DESC_F_WRITE:
-                elem.in_sg.append((addr, length))
+                in_sg.append((addr, length))
+                if length:
+                    in_iov += gmap(addr, length, True)
+                    elem.in_len += length
             else:
-                if elem.in_sg:
+                if in_sg:
                     raise VirtQueueError("device-readable descriptor after a device-writable one")
-                elem.out_sg.append((addr, length))
+                out_sg.append((addr, length))
+                if length:
+                    out_iov += gmap(addr, length, False)
+                    elem.out_len += length
             if not flags & VRING_DESC_F_NEXT:
                 return elem
             if nxt >= limit:
                 raise VirtQueueError(f"next descriptor {nxt} out of range ({limit})")
-            i = nxt
-            addr, length, flags, nxt = self._read_desc(table, i)
+            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * nxt)
 
     # -- device ring ----------------------------------------------------------------------------
     def push(self, elem: VirtQueueElement, length: int) -> None:
-        """Return ``elem`` to the driver with ``length`` bytes written (fill + flush)."""
-        slot = self.used_idx % self.num
-        self.mem.write(self.used + 4 + 8 * slot, _USED_ELEM.pack(elem.index, length))
+        """Return ``elem`` to the driver with ``length`` bytes written (fill + flush).
+
+        Uses the ring mappings of the pop that produced ``elem``."""
+        _USED_ELEM.pack_into(self._used_v, 4 + 8 * (self.used_idx % self.num), elem.index, length)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.mem.write(self.used + 2, _U16.pack(self.used_idx))
+        _U16.pack_into(self._used_v, 2, self.used_idx)
         self.inflight = max(0, self.inflight - 1)
 
     def should_notify(self, old_used: int) -> bool:
         """Whether the driver wants an interrupt after the used index moved from ``old_used``."""
         if self.event_idx:
-            return vring_need_event(self._used_event(), self.used_idx, old_used)
-        return not self._avail_flags() & VRING_AVAIL_F_NO_INTERRUPT
+            return vring_need_event(_U16.unpack_from(self._avail_v, 4 + 2 * self.num)[0], self.used_idx, old_used)
+        return not _U16.unpack_from(self._avail_v, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT
 
     # -- layout helpers ----------------------------------------------------------------------------
     @staticmethod
@@ -251,50 +308,61 @@ class SplitVirtQueue:
         return DESC_SIZE * num, 6 + 2 * num, 6 + 8 * num
 
 
-def _check_ram(mem: GuestMemory, addr: int, length: int) -> None:
-    check = getattr(mem, "check", None)
-    if check is not None:
-        check(addr, length)
-        return
-    if isinstance(mem, AddressSpaceMemory):
-        for _ in mem._pieces(addr, length):
-            pass
-    elif isinstance(mem, BytesMemory):
-        mem._check(addr, length)
-    else:
-        mem.read(addr, min(length, 1))
-        mem.read(addr + length - 1, 1)
+# -- scatter/gather over mapped buffers (QEMU's iov_to_buf / iov_from_buf) ----------------------
+
+def iov_size(iov: list[memoryview]) -> int:
+    return sum(len(v) for v in iov)
 
 
-def sg_read(mem: GuestMemory, sg: list[tuple[int, int]], offset: int = 0, length: Optional[int] = None) -> bytes:
-    """Gather ``length`` bytes (default: all) starting ``offset`` bytes into a scatter list."""
+def iov_to_bytes(iov: list[memoryview], offset: int = 0, length: Optional[int] = None) -> bytes:
+    """Gather ``length`` bytes (default: all) starting ``offset`` bytes into ``iov``."""
+    if len(iov) == 1:
+        v = iov[0]
+        return bytes(v[offset:] if length is None else v[offset:offset + length])
     out = []
-    remaining = sum(n for _, n in sg) - offset if length is None else length
-    for addr, n in sg:
+    remaining = iov_size(iov) - offset if length is None else length
+    for v in iov:
         if remaining <= 0:
             break
+        n = len(v)
         if offset >= n:
             offset -= n
             continue
         take = min(n - offset, remaining)
-        out.append(mem.read(addr + offset, take))
+        out.append(v[offset:offset + take])
         remaining -= take
         offset = 0
     return b"".join(out)
 
 
-def sg_write(mem: GuestMemory, sg: list[tuple[int, int]], data: bytes, offset: int = 0) -> int:
-    """Scatter ``data`` into ``sg`` starting ``offset`` bytes in; returns bytes written."""
+def iov_from_bytes(iov: list[memoryview], data: bytes | bytearray | memoryview, offset: int = 0) -> int:
+    """Scatter ``data`` into ``iov`` starting ``offset`` bytes in; returns bytes written."""
     mv = memoryview(data)
     pos = 0
-    for addr, n in sg:
+    for v in iov:
         if pos >= len(mv):
             break
+        n = len(v)
         if offset >= n:
             offset -= n
             continue
         take = min(n - offset, len(mv) - pos)
-        mem.write(addr + offset, mv[pos:pos + take])
+        v[offset:offset + take] = mv[pos:pos + take]
         pos += take
         offset = 0
     return pos
+
+
+def iov_split_tail(iov: list[memoryview], n: int) -> tuple[list[memoryview], list[memoryview]]:
+    """Split off the last ``n`` bytes: (head views, tail views)."""
+    head = list(iov)
+    tail: list[memoryview] = []
+    while n > 0 and head:
+        v = head.pop()
+        if len(v) > n:
+            head.append(v[:len(v) - n])
+            tail.insert(0, v[len(v) - n:])
+            break
+        tail.insert(0, v)
+        n -= len(v)
+    return head, tail
