@@ -302,7 +302,7 @@ class HumanMonitor:
         if what == "disks":
             return "".join(f"disk {i}: {vb.describe(d)}\n" for i, d in enumerate(disks)) or "no disks\n"
         usage = ("guest disk-read N OFF LEN | disk-write N OFF LEN [SEED] | disk-verify N OFF LEN [SEED] "
-                 "| disk-test N OFF LEN [SEED] | disk-copy SRC DST | disk-bench N seq|rand [BS] [TOTAL]")
+                 "| disk-test N OFF LEN [SEED] | disk-copy SRC DST | disk-bench N seq|rand [BS] [TOTAL] [DEPTH]")
         if len(args) < 2:
             raise ValueError(usage)
         if not disks:
@@ -315,7 +315,8 @@ class HumanMonitor:
             mode = args[1]
             bs = int(args[2], 0) if len(args) > 2 else 65536
             total = int(args[3], 0) if len(args) > 3 else 4 << 20
-            return "\n".join(vb.throughput(disk, mode, bs, total)[1]) + "\n"
+            depth = int(args[4], 0) if len(args) > 4 else None
+            return "\n".join(vb.throughput(disk, mode, bs, total, depth=depth)[1]) + "\n"
         if what == "disk-copy":
             return f"copied {vb.copy_disk(disk, disks[int(args[1], 0)])} bytes\n"
         off, length = int(args[1], 0), int(args[2], 0)

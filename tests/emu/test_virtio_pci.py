@@ -15,6 +15,7 @@ from qcowpy.emu.guest.pci import GuestPCIBus
 from qcowpy.emu.guest.qtest import InProcessQTest
 from qcowpy.emu.guest.virtio import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
                                      GuestAlloc, VirtioPCIGuest)
+from qcowpy.emu.guest import virtio_blk as vb
 from qcowpy.emu.guest.virtio_blk import GuestDisk, GuestIOError, find_disks
 from qcowpy.emu.machine import create_machine
 from qcowpy.emu.monitor import HumanMonitor
@@ -84,6 +85,72 @@ def test_indirect_descriptors_through_pci(env):
     assert disk.use_indirect
     disk.write(0, b"\xAB" * 4096)
     assert disk.read(0, 4096) == b"\xAB" * 4096
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_pipelined_requests_share_notifications(env, monkeypatch, indirect):
+    """Up to ``depth`` requests go out together: one driver-ring update and one notification per
+    batch; results come back in request order whatever the shapes (reads, writes, flush, errors)."""
+    from qcowpy.emu.virtio.blk import VirtioBlk
+    m, qts, _ = env
+    disk = GuestDisk(qts, _virtio_fn(qts), GuestAlloc(), use_indirect=indirect)
+    assert disk.depth == (64 if indirect else 42)  # 256-entry queue: half of it for in-flight requests
+    calls = []
+    real = VirtioBlk.process_queue
+    monkeypatch.setattr(VirtioBlk, "process_queue", lambda self, vq: calls.append(1) or real(self, vq))
+    rng = random.Random(9)
+    blocks = {k: rng.randbytes(4096) for k in range(100)}
+    reqs = [(1, k * 8, data, 0) for k, data in blocks.items()]
+    assert [st for st, _, _ in disk.run(reqs)] == [0] * 100
+    assert len(calls) == -(-100 // disk.depth)
+    calls.clear()
+    reqs = ([(0, k * 8, b"", 4096) for k in range(100)] + [(4, 0, b"", 0), (0, 16 * 1024, b"", 512)]
+            + [(0, k * 8, b"", 1024) for k in range(50, 60)])
+    res = disk.run(reqs, depth=16)
+    assert len(calls) == -(-len(reqs) // 16)
+    assert [d for _, _, d in res[:100]] == list(blocks.values())
+    assert res[100] == (0, 1, b"")                        # flush: only the status byte
+    assert res[101][0] == 1 and res[101][1] == 513         # past the end: IOERR, used.len still counted
+    assert [d for _, _, d in res[102:]] == [blocks[k][:1024] for k in range(50, 60)]
+    assert m.drives["d0"].blk.pread(4096, 99 * 4096) == blocks[99]
+
+
+def test_read_blocks_and_throughput_workload(env):
+    m, qts, _ = env
+    (disk,) = find_disks(qts)
+    data = os.urandom(MiB)
+    disk.write(0, data)
+    offs = [k * 65536 for k in (3, 0, 15, 7)]
+    disk.read_blocks(offs, 65536, depth=4)
+    # the data stays in the guest's slot buffers, one per request in flight
+    for slot, off in zip(disk.slots, offs):
+        assert qts.memread(slot.buf, 65536) == data[off:off + 65536]
+    with pytest.raises(GuestIOError):
+        disk.read_blocks([8 * MiB - 512], 1024)
+    rate, lines = vb.throughput(disk, "rand", 4096, 64 * 4096, depth=8)
+    assert rate > 0 and "queue depth 8" in lines[0]
+    with pytest.raises(ValueError):
+        vb.throughput(disk, "zigzag")
+
+
+def test_tiny_queue_still_works(tmp_path):
+    """A 4-entry queue leaves room for one 3-descriptor request at a time; 2 entries only fit
+    requests without data (and indirect tables)."""
+    path = str(tmp_path / "q.qcow2")
+    qcowpy.create(path, MiB)
+    m = create_machine("mini-pc", "64M")
+    m.drive_add(path, id="d0")
+    qts = InProcessQTest(m)
+    pci_boot(qts, m.ram_size)
+    disk = GuestDisk(qts, _virtio_fn(qts), GuestAlloc(), queue_size=4)
+    assert disk.depth == 1
+    disk.write(0, b"\x5a" * 8192)
+    assert disk.read(0, 8192) == b"\x5a" * 8192
+    small = GuestDisk(qts, _virtio_fn(qts), GuestAlloc(0x200_0000, 0x300_0000), queue_size=2)
+    small.flush()
+    with pytest.raises(Exception, match="does not fit a queue of 2"):
+        small.read(0, 512)
+    m.shutdown()
 
 
 def test_feature_negotiation(env):

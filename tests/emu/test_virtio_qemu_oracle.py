@@ -61,6 +61,15 @@ def _observe(qts, ram_size: int) -> dict:
     run("unsupported", lambda: disk.request(0x77, 0))
     run("discard-unmap-flag", lambda: disk._dwz(11, 0, 512, True))
     seen["requests"] = results
+    # many requests in flight at once (QEMU may complete them in any order): writes of 40
+    # distinct 4 KiB blocks, then reads of them interleaved with a flush and an IOERR
+    blocks = [bytes([k]) * 4096 for k in range(1, 41)]
+    writes = [(1, (2 << 20) // 512 + 8 * k, b, 0) for k, b in enumerate(blocks)]
+    reads = [(0, (2 << 20) // 512 + 8 * k, b"", 4096) for k in range(40)]
+    pipelined = disk.run(writes, depth=32) + disk.run(reads[:20] + [(4, 0, b"", 0), (0, disk.capacity_sectors, b"", 512)]
+                                                     + reads[20:], depth=32)
+    seen["pipelined"] = [(st, n) for st, n, _ in pipelined]
+    seen["pipelined_ok"] = [d for _, _, d in pipelined[40:60] + pipelined[62:]] == blocks
     # a descriptor loop puts the device into NEEDS_RESET
     vq = disk.vq
     qts.memwrite(vq.desc, struct.pack("<QIHH", disk.hdr, 16, 1, 1) + struct.pack("<QIHH", disk.buf, 16, 1, 0))
@@ -95,6 +104,8 @@ def test_qemu_and_qcowpy_agree(tmp_path, qemu):
     assert ours["config"] == theirs["config"]
     assert (ours["num_queues"], ours["queue_size_max"]) == (theirs["num_queues"], theirs["queue_size_max"])
     assert ours["requests"] == theirs["requests"]
+    assert ours["pipelined"] == theirs["pipelined"]
+    assert ours["pipelined_ok"] and theirs["pipelined_ok"]
     assert ours["needs_reset"] and theirs["needs_reset"]
     assert ours["isr_after_error"] == theirs["isr_after_error"]
     assert ours["status_after_reset"] == theirs["status_after_reset"] == 0

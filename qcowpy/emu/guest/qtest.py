@@ -107,14 +107,47 @@ class InProcessQTest(QTest):
     def _command(self, line: str) -> str:
         return self.session.handle(line)
 
-    # Bulk memory skips the text encoding: in one process the bytes can be handed over as they
-    # are, with the same semantics as the protocol's read/write (system address space, MMIO too).
+    # Memory and port accesses skip the text encoding: in one process values and bytes can be
+    # handed over as they are, with the protocol's semantics (the system memory and I/O address
+    # spaces, MMIO included, under the machine lock; an emulator error becomes QTestError).
+    def _call(self, fn, *args):  # type: ignore[no-untyped-def]
+        try:
+            with self.machine.lock:  # type: ignore[attr-defined]
+                return fn(*args)
+        except EmuError as e:
+            raise QTestError(f"qtest: {e}") from None
+
     def memread(self, addr: int, size: int) -> bytes:
-        return bytes(self.machine.memory.read(addr, size)) if size else b""  # type: ignore[attr-defined]
+        return self._call(self.machine.memory.read, addr, size) if size else b""  # type: ignore[attr-defined]
 
     def memwrite(self, addr: int, data: bytes) -> None:
         if data:
-            self.machine.memory.write(addr, bytes(data))  # type: ignore[attr-defined]
+            self._call(self.machine.memory.write, addr, bytes(data))  # type: ignore[attr-defined]
+
+    def memset(self, addr: int, size: int, value: int) -> None:
+        if size:
+            self.memwrite(addr, bytes([value & 0xFF]) * size)
+
+    def _load(self, addr: int, size: int) -> int:
+        return self._call(self.machine.memory.load, addr, size)  # type: ignore[attr-defined]
+
+    def _store(self, addr: int, value: int, size: int) -> None:
+        self._call(self.machine.memory.store, addr, value, size)  # type: ignore[attr-defined]
+
+    def readb(self, a: int) -> int: return self._load(a, 1)
+    def readw(self, a: int) -> int: return self._load(a, 2)
+    def readl(self, a: int) -> int: return self._load(a, 4)
+    def readq(self, a: int) -> int: return self._load(a, 8)
+    def writeb(self, a: int, v: int) -> None: self._store(a, v, 1)
+    def writew(self, a: int, v: int) -> None: self._store(a, v, 2)
+    def writel(self, a: int, v: int) -> None: self._store(a, v, 4)
+    def writeq(self, a: int, v: int) -> None: self._store(a, v, 8)
+    def inb(self, port: int) -> int: return self._call(self.machine.io.load, port, 1)  # type: ignore[attr-defined]
+    def inw(self, port: int) -> int: return self._call(self.machine.io.load, port, 2)  # type: ignore[attr-defined]
+    def inl(self, port: int) -> int: return self._call(self.machine.io.load, port, 4)  # type: ignore[attr-defined]
+    def outb(self, port: int, v: int) -> None: self._call(self.machine.io.store, port, v, 1)  # type: ignore[attr-defined]
+    def outw(self, port: int, v: int) -> None: self._call(self.machine.io.store, port, v, 2)  # type: ignore[attr-defined]
+    def outl(self, port: int, v: int) -> None: self._call(self.machine.io.store, port, v, 4)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         self.session.close()

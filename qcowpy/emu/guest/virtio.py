@@ -168,7 +168,12 @@ class VirtioPCIGuest:
 
 
 class GuestVirtQueue:
-    """A split virtqueue laid out in guest RAM by the driver."""
+    """A split virtqueue laid out in guest RAM by the driver.
+
+    Chains come from a free list (:meth:`add`) or from descriptors a driver has reserved for good
+    (:meth:`reserve`) and fills itself, as drivers with pre-built chains do; either way a chain
+    becomes available through the driver ring, and several can be published with one index
+    update and one notification (:meth:`publish`, :meth:`kick`)."""
 
     def __init__(self, dev: VirtioPCIGuest, index: int, size: int) -> None:
         self.dev = dev
@@ -185,29 +190,26 @@ class GuestVirtQueue:
         self.qts.memset(self.used, 6 + 8 * size, 0)
         self.free = list(range(size))
         self.chains: dict[int, list[int]] = {}
+        self.reserved: set[int] = set()
         self.avail_idx = 0
         self.last_used = 0
         self.notify_addr = 0
         self.kicked_at = 0
 
-    def add(self, bufs: list[tuple[int, int, bool]], indirect: bool = False) -> int:
+    def add(self, bufs: list[tuple[int, int, bool]], indirect: bool = False, publish: bool = True) -> int:
         """Queue a chain of (addr, len, device_writable) buffers; returns its head index."""
         if indirect:
             table = self.dev.alloc.alloc(16 * len(bufs), 16)
-            self.qts.memwrite(table, _pack_chain(bufs, list(range(len(bufs)))))
+            self.qts.memwrite(table, pack_chain(bufs, list(range(len(bufs)))))
             head = self._take(1)[0]
             self.qts.memwrite(self.desc + 16 * head, struct.pack("<QIHH", table, 16 * len(bufs), DESC_F_INDIRECT, 0))
             self.chains[head] = [head]
         else:
             ids = self._take(len(bufs))
-            packed = _pack_chain(bufs, ids)
-            for i, d in enumerate(ids):
-                self.qts.memwrite(self.desc + 16 * d, packed[16 * i:16 * i + 16])
+            self.write_descs(ids, pack_chain(bufs, ids))
             head = ids[0]
             self.chains[head] = ids
-        self.qts.writew(self.avail + 4 + 2 * (self.avail_idx % self.size), head)
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.qts.writew(self.avail + 2, self.avail_idx)
+        self.make_available([head], publish)
         return head
 
     def _take(self, n: int) -> list[int]:
@@ -215,6 +217,42 @@ class GuestVirtQueue:
             raise VirtioGuestError("virtqueue full")
         ids, self.free = self.free[:n], self.free[n:]
         return ids
+
+    def reserve(self, n: int) -> list[int]:
+        """Take ``n`` descriptors (from the top of the table) for the caller's own fixed chains."""
+        if not 0 < n <= len(self.free):
+            raise VirtioGuestError("virtqueue too small")
+        ids, self.free = self.free[-n:], self.free[:-n]
+        self.reserved.update(ids)
+        return ids
+
+    def write_descs(self, ids: list[int], packed: bytes) -> None:
+        """Write packed descriptors to table entries ``ids``, one memory write per consecutive run."""
+        i = 0
+        while i < len(ids):
+            j = i + 1
+            while j < len(ids) and ids[j] == ids[j - 1] + 1:
+                j += 1
+            self.qts.memwrite(self.desc + 16 * ids[i], packed[16 * i:16 * j])
+            i = j
+
+    def make_available(self, heads: list[int], publish: bool = True) -> None:
+        """Put chain heads into the driver ring (contiguous slots in one write per wrap)."""
+        for h in heads:
+            self.chains.setdefault(h, [h])
+        slot, pos = self.avail_idx % self.size, 0
+        while pos < len(heads):
+            n = min(len(heads) - pos, self.size - slot)
+            self.qts.memwrite(self.avail + 4 + 2 * slot, struct.pack(f"<{n}H", *heads[pos:pos + n]))
+            pos += n
+            slot = 0
+        self.avail_idx = (self.avail_idx + len(heads)) & 0xFFFF
+        if publish:
+            self.publish()
+
+    def publish(self) -> None:
+        """Make everything added so far visible to the device (one driver-ring index update)."""
+        self.qts.writew(self.avail + 2, self.avail_idx)
 
     def kick(self) -> None:
         """Notify the device (honouring VIRTQ_USED_F_NO_NOTIFY or avail_event)."""
@@ -230,22 +268,31 @@ class GuestVirtQueue:
 
     def get_used(self) -> list[tuple[int, int]]:
         """Reap completions: (head id, used.len) pairs; frees their descriptors."""
-        out = []
+        out: list[tuple[int, int]] = []
         used_idx = self.qts.readw(self.used + 2)
-        while self.last_used != used_idx:
-            slot = self.last_used % self.size
-            ident, length = struct.unpack("<II", self.qts.memread(self.used + 4 + 8 * slot, 8))
-            self.last_used = (self.last_used + 1) & 0xFFFF
-            if ident not in self.chains:
-                raise VirtioGuestError(f"device returned unknown descriptor {ident}")
-            self.free += self.chains.pop(ident)
-            out.append((ident, length))
-        if self.event_idx:
+        count = (used_idx - self.last_used) & 0xFFFF
+        if count > self.size:
+            raise VirtioGuestError(f"device moved the used index by {count} (queue size {self.size})")
+        slot = self.last_used % self.size
+        while count:
+            n = min(count, self.size - slot)
+            raw = self.qts.memread(self.used + 4 + 8 * slot, 8 * n)
+            for ident, length in struct.iter_unpack("<II", raw):
+                ids = self.chains.pop(ident, None)
+                if ids is None:
+                    raise VirtioGuestError(f"device returned unknown descriptor {ident}")
+                if ident not in self.reserved:
+                    self.free += ids
+                out.append((ident, length))
+            count -= n
+            slot = 0
+        self.last_used = used_idx
+        if self.event_idx and out:
             self.qts.writew(self.avail + 4 + 2 * self.size, self.last_used)
         return out
 
 
-def _pack_chain(bufs: list[tuple[int, int, bool]], ids: list[int]) -> bytes:
+def pack_chain(bufs: list[tuple[int, int, bool]], ids: list[int]) -> bytes:
     out = bytearray()
     for i, (addr, length, writable) in enumerate(bufs):
         flags = (DESC_F_WRITE if writable else 0) | (DESC_F_NEXT if i + 1 < len(bufs) else 0)

@@ -7,12 +7,12 @@ synchronous: build a chain (header, data, status) in guest RAM, kick, poll the u
 from __future__ import annotations
 
 import struct
-from typing import Optional
+from typing import Optional, Sequence
 
 from .pci import GuestPCIBus, GuestPCIDevice
 from .qtest import QTest
-from .virtio import (F_EVENT_IDX, F_INDIRECT_DESC, STATUS_NEEDS_RESET, GuestAlloc, VirtioGuestError,
-                     VirtioPCIGuest)
+from .virtio import (DESC_F_INDIRECT, F_EVENT_IDX, F_INDIRECT_DESC, STATUS_NEEDS_RESET, GuestAlloc,
+                     VirtioGuestError, VirtioPCIGuest, pack_chain)
 
 VIRTIO_BLK_DEVICE_ID = 0x1042
 F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH, F_DISCARD, F_WRITE_ZEROES = 2, 5, 6, 9, 13, 14
@@ -33,15 +33,39 @@ class GuestIOError(Exception):
         self.status = status
 
 
+Request = tuple  # (type, sector, out: bytes, in_len) as for GuestDisk.request
+_SLOT_HEADER = struct.Struct("<IIQB15x")  # type, reserved, sector, status preset, padding
+
+
+class _Slot:
+    """One request slot: its header+status area, its data buffer and its reserved descriptors."""
+
+    def __init__(self, index: int, area: int, ids: list[int], table: int) -> None:
+        self.index = index
+        self.hdr = area            # 16-byte request header, status byte at +16 (32 bytes a slot)
+        self.ids = ids             # reserved descriptor ids (one head with an indirect table)
+        self.table = table         # the slot's indirect table (0 without indirect descriptors)
+        self.buf = 0
+        self.buf_size = 0
+        self.shape: tuple[int, int] = (-1, -1)  # (out, in) lengths the descriptors were written for
+
+
 class GuestDisk:
-    """One virtio-blk disk from the guest's point of view."""
+    """One virtio-blk disk from the guest's point of view.
+
+    Requests run through a fixed set of slots, each with its own header, status byte, data buffer
+    and pre-reserved descriptors (rewritten only when a request's shape changes). Up to
+    ``depth`` requests are in flight: they are published together, with one notification, and
+    completions are reaped in batches, in whatever order the device finishes them."""
 
     MAX_CHUNK = 256 << 10
+    MAX_DEPTH = 64
 
     def __init__(self, qts: QTest, pdev: GuestPCIDevice, alloc: GuestAlloc, features: int = DRIVER_FEATURES,
                  use_indirect: bool = False, queue_size: Optional[int] = None) -> None:
         self.qts = qts
         self.pci = pdev
+        self.alloc = alloc
         self.vdev = VirtioPCIGuest(qts, pdev, alloc)
         self.features = self.vdev.init(features)
         self.capacity_sectors = self.vdev.config_read(0, 8)
@@ -51,9 +75,15 @@ class GuestDisk:
         self.vq = self.vdev.setup_queue(0, queue_size)
         self.vdev.driver_ok()
         self.use_indirect = use_indirect and self.has(F_INDIRECT_DESC)
-        self.hdr = alloc.alloc(16, 16)
+        self.hdr = alloc.alloc(16, 16)           # scratch buffers for hand-built chains (tests)
         self.status_addr = alloc.alloc(16, 16)
         self.buf = alloc.alloc(self.MAX_CHUNK, 4096)
+        per_slot = 1 if self.use_indirect else 3
+        self.depth = max(1, min(self.MAX_DEPTH, (self.vq.size // 2) // per_slot))
+        areas = alloc.alloc(32 * self.depth, 32)
+        self.slots = [_Slot(k, areas + 32 * k, self.vq.reserve(min(per_slot, self.vq.size)),
+                            alloc.alloc(48, 16) if self.use_indirect else 0) for k in range(self.depth)]
+        self.slots[0].buf, self.slots[0].buf_size = self.buf, self.MAX_CHUNK
         self.last_used_len = 0
 
     def has(self, bit: int) -> bool:
@@ -67,57 +97,137 @@ class GuestDisk:
     def feature_names(self) -> list[str]:
         return [name for b, name in sorted(FEATURE_NAMES.items()) if self.has(b)]
 
-    # -- one request ---------------------------------------------------------------------------------
+    # -- requests ------------------------------------------------------------------------------------
+    def _prepare(self, slot: _Slot, out: bytes, in_len: int) -> int:
+        """Set up ``slot``'s data buffer and descriptors for one request; returns its head.
+
+        The header is written by the caller (:meth:`_write_headers`, a batch at a time)."""
+        size = max(len(out), in_len)
+        if size > slot.buf_size:
+            slot.buf, slot.buf_size = self.alloc.alloc(max(size, 4096), 4096), max(size, 4096)
+        if out:
+            self.qts.memwrite(slot.buf, out)
+        if slot.shape != (len(out), in_len):  # the slot's chain only depends on the data lengths
+            bufs = [(slot.hdr, 16, False)]
+            if out:
+                bufs.append((slot.buf, len(out), False))
+            if in_len:
+                bufs.append((slot.buf, in_len, True))
+            bufs.append((slot.hdr + 16, 1, True))
+            if self.use_indirect:
+                self.qts.memwrite(slot.table, pack_chain(bufs, list(range(len(bufs)))))
+                self.vq.write_descs(slot.ids, struct.pack("<QIHH", slot.table, 16 * len(bufs), DESC_F_INDIRECT, 0))
+            else:
+                if len(bufs) > len(slot.ids):
+                    raise VirtioGuestError(f"a {len(bufs)}-buffer request does not fit a queue of {self.vq.size}")
+                ids = slot.ids[:len(bufs)]
+                self.vq.write_descs(ids, pack_chain(bufs, ids))
+            slot.shape = (len(out), in_len)
+        return slot.ids[0]
+
+    def _write_headers(self, batch: list[tuple[int, bytes]]) -> None:
+        """Write (slot index, header) pairs: header, status preset 0xff and padding to 32 bytes,
+        one memory write per run of neighbouring slots."""
+        batch.sort()
+        base = self.slots[0].hdr
+        i = 0
+        while i < len(batch):
+            j = i + 1
+            while j < len(batch) and batch[j][0] == batch[j - 1][0] + 1:
+                j += 1
+            self.qts.memwrite(base + 32 * batch[i][0], b"".join(h for _, h in batch[i:j]))
+            i = j
+
+    def run(self, requests: Sequence[Request], depth: Optional[int] = None,
+            want_data: bool = True) -> list[tuple[int, int, bytes]]:
+        """Run requests with up to ``depth`` (default: all slots) in flight.
+
+        Returns (status, used.len, data read) per request, in request order; with ``want_data``
+        false the data stays in guest RAM (the slot buffers) and is not copied out."""
+        depth = max(1, min(depth or self.depth, self.depth))
+        free = self.slots[:depth][::-1]
+        inflight: dict[int, tuple[int, _Slot]] = {}
+        results: list[tuple[int, int, bytes]] = [(S_IOERR, 0, b"")] * len(requests)
+        nxt = done = polls = 0
+        pack_header = _SLOT_HEADER.pack
+        while done < len(requests):
+            heads, headers = [], []
+            while free and nxt < len(requests):
+                slot = free.pop()
+                rtype, sector, out, in_len = requests[nxt]
+                if out or slot.shape != (0, in_len):
+                    head = self._prepare(slot, out, in_len)
+                else:  # same shape as the slot's last request: its descriptors are still right
+                    head = slot.ids[0]
+                headers.append((slot.index, pack_header(rtype, 0, sector, 0xFF)))
+                inflight[head] = (nxt, slot)
+                heads.append(head)
+                nxt += 1
+            if heads:
+                self._write_headers(headers)
+                self.vq.make_available(heads)
+                self.vq.kick()
+            used = self.vq.get_used()
+            if not used:
+                polls += 1
+                if self.vdev.status & STATUS_NEEDS_RESET:
+                    raise VirtioGuestError("device needs reset")
+                if polls > 1000:
+                    raise VirtioGuestError("request timed out")
+                continue
+            polls = 0
+            areas = self.qts.memread(self.slots[0].hdr, 32 * depth)  # every slot's status byte at once
+            for head, length in used:
+                i, slot = inflight.pop(head)
+                in_len = requests[i][3]
+                status = areas[slot.hdr + 16 - self.slots[0].hdr]
+                data = self.qts.memread(slot.buf, in_len) if in_len and want_data and status == S_OK else b""
+                results[i] = (status, length, data)
+                self.last_used_len = length
+                free.append(slot)
+                done += 1
+        return results
+
     def request(self, rtype: int, sector: int, out: bytes = b"", in_len: int = 0,
                 what: str = "request") -> bytes:
         """Submit one request and wait for it; returns the data read; raises GuestIOError."""
-        self.qts.memwrite(self.hdr, struct.pack("<IIQ", rtype, 0, sector))
-        self.qts.writeb(self.status_addr, 0xFF)
-        bufs = [(self.hdr, 16, False)]
-        if out:
-            self.qts.memwrite(self.buf, out)
-            bufs.append((self.buf, len(out), False))
-        if in_len:
-            bufs.append((self.buf, in_len, True))
-        bufs.append((self.status_addr, 1, True))
-        head = self.vq.add(bufs, indirect=self.use_indirect)
-        self.vq.kick()
-        for _ in range(1000):
-            done = dict(self.vq.get_used())
-            if head in done:
-                self.last_used_len = done[head]
-                break
-            if self.vdev.status & STATUS_NEEDS_RESET:
-                raise VirtioGuestError("device needs reset")
-        else:
-            raise VirtioGuestError("request timed out")
-        status = self.qts.readb(self.status_addr)
+        status, _, data = self.run([(rtype, sector, out, in_len)], 1)[0]
         if status != S_OK:
             raise GuestIOError(status, what)
-        return self.qts.memread(self.buf, in_len) if in_len else b""
+        return data
+
+    def _run_checked(self, requests: list[Request], what: str, want_data: bool = True,
+                     depth: Optional[int] = None) -> list[bytes]:
+        results = self.run(requests, depth, want_data)
+        for (rtype, sector, out, in_len), (status, _, _) in zip(requests, results):
+            if status != S_OK:
+                raise GuestIOError(status, f"{what} {sector * SECTOR:#x}+{max(len(out), in_len):#x}")
+        return [data for _, _, data in results]
 
     def _check(self, offset: int, length: int) -> None:
         if offset % SECTOR or length % SECTOR:
             raise ValueError("offset and length must be multiples of 512")
 
-    def read(self, offset: int, length: int) -> bytes:
+    def _chunks(self, offset: int, length: int) -> list[tuple[int, int]]:
         self._check(offset, length)
-        out = []
-        while length:
-            n = min(length, self.MAX_CHUNK)
-            out.append(self.request(T_IN, offset // SECTOR, in_len=n, what=f"read {offset:#x}+{n:#x}"))
-            offset += n
-            length -= n
-        return b"".join(out)
+        return [(pos, min(self.MAX_CHUNK, offset + length - pos)) for pos in range(offset, offset + length, self.MAX_CHUNK)]
+
+    def read(self, offset: int, length: int) -> bytes:
+        reqs = [(T_IN, pos // SECTOR, b"", n) for pos, n in self._chunks(offset, length)]
+        return b"".join(self._run_checked(reqs, "read"))
 
     def write(self, offset: int, data: bytes) -> None:
-        self._check(offset, len(data))
-        pos = 0
-        while pos < len(data):
-            n = min(len(data) - pos, self.MAX_CHUNK)
-            self.request(T_OUT, (offset + pos) // SECTOR, out=data[pos:pos + n],
-                         what=f"write {offset + pos:#x}+{n:#x}")
-            pos += n
+        reqs = [(T_OUT, pos // SECTOR, data[pos - offset:pos - offset + n], 0)
+                for pos, n in self._chunks(offset, len(data))]
+        self._run_checked(reqs, "write")
+
+    def read_blocks(self, offsets: Sequence[int], block_size: int, depth: Optional[int] = None) -> None:
+        """Read ``block_size`` bytes at each offset into guest buffers, ``depth`` at a time (fio-style:
+        the data lands in guest RAM and stays there)."""
+        for off in offsets:
+            self._check(off, block_size)
+        self._run_checked([(T_IN, off // SECTOR, b"", block_size) for off in offsets], "read",
+                          want_data=False, depth=depth)
 
     def flush(self) -> None:
         self.request(T_FLUSH, 0, what="flush")
@@ -219,19 +329,25 @@ def boot(machine: object) -> tuple[QTest, list[GuestDisk], list[str]]:
 
 
 def throughput(disk: GuestDisk, mode: str = "seq", block_size: int = 65536, total: int = 4 << 20,
-               seed: int = 0) -> tuple[float, list[str]]:
-    """Sequential or random reads of ``block_size`` until ``total`` bytes; returns (MiB/s, lines)."""
+               seed: int = 0, depth: Optional[int] = None) -> tuple[float, list[str]]:
+    """Sequential or random reads of ``block_size`` until ``total`` bytes, ``depth`` requests in
+    flight (default: the driver's queue depth), like fio with ``iodepth``; returns (MiB/s, lines)."""
     import random
     import time
+    if mode not in ("seq", "rand"):
+        raise ValueError(f"workload must be seq or rand, not {mode!r}")
+    if block_size <= 0 or block_size % SECTOR or block_size > disk.capacity:
+        raise ValueError(f"block size must be a positive multiple of 512 up to the disk size, not {block_size}")
     rng = random.Random(seed)
-    nblocks = max(1, disk.capacity // block_size)
+    nblocks = disk.capacity // block_size
+    count = max(1, total // block_size)
+    offs = [(i % nblocks) * block_size for i in range(count)] if mode == "seq" else \
+        [rng.randrange(nblocks) * block_size for _ in range(count)]
+    depth = max(1, min(depth or disk.depth, disk.depth))
     t0 = time.perf_counter()
-    done, pos = 0, 0
-    while done < total:
-        off = (pos % nblocks) * block_size if mode == "seq" else rng.randrange(nblocks) * block_size
-        disk.read(off, block_size)
-        pos += 1
-        done += block_size
+    disk.read_blocks(offs, block_size, depth)
     dt = max(time.perf_counter() - t0, 1e-9)
+    done = count * block_size
     rate = done / dt / (1 << 20)
-    return rate, [f"{mode} read {done} bytes in {block_size}-byte requests: {dt:.3f} s, {rate:.1f} MiB/s"]
+    return rate, [f"{mode} read {done} bytes in {block_size}-byte requests, queue depth {depth}: "
+                  f"{dt:.3f} s, {rate:.1f} MiB/s"]
