@@ -160,6 +160,8 @@ class OverlapGuard:
     def __init__(self, file, image):
         self._file = file
         self._image = image
+        self.pread = file.pread  # reads need no check: bound directly, no __getattr__ per call
+        self.preadinto = file.preadinto
         self._pending = 0
         self._snapshots: tuple[int, list[tuple[int, int]]] | None = None
         self.tripped: str | None = None

@@ -304,3 +304,13 @@ def test_vring_chain_cases() -> None:
         assert fn(ok, 3, 3, ram, *WIN) is None                                              # head out of range
         assert fn(ok, 0, 4, ram, *WIN) is None                                              # table too short
         assert fn(_desc_table([(0xDEAD0000, 0, 0, 0)]), 0, 1, ram, *WIN)[0] == [(0xDEAD0000, 0)]  # empty buffer
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("impl", ["cython", "python"])
+def test_bench_vring_chain(benchmark, impl: str) -> None:
+    """A virtio-blk read's chain: header, 64 KiB data, status byte."""
+    ram = memoryview(bytearray(WIN[1] - WIN[0]))
+    table = _desc_table([(0x1000, 16, 1, 1), (0x2000, 0x4000, 3, 2), (0x1010, 1, 2, 0)])
+    fn = ext.vring_chain if impl == "cython" else K.py_vring_chain
+    assert benchmark(fn, table, 0, 3, ram, *WIN)[5] == 0x4001
