@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from qcowpy.emu.guest.firmware import pci_boot
+from qcowpy.emu.guest.firmware import pci_boot, pci_rescan
 from qcowpy.emu.guest.pci import GuestPCIBus
 from qcowpy.emu.guest.workloads import a3dev_mmio_test, a3dev_pmio_test, edu_test
 from qcowpy.emu.pci import regs
@@ -16,6 +16,30 @@ def booted(machine, qts):
     machine.device_add("edu", id="edu")
     res = pci_boot(qts, machine.ram_size)
     return machine, qts, res
+
+
+def test_rescan_after_hotplug_keeps_running_devices(booted):
+    """A function plugged after boot gets resources after everything assigned; unplugged ones are
+    forgotten; devices already running keep their BARs."""
+    m, qts, res = booted
+    before = {fd.dev.bdf: [(b.index, b.address) for b in fd.bars] for fd in res.devices}
+    a3 = res.find(0x1234, 0x1919)
+    m.device_add("a3dev-pci", id="hot")
+    added, removed = pci_rescan(qts, res)
+    assert removed == [] and [(fd.dev.vendor_id, fd.dev.device_id) for fd in added] == [(0x1234, 0x1919)]
+    new = added[0]
+    assigned = [b.address for fd in res.devices if fd is not new for b in fd.bars if not b.is_io]
+    assert all(b.address > max(assigned) for b in new.bars if not b.is_io)
+    assert {fd.dev.bdf: [(b.index, b.address) for b in fd.bars] for fd in res.devices if fd is not new} == before
+    hot = m.find_device("hot")
+    assert [r.addr for r in hot.io_regions[:2]] == [b.address for b in new.bars]
+    assert new.dev.readw(regs.COMMAND) & (regs.COMMAND_IO | regs.COMMAND_MEMORY) == regs.COMMAND_IO | regs.COMMAND_MEMORY
+    assert a3dev_pmio_test(qts)[0]  # the first a3dev still works
+    m.device_del("hot")
+    added, removed = pci_rescan(qts, res)
+    assert added == [] and removed == [new] and new not in res.devices
+    assert pci_rescan(qts, res) == ([], []) and res.log[-1] == "PCI: no changes on bus 0"
+    assert a3 in res.devices
 
 
 def test_firmware_assigns_enables_and_logs(booted):
