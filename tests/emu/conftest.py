@@ -29,3 +29,16 @@ def require_qemu() -> str:
             pytest.fail("qemu-system-x86_64 is required (QCOWPY_REQUIRE_QEMU is set) but not installed")
         pytest.skip("qemu-system-x86_64 not installed")
     return binary
+
+
+def image_pair(qemu, tmp_path, pattern: int) -> tuple[str, str]:
+    """Two identical qcow2 images (8 MiB, the first 64 KiB set to ``pattern`` by qemu-io): one for
+    QEMU, one for this emulator, so the oracle tests start both machines on the same bytes."""
+    import shutil
+    src = str(tmp_path / "src.qcow2")
+    qemu.create(src, "8M")
+    qemu.io(src, f"write -P {pattern:#x} 0 64k")
+    a, b = str(tmp_path / "qemu.qcow2"), str(tmp_path / "ours.qcow2")
+    shutil.copy(src, a)
+    shutil.copy(src, b)
+    return a, b

@@ -174,6 +174,10 @@ class GuestPCIDevice:
             off = self.readb(off + 1) & ~3
         return out
 
+    def find_capability(self, cap_id: int) -> int:
+        """Offset of the first capability with ``cap_id``, or 0."""
+        return next((off for off, cid in self.capabilities() if cid == cap_id), 0)
+
     def enable(self) -> None:
         """Turn on I/O and memory decoding and bus mastering (libqos ``qpci_device_enable``)."""
         self.writew(regs.COMMAND, self.readw(regs.COMMAND) | regs.COMMAND_IO | regs.COMMAND_MEMORY
@@ -212,6 +216,74 @@ class Bar:
 
     def readl(self, off: int) -> int: return self.read(off, 4)
     def writel(self, off: int, v: int) -> None: self.write(off, v, 4)
+
+
+class GuestMSIX:
+    """A function's MSI-X capability as a driver programs it (libqos ``qpci_msix_*``).
+
+    The table and PBA are reached through the BARs the capability names, so the BARs must be
+    assigned (and memory decoding on) before use."""
+
+    def __init__(self, dev: GuestPCIDevice) -> None:
+        self.dev = dev
+        self.cap = dev.find_capability(regs.CAP_ID_MSIX)
+        if not self.cap:
+            raise LookupError(f"{dev.bdf} has no MSI-X capability")
+        self.table_size = (dev.readw(self.cap + regs.MSIX_FLAGS) & regs.MSIX_FLAGS_QSIZE) + 1
+        table = dev.readl(self.cap + regs.MSIX_TABLE)
+        pba = dev.readl(self.cap + regs.MSIX_PBA)
+        bars = {b.index: b for b in dev.size_bars()}
+        self.table = Bar(dev.bus.qts, bars[table & regs.MSIX_BIR_MASK])
+        self.table_off = table & ~regs.MSIX_BIR_MASK
+        self.pba = Bar(dev.bus.qts, bars[pba & regs.MSIX_BIR_MASK])
+        self.pba_off = pba & ~regs.MSIX_BIR_MASK
+
+    @property
+    def control(self) -> int:
+        return self.dev.readw(self.cap + regs.MSIX_FLAGS)
+
+    def _set_control(self, bit: int, on: bool) -> None:
+        ctl = self.control
+        self.dev.writew(self.cap + regs.MSIX_FLAGS, (ctl | bit) if on else (ctl & ~bit))
+
+    def enable(self, on: bool = True) -> None:
+        self._set_control(regs.MSIX_FLAGS_ENABLE, on)
+
+    def mask_function(self, on: bool = True) -> None:
+        self._set_control(regs.MSIX_FLAGS_MASKALL, on)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.control & regs.MSIX_FLAGS_ENABLE)
+
+    def entry(self, vector: int) -> int:
+        """Offset of a table entry inside the table's BAR."""
+        if not 0 <= vector < self.table_size:
+            raise IndexError(f"MSI-X vector {vector} out of range (table size {self.table_size})")
+        return self.table_off + regs.MSIX_ENTRY_SIZE * vector
+
+    def program(self, vector: int, address: int, data: int, masked: bool = False) -> None:
+        """Write an entry's message address and data, then set or clear its mask bit."""
+        off = self.entry(vector)
+        self.table.writel(off + regs.MSIX_ENTRY_LOWER_ADDR, address & 0xFFFFFFFF)
+        self.table.writel(off + regs.MSIX_ENTRY_UPPER_ADDR, address >> 32)
+        self.table.writel(off + regs.MSIX_ENTRY_DATA, data)
+        self.mask(vector, masked)
+
+    def mask(self, vector: int, on: bool = True) -> None:
+        off = self.entry(vector) + regs.MSIX_ENTRY_VECTOR_CTRL
+        ctrl = self.table.readl(off)
+        self.table.writel(off, (ctrl | regs.MSIX_ENTRY_CTRL_MASKBIT) if on else (ctrl & ~regs.MSIX_ENTRY_CTRL_MASKBIT))
+
+    def masked(self, vector: int) -> bool:
+        """Masked by its own bit or by the function mask (libqos ``qpci_msix_masked``)."""
+        ctrl = self.table.readl(self.entry(vector) + regs.MSIX_ENTRY_VECTOR_CTRL)
+        return bool(ctrl & regs.MSIX_ENTRY_CTRL_MASKBIT) or bool(self.control & regs.MSIX_FLAGS_MASKALL)
+
+    def pending(self, vector: int) -> bool:
+        self.entry(vector)
+        word = self.pba.readl(self.pba_off + 4 * (vector // 32))
+        return bool(word >> (vector % 32) & 1)
 
 
 def lspci(bus: GuestPCIBus, verbose: bool = False) -> list[str]:

@@ -3,6 +3,10 @@
 Everything goes through a :class:`~qcowpy.emu.guest.qtest.QTest`: the driver finds the device
 with PCI config cycles, walks its vendor capabilities, resets it, negotiates features, builds split
 virtqueues in guest RAM (from a :class:`GuestAlloc`), submits chains and polls the used ring.
+
+MSI-X is optional, as in libqos: :meth:`VirtioPCIGuest.enable_msix` turns it on, :meth:`msix_vector`
+points a table entry at a word of guest RAM, ``msix_config`` / ``queue_msix_vector`` select the
+entries, and :meth:`msix_fired` polls the word (or, while the vector is masked, its pending bit).
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..pci import regs
-from .pci import BarInfo, GuestPCIDevice
+from .pci import BarInfo, GuestMSIX, GuestPCIDevice
 from .qtest import QTest
 
 VIRTIO_VENDOR = 0x1AF4
@@ -24,6 +28,7 @@ DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT = 1, 2, 4
 # common config offsets (VIRTIO 1.x 4.1.4.3)
 DFSELECT, DF, GFSELECT, GF, MSIX, NUMQ, STATUS, CFGGEN = 0, 4, 8, 12, 16, 18, 20, 21
 Q_SELECT, Q_SIZE, Q_MSIX, Q_ENABLE, Q_NOFF, Q_DESC, Q_AVAIL, Q_USED = 22, 24, 26, 28, 30, 32, 40, 48
+NO_VECTOR = 0xFFFF
 
 
 class VirtioGuestError(Exception):
@@ -54,6 +59,16 @@ class VirtioCap:
     notify_mult: int = 0
 
 
+@dataclass
+class MSIXVector:
+    """A table entry the driver programmed: the device announces an interrupt on it by writing
+    ``data`` to the guest RAM word at ``addr``."""
+
+    entry: int
+    addr: int
+    data: int
+
+
 class VirtioPCIGuest:
     """A virtio 1.x PCI function as a driver sees it."""
 
@@ -78,6 +93,7 @@ class VirtioPCIGuest:
         self.notify_mult = next(c.notify_mult for c in self.caps if c.cfg_type == CAP_NOTIFY)
         self.features = 0
         self.queues: list["GuestVirtQueue"] = []
+        self.msix: Optional[GuestMSIX] = None
 
     def _region(self, cfg_type: int) -> int:
         for c in self.caps:
@@ -124,6 +140,45 @@ class VirtioPCIGuest:
         return {1: self.qts.readb, 2: self.qts.readw, 4: self.qts.readl}[size](self.device_cfg + off) \
             if size <= 4 else self.config_read(off, 4) | (self.config_read(off + 4, 4) << 32)
 
+    # -- MSI-X (libqos qpci_msix_enable, qvirtqueue_pci_msix_setup) ------------------------------------
+    def enable_msix(self) -> GuestMSIX:
+        """Turn on MSI-X in the function's capability (raises LookupError if it has none)."""
+        msix = GuestMSIX(self.dev)
+        msix.enable()
+        self.msix = msix
+        return msix
+
+    def msix_vector(self, entry: int, data: int) -> MSIXVector:
+        """Point table entry ``entry`` at a fresh, zeroed word of guest RAM and unmask it."""
+        if self.msix is None:
+            raise VirtioGuestError("MSI-X is not enabled")
+        addr = self.alloc.alloc(4, 4)
+        self.qts.writel(addr, 0)
+        self.msix.program(entry, addr, data)
+        return MSIXVector(entry, addr, data)
+
+    def set_config_vector(self, entry: int) -> int:
+        """Write ``msix_config``; returns what the device kept (NO_VECTOR if it refused)."""
+        self.cwrite(MSIX, entry, 2)
+        return self.cread(MSIX, 2)
+
+    def set_queue_vector(self, index: int, entry: int) -> int:
+        """Write queue ``index``'s ``queue_msix_vector``; returns what the device kept."""
+        self.cwrite(Q_SELECT, index, 2)
+        self.cwrite(Q_MSIX, entry, 2)
+        return self.cread(Q_MSIX, 2)
+
+    def msix_fired(self, vec: MSIXVector) -> bool:
+        """Has the device signalled ``vec``? True once per message (the word is cleared again);
+        while the vector is masked, whether it is pending."""
+        assert self.msix is not None
+        if self.msix.masked(vec.entry):
+            return self.msix.pending(vec.entry)
+        if self.qts.readl(vec.addr) == vec.data:
+            self.qts.writel(vec.addr, 0)
+            return True
+        return False
+
     def reset(self) -> None:
         self.set_status(0)
         if self.status != 0:
@@ -147,7 +202,10 @@ class VirtioPCIGuest:
             raise VirtioGuestError("device refused the features")
         return self.features
 
-    def setup_queue(self, index: int, size: Optional[int] = None) -> "GuestVirtQueue":
+    def setup_queue(self, index: int, size: Optional[int] = None,
+                    msix_vector: Optional[int] = None) -> "GuestVirtQueue":
+        """Lay out and enable queue ``index``; with ``msix_vector``, route its interrupts to that
+        MSI-X table entry (set before the queue is enabled, as the spec asks)."""
         self.cwrite(Q_SELECT, index, 2)
         max_size = self.cread(Q_SIZE, 2)
         if max_size == 0:
@@ -159,6 +217,11 @@ class VirtioPCIGuest:
             self.cwrite(off, addr & 0xFFFFFFFF, 4)
             self.cwrite(off + 4, addr >> 32, 4)
         vq.notify_addr = self.notify_base + self.cread(Q_NOFF, 2) * self.notify_mult
+        if msix_vector is not None:
+            self.cwrite(Q_MSIX, msix_vector, 2)
+            vq.msix_vector = self.cread(Q_MSIX, 2)
+            if vq.msix_vector != msix_vector:
+                raise VirtioGuestError(f"device refused MSI-X vector {msix_vector} for queue {index}")
         self.cwrite(Q_ENABLE, 1, 2)
         self.queues.append(vq)
         return vq
@@ -195,6 +258,7 @@ class GuestVirtQueue:
         self.last_used = 0
         self.notify_addr = 0
         self.kicked_at = 0
+        self.msix_vector = NO_VECTOR
 
     def add(self, bufs: list[tuple[int, int, bool]], indirect: bool = False, publish: bool = True) -> int:
         """Queue a chain of (addr, len, device_writable) buffers; returns its head index."""

@@ -71,6 +71,22 @@ MSI_FLAGS_64BIT = 0x0080
 MSI_FLAGS_MASKBIT = 0x0100
 MSI_ADDRESS_LO = 4
 
+MSIX_FLAGS = 2                     # message control (word)
+MSIX_FLAGS_QSIZE = 0x07FF          # table size - 1 (read-only)
+MSIX_FLAGS_MASKALL = 0x4000        # function mask
+MSIX_FLAGS_ENABLE = 0x8000
+MSIX_TABLE = 4                     # table offset | BIR (dword)
+MSIX_PBA = 8                       # pending bit array offset | BIR (dword)
+MSIX_BIR_MASK = 0x7
+MSIX_CAP_LENGTH = 12
+MSIX_ENTRY_SIZE = 16               # table entry: address lo, address hi, data, vector control
+MSIX_ENTRY_LOWER_ADDR = 0x0
+MSIX_ENTRY_UPPER_ADDR = 0x4
+MSIX_ENTRY_DATA = 0x8
+MSIX_ENTRY_VECTOR_CTRL = 0xC
+MSIX_ENTRY_CTRL_MASKBIT = 0x1
+MSIX_MAX_ENTRIES = MSIX_FLAGS_QSIZE + 1
+
 #: Red Hat/Qumranet subsystem IDs QEMU gives devices that set none.
 SUBVENDOR_ID_REDHAT_QUMRANET = 0x1AF4
 SUBDEVICE_ID_QEMU = 0x1100

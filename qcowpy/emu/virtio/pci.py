@@ -4,10 +4,20 @@ Layout, as in QEMU's virtio-pci with its defaults: one 16 KiB 64-bit prefetchabl
 (BAR4) holding the common configuration at 0x0000, the ISR byte at 0x1000, the device
 configuration at 0x2000 and the notification area at 0x3000 (``notify_off_multiplier`` 4, queue
 *n* notifies at 0x3000 + 4*n). Four vendor-specific capabilities (cfg_type COMMON, NOTIFY, ISR,
-DEVICE) point into it. Interrupts are INTx (pin A) with the ISR register: bit 0 used-buffer,
-bit 1 configuration change; reading the ISR clears it and lowers the line. There is no MSI-X:
-``msix_config`` and ``queue_msix_vector`` read VIRTIO_MSI_NO_VECTOR. There is no
-VIRTIO_PCI_CAP_PCI_CFG window and no legacy I/O BAR.
+DEVICE) point into it. There is no VIRTIO_PCI_CAP_PCI_CFG window and no legacy I/O BAR.
+
+Interrupts: the ISR register collects bit 0 (used buffers) and bit 1 (configuration change; like
+QEMU's virtio_notify_config, a configuration interrupt sets both bits and bumps
+``config_generation``); reading it returns and clears them and lowers INTx. While MSI-X is off (or the ``vectors``
+property is 0), every interrupt raises INTx pin A. With ``vectors`` N > 0 (default 2, like QEMU)
+the function also has MSI-X: an N-entry table at 0 and the PBA at 0x800 of a 4 KiB 32-bit BAR1
+(both moved apart, and the BAR grown, past 128 vectors), and the capability at 0x98, where QEMU
+7.2 puts it (QEMU's PCI_CFG capability fills 0x84-0x97).
+``msix_config`` and ``queue_msix_vector`` accept a vector below N and read back NO_VECTOR
+(0xffff) for anything else; a device reset sets them to NO_VECTOR and forgets pending vectors.
+Once the guest enables MSI-X, used-buffer interrupts go to the queue's vector and configuration
+interrupts (NEEDS_RESET) to ``msix_config``; INTx stays low and, as in QEMU, the ISR bits are
+still set (and cleared by reading). An interrupt whose vector is NO_VECTOR is dropped.
 
 Notifications are served synchronously, inside the MMIO write that carries them.
 """
@@ -19,6 +29,8 @@ from typing import Any, Optional
 from ..errors import DeviceError
 from ..memory import AccessConstraints, Endianness, ImplConstraints, MemoryRegion, MemoryRegionOps
 from ..pci import regs
+from ..pci.msix import (msix_enabled, msix_init_exclusive_bar, msix_notify, msix_unuse_all_vectors,
+                        msix_vector_unuse, msix_vector_use)
 from ..pci.device import INTERFACE_CONVENTIONAL_PCI_DEVICE, TYPE_PCI_DEVICE, PCIDevice, PCIDeviceClass
 from ..qdev import Property, device_class_set_props
 from ..qom import ObjectClass, TypeInfo, type_register_once
@@ -45,6 +57,7 @@ VIRTIO_PCI_CAP_DEVICE_CFG = 4
 VIRTIO_PCI_CAP_PCI_CFG = 5
 
 VIRTIO_MSI_NO_VECTOR = 0xFFFF
+VIRTIO_QUEUE_MAX = 1024  # QEMU's limit on queue indices (its queue_msix_vector exists for each)
 VIRTIO_PCI_ISR_QUEUE = 1
 VIRTIO_PCI_ISR_CONFIG = 2
 
@@ -75,6 +88,10 @@ BAR_SIZE = 0x4000
 COMMON_OFF, ISR_OFF, DEVICE_OFF, NOTIFY_OFF = 0x0000, 0x1000, 0x2000, 0x3000
 REGION_SIZE = 0x1000
 NOTIFY_MULT = 4
+MSIX_BAR = 1
+#: QEMU 7.2 adds its 20-byte PCI_CFG capability at 0x84 (we have none) and MSI-X after it.
+MSIX_CAP_OFFSET = 0x98
+DEFAULT_VECTORS = 2  # QEMU: one per queue plus one for configuration changes
 
 
 class VirtIOPCIState(PCIDevice):
@@ -93,6 +110,9 @@ class VirtIOPCIState(PCIDevice):
     drive_id: Optional[str]
     serial: Optional[str]
     queue_size: int
+    vectors: int
+    config_vector: int
+    queue_vectors: dict[int, int]  # queue index -> vector; absent queues keep one too, as in QEMU
     drive: Any
     broken_reason: str
 
@@ -107,15 +127,38 @@ class VirtIOPCIState(PCIDevice):
         for q in self.queues:
             q.reset()
             q.indirect = q.event_idx = False
+        self.config_vector = VIRTIO_MSI_NO_VECTOR
+        self.queue_vectors = {}
+        msix_unuse_all_vectors(self)
         self.set_irq(0)
 
     def virtio_error(self, reason: str) -> None:
         """QEMU's ``virtio_error``: the device is broken until the driver resets it."""
         self.broken_reason = reason
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET
-        if self.status & VIRTIO_CONFIG_S_DRIVER_OK:
-            self.isr |= VIRTIO_PCI_ISR_CONFIG
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK:  # QEMU's virtio_notify_config
+            self.isr |= VIRTIO_PCI_ISR_CONFIG | VIRTIO_PCI_ISR_QUEUE  # QEMU sets both bits (0x3)
+            self.config_generation = (self.config_generation + 1) & 0xFF
+            self.interrupt(self.config_vector)
+
+    def interrupt(self, vector: int) -> None:
+        """Signal the driver (QEMU's ``virtio_pci_notify``): the MSI-X vector when MSI-X is on,
+        else INTx. The caller has already set the ISR bit."""
+        if msix_enabled(self):
+            if vector != VIRTIO_MSI_NO_VECTOR:
+                msix_notify(self, vector)
+        else:
             self.set_irq(1)
+
+    def _set_vector(self, old: int, new: int) -> int:
+        """Move a vector register from ``old`` to ``new``; a vector the function does not have
+        becomes NO_VECTOR, which is how a driver learns that the assignment failed."""
+        if old != VIRTIO_MSI_NO_VECTOR:
+            msix_vector_unuse(self, old)
+        if new >= self.vectors:
+            return VIRTIO_MSI_NO_VECTOR
+        msix_vector_use(self, new)
+        return new
 
     @property
     def host_features(self) -> int:
@@ -134,7 +177,7 @@ class VirtIOPCIState(PCIDevice):
                 raise VirtQueueError("misaligned virtqueue")
             if self.vdev.process_queue(q):
                 self.isr |= VIRTIO_PCI_ISR_QUEUE
-                self.set_irq(1)
+                self.interrupt(self.queue_vectors.get(n, VIRTIO_MSI_NO_VECTOR))
         except VirtQueueError as e:
             self.virtio_error(str(e))
 
@@ -144,11 +187,13 @@ class VirtIOPCIState(PCIDevice):
         df = (self.host_features >> (32 * self.dfselect)) & 0xFFFFFFFF if self.dfselect < 2 else 0
         gf = (self.guest_features >> (32 * self.gfselect)) & 0xFFFFFFFF if self.gfselect < 2 else 0
         b = bytearray(COMMON_SIZE)
-        struct.pack_into("<IIIIHHBBH", b, 0, self.dfselect, df, self.gfselect, gf, VIRTIO_MSI_NO_VECTOR,
+        struct.pack_into("<IIIIHHBBH", b, 0, self.dfselect, df, self.gfselect, gf, self.config_vector,
                          len(self.queues), self.status, self.config_generation, self.queue_sel)
         if q is not None:
-            struct.pack_into("<HHHHQQQ", b, COMMON_Q_SIZE, q.num, VIRTIO_MSI_NO_VECTOR, int(q.ready),
-                             self.queue_sel, q.desc, q.avail, q.used)
+            struct.pack_into("<H2xHHQQQ", b, COMMON_Q_SIZE, q.num, int(q.ready), self.queue_sel,
+                             q.desc, q.avail, q.used)
+        if self.queue_sel < VIRTIO_QUEUE_MAX:  # QEMU keeps a vector even for queues that do not exist
+            struct.pack_into("<H", b, COMMON_Q_MSIX, self.queue_vectors.get(self.queue_sel, VIRTIO_MSI_NO_VECTOR))
         return bytes(b)
 
     def common_read(self, addr: int, size: int) -> int:
@@ -170,6 +215,13 @@ class VirtIOPCIState(PCIDevice):
             self._set_status(val)
         elif addr == COMMON_Q_SELECT and size == 2:
             self.queue_sel = val
+        # the vector registers take any access size (as in QEMU), and queue_msix_vector stays
+        # writable after the queue is enabled
+        elif addr == COMMON_MSIX:
+            self.config_vector = self._set_vector(self.config_vector, val)
+        elif addr == COMMON_Q_MSIX and self.queue_sel < VIRTIO_QUEUE_MAX:
+            old = self.queue_vectors.get(self.queue_sel, VIRTIO_MSI_NO_VECTOR)
+            self.queue_vectors[self.queue_sel] = self._set_vector(old, val)
         elif q is None or q.ready:
             return  # queue registers of an absent or enabled queue are read-only
         elif addr == COMMON_Q_SIZE and size == 2:
@@ -253,6 +305,8 @@ def _instance_init(obj: Any) -> None:
     s.queues = []
     s.status = s.isr = 0
     s.config_generation = 0
+    s.config_vector = VIRTIO_MSI_NO_VECTOR
+    s.queue_vectors = {}
     s.drive = None
     s.broken_reason = ""
 
@@ -280,6 +334,8 @@ def _realize(pdev: PCIDevice) -> None:
         raise DeviceError("drive property not set")
     if not 2 <= s.queue_size <= 1024 or s.queue_size & (s.queue_size - 1):
         raise DeviceError(f"invalid queue-size property ({s.queue_size}), must be a power of 2 in [2, 1024]")
+    if not 0 <= s.vectors <= regs.MSIX_MAX_ENTRIES:
+        raise DeviceError(f"invalid vectors property ({s.vectors}), must be 0 (no MSI-X) to {regs.MSIX_MAX_ENTRIES}")
     serial = s.serial if s.serial is not None else (drive.serial or "")
     s.vdev = VirtioBlk(drive.blk, read_only=drive.read_only, serial=serial, queue_size=s.queue_size)
     assert s.bus_master_as is not None
@@ -294,6 +350,8 @@ def _realize(pdev: PCIDevice) -> None:
     _add_virtio_cap(s, VIRTIO_PCI_CAP_ISR_CFG, ISR_OFF, REGION_SIZE)
     _add_virtio_cap(s, VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_OFF, REGION_SIZE)
     _add_virtio_cap(s, VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_OFF, REGION_SIZE, struct.pack("<I", NOTIFY_MULT))
+    if s.vectors:
+        msix_init_exclusive_bar(s, s.vectors, MSIX_BAR, MSIX_CAP_OFFSET)
     s.drive = drive
     drive.attached_to = s
     s.virtio_reset()
@@ -322,13 +380,15 @@ def _class_init(klass: ObjectClass, _data: Any) -> None:
     k.class_id = 0x0100  # PCI_CLASS_STORAGE_SCSI, as QEMU's virtio-blk-pci
     k.subsystem_vendor_id = VIRTIO_PCI_VENDOR_ID
     k.subsystem_id = 0x1100  # QEMU's modern-only value (PCI_SUBDEVICE_ID_QEMU)
-    k.desc = "Virtio block device (virtio 1.x modern PCI, split rings, INTx)"
+    k.desc = "Virtio block device (virtio 1.x modern PCI, split rings, INTx and MSI-X)"
     k.category = "storage"
     k.reset = _reset
     device_class_set_props(k, [
         Property("drive", "str", "drive_id", None, "Node name or ID of a block device to use as a backend"),
         Property("serial", "str", "serial", None, "serial number reported by GET_ID (default: the drive's)"),
         Property("queue-size", "uint16", "queue_size", 256, "virtqueue size (power of 2, 2..1024)",
+                 parse=lambda v: int(v, 0) if isinstance(v, str) else int(v)),
+        Property("vectors", "uint32", "vectors", DEFAULT_VECTORS, "MSI-X vectors (0: no MSI-X, INTx only)",
                  parse=lambda v: int(v, 0) if isinstance(v, str) else int(v)),
     ])
 
