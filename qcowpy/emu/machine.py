@@ -74,6 +74,7 @@ class MachineState(Object):
     msi_log: list[tuple[int, int]]
     quit_requested: threading.Event
     boot_log: list[str]
+    guest: Any  # the in-process guest after ``guest boot`` (qcowpy.emu.guest.system.GuestSystem)
     drives: dict[str, Any]
 
     # -- drives ----------------------------------------------------------------------------------
@@ -258,6 +259,7 @@ def _machine_instance_init(obj: Object) -> None:
     m.msi_log = []
     m.quit_requested = threading.Event()
     m.boot_log = []
+    m.guest = None
     m.drives = {}
     m.system_memory = MemoryRegion.container_region(m, "system", SIZE_2_64)
     m.system_io = MemoryRegion.container_region(m, "io", 0x10000)

@@ -61,7 +61,7 @@ class HumanMonitor:
             "system_reset": (self.cmd_system_reset, "system_reset -- reset the system"),
             "qom-list": (self.cmd_qom_list, "qom-list path -- list QOM properties"),
             "qom-get": (self.cmd_qom_get, "qom-get path property -- print a QOM property"),
-            "guest": (self.cmd_guest, "guest boot|lspci|pmio-test|mmio-test|edu-test|clock-step [ns]|disks|disk-read|disk-write|disk-verify|disk-test|disk-copy|disk-bench -- run guest code"),
+            "guest": (self.cmd_guest, "guest boot|rescan|lspci|pmio-test|mmio-test|edu-test|clock-step [ns]|disks|disk-read|disk-write|disk-verify|disk-test|disk-copy|disk-bench -- run guest code"),
             "quit": (self.cmd_quit, "quit|q -- quit the emulator"),
             "q": (self.cmd_quit, "q -- quit the emulator"),
         }
@@ -260,29 +260,24 @@ class HumanMonitor:
 
     def cmd_guest(self, args: list[str]) -> str:
         from .guest import workloads
-        from .guest.firmware import pci_boot
         from .guest.pci import GuestPCIBus, lspci
         from .guest.qtest import InProcessQTest
         if not args:
-            raise ValueError("guest boot|lspci|pmio-test|mmio-test|edu-test|clock-step [ns]")
+            raise ValueError("guest boot|rescan|lspci|pmio-test|mmio-test|edu-test|clock-step [ns]")
         qts = InProcessQTest(self.machine)
         what = args[0]
         if what == "boot":
-            res = pci_boot(qts, self.machine.ram_size)
-            disks: list = []
-            if self.machine.ram_size >= 16 << 20:
-                from .guest.virtio import GuestAlloc, VirtioGuestError
-                from .guest.virtio_blk import describe, find_disks
-                try:
-                    disks = find_disks(qts, GuestAlloc(0x10_0000, min(self.machine.ram_size, 0x800_0000)))
-                    res.log += [describe(d) for d in disks]
-                    if disks:
-                        res.log.append(f"virtio-blk: {len(disks)} disk(s)")
-                except VirtioGuestError as e:
-                    res.log.append(f"virtio-blk: driver error: {e}")
-            self.machine.boot_log = res.log
-            self.machine.guest_disks = disks
-            return "\n".join(res.log) + "\n"
+            from .guest.system import GuestSystem
+            guest = GuestSystem(self.machine)
+            log = guest.boot()
+            self.machine.guest = guest
+            self.machine.boot_log = log
+            return "\n".join(log) + "\n"
+        if what == "rescan":
+            guest = getattr(self.machine, "guest", None)
+            if guest is None:
+                raise ValueError("the guest has not booted: run 'guest boot' first")
+            return "\n".join(guest.rescan()) + "\n"
         if what == "lspci":
             return "\n".join(lspci(GuestPCIBus(qts), verbose="-v" in args)) + "\n"
         if what == "clock-step":
@@ -298,7 +293,8 @@ class HumanMonitor:
 
     def _guest_disk(self, what: str, args: list[str]) -> str:
         from .guest import virtio_blk as vb
-        disks = getattr(self.machine, "guest_disks", [])
+        guest = getattr(self.machine, "guest", None)
+        disks = guest.disks if guest is not None else []
         if what == "disks":
             return "".join(f"disk {i}: {vb.describe(d)}\n" for i, d in enumerate(disks)) or "no disks\n"
         usage = ("guest disk-read N OFF LEN | disk-write N OFF LEN [SEED] | disk-verify N OFF LEN [SEED] "

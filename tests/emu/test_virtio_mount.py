@@ -21,7 +21,8 @@ def test_python_api_copy_between_disks(qemu, tmp_path):
     m.drive_add(src, format="qcow2", readonly=True, id="src")
     m.drive_add(dst, format="qcow2", id="dst")
     _, disks, log = vb.boot(m)
-    assert len(disks) == 2 and sum("virtio-blk:" in line for line in log) == 2
+    assert len(disks) == 2 and sum(" 512-byte sectors " in line for line in log) == 2
+    assert log[-1] == "virtio-blk: 2 disk(s)"  # the same log as the monitor's guest boot
     ok, lines = vb.pattern_test(disks[1], 0, 64 * 1024, seed=3)
     assert ok, lines
     assert vb.copy_disk(disks[0], disks[1]) == 4 * MiB
@@ -93,6 +94,41 @@ def test_qmp_blockdev_add_device_add_del(tmp_path):
     assert run("query-block")["return"] == []
     with qcowpy.open(path) as d:
         assert d.pread(512, 0) == b"\x77" * 512
+
+
+def test_hotplug_then_guest_rescan(tmp_path):
+    """QMP plugs a disk into a running guest; 'guest rescan' brings it up next to the first one
+    (which keeps working), and after device_del a rescan drops it."""
+    first, hot = str(tmp_path / "first.qcow2"), str(tmp_path / "hot.qcow2")
+    qcowpy.create(first, MiB)
+    qcowpy.create(hot, 2 * MiB)
+    m = create_machine("mini-pc", "64M")
+    m.drive_add(first, id="d0")
+    mon = HumanMonitor(m)
+    s = QMPSession(m, lambda ev: None)
+    s.handle(json.dumps({"execute": "qmp_capabilities"}))
+
+    def run(cmd, **args):
+        return s.handle(json.dumps({"execute": cmd, "arguments": args}))
+    mon.execute("guest boot")
+    assert "-> OK" in mon.execute("guest disk-test 0 0 65536 4")
+    assert run("blockdev-add", driver="qcow2", **{"node-name": "hot0"}, file=hot) == {"return": {}}
+    assert run("device_add", driver="virtio-blk-pci", drive="hot0", id="vb1") == {"return": {}}
+    assert "disk 1" not in mon.execute("guest disks")          # not announced: the guest must look
+    out = mon.execute("guest rescan")
+    assert "[1af4:1042]" in out and "4096 512-byte sectors (2.00 MiB)" in out
+    disks = mon.execute("guest disks")
+    assert "disk 0:" in disks and "disk 1:" in disks
+    assert "-> OK" in mon.execute("guest disk-test 1 0 131072 5")
+    assert mon.execute("guest disk-verify 0 0 65536 4") == "verify 0x0+0x10000: OK\n"  # first disk kept its BARs
+    assert mon.execute("guest rescan") == "PCI: no changes on bus 0\n"
+    assert run("device_del", id="vb1") == {"return": {}}
+    out = mon.execute("guest rescan")
+    assert "removed" in out and "disk 1" not in mon.execute("guest disks")
+    assert run("blockdev-del", **{"node-name": "hot0"}) == {"return": {}}
+    m.shutdown()
+    with qcowpy.open(hot) as d:
+        assert vb.crc32c(d.pread(131072, 0)) == vb.crc32c(vb.pattern(0, 131072, 5))
 
 
 def test_throughput_workload(tmp_path):

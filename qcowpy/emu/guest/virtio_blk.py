@@ -335,15 +335,12 @@ def hexdump(data: bytes, base: int) -> list[str]:
 def boot(machine: object) -> tuple[QTest, list[GuestDisk], list[str]]:
     """Python API: run the firmware on an in-process ``machine`` and bring up its virtio disks.
 
-    Returns the qtest handle, the guest disks and the boot log (as ``guest boot`` prints it)."""
-    from .firmware import pci_boot
-    from .qtest import InProcessQTest
-    qts = InProcessQTest(machine)
-    ram = getattr(machine, "ram_size", 64 << 20)
-    res = pci_boot(qts, ram)
-    disks = find_disks(qts, GuestAlloc(0x10_0000, min(ram, 0x800_0000)))
-    res.log += [describe(d) for d in disks]
-    return qts, disks, res.log
+    Returns the qtest handle, the guest disks and the boot log (as ``guest boot`` prints it);
+    :class:`~qcowpy.emu.guest.system.GuestSystem` keeps the state for a later hot-plug rescan."""
+    from .system import GuestSystem
+    guest = GuestSystem(machine)
+    log = guest.boot()
+    return guest.qts, guest.disks, log
 
 
 def throughput(disk: GuestDisk, mode: str = "seq", block_size: int = 65536, total: int = 4 << 20,
