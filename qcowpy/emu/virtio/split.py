@@ -182,6 +182,7 @@ class SplitVirtQueue:
         self.known_avail = 0  # chains seen at the last read of the driver's index, not yet popped
         self._maps_key: Optional[tuple[int, ...]] = None
         self._desc_v = self._avail_v = self._used_v = memoryview(b"")
+        self._window: Optional[tuple[int, int, memoryview]] = None
 
     def _maps(self) -> None:
         """(Re)map the three rings when their addresses, size or the memory topology changed."""
@@ -193,6 +194,7 @@ class SplitVirtQueue:
         self._desc_v = map_one(self.mem, self.desc, DESC_SIZE * num, False, "descriptor table")
         self._avail_v = map_one(self.mem, self.avail, 4 + 2 * num + extra, False, "driver ring")
         self._used_v = map_one(self.mem, self.used, 4 + 8 * num + extra, True, "device ring")
+        self._window = self.mem.window()  # the RAM block the rings live in: chains usually do too
         self._maps_key = key
 
     # -- driver ring --------------------------------------------------------------------------
@@ -223,10 +225,10 @@ class SplitVirtQueue:
         # machine lock), so the ring mappings made for that read are current
         head = _U16.unpack_from(self._avail_v, 4 + 2 * (self.last_avail_idx % self.num))[0]
         elem = self._walk(head)
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        self.last_avail_idx = idx = (self.last_avail_idx + 1) & 0xFFFF
         self.known_avail -= 1
         if self.event_idx:
-            self._set_avail_event(self.last_avail_idx)
+            _U16.pack_into(self._used_v, 4 + 8 * self.num, idx)  # avail_event
         self.inflight += 1
         return elem
 
@@ -238,7 +240,7 @@ class SplitVirtQueue:
             raise VirtQueueError(f"guest chain head {head} >= queue size {self.num}")
         mem = self.mem
         elem = VirtQueueElement(head)
-        win = mem.window()
+        win = self._window
         if win is not None:  # the common case in one call: a direct chain with buffers in one RAM block
             got = vring_chain(self._desc_v, head, self.num, win[2], win[0], win[1])
             if got is not None:
