@@ -330,30 +330,38 @@ class GuestVirtQueue:
             return
         self.qts.writew(self.notify_addr, self.index)
 
-    def get_used(self) -> list[tuple[int, int]]:
-        """Reap completions: (head id, used.len) pairs; frees their descriptors."""
+    def get_used(self, settle: bool = False) -> list[tuple[int, int]]:
+        """Reap completions: (head id, used.len) pairs; frees their descriptors.
+
+        With ``settle`` (a driver that sleeps until the next interrupt), the used index is read
+        again after ``used_event`` is moved, and anything that arrived meanwhile is reaped too:
+        the device skips the interrupt for such completions (Linux's virtqueue_enable_cb check)."""
         out: list[tuple[int, int]] = []
-        used_idx = self.qts.readw(self.used + 2)
-        count = (used_idx - self.last_used) & 0xFFFF
-        if count > self.size:
-            raise VirtioGuestError(f"device moved the used index by {count} (queue size {self.size})")
-        slot = self.last_used % self.size
-        while count:
-            n = min(count, self.size - slot)
-            raw = self.qts.memread(self.used + 4 + 8 * slot, 8 * n)
-            for ident, length in struct.iter_unpack("<II", raw):
-                ids = self.chains.pop(ident, None)
-                if ids is None:
-                    raise VirtioGuestError(f"device returned unknown descriptor {ident}")
-                if ident not in self.reserved:
-                    self.free += ids
-                out.append((ident, length))
-            count -= n
-            slot = 0
-        self.last_used = used_idx
-        if self.event_idx and out:
-            self.qts.writew(self.avail + 4 + 2 * self.size, self.last_used)
-        return out
+        while True:
+            used_idx = self.qts.readw(self.used + 2)
+            count = (used_idx - self.last_used) & 0xFFFF
+            if count > self.size:
+                raise VirtioGuestError(f"device moved the used index by {count} (queue size {self.size})")
+            if not count:
+                return out
+            slot = self.last_used % self.size
+            while count:
+                n = min(count, self.size - slot)
+                raw = self.qts.memread(self.used + 4 + 8 * slot, 8 * n)
+                for ident, length in struct.iter_unpack("<II", raw):
+                    ids = self.chains.pop(ident, None)
+                    if ids is None:
+                        raise VirtioGuestError(f"device returned unknown descriptor {ident}")
+                    if ident not in self.reserved:
+                        self.free += ids
+                    out.append((ident, length))
+                count -= n
+                slot = 0
+            self.last_used = used_idx
+            if self.event_idx:
+                self.qts.writew(self.avail + 4 + 2 * self.size, self.last_used)
+            if not settle:
+                return out
 
 
 def pack_chain(bufs: list[tuple[int, int, bool]], ids: list[int]) -> bytes:

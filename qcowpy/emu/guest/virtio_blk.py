@@ -2,10 +2,12 @@
 
 :func:`find_disks` probes every virtio-blk PCI function (modern ID 1af4:1042) and returns a
 :class:`GuestDisk` for each, initialised with the features this driver understands. Requests are
-synchronous: build a chain (header, data, status) in guest RAM, kick, poll the used ring.
+batched: up to ``depth`` chains (header, data, status) in guest RAM, one kick, then completions
+reaped from the used ring — by polling it (``completion="poll"``) or after waiting for the queue's
+interrupt (``completion="interrupt"``: ISR bit 0, or the MSI-X message word).
 ``GuestDisk(..., use_msix=True)`` also turns on MSI-X when the device has it: configuration
 interrupts go to table entry 0 and the queue's to entry 1 (``disk.msix_config``, ``disk.msix_queue``,
-polled with ``disk.vdev.msix_fired``); completions are still found by polling the used ring.
+polled with ``disk.vdev.msix_fired``).
 """
 from __future__ import annotations
 
@@ -67,7 +69,12 @@ class GuestDisk:
     MAX_DEPTH = 64
 
     def __init__(self, qts: QTest, pdev: GuestPCIDevice, alloc: GuestAlloc, features: int = DRIVER_FEATURES,
-                 use_indirect: bool = False, queue_size: Optional[int] = None, use_msix: bool = False) -> None:
+                 use_indirect: bool = False, queue_size: Optional[int] = None, use_msix: bool = False,
+                 completion: str = "poll") -> None:
+        if completion not in ("poll", "interrupt"):
+            raise ValueError(f"completion must be 'poll' or 'interrupt', not {completion!r}")
+        self.completion = completion
+        self.interrupts = 0  # interrupts waited for (completion="interrupt")
         self.qts = qts
         self.pci = pdev
         self.alloc = alloc
@@ -185,7 +192,9 @@ class GuestDisk:
                 self._write_headers(headers)
                 self.vq.make_available(heads)
                 self.vq.kick()
-            used = self.vq.get_used()
+            if self.completion == "interrupt":
+                self._wait_interrupt()
+            used = self.vq.get_used(settle=self.completion == "interrupt")
             if not used:
                 polls += 1
                 if self.vdev.status & STATUS_NEEDS_RESET:
@@ -205,6 +214,24 @@ class GuestDisk:
                 free.append(slot)
                 done += 1
         return results
+
+    def _wait_interrupt(self, timeout: float = 10.0) -> None:
+        """Sleep until the queue interrupts, as libqos's qvirtio_wait_queue_isr does with qtest:
+        watch the MSI-X message word, or ISR bit 0 (reading the ISR acknowledges it and lowers
+        INTx). A configuration interrupt with NEEDS_RESET ends the wait with an error."""
+        import time
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.msix_queue is not None:
+                if self.vdev.msix_fired(self.msix_queue):
+                    break
+            elif self.vdev.read_isr() & 1:
+                break
+            if self.vdev.status & STATUS_NEEDS_RESET:
+                raise VirtioGuestError("device needs reset")
+            if time.monotonic() > deadline:
+                raise VirtioGuestError("no interrupt: request timed out")
+        self.interrupts += 1
 
     def request(self, rtype: int, sector: int, out: bytes = b"", in_len: int = 0,
                 what: str = "request") -> bytes:
