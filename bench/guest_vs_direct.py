@@ -46,15 +46,6 @@ def build_image(path: str, size: int) -> None:
     os.unlink(raw)
 
 
-def offsets(mode: str, bs: int, size: int, total: int) -> list[int]:
-    n = size // bs
-    count = total // bs
-    if mode == "seq":
-        return [(i % n) * bs for i in range(count)]
-    rnd = random.Random(7)
-    return [rnd.randrange(n) * bs for _ in range(count)]
-
-
 def time_direct(path: str, offs: list[int], bs: int) -> float:
     with qcowpy.open(path) as dev:
         t0 = time.perf_counter()
@@ -90,7 +81,7 @@ def main() -> int:
         cols = "".join(f"{'guest QD' + str(q):>14}{'ratio':>8}" for q in depths)
         print(f"{'workload':<22}{'direct MiB/s':>14}{cols}")
         for mode, bs in (("seq", 64 << 10), ("rand", 4 << 10)):
-            offs = offsets(mode, bs, size, total if bs > 4096 else total // 8)
+            offs = vb.workload_offsets(mode, bs, size, (total if bs > 4096 else total // 8) // bs, seed=7)
             nbytes = len(offs) * bs
             direct: list[float] = []
             guest: dict[int, list[float]] = {q: [] for q in depths}

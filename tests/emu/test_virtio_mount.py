@@ -72,15 +72,18 @@ def test_qmp_query_block(tmp_path):
     m.shutdown()
 
 
+def _qmp(machine):
+    """A QMP session on ``machine`` past capabilities negotiation: run(command, **arguments)."""
+    s = QMPSession(machine, lambda ev: None)
+    s.handle(json.dumps({"execute": "qmp_capabilities"}))
+    return lambda cmd, **args: s.handle(json.dumps({"execute": cmd, "arguments": args}))
+
+
 def test_qmp_blockdev_add_device_add_del(tmp_path):
     path = str(tmp_path / "hot.qcow2")
     qcowpy.create(path, MiB)
     m = create_machine("mini-pc", "64M")
-    s = QMPSession(m, lambda ev: None)
-    s.handle(json.dumps({"execute": "qmp_capabilities"}))
-
-    def run(cmd, **args):
-        return s.handle(json.dumps({"execute": cmd, "arguments": args}))
+    run = _qmp(m)
     assert run("blockdev-add", driver="qcow2", **{"node-name": "hot0"},
                file={"driver": "file", "filename": path}) == {"return": {}}
     assert "error" in run("blockdev-add", driver="vmdk", **{"node-name": "x"}, file=path)
@@ -105,11 +108,7 @@ def test_hotplug_then_guest_rescan(tmp_path):
     m = create_machine("mini-pc", "64M")
     m.drive_add(first, id="d0")
     mon = HumanMonitor(m)
-    s = QMPSession(m, lambda ev: None)
-    s.handle(json.dumps({"execute": "qmp_capabilities"}))
-
-    def run(cmd, **args):
-        return s.handle(json.dumps({"execute": cmd, "arguments": args}))
+    run = _qmp(m)
     mon.execute("guest boot")
     assert "-> OK" in mon.execute("guest disk-test 0 0 65536 4")
     assert run("blockdev-add", driver="qcow2", **{"node-name": "hot0"}, file=hot) == {"return": {}}

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from .firmware import BootResult, pci_boot, pci_rescan
 from .qtest import InProcessQTest
 from .virtio import GuestAlloc, VirtioGuestError
-from .virtio_blk import VIRTIO_BLK_DEVICE_ID, GuestDisk, describe
+from .virtio_blk import GuestDisk, describe, is_virtio_blk
 
 #: Guest RAM for virtqueues, request slots and buffers: from 1 MiB up to 128 MiB (or the RAM size).
 ALLOC_START, ALLOC_END = 0x10_0000, 0x800_0000
@@ -61,7 +61,7 @@ class GuestSystem:
             return []
         log = []
         for dev in devices:
-            if dev.vendor_id != 0x1AF4 or dev.device_id != VIRTIO_BLK_DEVICE_ID:
+            if not is_virtio_blk(dev):
                 continue
             try:
                 disk = GuestDisk(self.qts, dev, self.alloc)

@@ -11,7 +11,9 @@ polled with ``disk.vdev.msix_fired``).
 """
 from __future__ import annotations
 
+import random
 import struct
+import time
 from typing import Optional, Sequence
 
 from ..pci import regs
@@ -114,6 +116,10 @@ class GuestDisk:
     def has(self, bit: int) -> bool:
         return bool(self.features >> bit & 1)
 
+    def clamp_depth(self, depth: Optional[int]) -> int:
+        """The queue depth a run really uses: ``depth`` (default: all slots) within 1..slots."""
+        return max(1, min(depth or self.depth, self.depth))
+
     @property
     def capacity(self) -> int:
         return self.capacity_sectors * SECTOR
@@ -169,7 +175,7 @@ class GuestDisk:
 
         Returns (status, used.len, data read) per request, in request order; with ``want_data``
         false the data stays in guest RAM (the slot buffers) and is not copied out."""
-        depth = max(1, min(depth or self.depth, self.depth))
+        depth = self.clamp_depth(depth)
         free = self.slots[:depth][::-1]
         inflight: dict[int, tuple[int, _Slot]] = {}
         results: list[tuple[int, int, bytes]] = [(S_IOERR, 0, b"")] * len(requests)
@@ -219,7 +225,6 @@ class GuestDisk:
         """Sleep until the queue interrupts, as libqos's qvirtio_wait_queue_isr does with qtest:
         watch the MSI-X message word, or ISR bit 0 (reading the ISR acknowledges it and lowers
         INTx). A configuration interrupt with NEEDS_RESET ends the wait with an error."""
-        import time
         deadline = time.monotonic() + timeout
         while True:
             if self.msix_queue is not None:
@@ -293,11 +298,16 @@ class GuestDisk:
         return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
+def is_virtio_blk(dev: GuestPCIDevice) -> bool:
+    """A modern virtio-blk PCI function (1af4:1042)."""
+    return dev.vendor_id == 0x1AF4 and dev.device_id == VIRTIO_BLK_DEVICE_ID
+
+
 def find_disks(qts: QTest, alloc: Optional[GuestAlloc] = None, **kw: object) -> list[GuestDisk]:
     """Initialise every virtio-blk function on bus 0 (BARs must already be assigned)."""
     alloc = alloc or GuestAlloc()
     return [GuestDisk(qts, d, alloc, **kw)  # type: ignore[arg-type]
-            for d in GuestPCIBus(qts).scan() if d.vendor_id == 0x1AF4 and d.device_id == VIRTIO_BLK_DEVICE_ID]
+            for d in GuestPCIBus(qts).scan() if is_virtio_blk(d)]
 
 
 def describe(disk: GuestDisk) -> str:
@@ -370,22 +380,27 @@ def boot(machine: object) -> tuple[QTest, list[GuestDisk], list[str]]:
     return guest.qts, guest.disks, log
 
 
+def workload_offsets(mode: str, block_size: int, size: int, count: int, seed: int = 0) -> list[int]:
+    """``count`` block offsets in a disk of ``size`` bytes: sequential (wrapping at the end) or
+    uniformly random from a seeded generator, so runs and tools can repeat the same workload."""
+    if mode not in ("seq", "rand"):
+        raise ValueError(f"workload must be seq or rand, not {mode!r}")
+    if block_size <= 0 or block_size % SECTOR or block_size > size:
+        raise ValueError(f"block size must be a positive multiple of 512 up to the disk size, not {block_size}")
+    nblocks = size // block_size
+    if mode == "seq":
+        return [(i % nblocks) * block_size for i in range(count)]
+    rng = random.Random(seed)
+    return [rng.randrange(nblocks) * block_size for _ in range(count)]
+
+
 def throughput(disk: GuestDisk, mode: str = "seq", block_size: int = 65536, total: int = 4 << 20,
                seed: int = 0, depth: Optional[int] = None) -> tuple[float, list[str]]:
     """Sequential or random reads of ``block_size`` until ``total`` bytes, ``depth`` requests in
     flight (default: the driver's queue depth), like fio with ``iodepth``; returns (MiB/s, lines)."""
-    import random
-    import time
-    if mode not in ("seq", "rand"):
-        raise ValueError(f"workload must be seq or rand, not {mode!r}")
-    if block_size <= 0 or block_size % SECTOR or block_size > disk.capacity:
-        raise ValueError(f"block size must be a positive multiple of 512 up to the disk size, not {block_size}")
-    rng = random.Random(seed)
-    nblocks = disk.capacity // block_size
-    count = max(1, total // block_size)
-    offs = [(i % nblocks) * block_size for i in range(count)] if mode == "seq" else \
-        [rng.randrange(nblocks) * block_size for _ in range(count)]
-    depth = max(1, min(depth or disk.depth, disk.depth))
+    count = max(1, total // block_size) if block_size > 0 else 1
+    offs = workload_offsets(mode, block_size, disk.capacity, count, seed)
+    depth = disk.clamp_depth(depth)
     t0 = time.perf_counter()
     disk.read_blocks(offs, block_size, depth)
     dt = max(time.perf_counter() - t0, 1e-9)
