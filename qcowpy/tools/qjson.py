@@ -34,24 +34,16 @@ class QDict(dict):
     """A dict that prints in QDict order (insertion order is the QAPI schema's field order)."""
 
 
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _quote(s: str) -> str:
     out = ['"']
     for ch in s:
         cp = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\b":
-            out.append("\\b")
-        elif ch == "\f":
-            out.append("\\f")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
+        esc = _SHORT_ESCAPES.get(ch)
+        if esc is not None:
+            out.append(esc)
         elif 0xDC80 <= cp <= 0xDCFF:  # undecodable byte (surrogateescape): QEMU prints U+FFFD
             out.append("\\uFFFD")
         elif cp > 0xFFFF:
