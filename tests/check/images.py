@@ -53,6 +53,11 @@ def poke64(path, off: int, value: int) -> None:
     poke(path, off, struct.pack(">Q", value))
 
 
+def flip64(path, off: int, set_bits: int = 0, clear_bits: int = 0) -> None:
+    """Set and clear bits of the big-endian 64-bit entry at ``off`` (table-entry surgery)."""
+    poke64(path, off, (u64(path, off) | set_bits) & ~clear_bits)
+
+
 def l1_entry_offset(path, index: int = 0) -> int:
     return header(path).l1_table_offset + 8 * index
 

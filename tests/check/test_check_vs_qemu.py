@@ -92,15 +92,13 @@ def corrupt_l2_twice(p):
 
 def corrupt_l2_reserved(p):
     I.create(p, "4M", "write -P 1 0 64k")
-    off = I.l2_entry_offset(p, 0)
-    I.poke64(p, off, I.u64(p, off) | 0x2)
+    I.flip64(p, I.l2_entry_offset(p, 0), set_bits=0x2)
     return p
 
 
 def corrupt_l1_reserved(p):
     I.create(p, "4M", "write -P 1 0 64k")
-    off = I.l1_entry_offset(p, 0)
-    I.poke64(p, off, I.u64(p, off) | (1 << 60))
+    I.flip64(p, I.l1_entry_offset(p, 0), set_bits=(1 << 60))
     return p
 
 
@@ -112,17 +110,14 @@ def corrupt_data_past_eof(p):
 
 def corrupt_copied_cleared(p):
     I.create(p, "4M", "write -P 1 0 128k")
-    off = I.l2_entry_offset(p, 1)
-    I.poke64(p, off, I.u64(p, off) & ~C.OFLAG_COPIED)
-    off = I.l1_entry_offset(p, 0)
-    I.poke64(p, off, I.u64(p, off) & ~C.OFLAG_COPIED)
+    I.flip64(p, I.l2_entry_offset(p, 1), clear_bits=C.OFLAG_COPIED)
+    I.flip64(p, I.l1_entry_offset(p, 0), clear_bits=C.OFLAG_COPIED)
     return p
 
 
 def corrupt_compressed_copied(p):
     I.create(p, "4M", "write -c -P 3 0 64k")
-    off = I.l2_entry_offset(p, 0)
-    I.poke64(p, off, I.u64(p, off) | C.OFLAG_COPIED)
+    I.flip64(p, I.l2_entry_offset(p, 0), set_bits=C.OFLAG_COPIED)
     return p
 
 
@@ -160,8 +155,7 @@ def corrupt_l2_is_refblock(p):
 
 def corrupt_unaligned_data(p):
     I.create(p, "4M", "write -P 1 0 64k")
-    off = I.l2_entry_offset(p, 0)
-    I.poke64(p, off, I.u64(p, off) | 0x200)
+    I.flip64(p, I.l2_entry_offset(p, 0), set_bits=0x200)
     return p
 
 

@@ -466,21 +466,18 @@ def test_extended_l2_writes_refused_cleanly_or_correct(qemu, tmp_path, with_back
     assert p.returncode == 0, p.stdout
 
 
-def test_unsupported_images_refused_clearly(tmp_path):
-    p = str(tmp_path / "enc.qcow2")
+@pytest.mark.parametrize("field_offset,value,match", [
+    (32, struct.pack(">I", C.CRYPT_LUKS), "[Ee]ncrypt"),               # crypt_method
+    (72, struct.pack(">Q", C.INCOMPAT_DATA_FILE), "data file"),        # incompatible_features
+])
+def test_unsupported_images_refused_clearly(tmp_path, field_offset, value, match):
+    p = str(tmp_path / "u.qcow2")
     qcowpy.create(p, MiB)
     with open(p, "r+b") as f:
-        f.seek(32)
-        f.write(struct.pack(">I", C.CRYPT_LUKS))
-    with pytest.raises(UnsupportedFeature, match="[Ee]ncrypt"):
+        f.seek(field_offset)
+        f.write(value)
+    with pytest.raises(UnsupportedFeature, match=match):
         qcowpy.open(p)
-    q = str(tmp_path / "df.qcow2")
-    qcowpy.create(q, MiB)
-    with open(q, "r+b") as f:
-        f.seek(72)
-        f.write(struct.pack(">Q", C.INCOMPAT_DATA_FILE))
-    with pytest.raises(UnsupportedFeature, match="data file"):
-        qcowpy.open(q)
 
 
 @pytest.mark.interop
