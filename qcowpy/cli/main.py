@@ -292,9 +292,9 @@ def compare(fmt1, fmt2, strict, progress, quiet, src_cache, force_share, image_o
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def emu(args) -> None:
     """Run the machine emulator (QEMU-style options; 'qcowpy emu -help')."""
-    from ..emu.cli import main as emu_main
+    from ..emu.cli import entry
 
-    code = emu_main(list(args))
+    code = entry(list(args))
     if code:
         raise CommandFailed(None, int(code))
 

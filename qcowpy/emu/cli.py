@@ -150,14 +150,26 @@ def main(argv: list[str], stdin: Optional[TextIO] = None, stdout: Optional[TextI
         finally:
             for s in servers:
                 s.close()
-            if prev_term is not None:
-                signal.signal(signal.SIGTERM, prev_term)
-            machine.shutdown()
+            try:
+                machine.shutdown()
+            finally:
+                # only now: a SIGTERM that lands while the drives are flushed must not kill us
+                if prev_term is not None:
+                    signal.signal(signal.SIGTERM, prev_term)
         return 0
     except QcowError as e:
         stderr.write(f"qcowpy emu: {e}\n")
         return 1
 
 
+def entry(argv: list[str]) -> int:
+    """``main`` as a process's whole job: once it has shut the machine down cleanly, a SIGTERM that
+    arrives while the interpreter exits must not turn the exit status into "killed" (QEMU exits 0)."""
+    code = main(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(entry(sys.argv[1:]))

@@ -38,7 +38,7 @@ def test_emu_passthrough(monkeypatch):
     import qcowpy.emu.cli as emu_cli
 
     seen = []
-    monkeypatch.setattr(emu_cli, "main", lambda argv: seen.append(argv) or 3)
+    monkeypatch.setattr(emu_cli, "entry", lambda argv: seen.append(argv) or 3)
     r = qcowpy("emu", "-M", "mini-pc", "-device", "edu", "--whatever", "-S")
     assert seen == [["-M", "mini-pc", "-device", "edu", "--whatever", "-S"]]
     assert r.code == 3 and r.err == ""

@@ -140,3 +140,37 @@ def test_throughput_workload(tmp_path):
     assert "MiB/s" in mon.execute("guest disk-bench 0 seq 65536 1048576")
     assert "rand read 262144 bytes in 4096-byte requests" in mon.execute("guest disk-bench 0 rand 4096 262144")
     m.shutdown()
+
+
+def test_sigterm_while_shutting_down_keeps_the_image(qemu, tmp_path):
+    """A test harness closes the qtest socket and sends SIGTERM at once (as EmulatorProcess.close
+    does); signals that land while the drives are being flushed must not kill the process before
+    the image is consistent."""
+    import os
+    import signal
+    import time
+
+    from qcowpy.emu.guest.firmware import pci_boot
+    from qcowpy.emu.guest.pci import GuestPCIBus
+    from qcowpy.emu.guest.qtest import launch_emu
+    from qcowpy.emu.guest.virtio import GuestAlloc
+
+    path, expect = str(tmp_path / "d.qcow2"), bytearray(4 * MiB)
+    qemu.create(path, "4M")
+    with launch_emu(["-m", "64M", "-drive", f"file={path},format=qcow2,if=none,id=d0",
+                     "-device", "virtio-blk-pci,drive=d0,addr=04.0"]) as p:
+        pci_boot(p.qtest, 64 * MiB)
+        dev = next(d for d in GuestPCIBus(p.qtest).scan() if vb.is_virtio_blk(d))
+        disk = vb.GuestDisk(p.qtest, dev, GuestAlloc(0x10_0000, 0x200_0000))
+        blocks = [(1, 8 * 9 * k, bytes([k + 1]) * 4096, 0) for k in range(100)]
+        assert [st for st, _, _ in disk.run(blocks)] == [0] * 100
+        for _, sector, data, _ in blocks:
+            expect[sector * 512:sector * 512 + 4096] = data
+        p.qtest.close()
+        deadline = time.monotonic() + 20
+        while p.proc.poll() is None and time.monotonic() < deadline:
+            os.kill(p.proc.pid, signal.SIGTERM)
+            time.sleep(0.0005)
+        assert p.proc.wait(timeout=10) == 0
+    qemu.assert_clean(path)
+    assert qemu.to_raw(path, str(tmp_path / "d.raw")) == bytes(expect)
