@@ -10,6 +10,12 @@ import shutil
 import subprocess
 
 import pytest
+from hypothesis import settings
+
+# No per-example time limit anywhere: CI machines are shared and slow down unpredictably, and a
+# deadline failure there says nothing about correctness (time targets live in bench/).
+settings.register_profile("qcowpy", deadline=None)
+settings.load_profile("qcowpy")
 
 
 # ---------------------------------------------------------------------------------------------
