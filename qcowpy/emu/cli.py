@@ -66,8 +66,9 @@ def _qmp_path(spec: str) -> str:
 
 
 def main(argv: list[str], stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None,
-         stderr: Optional[TextIO] = None) -> int:
-    """Run ``qcowpy emu`` with ``argv`` (without the program name); returns the exit status."""
+         stderr: Optional[TextIO] = None, owns_process: bool = False) -> int:
+    """Run ``qcowpy emu`` with ``argv`` (without the program name); returns the exit status.
+    ``owns_process``: the caller exits right after, so SIGTERM is left ignored, not restored."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
@@ -115,29 +116,29 @@ def main(argv: list[str], stdin: Optional[TextIO] = None, stdout: Optional[TextI
             out = HumanMonitor(machine).execute("guest boot")
             stdout.write(out)
             stdout.flush()
-        servers = []
-        from .qmp import QMPServer
-        for spec in args.qmp:
-            servers.append(QMPServer(machine, _qmp_path(spec)).start())
-        qtest_thread = None
-        if args.qtest:
-            if not args.qtest.startswith("unix:"):
-                raise EmuError(f"-qtest {args.qtest}: only unix:PATH is supported")
-            from .qtest import serve_unix_client
-
-            def qtest_main() -> None:
-                try:
-                    serve_unix_client(machine, args.qtest[len("unix:"):].split(",")[0])
-                except OSError as e:
-                    stderr.write(f"qcowpy emu: -qtest: {e}\n")
-                machine.quit_requested.set()
-            qtest_thread = threading.Thread(target=qtest_main, name="qtest", daemon=True)
-            qtest_thread.start()
-        prev_term = None
+        prev_term = None  # installed before any client can connect and send us work
         if threading.current_thread() is threading.main_thread():
             # SIGTERM quits cleanly: the drives are flushed and closed below
             prev_term = signal.signal(signal.SIGTERM, lambda *_: machine.quit_requested.set())
+        servers = []
         try:
+            from .qmp import QMPServer
+            for spec in args.qmp:
+                servers.append(QMPServer(machine, _qmp_path(spec)).start())
+            qtest_thread = None
+            if args.qtest:
+                if not args.qtest.startswith("unix:"):
+                    raise EmuError(f"-qtest {args.qtest}: only unix:PATH is supported")
+                from .qtest import serve_unix_client
+
+                def qtest_main() -> None:
+                    try:
+                        serve_unix_client(machine, args.qtest[len("unix:"):].split(",")[0])
+                    except OSError as e:
+                        stderr.write(f"qcowpy emu: -qtest: {e}\n")
+                    machine.quit_requested.set()
+                qtest_thread = threading.Thread(target=qtest_main, name="qtest", daemon=True)
+                qtest_thread.start()
             if monitor_stdio:
                 mon_thread = threading.Thread(target=run_stdio, args=(HumanMonitor(machine), stdin, stdout),
                                               name="monitor", daemon=True)
@@ -153,9 +154,10 @@ def main(argv: list[str], stdin: Optional[TextIO] = None, stdout: Optional[TextI
             try:
                 machine.shutdown()
             finally:
-                # only now: a SIGTERM that lands while the drives are flushed must not kill us
+                # only now: a SIGTERM that lands while the drives are flushed must not kill us;
+                # a process that exits next keeps ignoring it (QEMU exits 0 on SIGTERM)
                 if prev_term is not None:
-                    signal.signal(signal.SIGTERM, prev_term)
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN if owns_process else prev_term)
         return 0
     except QcowError as e:
         stderr.write(f"qcowpy emu: {e}\n")
@@ -163,12 +165,8 @@ def main(argv: list[str], stdin: Optional[TextIO] = None, stdout: Optional[TextI
 
 
 def entry(argv: list[str]) -> int:
-    """``main`` as a process's whole job: once it has shut the machine down cleanly, a SIGTERM that
-    arrives while the interpreter exits must not turn the exit status into "killed" (QEMU exits 0)."""
-    code = main(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return code
+    """``main`` as a process's whole job (``python -m qcowpy.emu.cli``, ``qcowpy emu``)."""
+    return main(argv, owns_process=True)
 
 
 if __name__ == "__main__":

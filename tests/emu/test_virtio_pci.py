@@ -13,8 +13,8 @@ from qcowpy.emu import cli
 from qcowpy.emu.guest.firmware import pci_boot
 from qcowpy.emu.guest.pci import GuestPCIBus
 from qcowpy.emu.guest.qtest import InProcessQTest
-from qcowpy.emu.guest.virtio import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
-                                     GuestAlloc, VirtioPCIGuest)
+from qcowpy.emu.guest.virtio import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+                                     STATUS_NEEDS_RESET, GuestAlloc, VirtioPCIGuest)
 from qcowpy.emu.guest import virtio_blk as vb
 from qcowpy.emu.guest.virtio_blk import GuestDisk, GuestIOError, find_disks
 from qcowpy.emu.machine import create_machine
@@ -47,11 +47,12 @@ def test_pci_identity_and_capabilities(env):
     dev = _virtio_fn(qts)
     assert (dev.device_id, dev.revision, dev.class_code) == (0x1042, 1, 0x0100)
     caps = dev.capabilities()
-    assert [cid for _, cid in caps] == [regs.CAP_ID_MSIX] + [regs.CAP_ID_VNDR] * 4
+    assert caps == [(0x98, regs.CAP_ID_MSIX), (0x84, regs.CAP_ID_VNDR), (0x70, regs.CAP_ID_VNDR),
+                    (0x60, regs.CAP_ID_VNDR), (0x50, regs.CAP_ID_VNDR), (0x40, regs.CAP_ID_VNDR)]
     types = {dev.readb(off + 3): (dev.readb(off + 2), dev.readb(off + 4), dev.readl(off + 8), dev.readl(off + 12))
              for off, cid in caps if cid == regs.CAP_ID_VNDR}
     assert types == {1: (16, 4, 0x0000, 0x1000), 3: (16, 4, 0x1000, 0x1000),
-                     4: (16, 4, 0x2000, 0x1000), 2: (20, 4, 0x3000, 0x1000)}
+                     4: (16, 4, 0x2000, 0x1000), 2: (20, 4, 0x3000, 0x1000), 5: (20, 0, 0, 0)}
     notify = next(off for off, _ in caps if dev.readb(off + 3) == 2)
     assert dev.readl(notify + 16) == 4
     bar = next(b for b in dev.size_bars() if b.index == 4)
@@ -260,14 +261,30 @@ def test_hostile_guest_needs_reset_and_recovers(env, case):
     assert disk2.read(0, 4096) == b"\x11" * 4096
 
 
-def test_bus_master_off_is_a_driver_error(env):
-    _, qts, _ = env
+def test_bus_master_off_stops_the_device_until_driver_ok_again(env):
+    """QEMU's virtio_write_config: clearing bus mastering drops DRIVER_OK and parks the queue; no
+    DMA, no interrupt, no error. Once mastering and DRIVER_OK are back, the request completes."""
+    m, qts, _ = env
     disk = find_disks(qts)[0]
     dev = _virtio_fn(qts)
-    dev.writew(regs.COMMAND, dev.readw(regs.COMMAND) & ~regs.COMMAND_MASTER)
-    disk.vq.add([(disk.hdr, 16, False), (disk.status_addr, 1, True)])
+    cmd = dev.readw(regs.COMMAND)
+    dev.writew(regs.COMMAND, cmd & ~regs.COMMAND_MASTER)
+    assert disk.vdev.status == STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+    qts.memwrite(disk.hdr, struct.pack("<IIQ", 0, 0, 0))
+    qts.writeb(disk.status_addr, 0xFF)
+    head = disk.vq.add([(disk.hdr, 16, False), (disk.buf, 512, True), (disk.status_addr, 1, True)])
     disk.vq.kick()
-    assert disk.vdev.status & STATUS_NEEDS_RESET
+    assert disk.vq.get_used() == [] and qts.readb(disk.status_addr) == 0xFF
+    assert disk.vdev.read_isr() == 0 and not any(m.irq_levels)
+    dev.writew(regs.COMMAND, cmd)
+    assert not disk.vdev.status & STATUS_DRIVER_OK     # the driver has to say DRIVER_OK again
+    disk.vq.kick()
+    assert disk.vq.get_used() == []
+    disk.vdev.driver_ok()
+    disk.vq.kicked_at -= 1                             # kick again, whatever avail_event says
+    disk.vq.kick()
+    assert disk.vq.get_used() == [(head, 513)] and qts.readb(disk.status_addr) == 0
+    assert disk.vdev.read_isr() == 1
 
 
 def test_read_only_drive(tmp_path):
@@ -403,3 +420,40 @@ def test_monitor_info_block_and_drive_in_use(env):
     m, _, path = env
     assert f"d0 (#block-d0): {path} (qcow2)" in HumanMonitor(m).execute("info block")
     assert "in use" in HumanMonitor(m).execute("device_add virtio-blk-pci,drive=d0")
+
+
+def test_pci_cfg_window_runs_the_whole_driver(env):
+    """VIRTIO_PCI_CAP_PCI_CFG: a driver that never maps BAR4 (SeaBIOS's fallback) still works;
+    the window's own rules: sizes 1/2/4 only, offsets aligned down, nothing outside the regions."""
+    m, qts, _ = env
+    dev = _virtio_fn(qts)
+    disk = GuestDisk(qts, dev, GuestAlloc(), via_pci_cfg=True)
+    mmio = []
+
+    def spy(name):                                               # BAR accesses would show up here
+        real = getattr(qts, name)
+        setattr(qts, name, lambda a, *v: mmio.append(a) or real(a, *v))
+    for name in ("readb", "readw", "readl", "writeb", "writew", "writel"):
+        spy(name)
+    ok, lines = vb.pattern_test(disk, 8192, 64 * 1024, seed=5)
+    assert ok, lines
+    assert disk.serial() == "SER-1" and disk.capacity_sectors == 8 * MiB // 512
+    assert [a for a in mmio if a >= 0xC000_0000] == []
+    w = disk.vdev.cfg_window
+    assert w == 0x84 and dev.readb(w + 2) == 20
+
+    def window(offset, length, bar=4):
+        dev.writeb(w + 4, bar)
+        dev.writel(w + 8, offset)
+        dev.writel(w + 12, length)
+        return dev.readl(w + 16)
+    assert window(0x2000, 4) == 8 * MiB // 512               # capacity, low dword
+    assert window(0x2002, 4) == 8 * MiB // 512               # aligned down to 0x2000
+    assert window(18, 2) & 0xFFFF == 1                         # num_queues
+    dev.writel(w + 16, 0xDEADBEEF)
+    assert window(0x2000, 3) == 0xDEADBEEF                     # no access: the dword is untouched
+    assert window(0x4000, 4) == 0xDEADBEEF                     # past the regions: no access
+    assert window(0x2000, 4, bar=2) == 8 * MiB // 512          # the bar field is not consulted
+    assert dev.readb(w + 4) == 2
+    disk.read(0, 512)
+    assert window(0x1ABC, 1) & 0xFF == 1 and window(0x1000, 1) & 0xFF == 0   # any ISR byte reads and clears

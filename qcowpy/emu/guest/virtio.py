@@ -4,6 +4,10 @@ Everything goes through a :class:`~qcowpy.emu.guest.qtest.QTest`: the driver fin
 with PCI config cycles, walks its vendor capabilities, resets it, negotiates features, builds split
 virtqueues in guest RAM (from a :class:`GuestAlloc`), submits chains and polls the used ring.
 
+With ``via_pci_cfg=True`` the driver never touches the BAR: every register access (common and
+device configuration, ISR, notifications) goes through the VIRTIO_PCI_CAP_PCI_CFG window in
+configuration space, as SeaBIOS does when a BAR lies beyond its reach.
+
 MSI-X is optional, as in libqos: :meth:`VirtioPCIGuest.enable_msix` turns it on, :meth:`msix_vector`
 points a table entry at a word of guest RAM, ``msix_config`` / ``queue_msix_vector`` select the
 entries, and :meth:`msix_fired` polls the word (or, while the vector is masked, its pending bit).
@@ -21,7 +25,7 @@ from .qtest import QTest
 VIRTIO_VENDOR = 0x1AF4
 STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK = 1, 2, 4, 8
 STATUS_NEEDS_RESET, STATUS_FAILED = 0x40, 0x80
-CAP_COMMON, CAP_NOTIFY, CAP_ISR, CAP_DEVICE = 1, 2, 3, 4
+CAP_COMMON, CAP_NOTIFY, CAP_ISR, CAP_DEVICE, CAP_PCI_CFG = 1, 2, 3, 4, 5
 F_INDIRECT_DESC, F_EVENT_IDX, F_VERSION_1 = 28, 29, 32
 DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT = 1, 2, 4
 
@@ -72,10 +76,11 @@ class MSIXVector:
 class VirtioPCIGuest:
     """A virtio 1.x PCI function as a driver sees it."""
 
-    def __init__(self, qts: QTest, dev: GuestPCIDevice, alloc: GuestAlloc) -> None:
+    def __init__(self, qts: QTest, dev: GuestPCIDevice, alloc: GuestAlloc, via_pci_cfg: bool = False) -> None:
         self.qts = qts
         self.dev = dev
         self.alloc = alloc
+        self.via_pci_cfg = via_pci_cfg
         dev.enable()
         self.bars: dict[int, BarInfo] = {b.index: b for b in dev.size_bars()}
         self.caps: list[VirtioCap] = []
@@ -91,25 +96,61 @@ class VirtioPCIGuest:
         self.device_cfg = self._region(CAP_DEVICE)
         self.notify_base = self._region(CAP_NOTIFY)
         self.notify_mult = next(c.notify_mult for c in self.caps if c.cfg_type == CAP_NOTIFY)
+        self.cfg_window = next((c.offset for c in self.caps if c.cfg_type == CAP_PCI_CFG), 0)
+        if via_pci_cfg and not self.cfg_window:
+            raise VirtioGuestError(f"{dev.bdf}: no VIRTIO_PCI_CAP_PCI_CFG capability")
         self.features = 0
         self.queues: list["GuestVirtQueue"] = []
         self.msix: Optional[GuestMSIX] = None
 
-    def _region(self, cfg_type: int) -> int:
+    def _cap(self, cfg_type: int) -> VirtioCap:
         for c in self.caps:
             if c.cfg_type == cfg_type:
-                bar = self.bars.get(c.bar)
-                if bar is None or bar.is_io or not bar.address:
-                    raise VirtioGuestError(f"capability {cfg_type} points at unusable BAR{c.bar}")
-                return bar.address + c.bar_offset
+                return c
         raise VirtioGuestError(f"{self.dev.bdf}: no virtio capability of type {cfg_type}")
 
+    def _region(self, cfg_type: int) -> int:
+        c = self._cap(cfg_type)
+        bar = self.bars.get(c.bar)
+        if bar is None or bar.is_io or not bar.address:
+            if self.via_pci_cfg:
+                return 0  # the window reaches the registers without the BAR mapped
+            raise VirtioGuestError(f"capability {cfg_type} points at unusable BAR{c.bar}")
+        return bar.address + c.bar_offset
+
     # -- registers ------------------------------------------------------------------------------
+    def _window(self, cfg_type: int, off: int, size: int, value: Optional[int] = None) -> int:
+        """One register access through the PCI_CFG capability: aim it (bar, offset, length),
+        then read or write its data dword."""
+        c, w, dev = self._cap(cfg_type), self.cfg_window, self.dev
+        dev.writeb(w + 4, c.bar)
+        dev.writel(w + 8, c.bar_offset + off)
+        dev.writel(w + 12, size)
+        if value is None:
+            return {1: dev.readb, 2: dev.readw, 4: dev.readl}[size](w + 16)
+        {1: dev.writeb, 2: dev.writew, 4: dev.writel}[size](w + 16, value)
+        return value
+
+    def _read(self, cfg_type: int, base: int, off: int, size: int) -> int:
+        if self.via_pci_cfg:
+            return self._window(cfg_type, off, size)
+        return {1: self.qts.readb, 2: self.qts.readw, 4: self.qts.readl}[size](base + off)
+
     def cread(self, off: int, size: int) -> int:
-        return {1: self.qts.readb, 2: self.qts.readw, 4: self.qts.readl}[size](self.common + off)
+        return self._read(CAP_COMMON, self.common, off, size)
 
     def cwrite(self, off: int, v: int, size: int) -> None:
-        {1: self.qts.writeb, 2: self.qts.writew, 4: self.qts.writel}[size](self.common + off, v)
+        if self.via_pci_cfg:
+            self._window(CAP_COMMON, off, size, v)
+        else:
+            {1: self.qts.writeb, 2: self.qts.writew, 4: self.qts.writel}[size](self.common + off, v)
+
+    def notify(self, vq: "GuestVirtQueue") -> None:
+        """Tell the device that ``vq`` has new buffers (the queue's notification address)."""
+        if self.via_pci_cfg:
+            self._window(CAP_NOTIFY, vq.notify_off * self.notify_mult, 2, vq.index)
+        else:
+            self.qts.writew(vq.notify_addr, vq.index)
 
     @property
     def status(self) -> int:
@@ -134,11 +175,12 @@ class VirtioPCIGuest:
             self.cwrite(GF, (f >> (32 * sel)) & 0xFFFFFFFF, 4)
 
     def read_isr(self) -> int:
-        return self.qts.readb(self.isr_addr)
+        return self._read(CAP_ISR, self.isr_addr, 0, 1)
 
     def config_read(self, off: int, size: int) -> int:
-        return {1: self.qts.readb, 2: self.qts.readw, 4: self.qts.readl}[size](self.device_cfg + off) \
-            if size <= 4 else self.config_read(off, 4) | (self.config_read(off + 4, 4) << 32)
+        if size > 4:
+            return self.config_read(off, 4) | (self.config_read(off + 4, 4) << 32)
+        return self._read(CAP_DEVICE, self.device_cfg, off, size)
 
     # -- MSI-X (libqos qpci_msix_enable, qvirtqueue_pci_msix_setup) ------------------------------------
     def enable_msix(self) -> GuestMSIX:
@@ -216,7 +258,8 @@ class VirtioPCIGuest:
         for off, addr in ((Q_DESC, vq.desc), (Q_AVAIL, vq.avail), (Q_USED, vq.used)):
             self.cwrite(off, addr & 0xFFFFFFFF, 4)
             self.cwrite(off + 4, addr >> 32, 4)
-        vq.notify_addr = self.notify_base + self.cread(Q_NOFF, 2) * self.notify_mult
+        vq.notify_off = self.cread(Q_NOFF, 2)
+        vq.notify_addr = self.notify_base + vq.notify_off * self.notify_mult
         if msix_vector is not None:
             self.cwrite(Q_MSIX, msix_vector, 2)
             vq.msix_vector = self.cread(Q_MSIX, 2)
@@ -257,6 +300,7 @@ class GuestVirtQueue:
         self.avail_idx = 0
         self.last_used = 0
         self.notify_addr = 0
+        self.notify_off = 0
         self.kicked_at = 0
         self.msix_vector = NO_VECTOR
 
@@ -328,7 +372,7 @@ class GuestVirtQueue:
                 return
         elif self.qts.readw(self.used) & 1:
             return
-        self.qts.writew(self.notify_addr, self.index)
+        self.dev.notify(self)
 
     def get_used(self, settle: bool = False) -> list[tuple[int, int]]:
         """Reap completions: (head id, used.len) pairs; frees their descriptors.

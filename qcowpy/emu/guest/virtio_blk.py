@@ -72,7 +72,7 @@ class GuestDisk:
 
     def __init__(self, qts: QTest, pdev: GuestPCIDevice, alloc: GuestAlloc, features: int = DRIVER_FEATURES,
                  use_indirect: bool = False, queue_size: Optional[int] = None, use_msix: bool = False,
-                 completion: str = "poll") -> None:
+                 completion: str = "poll", via_pci_cfg: bool = False) -> None:
         if completion not in ("poll", "interrupt"):
             raise ValueError(f"completion must be 'poll' or 'interrupt', not {completion!r}")
         self.completion = completion
@@ -80,7 +80,7 @@ class GuestDisk:
         self.qts = qts
         self.pci = pdev
         self.alloc = alloc
-        self.vdev = VirtioPCIGuest(qts, pdev, alloc)
+        self.vdev = VirtioPCIGuest(qts, pdev, alloc, via_pci_cfg=via_pci_cfg)
         self.features = self.vdev.init(features)
         self.capacity_sectors = self.vdev.config_read(0, 8)
         self.seg_max = self.vdev.config_read(12, 4)

@@ -3,21 +3,27 @@
 Layout, as in QEMU's virtio-pci with its defaults: one 16 KiB 64-bit prefetchable memory BAR
 (BAR4) holding the common configuration at 0x0000, the ISR byte at 0x1000, the device
 configuration at 0x2000 and the notification area at 0x3000 (``notify_off_multiplier`` 4, queue
-*n* notifies at 0x3000 + 4*n). Four vendor-specific capabilities (cfg_type COMMON, NOTIFY, ISR,
-DEVICE) point into it. There is no VIRTIO_PCI_CAP_PCI_CFG window and no legacy I/O BAR.
+*n* notifies at 0x3000 + 4*n; like QEMU, the address picks the queue and the value written is
+ignored). Four vendor-specific capabilities (cfg_type COMMON, NOTIFY, ISR, DEVICE) point into it,
+and a fifth, VIRTIO_PCI_CAP_PCI_CFG at 0x84, is the spec's window into those registers through
+configuration space alone (see ``_cfg_window``). There is no legacy I/O BAR.
 
 Interrupts: the ISR register collects bit 0 (used buffers) and bit 1 (configuration change; like
 QEMU's virtio_notify_config, a configuration interrupt sets both bits and bumps
 ``config_generation``); reading it returns and clears them and lowers INTx. While MSI-X is off (or the ``vectors``
 property is 0), every interrupt raises INTx pin A. With ``vectors`` N > 0 (default 2, like QEMU)
 the function also has MSI-X: an N-entry table at 0 and the PBA at 0x800 of a 4 KiB 32-bit BAR1
-(both moved apart, and the BAR grown, past 128 vectors), and the capability at 0x98, where QEMU
-7.2 puts it (QEMU's PCI_CFG capability fills 0x84-0x97).
+(both moved apart, and the BAR grown, past 128 vectors), and the capability at 0x98, the first
+free space after the PCI_CFG capability, as in QEMU 7.2.
 ``msix_config`` and ``queue_msix_vector`` accept a vector below N and read back NO_VECTOR
 (0xffff) for anything else; a device reset sets them to NO_VECTOR and forgets pending vectors.
 Once the guest enables MSI-X, used-buffer interrupts go to the queue's vector and configuration
 interrupts (NEEDS_RESET) to ``msix_config``; INTx stays low and, as in QEMU, the ISR bits are
 still set (and cleared by reading). An interrupt whose vector is NO_VECTOR is dropped.
+
+Bus mastering, as in QEMU's ``virtio_write_config``: a config write that leaves COMMAND's bus-master
+bit clear also clears DRIVER_OK, and the device neither processes queues nor interrupts until the
+bit is set again (the driver then sets DRIVER_OK again).
 
 Notifications are served synchronously, inside the MMIO write that carries them.
 """
@@ -89,8 +95,11 @@ COMMON_OFF, ISR_OFF, DEVICE_OFF, NOTIFY_OFF = 0x0000, 0x1000, 0x2000, 0x3000
 REGION_SIZE = 0x1000
 NOTIFY_MULT = 4
 MSIX_BAR = 1
-#: QEMU 7.2 adds its 20-byte PCI_CFG capability at 0x84 (we have none) and MSI-X after it.
+#: where QEMU 7.2 (and we, by the same first-fit placement) put the PCI_CFG and MSI-X capabilities
+PCI_CFG_CAP_OFFSET = 0x84
 MSIX_CAP_OFFSET = 0x98
+# struct virtio_pci_cfg_cap: the 16-byte virtio_pci_cap, then the 4-byte data window
+CFG_CAP_BAR, CFG_CAP_OFFSET, CFG_CAP_LENGTH, CFG_CAP_DATA, CFG_CAP_SIZE = 4, 8, 12, 16, 20
 DEFAULT_VECTORS = 2  # QEMU: one per queue plus one for configuration changes
 
 
@@ -115,6 +124,8 @@ class VirtIOPCIState(PCIDevice):
     queue_vectors: dict[int, int]  # queue index -> vector; absent queues keep one too, as in QEMU
     drive: Any
     broken_reason: str
+    pci_cfg_cap: int
+    disabled: bool  # bus mastering is off: no queue processing and no interrupts (QEMU's vdev->disabled)
 
     # -- device life cycle --------------------------------------------------------------------------
     def virtio_reset(self) -> None:
@@ -124,6 +135,7 @@ class VirtIOPCIState(PCIDevice):
         self.guest_features = 0
         self.queue_sel = 0
         self.broken_reason = ""
+        self.disabled = False  # QEMU's virtio_reset forgets it too, whatever COMMAND says
         for q in self.queues:
             q.reset()
             q.indirect = q.event_idx = False
@@ -144,6 +156,8 @@ class VirtIOPCIState(PCIDevice):
     def interrupt(self, vector: int) -> None:
         """Signal the driver (QEMU's ``virtio_pci_notify``): the MSI-X vector when MSI-X is on,
         else INTx. The caller has already set the ISR bit."""
+        if self.disabled:
+            return
         if msix_enabled(self):
             if vector != VIRTIO_MSI_NO_VECTOR:
                 msix_notify(self, vector)
@@ -165,7 +179,7 @@ class VirtIOPCIState(PCIDevice):
         return self.vdev.host_features()
 
     def notify(self, n: int) -> None:
-        if n >= len(self.queues) or self.status & VIRTIO_CONFIG_S_NEEDS_RESET:
+        if n >= len(self.queues) or self.status & VIRTIO_CONFIG_S_NEEDS_RESET or self.disabled:
             return
         if not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
             return
@@ -259,9 +273,7 @@ class VirtIOPCIState(PCIDevice):
     def bar_read(self, addr: int, size: int) -> int:
         if addr < COMMON_OFF + REGION_SIZE:
             return self.common_read(addr - COMMON_OFF, size)
-        if addr < ISR_OFF + REGION_SIZE:
-            if addr != ISR_OFF:
-                return 0
+        if addr < ISR_OFF + REGION_SIZE:  # any byte of the ISR region reads (and clears) it
             v = self.isr
             self.isr = 0
             self.set_irq(0)
@@ -278,9 +290,7 @@ class VirtIOPCIState(PCIDevice):
         if addr < COMMON_OFF + REGION_SIZE:
             self.common_write(addr - COMMON_OFF, val, size)
         elif NOTIFY_OFF <= addr < NOTIFY_OFF + REGION_SIZE:
-            off = addr - NOTIFY_OFF
-            if off % NOTIFY_MULT == 0:
-                self.notify(val & 0xFFFF)
+            self.notify((addr - NOTIFY_OFF) // NOTIFY_MULT)  # the address names the queue, as in QEMU
         # ISR and device config writes are ignored (no writable config fields are offered)
 
 
@@ -292,12 +302,52 @@ _BAR_OPS = MemoryRegionOps(
 )
 
 
-def _add_virtio_cap(s: PCIDevice, cfg_type: int, offset: int, length: int, extra: bytes = b"") -> int:
+def _add_virtio_cap(s: PCIDevice, cfg_type: int, offset: int, length: int, extra: bytes = b"",
+                    bar: int = MODERN_BAR) -> int:
     cap_len = 16 + len(extra)
     pos = s.add_capability(regs.CAP_ID_VNDR, 0, cap_len)
-    body = struct.pack("<BBBBHII", cap_len, cfg_type, MODERN_BAR, 0, 0, offset, length) + extra
+    body = struct.pack("<BBBBHII", cap_len, cfg_type, bar, 0, 0, offset, length) + extra
     s.config[pos + 2:pos + 2 + len(body)] = body[:cap_len - 2]
     return pos
+
+
+def _cfg_window(s: VirtIOPCIState, addr: int, length: int, write: bool) -> None:
+    """VIRTIO_PCI_CAP_PCI_CFG: the driver puts a BAR offset and an access size (1, 2 or 4) in the
+    capability; touching its data dword then performs that access on the BAR registers, copying
+    through the dword. Like QEMU, the ``bar`` field is not consulted, the offset is aligned down
+    to the size, and an access that does not fit inside one of the four register regions (or any
+    other size) does nothing."""
+    cap = s.pci_cfg_cap
+    data = cap + CFG_CAP_DATA
+    if not (addr < data + 4 and data < addr + length):
+        return
+    size = s.get_long(cap + CFG_CAP_LENGTH)
+    if size not in (1, 2, 4):
+        return
+    off = s.get_long(cap + CFG_CAP_OFFSET) & ~(size - 1)
+    base = off - off % REGION_SIZE
+    if base > NOTIFY_OFF or off + size > base + REGION_SIZE:
+        return
+    if write:
+        s.bar_write(off, int.from_bytes(s.config[data:data + size], "little"), size)
+    else:
+        s.config[data:data + size] = s.bar_read(off, size).to_bytes(size, "little")
+
+
+def _config_write(pdev: PCIDevice, addr: int, val: int, length: int) -> None:
+    s: VirtIOPCIState = pdev  # type: ignore[assignment]
+    s.default_write_config(addr, val, length)
+    if addr <= regs.COMMAND < addr + length:
+        s.disabled = not s.config[regs.COMMAND] & regs.COMMAND_MASTER
+        if s.disabled:
+            s.status &= ~VIRTIO_CONFIG_S_DRIVER_OK
+    _cfg_window(s, addr, length, write=True)
+
+
+def _config_read(pdev: PCIDevice, addr: int, length: int) -> int:
+    s: VirtIOPCIState = pdev  # type: ignore[assignment]
+    _cfg_window(s, addr, length, write=False)
+    return s.default_read_config(addr, length)
 
 
 def _instance_init(obj: Any) -> None:
@@ -309,6 +359,8 @@ def _instance_init(obj: Any) -> None:
     s.queue_vectors = {}
     s.drive = None
     s.broken_reason = ""
+    s.pci_cfg_cap = 0
+    s.disabled = False
 
 
 def _resolve_drive(s: VirtIOPCIState) -> Any:
@@ -350,8 +402,12 @@ def _realize(pdev: PCIDevice) -> None:
     _add_virtio_cap(s, VIRTIO_PCI_CAP_ISR_CFG, ISR_OFF, REGION_SIZE)
     _add_virtio_cap(s, VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_OFF, REGION_SIZE)
     _add_virtio_cap(s, VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_OFF, REGION_SIZE, struct.pack("<I", NOTIFY_MULT))
+    # the PCI_CFG window at 0x84: bar, offset, length and data are the guest's to write
+    s.pci_cfg_cap = cap = _add_virtio_cap(s, VIRTIO_PCI_CAP_PCI_CFG, 0, 0, bytes(4), bar=0)
+    s.wmask[cap + CFG_CAP_BAR] = 0xFF
+    s.wmask[cap + CFG_CAP_OFFSET:cap + CFG_CAP_SIZE] = b"\xff" * (CFG_CAP_SIZE - CFG_CAP_OFFSET)
     if s.vectors:
-        msix_init_exclusive_bar(s, s.vectors, MSIX_BAR, MSIX_CAP_OFFSET)
+        msix_init_exclusive_bar(s, s.vectors, MSIX_BAR)  # first fit lands at MSIX_CAP_OFFSET
     s.drive = drive
     drive.attached_to = s
     s.virtio_reset()
@@ -383,6 +439,8 @@ def _class_init(klass: ObjectClass, _data: Any) -> None:
     k.desc = "Virtio block device (virtio 1.x modern PCI, split rings, INTx and MSI-X)"
     k.category = "storage"
     k.reset = _reset
+    k.config_read = _config_read
+    k.config_write = _config_write
     device_class_set_props(k, [
         Property("drive", "str", "drive_id", None, "Node name or ID of a block device to use as a backend"),
         Property("serial", "str", "serial", None, "serial number reported by GET_ID (default: the drive's)"),
