@@ -335,20 +335,20 @@ def _uint(bits: int) -> Callable[[Any, str], int]:
     def conv(v: Any, name: str) -> int:
         n = _int(v, name)
         if not 0 <= n < (1 << bits):
-            raise PropertyError(f"Parameter '{name}' expects uint{bits}")
+            raise PropertyError(f"Parameter '{name}' expects uint{bits}_t")
         return n
     return conv
 
 
 def _int(v: Any, name: str) -> int:
     if isinstance(v, bool):
-        raise PropertyError(f"Parameter '{name}' expects an integer")
+        raise PropertyError(f"Parameter '{name}' expects integer")
     if isinstance(v, int):
         return v
     try:
         return int(str(v), 0)
     except ValueError:
-        raise PropertyError(f"Parameter '{name}' expects an integer") from None
+        raise PropertyError(f"Parameter '{name}' expects integer") from None
 
 
 def _bool(v: Any, name: str) -> bool:

@@ -17,6 +17,7 @@ from qcowpy.emu.guest.qtest import InProcessQTest, launch_emu, launch_qemu
 from qcowpy.emu.guest.virtio import (MSIX, NO_VECTOR, Q_MSIX, Q_SELECT, Q_SIZE, STATUS_NEEDS_RESET, GuestAlloc,
                                      VirtioPCIGuest)
 from qcowpy.emu.guest.virtio_blk import MSIX_QUEUE_DATA, GuestDisk
+from qcowpy.emu.errors import PropertyError
 from qcowpy.emu.machine import create_machine
 from qcowpy.emu.pci import regs
 from qcowpy.emu.pci.msix import msix_notify, msix_vector_use
@@ -285,6 +286,23 @@ def test_vectors_zero_is_intx_only(tmp_path):
     m.shutdown()
 
 
+def test_too_many_vectors_warn_and_leave_msix_out(tmp_path, caplog):
+    """QEMU's msix_init refuses more than 2048 vectors; virtio-pci warns and goes on without MSI-X.
+    Values that are not a uint32 at all are property errors, with QEMU's wording."""
+    m, qts, dev = _boot(tmp_path, 3000)
+    assert "unable to init msix vectors to 3000" in caplog.text
+    assert [cid for _, cid in dev.capabilities()] == [regs.CAP_ID_VNDR] * 5
+    assert [b.index for b in dev.size_bars()] == [4]
+    assert GuestDisk(qts, dev, GuestAlloc(), use_msix=True).read(0, 512) == bytes(512)
+    m.shutdown()
+    m = create_machine("mini-pc", "64M")
+    m.drive_add(str(tmp_path / "disk.qcow2"), id="d0", interface="none")
+    for value, message in (("-1", "expects uint32_t"), ("0x100000000", "expects uint32_t"), ("many", "expects integer")):
+        with pytest.raises(PropertyError, match=f"Parameter 'vectors' {message}"):
+            m.device_add("virtio-blk-pci", {"drive": "d0", "vectors": value})
+    m.shutdown()
+
+
 def test_default_guest_disk_stays_on_intx(env):
     m, qts, dev = env
     disk = GuestDisk(qts, dev, GuestAlloc())
@@ -402,7 +420,7 @@ def _observe(qts, ram_size: int) -> dict:
     return seen
 
 
-@pytest.mark.parametrize("vectors", [None, 0, 1, 200])
+@pytest.mark.parametrize("vectors", [None, 0, 1, 200, 3000])  # 3000: too many, so no MSI-X at all
 def test_qemu_and_qcowpy_agree_on_msix(tmp_path, qemu, vectors):
     require_qemu()
     a, b = image_pair(qemu, tmp_path, 0x5c)
@@ -414,7 +432,7 @@ def test_qemu_and_qcowpy_agree_on_msix(tmp_path, qemu, vectors):
                      "-device", f"virtio-blk-pci,drive=d0,addr=04.0{extra}"]) as p:
         ours = _observe(p.qtest, 128 << 20)
     assert ours == theirs
-    if vectors != 0:
+    if vectors not in (0, 3000):
         assert theirs["cap"] and theirs["data"] == b"\x5c" * 4096
         assert theirs["delivery"][0] and theirs["masked"][0] == 0 and theirs["unmasked"][0]
     else:

@@ -211,7 +211,7 @@ def _transport(qts, ram_size: int) -> dict:
     dev.writew(regs.COMMAND, cmd)
     status_on = disk.vdev.status
     qts.writew(vq.notify_addr, 0)                      # a kick before DRIVER_OK (see the test)
-    seen["kick_before_driver_ok"] = early = _wait_used(qts, vq, polls=50)
+    seen["kick_before_driver_ok"] = early = _wait_used(qts, vq)
     disk.vdev.driver_ok()
     qts.writew(vq.notify_addr, 0)
     seen["master_on"] = (status_on, disk.vdev.status, early + _wait_used(qts, vq, polls=50 if early else 1000))

@@ -29,6 +29,7 @@ Notifications are served synchronously, inside the MMIO write that carries them.
 """
 from __future__ import annotations
 
+import logging
 import struct
 from typing import Any, Optional
 
@@ -42,6 +43,8 @@ from ..qdev import Property, device_class_set_props
 from ..qom import ObjectClass, TypeInfo, type_register_once
 from .blk import VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VirtioBlk
 from .split import AddressSpaceMemory, SplitVirtQueue, VirtQueueError
+
+log = logging.getLogger(__name__)
 
 TYPE_VIRTIO_BLK_PCI = "virtio-blk-pci"
 VIRTIO_PCI_VENDOR_ID = 0x1AF4
@@ -386,8 +389,9 @@ def _realize(pdev: PCIDevice) -> None:
         raise DeviceError("drive property not set")
     if not 2 <= s.queue_size <= 1024 or s.queue_size & (s.queue_size - 1):
         raise DeviceError(f"invalid queue-size property ({s.queue_size}), must be a power of 2 in [2, 1024]")
-    if not 0 <= s.vectors <= regs.MSIX_MAX_ENTRIES:
-        raise DeviceError(f"invalid vectors property ({s.vectors}), must be 0 (no MSI-X) to {regs.MSIX_MAX_ENTRIES}")
+    if s.vectors > regs.MSIX_MAX_ENTRIES:  # as QEMU: a warning, and the device without MSI-X
+        log.warning("%s: unable to init msix vectors to %d", TYPE_VIRTIO_BLK_PCI, s.vectors)
+        s.vectors = 0
     serial = s.serial if s.serial is not None else (drive.serial or "")
     s.vdev = VirtioBlk(drive.blk, read_only=drive.read_only, serial=serial, queue_size=s.queue_size)
     assert s.bus_master_as is not None
@@ -444,10 +448,8 @@ def _class_init(klass: ObjectClass, _data: Any) -> None:
     device_class_set_props(k, [
         Property("drive", "str", "drive_id", None, "Node name or ID of a block device to use as a backend"),
         Property("serial", "str", "serial", None, "serial number reported by GET_ID (default: the drive's)"),
-        Property("queue-size", "uint16", "queue_size", 256, "virtqueue size (power of 2, 2..1024)",
-                 parse=lambda v: int(v, 0) if isinstance(v, str) else int(v)),
-        Property("vectors", "uint32", "vectors", DEFAULT_VECTORS, "MSI-X vectors (0: no MSI-X, INTx only)",
-                 parse=lambda v: int(v, 0) if isinstance(v, str) else int(v)),
+        Property("queue-size", "uint16", "queue_size", 256, "virtqueue size (power of 2, 2..1024)"),
+        Property("vectors", "uint32", "vectors", DEFAULT_VECTORS, "MSI-X vectors (0: no MSI-X, INTx only)"),
     ])
 
 
