@@ -556,9 +556,19 @@ class Qcow2Image(ExtendedL2Writes):
         host = self.refcounts.alloc_clusters(nclusters)
         # Trim the copy at the image end so the file does not grow past the last cluster's data need.
         self.file.pwrite(buf, host)
+        # The run lies in one L2 table: fetch it once (allocation may have evicted it) and set
+        # the entries together.
+        table = self._writable_l2(l1_index)
+        key = l1_offset(self.l1[l1_index])
+        self.l2cache.mark_dirty(key)
+        idx = (first >> self.cluster_bits) & (self.l2_entries - 1)
         for i in range(nclusters):
-            old = self._set_l2(first + i * cs, (host + i * cs) | C.OFLAG_COPIED)
-            self._free_entry_later(old)
+            old = table[idx + i]
+            table[idx + i] = (host + i * cs) | C.OFLAG_COPIED
+            if old:
+                # may flush everything (the table included) before dropping the old references
+                self._free_entry_later(old)
+                self.l2cache.mark_dirty(key)
         return wend
 
     def write_compressed(self, data: bytes, offset: int) -> None:

@@ -12,7 +12,8 @@ from typing import Callable
 from ..errors import CorruptImage, QcowError
 from ..format import constants as C
 from ..format.entries import pack_table, unpack_table
-from ..format.refcount import entries_per_block, get_refcount, max_refcount, set_refcount
+from ..format.refcount import (entries_per_block, get_refcount, leading_free, max_refcount, set_refcount,
+                               set_refcounts)
 from ..hostfile import HostFile
 from .cache import TableCache
 from .overlap import REFCOUNT_TABLE, write_metadata
@@ -87,13 +88,26 @@ class Refcounts:
             self.change(cluster, delta)
 
     # --- allocation ----------------------------------------------------------------------
+    def _free_run(self, start: int, n: int) -> int:
+        """How many of the ``n`` clusters from ``start`` are free before the first used one,
+        a refcount block at a time (clusters without a block are free)."""
+        run = 0
+        while run < n:
+            c = start + run
+            bi = c >> self.per_block_bits
+            k = min(n - run, ((bi + 1) << self.per_block_bits) - c)
+            block = self._block(bi)
+            z = k if block is None else leading_free(block, c & (self.per_block - 1), k, self.order)
+            run += z
+            if z < k:
+                break
+        return run
+
     def _find_free(self, n: int) -> int:
         """First run of ``n`` free clusters at or after the hint (nothing is marked yet)."""
         start = self.free_cluster_index
         while True:
-            run = 0
-            while run < n and self.get(start + run) == 0:
-                run += 1
+            run = self._free_run(start, n)
             if run == n:
                 self.free_cluster_index = start + n
                 return start
@@ -103,15 +117,35 @@ class Refcounts:
         """Allocate ``n`` contiguous clusters and return the host offset of the first."""
         while True:
             start = self._find_free(n)
-            # Creating refcount blocks may have taken clusters inside the run; retry past them.
-            for i in range(n):
-                if self.get(start + i) != 0:
-                    break
-                self.change(start + i, 1)
-            else:
+            done = self._take_run(start, n)
+            if done == n:
                 return start << self.cluster_bits
-            for j in range(i):
+            # Creating refcount blocks took clusters inside the run; give ours back, retry past them.
+            for j in range(done):
                 self.change(start + j, -1)
+
+    def _take_run(self, start: int, n: int) -> int:
+        """Raise the refcounts of free clusters ``start..start+n-1`` to 1, a block's worth at a
+        time; returns how many it took (fewer when one turned out to be in use)."""
+        done = 0
+        while done < n:
+            c = start + done
+            bi = c >> self.per_block_bits
+            block = self._block(bi)
+            if block is None:  # creating the block may take a cluster of the run: one at a time
+                if self.get(c):
+                    return done
+                self.change(c, 1)
+                done += 1
+                continue
+            idx = c & (self.per_block - 1)
+            k = min(n - done, self.per_block - idx)
+            if leading_free(block, idx, k, self.order) < k:
+                return done
+            set_refcounts(block, idx, k, self.order, 1)
+            self.cache.mark_dirty(self.table[bi] & C.L1E_OFFSET_MASK)
+            done += k
+        return done
 
     def alloc_bytes(self, size: int) -> int:
         """Allocate ``size`` bytes for compressed data, packing byte-contiguously like QEMU.

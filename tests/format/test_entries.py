@@ -18,7 +18,8 @@ from qcowpy.format.entries import (ClusterType, cluster_type, compressed_descrip
                                    csize_shift, l1_offset, l1_reserved, l2_offset, l2_reserved,
                                    make_compressed_entry, pack_table, subcluster_type, unpack_table)
 from qcowpy.format.header import parse_header
-from qcowpy.format.refcount import entries_per_block, get_refcount, max_refcount, set_refcount
+from qcowpy.format.refcount import (entries_per_block, get_refcount, leading_free, max_refcount, set_refcount,
+                                   set_refcounts)
 from qcowpy.format.snapshot import pack_snapshot_table, parse_snapshot_table
 
 KiB, MiB = 1024, 1024 * 1024
@@ -202,6 +203,28 @@ def test_refcount_entries_every_order(order, data):
     for j in range(n):
         if j != idx:
             assert spec_get(block, j, order) == spec_get(orig, j, order)
+
+
+@pytest.mark.parametrize("order", range(7))
+@settings(max_examples=60)
+@given(data=st.data())
+def test_refcount_runs_every_order(order, data):
+    """leading_free / set_refcounts (the allocator's block-at-a-time scans) against spec_get on
+    sparse blocks: mostly zero entries with a few set, runs starting at any index."""
+    n = entries_per_block(9, order)
+    block = bytearray(512)
+    for j in data.draw(st.lists(st.integers(0, n - 1), max_size=6)):
+        set_refcount(block, j, order, data.draw(st.integers(1, max_refcount(order))))
+    idx = data.draw(st.integers(0, n - 1))
+    count = data.draw(st.integers(0, n - idx))
+    want = 0
+    while want < count and spec_get(block, idx + want, order) == 0:
+        want += 1
+    assert leading_free(block, idx, count, order) == want
+    orig, v = bytes(block), data.draw(st.integers(0, max_refcount(order)))
+    set_refcounts(block, idx, count, order, v)
+    assert [spec_get(block, j, order) for j in range(n)] == \
+        [v if idx <= j < idx + count else spec_get(orig, j, order) for j in range(n)]
 
 
 @pytest.mark.interop
