@@ -195,6 +195,7 @@ class _Checker:
         self.rmax = max_refcount(self.order)
         self.log = log
         self.snapshots: list[Snapshot] = []
+        self._sn_raw: list[tuple[bytes, bytes]] = []  # id and name bytes, for rewriting the table
         self.snapshots_size = 0
         self.file_len = file.size()
         self._load_reftable()
@@ -213,13 +214,22 @@ class _Checker:
         end of the file reading as zeros (so a table past EOF yields empty, incomplete entries that
         are reported as corruptions). Too many snapshots, too much extra data in an entry or a
         table larger than QEMU allows end the check ("Check failed: File too large"), with QEMU's
-        hint; no repair of the snapshot table is attempted (the check stops before writing).
+        hint. With ``-r all`` they are repaired as QEMU repairs them: overhanging snapshots are
+        dropped at once (the header count is rewritten, their clusters become leaks for the
+        refcount check), oversized extra data is cut to 1024 bytes, and the table is rewritten
+        after the refcount check (:meth:`fix_snapshot_table`).
         """
         h = self.h
         n = h.nb_snapshots
         if not n:
             return
+        repair = bool(fix & FIX_ERRORS)
+        reduced = dropped = 0
         sn_off = h.snapshots_offset
+        if n > C.MAX_SNAPSHOTS and repair:
+            self._msg(res, f"Discarding {n - C.MAX_SNAPSHOTS} overhanging snapshots")
+            reduced += n - C.MAX_SNAPSHOTS
+            n = C.MAX_SNAPSHOTS
         if n > C.MAX_SNAPSHOTS:
             res.check_errors += 1
             raise _InternalError("File too large", (
@@ -230,43 +240,121 @@ class _Checker:
             res.check_errors += 1
             raise _InternalError("Invalid argument", ("ERROR snapshot table offset invalid",))
         snaps: list[Snapshot] = []
+        self._sn_raw = []
         offset = sn_off
         table_length = 0
         for i in range(n):
+            pre_offset = offset
             table_length = (table_length + 7) & ~7
             offset = (offset + 7) & ~7
             (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmsize,
              extra_len) = _SN_FIXED.unpack(self.file.pread(_SN_FIXED.size, offset))
             offset += _SN_FIXED.size
+            kept = extra_len
             if extra_len > _SN_MAX_EXTRA:
-                res.check_errors += 1
-                raise _InternalError("File too large", (
-                    f"ERROR failed to read the snapshot table: Too much extra metadata in snapshot "
-                    f"table entry {i}",
-                    Hint("You can force-remove this extra metadata with qemu-img check -r all")))
-            extra = self.file.pread(extra_len, offset)
+                if not repair:
+                    res.check_errors += 1
+                    raise _InternalError("File too large", (
+                        f"ERROR failed to read the snapshot table: Too much extra metadata in snapshot "
+                        f"table entry {i}",
+                        Hint("You can force-remove this extra metadata with qemu-img check -r all")))
+                self._msg(res, f"Discarding too much extra metadata in snapshot table entry {i} "
+                               f"({extra_len} > {_SN_MAX_EXTRA})")
+                dropped += 1
+                kept = _SN_MAX_EXTRA
+            extra = self.file.pread(kept, offset)
             offset += extra_len
             id_b = self.file.pread(id_len, offset)
             offset += id_len
             name_b = self.file.pread(name_len, offset)
             offset += name_len
-            table_length += _SN_FIXED.size + extra_len + id_len + name_len
+            table_length += _SN_FIXED.size + kept + id_len + name_len
             if table_length > _SN_MAX_TABLE or offset - sn_off > 0x7FFFFFFF:
-                res.check_errors += 1
-                raise _InternalError("File too large", (
-                    "ERROR failed to read the snapshot table: Snapshot table is too big",
-                    Hint(f"You can force-remove all {n - i} overhanging snapshots with qemu-img check "
-                         "-r all")))
-            snaps.append(Snapshot(l1_off, l1_size, id_b.split(b"\0")[0].decode("utf-8", "replace"),
-                                  name_b.split(b"\0")[0].decode("utf-8", "replace"),
+                if not repair:
+                    res.check_errors += 1
+                    raise _InternalError("File too large", (
+                        "ERROR failed to read the snapshot table: Snapshot table is too big",
+                        Hint(f"You can force-remove all {n - i} overhanging snapshots with qemu-img "
+                             "check -r all")))
+                self._msg(res, f"Discarding {n - i} overhanging snapshots (snapshot table is too big)")
+                reduced += n - i
+                n = i
+                offset = pre_offset
+                break
+            id_b, name_b = id_b.split(b"\0")[0], name_b.split(b"\0")[0]
+            snaps.append(Snapshot(l1_off, l1_size, id_b.decode("utf-8", "replace"), name_b.decode("utf-8", "replace"),
                                   dsec, dnsec, clock, vmsize, extra))
+            self._sn_raw.append((id_b, name_b))
         self.snapshots = snaps
         self.snapshots_size = offset - sn_off
+        res.corruptions += reduced + dropped
+        if reduced:
+            # the count reaches the header before the refcount check, which relies on it; the
+            # discarded snapshots' clusters are now leaks, which that check repairs
+            self.file.pwrite(struct.pack(">I", n), 60)
+            self.file.flush()
+            h.nb_snapshots = n
+            res.corruptions_fixed += reduced
+            res.corruptions -= reduced
         if h.version >= 3:  # v3 entries need at least vm_state_size_large and disk_size
             for i, sn in enumerate(snaps):
                 if len(sn.extra_data) < 16:
                     res.corruptions += 1
-                    self._msg(res, f"ERROR snapshot table entry {i} is incomplete")
+                    self._msg(res, f"{'Repairing' if repair else 'ERROR'} snapshot table entry {i} is incomplete")
+
+    def fix_snapshot_table(self, res: CheckResult, fix: int) -> None:
+        """QEMU's ``qcow2_check_fix_snapshot_table``: after the refcount check has made the
+        refcounts trustworthy, a snapshot table with corruptions left is written anew (complete v3
+        entries, extra data cut to size) in freshly allocated clusters, the header is pointed at it
+        and the old table's clusters are freed."""
+        if not (res.corruptions and fix & FIX_ERRORS):
+            return
+        try:
+            self._write_snapshot_table()
+        except (OSError, QcowError, _InternalError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            res.check_errors += 1
+            self._msg(res, f"ERROR failed to update snapshot table: {reason}")
+            raise _InternalError(reason) from None
+        res.corruptions_fixed += res.corruptions
+        res.corruptions = 0
+
+    def _write_snapshot_table(self) -> None:
+        from .refcount import Refcounts
+        h = self.h
+        table = bytearray()
+        for sn, (id_b, name_b) in zip(self.snapshots, self._sn_raw):
+            table += bytes(-len(table) % 8)
+            vm_state = sn.vm_state_size_large
+            disk_size = sn.disk_size if sn.disk_size is not None else h.size
+            icount = sn.icount if sn.icount is not None else (1 << 64) - 1
+            unknown = sn.extra_data[24:]
+            table += _SN_FIXED.pack(sn.l1_table_offset, sn.l1_size, len(id_b), len(name_b), sn.date_sec,
+                                    sn.date_nsec, sn.vm_clock_nsec, vm_state if vm_state <= 0xFFFFFFFF else 0,
+                                    24 + len(unknown))
+            table += struct.pack(">QQQ", vm_state, disk_size, icount) + unknown + id_b + name_b
+        self.ondisk.write_back()
+        self.ondisk.forget()
+        refcounts = Refcounts(self.file, self.cbits, self.order, h.refcount_table_offset,
+                              h.refcount_table_clusters, lambda off, clusters: None)
+        new_off = refcounts.alloc_clusters((len(table) + self.cs - 1) >> self.cbits) if table else 0
+        refcounts.cache.flush()
+        self.file.flush()
+        if table:
+            self._guarded_check(new_off, len(table), 0)
+            self.file.pwrite(bytes(table), new_off)
+        self.file.flush()
+        self.file.pwrite(struct.pack(">IQ", len(self.snapshots), new_off), 60)
+        self.file.flush()
+        old_off, old_size = h.snapshots_offset, self.snapshots_size
+        h.nb_snapshots, h.snapshots_offset, self.snapshots_size = len(self.snapshots), new_off, len(table)
+        if old_size:
+            failed = refcounts.try_free(old_off, old_size)
+            refcounts.cache.flush()
+            if failed:
+                self.log(f"qcow2_free_clusters failed: {failed}")
+        self.file.flush()
+        self.file_len = self.file.size()
 
     def _msg(self, res: CheckResult, text: str) -> None:
         res.messages.append(text)
@@ -802,12 +890,24 @@ def check_file(file: HostFile, header: Header, fix: int = 0,
     corrupt bits are cleared.
     """
     res = CheckResult()
+    snapshot_res = CheckResult()  # kept apart, as QEMU does: the refcount repair decisions do not see it
     checker = _Checker(file, header, log or (lambda s: None))
     try:
-        checker.load_snapshots(res, fix)
+        checker.load_snapshots(snapshot_res, fix)
+    except _InternalError as e:
+        res.add(snapshot_res, with_frag=False)
+        raise CheckFailed(str(e), res, e.lines) from None
+    try:
         checker.check_refcounts(res, fix)
     except _InternalError as e:
+        res.add(snapshot_res, with_frag=False)
         raise CheckFailed(str(e), res, e.lines) from None
+    try:
+        checker.fix_snapshot_table(snapshot_res, fix)
+    except _InternalError as e:
+        res.add(snapshot_res, with_frag=False)
+        raise CheckFailed(str(e), res, e.lines) from None
+    res.add(snapshot_res, with_frag=False)
     if fix and not res.check_errors and not res.corruptions:
         bits = header.incompatible_features & ~(C.INCOMPAT_DIRTY | C.INCOMPAT_CORRUPT)
         if bits != header.incompatible_features:

@@ -178,6 +178,23 @@ class Refcounts:
     def free(self, offset: int, length: int) -> None:
         self.change_range(offset, length, -1)
 
+    def try_free(self, offset: int, length: int) -> str | None:
+        """Free a range the way QEMU's ``qcow2_free_clusters`` does for ranges it cannot vouch
+        for: all or nothing. A cluster without a refcount block gets one created first and the
+        call fails with EAGAIN's message (the block stays); a refcount already 0 fails with
+        EINVAL's. Returns None when freed, else the strerror text QEMU prints."""
+        first = offset >> self.cluster_bits
+        last = (offset + length - 1) >> self.cluster_bits
+        for cluster in range(first, last + 1):
+            bi = cluster >> self.per_block_bits
+            if self._block(bi) is None:
+                self._new_block(bi)
+                return "Resource temporarily unavailable"
+            if self.get(cluster) == 0:
+                return "Invalid argument"
+        self.change_range(offset, length, -1)
+        return None
+
     # --- refcount blocks and table -------------------------------------------------------
     def _new_block(self, block_index: int) -> bytearray:
         if block_index >= len(self.table):

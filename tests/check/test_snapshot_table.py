@@ -3,6 +3,7 @@
 and leaves the file unchanged without -r."""
 from __future__ import annotations
 
+import shutil
 import struct
 
 import pytest
@@ -84,3 +85,21 @@ def test_snapshot_table_check_matches_qemu(qemu_tools, tmp_path, case):
     _same(qcowpy_cli("check", p), theirs, "human")
     _same(qcowpy_cli("check", "--output=json", p), qemu_img("check", "--output=json", p), "json")
     assert I.peek(p, 0, 1 << 30) == before, "check without -r modified the image"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda f: f.__name__)
+def test_snapshot_table_repair_matches_qemu(qemu_tools, tmp_path, case):
+    """``check -r all`` repairs the table as qemu-img 7.2 does: the same output and exit code, the
+    same verdict afterwards, the same snapshot list and the same guest data."""
+    src = case(str(tmp_path / "src.qcow2"))
+    a, b = str(tmp_path / "qemu.qcow2"), str(tmp_path / "ours.qcow2")
+    shutil.copy(src, a)
+    shutil.copy(src, b)
+    _same(qcowpy_cli("check", "-r", "all", b), qemu_img("check", "-r", "all", a), "check -r all")
+    after_a, after_b = qemu_img("check", a), qemu_img("check", b)
+    assert (after_b.code, after_b.out) == (after_a.code, after_a.out.replace(a, b)), f"{after_b}\n{after_a}"
+    if after_a.code in (0, 3):
+        info_a, info_b = qemu_img("snapshot", "-l", a), qemu_img("snapshot", "-l", b)
+        assert info_b.out.replace(b, a) == info_a.out and info_b.code == info_a.code
+        cmp = qemu_img("compare", "-U", a, b)
+        assert cmp.code == 0, cmp.out + cmp.err
