@@ -77,6 +77,10 @@ class BlockDevice(ABC):
     def flush(self) -> None: ...
 
     @abstractmethod
+    def truncate(self, size: int, preallocation: str = "off") -> None:
+        """Change the virtual size (``qemu-img resize``); ``preallocation`` maps the new area."""
+
+    @abstractmethod
     def layer_status(self, offset: int, length: int, max_extents: int | None = None) -> Iterator[LayerStatus]:
         """Status of the range in this layer alone; unallocated runs have data=zero=False.
 

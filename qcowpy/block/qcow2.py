@@ -45,6 +45,9 @@ class Qcow2Device(BlockDevice):
     def flush(self) -> None:
         self.image.flush()
 
+    def truncate(self, size: int, preallocation: str = "off") -> None:
+        self.image.resize(size, preallocation=preallocation)
+
     def layer_status(self, offset: int, length: int, max_extents: int | None = None) -> Iterator[LayerStatus]:
         for e in self.image.layer_extents(offset, length, max_extents):
             yield LayerStatus(e.start, e.length, data=e.kind in (DATA, COMPRESSED), zero=e.kind == ZERO,

@@ -5,7 +5,7 @@ import errno
 import os
 from typing import Iterator
 
-from ..errors import ReadOnlyError
+from ..errors import ReadOnlyError, UnsupportedFeature
 from ..hostfile import HostFile, punch_hole
 from .device import BlockDevice, LayerStatus
 
@@ -60,10 +60,20 @@ class RawDevice(BlockDevice):
     def flush(self) -> None:
         self.file.flush()
 
-    def truncate(self, size: int) -> None:
+    def truncate(self, size: int, preallocation: str = "off") -> None:
+        """Set the file length; growing with ``falloc`` reserves the new bytes, with ``full``
+        writes zeros into them (file-posix's modes; ``metadata`` means nothing for a raw file)."""
         self._writable()
+        if preallocation not in ("off", "falloc", "full"):
+            raise UnsupportedFeature(f"Unsupported preallocation mode: {preallocation}")
+        old = self._size
         self.file.truncate(size)
         self._size = size
+        if size > old and preallocation == "falloc":
+            self.file.allocate(old, size - old)
+        elif size > old and preallocation == "full":
+            self.write_zeroes(size - old, old)
+        self.file.flush()
 
     def layer_status(self, offset: int, length: int, max_extents: int | None = None) -> Iterator[LayerStatus]:
         """Data and holes as the file system reports them (SEEK_DATA/SEEK_HOLE)."""

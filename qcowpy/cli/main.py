@@ -286,6 +286,39 @@ def compare(fmt1, fmt2, strict, progress, quiet, src_cache, force_share, image_o
         raise CommandFailed(None, code)
 
 
+# ---------------------------------------------------------------------------------------- resize
+@cli.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
+@click.option("-f", "--format", "fmt", metavar="FMT", help="Image format (probed when omitted).")
+@click.option("--preallocation", metavar="MODE", help="Map the new area: off, metadata, falloc or full.")
+@click.option("--shrink", is_flag=True, help="Allow shrinking (data past the new end is lost).")
+@click.option("-q", "quiet", is_flag=True, help="Quiet: no 'Image resized.' line.")
+@click.option("--image-opts", is_flag=True, hidden=True)
+@click.option("--object", "objects", multiple=True, hidden=True)
+@click.argument("args", nargs=-1)
+def resize(fmt, preallocation, shrink, quiet, image_opts, objects, args) -> None:
+    """Change an image's virtual size: SIZE, +SIZE or -SIZE.
+
+    \b
+    qcowpy resize [-f fmt] [--preallocation=mode] [--shrink] [-q] filename [+|-]size
+    """
+    from ..tools.resize import ResizeError, run_resize
+
+    if len(args) != 2:  # the size may look like an option ("-1G"): it is always the last word
+        raise click.UsageError("Expecting image file name and size")
+    filename, size = args
+    try:
+        run_resize(filename, size, fmt, preallocation, shrink,
+                   echo=(lambda line: None) if quiet else (lambda line: out(line + "\n")))
+    except ResizeError as e:
+        if e.warning:
+            error_line(str(e))
+            warn_line(e.warning)
+            raise CommandFailed(None) from None
+        raise CommandFailed(str(e), hint=e.hint) from None
+    except QcowError as e:
+        raise CommandFailed(str(e) if str(e).startswith("Could not open") else f"{e}") from None
+
+
 # ---------------------------------------------------------------------------------------- emu
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                "help_option_names": []})

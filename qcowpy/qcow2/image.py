@@ -16,13 +16,13 @@ from ..format.entries import (ClusterType, compressed_descriptor, l1_offset, l2_
                               make_compressed_entry, pack_table, subcluster_type, unpack_table)
 from ..format.entries import cluster_type as std_cluster_type
 from ..format.header import Header, pack_header, parse_header, unknown_incompatible_message
-from ..hostfile import HostFile, zero_fill
+from ..hostfile import HostFile, punch_hole, zero_fill
 from ..kernels import l2_runs
 from . import codec
 from .cache import TableCache
 from .extl2 import ExtendedL2Writes
 from .refcount import Refcounts
-from .overlap import ACTIVE_L1, MAIN_HEADER, write_metadata
+from .overlap import ACTIVE_L1, MAIN_HEADER, bitmap_directory, write_metadata
 
 # Layer-level extent kinds
 UNALLOCATED = "unallocated"  # defer to the backing file
@@ -707,14 +707,14 @@ class Qcow2Image(ExtendedL2Writes):
             if self.writable and not self._closed:
                 self._flush_all()
 
-    def preallocate(self, mode: str) -> None:
-        """Map every unmapped cluster to a host cluster (metadata), reserving (falloc) or
-        zero-filling (full) the data, as ``-o preallocation=`` does."""
+    def preallocate(self, mode: str, start: int = 0) -> None:
+        """Map every unmapped cluster from ``start`` on to a host cluster (metadata), reserving
+        (falloc) or zero-filling (full) the data, as ``-o preallocation=`` does."""
         with self.lock:
             self._require_writable()
             cs = self.cluster_size
             span = cs << self.l2_bits
-            pos = 0
+            pos = start & ~(cs - 1)
             end_needed = 0
             while pos < self.size:
                 span_end = min(self.size, (pos // span + 1) * span)
@@ -750,19 +750,114 @@ class Qcow2Image(ExtendedL2Writes):
                 self.file.truncate(end_needed)
 
     # ------------------------------------------------------------------ resizing
-    def resize(self, new_size: int, exact_l1: bool = False) -> None:
-        """Grow the virtual size (shrinking is a later issue)."""
+    def resize(self, new_size: int, exact_l1: bool = True, preallocation: str = "off") -> None:
+        """Change the virtual size as QEMU's ``qcow2_co_truncate`` does.
+
+        Growing widens the L1 table (exactly, when asked) and, with ``preallocation``, maps the
+        new area. Shrinking drops every cluster past the new end (the entries become unallocated),
+        frees the L2 tables past it, drops refcount blocks left describing nothing, and cuts the
+        file after the last cluster still in use."""
         with self.lock:
-            if not self.writable:
-                raise ReadOnlyError("Image is opened read-only")
-            if new_size < self.size:
-                raise UnsupportedFeature("Shrinking qcow2 images is not supported yet")
-            need = self._l1_entries_for(new_size)
-            if need > len(self.l1):
-                self._grow_l1(need, exact=exact_l1)
-            self.size = self.header.size = new_size
+            self._require_writable()
+            h = self.header
+            if new_size % 512:
+                raise InvalidArgument("The new size must be a multiple of 512")
+            if h.nb_snapshots and h.version < 3:
+                raise UnsupportedFeature("Can't resize a v2 image which has snapshots")
+            if bitmap_directory(h) is not None:
+                raise UnsupportedFeature("Cannot resize qcow2 with persistent bitmaps "
+                                         "(qcowpy does not update bitmaps)")
+            old_size = self.size
+            if new_size < old_size:
+                if preallocation != "off":
+                    raise InvalidArgument("Preallocation can't be used for shrinking an image")
+                self._mark_dirty_if_lazy()
+                self._compressed_cache = None
+                self._shrink(new_size)
+            else:
+                need = self._l1_entries_for(new_size)
+                if need > len(self.l1):
+                    self._grow_l1(need, exact=exact_l1)
+                    self._flush_all()  # QEMU frees the old L1 at once: preallocation may reuse it
+            self.size = h.size = new_size
+            if new_size > old_size and preallocation != "off":
+                self.preallocate(preallocation, start=old_size)
+            self._flush_all()
             write_metadata(self.file, MAIN_HEADER, struct.pack(">Q", new_size), 24)
             self.file.flush()
+
+    def _shrink(self, new_size: int) -> None:
+        self.refcounts.freed = []
+        try:
+            self._shrink_tables(new_size)
+            self._flush_all()
+            # like QEMU's QCOW2_DISCARD_ALWAYS frees: what was freed is discarded on the host
+            cs = self.cluster_size
+            for start, n in _runs(c for c in sorted(set(self.refcounts.freed)) if not self.refcounts.get(c)):
+                punch_hole(self.file.fd, start * cs, n * cs)
+        finally:
+            self.refcounts.freed = None
+        file_size = self.file.size()
+        last = self.refcounts.last_cluster(file_size)
+        if (last + 1) * self.cluster_size < file_size:
+            self.file.truncate((last + 1) * self.cluster_size)
+
+    def _shrink_tables(self, new_size: int) -> None:
+        cs = self.cluster_size
+        span_bits = self.cluster_bits + self.l2_bits
+        new_l1 = self._l1_entries_for(new_size)
+        start = (new_size + cs - 1) & ~(cs - 1)
+        # QEMU's full discard of the cropped clusters: each L2 table it touches is made writable
+        # first (allocated even when absent, or copied when shared, as QEMU's get_cluster_table
+        # does; the ones past the new end are freed again below), then the entries become 0.
+        for l1_index in range(start >> span_bits, ((self.size - 1) >> span_bits) + 1):
+            table = self._writable_l2(l1_index)
+            key = l1_offset(self.l1[l1_index])
+            self.l2cache.mark_dirty(key)
+            base = l1_index << span_bits
+            first = (max(start, base) - base) >> self.cluster_bits
+            last = (min(self.size, base + (1 << span_bits)) - base + cs - 1) >> self.cluster_bits
+            step = self.entry_words
+            for idx in range(first, last):
+                old = table[idx * step]
+                if old or (step == 2 and table[idx * step + 1]):
+                    table[idx * step] = 0
+                    if step == 2:
+                        table[idx * step + 1] = 0
+                    if old:
+                        self._free_entry_later(old)
+                        self.l2cache.mark_dirty(key)
+            self.l2cache.mark_dirty(key)
+        self._flush_all()
+        # QEMU's qcow2_shrink_l1_table: the entries past the end are zeroed on disk (the L1 keeps
+        # its size) and their L2 tables freed
+        if new_l1 < len(self.l1):
+            write_metadata(self.file, ACTIVE_L1, bytes(8 * (len(self.l1) - new_l1)),
+                           self.header.l1_table_offset + 8 * new_l1)
+            self.file.flush()
+            for i in range(len(self.l1) - 1, new_l1 - 1, -1):
+                off = l1_offset(self.l1[i])
+                if off:
+                    self.l2cache.discard(off)
+                    self.refcounts.free(off, cs)
+                    self.l1[i] = 0
+            self.refcounts.flush()
+            self.file.flush()
+        self.refcounts.drop_unused_blocks()
+
+
+def _runs(clusters: Iterator[int]) -> Iterator[tuple[int, int]]:
+    """(first, count) runs of consecutive numbers from an ascending sequence."""
+    first = count = 0
+    for c in clusters:
+        if count and c == first + count:
+            count += 1
+            continue
+        if count:
+            yield first, count
+        first, count = c, 1
+    if count:
+        yield first, count
 
 
 def _cache_tables(cluster_size: int) -> int:

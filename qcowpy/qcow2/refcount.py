@@ -40,6 +40,7 @@ class Refcounts:
         self.cache: TableCache[bytearray] = TableCache(file, self.cluster_size, cache_tables, bytearray, bytes)
         self.free_cluster_index = 0
         self.free_byte_offset = 0  # where the next compressed cluster may start
+        self.freed: list[int] | None = None  # clusters whose refcount fell to 0, while recording
 
     # --- reading -------------------------------------------------------------------------
     def _block(self, block_index: int) -> bytearray | None:
@@ -75,6 +76,8 @@ class Refcounts:
         set_refcount(block, idx, self.order, value)
         self.cache.mark_dirty(self.table[bi] & C.L1E_OFFSET_MASK)
         if value == 0:
+            if self.freed is not None:
+                self.freed.append(cluster)
             if cluster < self.free_cluster_index:
                 self.free_cluster_index = cluster
             if self.free_byte_offset and (self.free_byte_offset - 1) >> self.cluster_bits == cluster:
@@ -225,6 +228,44 @@ class Refcounts:
     def _write_table_entry(self, index: int) -> None:
         write_metadata(self.file, REFCOUNT_TABLE, self.table[index].to_bytes(8, "big"),
                        self.table_offset + index * 8)
+
+    def drop_unused_blocks(self) -> None:
+        """QEMU's ``qcow2_shrink_reftable``: refcount blocks that count nothing but (maybe)
+        themselves leave the table (rewritten whole) and their clusters are freed."""
+        self.flush()
+        keep = []
+        for i, entry in enumerate(self.table):
+            off = entry & C.L1E_OFFSET_MASK
+            if not off:
+                keep.append(0)
+                continue
+            block = bytearray(self.cache.get(off))
+            own = off >> self.cluster_bits
+            if own >> self.per_block_bits == i:  # it counts itself: ignore that one entry
+                set_refcount(block, own & (self.per_block - 1), self.order, 0)
+            keep.append(0 if not block.strip(b"\0") else entry)
+        if keep == self.table:
+            return
+        write_metadata(self.file, REFCOUNT_TABLE, pack_table(keep), self.table_offset)
+        self.file.flush()
+        for i, entry in enumerate(self.table):
+            if entry and not keep[i]:
+                off = entry & C.L1E_OFFSET_MASK
+                self.change(off >> self.cluster_bits, -1)  # in whichever block counts it
+                self.cache.discard(off)
+                self.table[i] = 0
+        self.flush()
+
+    def last_cluster(self, file_size: int) -> int:
+        """The highest cluster below ``file_size`` with a nonzero refcount (QEMU's
+        ``qcow2_get_last_cluster``); -1 if there is none."""
+        for cluster in range((file_size + self.cluster_size - 1) // self.cluster_size - 1, -1, -1):
+            block = self._block(cluster >> self.per_block_bits)
+            if block is None:
+                continue
+            if get_refcount(block, cluster & (self.per_block - 1), self.order):
+                return cluster
+        return -1
 
     def image_end_cluster(self) -> int:
         """One past the highest cluster with a nonzero refcount (scans the blocks)."""
