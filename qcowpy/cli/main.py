@@ -319,6 +319,35 @@ def resize(fmt, preallocation, shrink, quiet, image_opts, objects, args) -> None
         raise CommandFailed(str(e) if str(e).startswith("Could not open") else f"{e}") from None
 
 
+# ---------------------------------------------------------------------------------------- snapshot
+@cli.command(context_settings=CONTEXT)
+@click.option("-l", "list_", is_flag=True, help="List the snapshots.")
+@click.option("-c", "create_name", metavar="SNAPSHOT", help="Create a snapshot of the current disk state.")
+@click.option("-a", "apply_name", metavar="SNAPSHOT", help="Revert the disk to a snapshot (id or name).")
+@click.option("-d", "delete_name", metavar="SNAPSHOT", help="Delete a snapshot (by name).")
+@click.option("-q", "quiet", is_flag=True, help="Quiet.")
+@click.option("-U", "--force-share", is_flag=True, help="With -l: open without taking the shared write lock.")
+@click.option("--image-opts", is_flag=True, hidden=True)
+@click.option("--object", "objects", multiple=True, hidden=True)
+@click.argument("filenames", nargs=-1)
+def snapshot(list_, create_name, apply_name, delete_name, quiet, force_share, image_opts, objects, filenames) -> None:
+    """List, create, apply or delete internal snapshots of a qcow2 image.
+
+    \b
+    qcowpy snapshot [-l | -a snapshot | -c snapshot | -d snapshot] [-q] [-U] filename
+    """
+    from ..tools.snapshot import run_snapshot
+
+    actions = [a for a in (("l", list_ or None), ("c", create_name), ("a", apply_name), ("d", delete_name))
+               if a[1] is not None]
+    if len(actions) > 1:
+        raise click.UsageError("Cannot mix '-l', '-a', '-c', '-d'")
+    if len(filenames) != 1:
+        raise click.UsageError("Expecting one image file name")
+    action, name = actions[0] if actions else (None, None)
+    run_snapshot(filenames[0], action, name if isinstance(name, str) else None, force_share, echo=out)
+
+
 # ---------------------------------------------------------------------------------------- emu
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                "help_option_names": []})

@@ -72,3 +72,21 @@ def pack_snapshot_table(snaps: list[Snapshot]) -> bytes:
         out += s.extra_data + id_b + name_b
         out += bytes(-len(out) % 8)
     return bytes(out)
+
+
+def pack_table_as_qemu(entries: list[tuple[Snapshot, bytes, bytes]], default_disk_size: int) -> bytes:
+    """The snapshot table QEMU's ``qcow2_write_snapshots`` writes for (snapshot, id bytes, name
+    bytes) entries: every entry gets the 24 bytes of known extra data (vm_state_size_large,
+    disk_size — ``default_disk_size`` when the entry had none — and icount, all-ones when
+    unknown), then any unknown extra data it carried; entries start on 8-byte boundaries."""
+    out = bytearray()
+    for sn, id_b, name_b in entries:
+        out += bytes(-len(out) % 8)
+        vm_state = sn.vm_state_size_large
+        disk_size = sn.disk_size if sn.disk_size is not None else default_disk_size
+        icount = sn.icount if sn.icount is not None else (1 << 64) - 1
+        unknown = sn.extra_data[24:]
+        out += _FIXED.pack(sn.l1_table_offset, sn.l1_size, len(id_b), len(name_b), sn.date_sec, sn.date_nsec,
+                           sn.vm_clock_nsec, vm_state if vm_state <= 0xFFFFFFFF else 0, 24 + len(unknown))
+        out += struct.pack(">QQQ", vm_state, disk_size, icount) + unknown + id_b + name_b
+    return bytes(out)

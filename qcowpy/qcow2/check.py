@@ -29,7 +29,7 @@ from ..format import constants as C
 from ..format.entries import compressed_descriptor, csize_shift
 from ..format.header import Header
 from ..format.refcount import max_refcount
-from ..format.snapshot import Snapshot
+from ..format.snapshot import Snapshot, pack_table_as_qemu
 from ..hostfile import HostFile
 
 FIX_LEAKS = 1
@@ -322,17 +322,8 @@ class _Checker:
     def _write_snapshot_table(self) -> None:
         from .refcount import Refcounts
         h = self.h
-        table = bytearray()
-        for sn, (id_b, name_b) in zip(self.snapshots, self._sn_raw):
-            table += bytes(-len(table) % 8)
-            vm_state = sn.vm_state_size_large
-            disk_size = sn.disk_size if sn.disk_size is not None else h.size
-            icount = sn.icount if sn.icount is not None else (1 << 64) - 1
-            unknown = sn.extra_data[24:]
-            table += _SN_FIXED.pack(sn.l1_table_offset, sn.l1_size, len(id_b), len(name_b), sn.date_sec,
-                                    sn.date_nsec, sn.vm_clock_nsec, vm_state if vm_state <= 0xFFFFFFFF else 0,
-                                    24 + len(unknown))
-            table += struct.pack(">QQQ", vm_state, disk_size, icount) + unknown + id_b + name_b
+        table = pack_table_as_qemu([(sn, id_b, name_b) for sn, (id_b, name_b) in zip(self.snapshots, self._sn_raw)],
+                                   h.size)
         self.ondisk.write_back()
         self.ondisk.forget()
         refcounts = Refcounts(self.file, self.cbits, self.order, h.refcount_table_offset,

@@ -19,6 +19,10 @@ from .cache import TableCache
 from .overlap import REFCOUNT_TABLE, write_metadata
 
 
+class RefcountOverflow(QcowError):
+    """A refcount would pass what refcount_bits can hold (QEMU's update_refcount: EINVAL)."""
+
+
 class Refcounts:
     def __init__(self, file: HostFile, cluster_bits: int, refcount_order: int,
                  reftable_offset: int, reftable_clusters: int,
@@ -72,7 +76,7 @@ class Refcounts:
         if value < 0:
             raise CorruptImage(f"Refcount of cluster {cluster} would drop below zero")
         if value > self.max:
-            raise QcowError(f"Refcount of cluster {cluster} would exceed {self.max} (refcount_bits too small)")
+            raise RefcountOverflow(f"Refcount of cluster {cluster} would exceed {self.max} (refcount_bits too small)")
         set_refcount(block, idx, self.order, value)
         self.cache.mark_dirty(self.table[bi] & C.L1E_OFFSET_MASK)
         if value == 0:

@@ -49,3 +49,17 @@ def qemu_io(qemu_img: str, path, *commands: str, fmt: str = "qcow2") -> None:
     argv.append(str(path))
     p = subprocess.run(argv, capture_output=True, text=True)
     assert p.returncode == 0 and "error" not in (p.stdout + p.stderr).lower(), p.stdout + p.stderr
+
+
+def image_pair(tmp_path, qemu_img: str, opts: list[str], size: str, writes: list[str]):
+    """One qcow2 image made by qemu-img (and written by qemu-io), copied twice: (for qemu-img,
+    for qcowpy), so both tools start from the same bytes."""
+    import shutil
+    src = tmp_path / "src.qcow2"
+    assert qemu(qemu_img, "create", "-q", "-f", "qcow2", *opts, src, size).code == 0
+    if writes:
+        qemu_io(qemu_img, src, *writes)
+    a, b = tmp_path / "qemu.qcow2", tmp_path / "ours.qcow2"
+    shutil.copy(src, a)
+    shutil.copy(src, b)
+    return a, b

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from .helpers import as_qemu, qcowpy as run, qemu, qemu_io
+from .helpers import as_qemu, image_pair, qcowpy as run, qemu, qemu_io
 
 # (create options, size, qemu-io writes, resize steps)
 SCENARIOS = [
@@ -35,17 +35,6 @@ SCENARIOS = [
 ]
 
 
-def _pair(tmp_path, qemu_img, opts, size, writes):
-    src = tmp_path / "src.qcow2"
-    assert qemu(qemu_img, "create", "-q", "-f", "qcow2", *opts, src, size).code == 0
-    if writes:
-        qemu_io(qemu_img, src, *writes)
-    a, b = tmp_path / "qemu.qcow2", tmp_path / "ours.qcow2"
-    shutil.copy(src, a)
-    shutil.copy(src, b)
-    return a, b
-
-
 def _resize_both(qemu_img, a, b, step: str):
     *opts, size = step.split()
     want = qemu(qemu_img, "resize", *opts, a, size)
@@ -57,7 +46,7 @@ def _resize_both(qemu_img, a, b, step: str):
 @pytest.mark.parametrize("opts,size,writes,steps", SCENARIOS,
                          ids=[" ".join(o + [s, str(len(w)), steps[0]]) for o, s, w, steps in SCENARIOS])
 def test_resize_leaves_qemu_img_bytes(tmp_path, qemu_img, opts, size, writes, steps):
-    a, b = _pair(tmp_path, qemu_img, opts, size, writes)
+    a, b = image_pair(tmp_path, qemu_img, opts, size, writes)
     for step in steps:
         assert _resize_both(qemu_img, a, b, step).code == 0
         assert filecmp.cmp(a, b, shallow=False), f"files differ after 'resize {step}'"
@@ -69,7 +58,7 @@ def test_resize_leaves_qemu_img_bytes(tmp_path, qemu_img, opts, size, writes, st
 def test_resize_with_internal_snapshot(tmp_path, qemu_img, compat):
     """v3: the shared tables are copied before their entries go (refcounts drop, the snapshot keeps
     its data); v2 with snapshots is refused, as QEMU refuses it."""
-    a, b = _pair(tmp_path, qemu_img, ["-o", f"compat={compat}"], "4G", ["write -P 1 0 1M", "write -P 2 3G 1M"])
+    a, b = image_pair(tmp_path, qemu_img, ["-o", f"compat={compat}"], "4G", ["write -P 1 0 1M", "write -P 2 3G 1M"])
     for p in (a, b):
         assert qemu(qemu_img, "snapshot", "-c", "s1", p).code == 0
     shutil.copy(a, b)  # one snapshot table, the same timestamps
@@ -94,7 +83,7 @@ ERRORS = ["abc", "1000", "-2G", "0", "--preallocation=metadata 512M", "--preallo
 
 @pytest.mark.parametrize("step", ERRORS)
 def test_resize_messages_match(tmp_path, qemu_img, step):
-    a, b = _pair(tmp_path, qemu_img, [], "1G", [])
+    a, b = image_pair(tmp_path, qemu_img, [], "1G", [])
     _resize_both(qemu_img, a, b, step)
     assert filecmp.cmp(a, b, shallow=False)
 
@@ -113,7 +102,7 @@ def test_resize_raw(tmp_path, qemu_img):
 def test_resize_refuses_images_with_bitmaps(tmp_path, qemu_img):
     """A documented difference: QEMU resizes the persistent bitmaps along; qcowpy does not write
     bitmaps, so it refuses rather than leave them stale."""
-    a, b = _pair(tmp_path, qemu_img, [], "1G", [])
+    a, b = image_pair(tmp_path, qemu_img, [], "1G", [])
     assert qemu(qemu_img, "bitmap", "--add", b, "bm0").code == 0
     before = b.read_bytes()
     got = run("resize", b, "2G")

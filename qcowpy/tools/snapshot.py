@@ -1,0 +1,54 @@
+"""``snapshot``: qemu-img's img_snapshot (list, create, apply, delete) over qcowpy.qcow2.snapshot."""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..block.open import open_image
+from ..errors import QcowError
+from ..qcow2 import snapshot as sn
+from .info import _snapshot_header, _snapshot_line, _snapshots
+
+
+class SnapshotError(QcowError):
+    pass
+
+
+def run_snapshot(filename: str, action: str | None, name: str | None, force_share: bool = False,
+                 echo: Callable[[str], None] = print) -> None:
+    """``action``: "l" list, "c" create, "a" apply, "d" delete, None nothing (qemu-img opens the
+    image and does nothing, successfully)."""
+    writable = action in ("c", "a", "d")
+    dev = open_image(filename, "r+" if writable else "r", None, backing=False,
+                     force_share=force_share and not writable)
+    try:
+        img = getattr(dev, "image", None)
+        if action == "l":
+            rows = _snapshots(img) if img is not None else []
+            if rows:
+                echo("Snapshot list:\n" + _snapshot_header() + "\n" + "".join(_snapshot_line(r) + "\n" for r in rows))
+            return
+        if action is None:
+            return
+        if img is None:  # raw: no internal snapshots
+            what = {"c": "create", "a": "apply", "d": "delete"}[action]
+            if action == "c":
+                raise SnapshotError(f"Could not create snapshot '{name}': -95 (Operation not supported)")
+            raise SnapshotError(f"Could not {what} snapshot '{name}': " + (
+                "snapshot not found" if action == "d" else "Failed to load snapshot: Operation not supported"))
+        try:
+            if action == "c":
+                sn.create(img, name or "")
+            elif action == "a":
+                sn.apply(img, name or "")
+            else:
+                sn.delete(img, name or "")
+        except sn.SnapshotNotFound:
+            if action == "a":
+                raise SnapshotError(f"Could not apply snapshot '{name}': Failed to load snapshot: "
+                                    "No such file or directory") from None
+            raise SnapshotError(f"Could not delete snapshot '{name}': snapshot not found") from None
+        except QcowError as e:
+            verb = {"c": "create", "a": "apply", "d": "delete"}[action]
+            raise SnapshotError(f"Could not {verb} snapshot '{name}': {e}") from None
+    finally:
+        dev.close()
