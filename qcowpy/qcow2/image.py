@@ -828,7 +828,8 @@ class Qcow2Image(ExtendedL2Writes):
                         self._free_entry_later(old)
                         self.l2cache.mark_dirty(key)
             self.l2cache.mark_dirty(key)
-        self._flush_all()
+            # QEMU frees each dropped cluster at once, so the next table allocated may reuse it
+            self._flush_all()
         # QEMU's qcow2_shrink_l1_table: the entries past the end are zeroed on disk (the L1 keeps
         # its size) and their L2 tables freed
         if new_l1 < len(self.l1):

@@ -89,10 +89,16 @@ class Refcounts:
         return value
 
     def change_range(self, offset: int, length: int, delta: int) -> None:
+        """All or nothing, like QEMU's update_refcount: a failure undoes the clusters done."""
         first = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
         for cluster in range(first, last + 1):
-            self.change(cluster, delta)
+            try:
+                self.change(cluster, delta)
+            except QcowError:
+                for done in range(first, cluster):
+                    self.change(done, -delta)
+                raise
 
     # --- allocation ----------------------------------------------------------------------
     def _free_run(self, start: int, n: int) -> int:

@@ -158,9 +158,9 @@ def update_snapshot_refcount(img, l1_offset: int, l1_size: int, addend: int) -> 
                 entry |= C.OFLAG_COPIED
             if entry != old:
                 table[j] = entry
-                dirty = True
-        if dirty:
-            img.l2cache.mark_dirty(l2_off)
+                if not dirty:  # at once, as QEMU: a failure later still leaves this on disk
+                    img.l2cache.mark_dirty(l2_off)
+                    dirty = True
         if addend:
             rc.change(l2_off >> cbits, addend)
         refcount = rc.get(l2_off >> cbits)

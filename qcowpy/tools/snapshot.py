@@ -4,13 +4,23 @@ from __future__ import annotations
 from typing import Callable
 
 from ..block.open import open_image
-from ..errors import QcowError
+from ..errors import CorruptImage, QcowError
 from ..qcow2 import snapshot as sn
+from ..qcow2.refcount import RefcountOverflow
 from .info import _snapshot_header, _snapshot_line, _snapshots
 
 
 class SnapshotError(QcowError):
     pass
+
+
+def _strerror(e: QcowError) -> str:
+    """The errno text QEMU's qcow2 code would have returned for this failure."""
+    if isinstance(e, RefcountOverflow):
+        return "Invalid argument"
+    if isinstance(e, CorruptImage):
+        return "Input/output error"
+    return str(e)
 
 
 def run_snapshot(filename: str, action: str | None, name: str | None, force_share: bool = False,
@@ -49,6 +59,8 @@ def run_snapshot(filename: str, action: str | None, name: str | None, force_shar
             raise SnapshotError(f"Could not delete snapshot '{name}': snapshot not found") from None
         except QcowError as e:
             verb = {"c": "create", "a": "apply", "d": "delete"}[action]
+            if action == "a":  # bdrv_snapshot_goto reports the driver's errno
+                e = f"Failed to load snapshot: {_strerror(e)}"
             raise SnapshotError(f"Could not {verb} snapshot '{name}': {e}") from None
     finally:
         dev.close()
