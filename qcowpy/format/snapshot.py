@@ -74,19 +74,24 @@ def pack_snapshot_table(snaps: list[Snapshot]) -> bytes:
     return bytes(out)
 
 
-def pack_table_as_qemu(entries: list[tuple[Snapshot, bytes, bytes]], default_disk_size: int) -> bytes:
+def table_pieces_as_qemu(entries: list[tuple[Snapshot, bytes, bytes]], default_disk_size: int) -> list[tuple[int, bytes]]:
     """The snapshot table QEMU's ``qcow2_write_snapshots`` writes for (snapshot, id bytes, name
-    bytes) entries: every entry gets the 24 bytes of known extra data (vm_state_size_large,
+    bytes) entries, as (offset in the table, bytes) pieces: one per entry, each starting on an
+    8-byte boundary; the padding between them is not written (it keeps whatever the clusters
+    held, as with QEMU). Every entry gets the 24 bytes of known extra data (vm_state_size_large,
     disk_size — ``default_disk_size`` when the entry had none — and icount, all-ones when
-    unknown), then any unknown extra data it carried; entries start on 8-byte boundaries."""
-    out = bytearray()
+    unknown), then any unknown extra data it carried."""
+    pieces = []
+    pos = 0
     for sn, id_b, name_b in entries:
-        out += bytes(-len(out) % 8)
+        pos = (pos + 7) & ~7
         vm_state = sn.vm_state_size_large
         disk_size = sn.disk_size if sn.disk_size is not None else default_disk_size
         icount = sn.icount if sn.icount is not None else (1 << 64) - 1
         unknown = sn.extra_data[24:]
-        out += _FIXED.pack(sn.l1_table_offset, sn.l1_size, len(id_b), len(name_b), sn.date_sec, sn.date_nsec,
+        body = _FIXED.pack(sn.l1_table_offset, sn.l1_size, len(id_b), len(name_b), sn.date_sec, sn.date_nsec,
                            sn.vm_clock_nsec, vm_state if vm_state <= 0xFFFFFFFF else 0, 24 + len(unknown))
-        out += struct.pack(">QQQ", vm_state, disk_size, icount) + unknown + id_b + name_b
-    return bytes(out)
+        body += struct.pack(">QQQ", vm_state, disk_size, icount) + unknown + id_b + name_b
+        pieces.append((pos, body))
+        pos += len(body)
+    return pieces

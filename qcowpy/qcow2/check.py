@@ -29,7 +29,7 @@ from ..format import constants as C
 from ..format.entries import compressed_descriptor, csize_shift
 from ..format.header import Header
 from ..format.refcount import max_refcount
-from ..format.snapshot import Snapshot, pack_table_as_qemu
+from ..format.snapshot import Snapshot, table_pieces_as_qemu
 from ..hostfile import HostFile
 
 FIX_LEAKS = 1
@@ -322,23 +322,25 @@ class _Checker:
     def _write_snapshot_table(self) -> None:
         from .refcount import Refcounts
         h = self.h
-        table = pack_table_as_qemu([(sn, id_b, name_b) for sn, (id_b, name_b) in zip(self.snapshots, self._sn_raw)],
-                                   h.size)
+        pieces = table_pieces_as_qemu([(sn, id_b, name_b) for sn, (id_b, name_b) in zip(self.snapshots, self._sn_raw)],
+                                      h.size)
+        size = pieces[-1][0] + len(pieces[-1][1]) if pieces else 0
         self.ondisk.write_back()
         self.ondisk.forget()
         refcounts = Refcounts(self.file, self.cbits, self.order, h.refcount_table_offset,
                               h.refcount_table_clusters, lambda off, clusters: None)
-        new_off = refcounts.alloc_clusters((len(table) + self.cs - 1) >> self.cbits) if table else 0
+        new_off = refcounts.alloc_clusters((size + self.cs - 1) >> self.cbits) if size else 0
         refcounts.cache.flush()
         self.file.flush()
-        if table:
-            self._guarded_check(new_off, len(table), 0)
-            self.file.pwrite(bytes(table), new_off)
+        if size:
+            self._guarded_check(new_off, size, 0)
+            for pos, body in pieces:
+                self.file.pwrite(body, new_off + pos)
         self.file.flush()
         self.file.pwrite(struct.pack(">IQ", len(self.snapshots), new_off), 60)
         self.file.flush()
         old_off, old_size = h.snapshots_offset, self.snapshots_size
-        h.nb_snapshots, h.snapshots_offset, self.snapshots_size = len(self.snapshots), new_off, len(table)
+        h.nb_snapshots, h.snapshots_offset, self.snapshots_size = len(self.snapshots), new_off, size
         if old_size:
             failed = refcounts.try_free(old_off, old_size)
             refcounts.cache.flush()

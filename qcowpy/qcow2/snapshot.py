@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..errors import CorruptImage, QcowError
 from ..format import constants as C
 from ..format.entries import compressed_descriptor, pack_table, unpack_table
-from ..format.snapshot import Snapshot, pack_table_as_qemu
+from ..format.snapshot import Snapshot, table_pieces_as_qemu
 from ..hostfile import punch_hole
 from .overlap import ACTIVE_L1, INACTIVE_L1, MAIN_HEADER, write_metadata
 from .refcount import RefcountOverflow
@@ -180,11 +180,12 @@ def write_table(img, entries: list[Entry], old_size: int) -> None:
     """QEMU's qcow2_write_snapshots: the whole table in new clusters, then the header, then the
     old table's clusters freed."""
     h = img.header
-    table = pack_table_as_qemu([(e.sn, e.id_b, e.name_b) for e in entries], img.size)
-    new_off = img.refcounts.alloc_clusters((len(table) + img.cluster_size - 1) >> img.cluster_bits) if table else 0
+    pieces = table_pieces_as_qemu([(e.sn, e.id_b, e.name_b) for e in entries], img.size)
+    size = pieces[-1][0] + len(pieces[-1][1]) if pieces else 0
+    new_off = img.refcounts.alloc_clusters((size + img.cluster_size - 1) >> img.cluster_bits) if size else 0
     img._flush_all()
-    if table:
-        img.file.pwrite(table, new_off)  # overlap-checked: the clusters must be free
+    for pos, body in pieces:
+        img.file.pwrite(body, new_off + pos)  # overlap-checked: the clusters must be free
     img.file.flush()
     write_metadata(img.file, MAIN_HEADER, struct.pack(">IQ", len(entries), new_off), 60)
     img.file.flush()
