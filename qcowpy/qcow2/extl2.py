@@ -75,9 +75,7 @@ class ExtendedL2Writes:
             if compressed:
                 new_bitmap = ALL_ALLOC
         else:
-            self.file.pwrite(buf, new_host + s0 * sc)
-            if self.file.size() < new_host + cs:
-                self.file.truncate(new_host + cs)  # the host cluster exists in full, if sparse
+            self.file.pwrite(buf, new_host + s0 * sc)  # only these subclusters: the file may end here, as QEMU's does
         old = self._set_l2_pair(cstart, new_host | C.OFLAG_COPIED, new_bitmap)
         self._free_entry_later(old[0])
 
