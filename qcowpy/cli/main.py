@@ -319,6 +319,39 @@ def resize(fmt, preallocation, shrink, quiet, image_opts, objects, args) -> None
         raise CommandFailed(str(e) if str(e).startswith("Could not open") else f"{e}") from None
 
 
+# ---------------------------------------------------------------------------------------- rebase
+@cli.command(context_settings=CONTEXT)
+@click.option("-f", "fmt", metavar="FMT", help="Image format (probed when omitted).")
+@click.option("-b", "backing", metavar="BACKING", help="The new backing file ('' for none).")
+@click.option("-F", "backing_fmt", metavar="BACKING_FMT", help="The new backing file's format.")
+@click.option("-u", "unsafe", is_flag=True, help="Unsafe: only rewrite the header, copy nothing.")
+@click.option("-p", "progress", is_flag=True, help="Accepted for compatibility.")
+@click.option("-q", "quiet", is_flag=True, help="Quiet.")
+@click.option("-t", "cache", metavar="CACHE", help="Accepted for compatibility.")
+@click.option("-T", "src_cache", metavar="SRC_CACHE", help="Accepted for compatibility.")
+@click.option("-U", "--force-share", is_flag=True, hidden=True)
+@click.option("--image-opts", is_flag=True, hidden=True)
+@click.option("--object", "objects", multiple=True, hidden=True)
+@click.argument("filenames", nargs=-1)
+def rebase(fmt, backing, backing_fmt, unsafe, progress, quiet, cache, src_cache, force_share, image_opts, objects,
+           filenames) -> None:
+    """Change the backing file of an image, keeping what it reads (unless -u).
+
+    \b
+    qcowpy rebase [-f fmt] [-u] -b backing_file [-F backing_fmt] [-p] [-q] filename
+    """
+    from ..tools.rebase import run_rebase
+
+    if len(filenames) != 1:
+        raise click.UsageError("Expecting one image file name")
+    if not unsafe and backing is None:
+        raise click.UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
+    for what, value in (("cache", cache), ("source cache", src_cache)):
+        if value is not None and value not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
+            raise CommandFailed(f"Invalid {what} option: {value}")
+    run_rebase(filenames[0], backing, backing_fmt, fmt, unsafe)
+
+
 # ---------------------------------------------------------------------------------------- snapshot
 @cli.command(context_settings=CONTEXT)
 @click.option("-l", "list_", is_flag=True, help="List the snapshots.")

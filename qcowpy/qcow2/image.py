@@ -749,6 +749,25 @@ class Qcow2Image(ExtendedL2Writes):
             if self.file.size() < end_needed:
                 self.file.truncate(end_needed)
 
+    # ------------------------------------------------------------------ backing file
+    def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Point the header at another backing file (QEMU's qcow2_change_backing_file): the whole
+        header cluster is rewritten, with the backing-format extension set, changed or dropped."""
+        with self.lock:
+            self._require_writable()
+            if name and len(name.encode()) > 1023:
+                raise InvalidArgument("Invalid argument")
+            h = self.header.copy()
+            h.backing_file = name or ""
+            h.set_extension(C.EXT_BACKING_FORMAT, fmt.encode() if name and fmt else None)
+            data = pack_header(h)  # raises if it does not fit in the header cluster
+            self._flush_all()
+            write_metadata(self.file, MAIN_HEADER, data + bytes(self.cluster_size - len(data)), 0)
+            self.file.flush()
+            cur = self.header  # others hold this object: update it in place
+            cur.backing_file, cur.extensions = h.backing_file, h.extensions
+            cur.backing_file_offset, cur.backing_file_size = h.backing_file_offset, h.backing_file_size
+
     # ------------------------------------------------------------------ resizing
     def resize(self, new_size: int, exact_l1: bool = True, preallocation: str = "off") -> None:
         """Change the virtual size as QEMU's ``qcow2_co_truncate`` does.
