@@ -319,6 +319,40 @@ def resize(fmt, preallocation, shrink, quiet, image_opts, objects, args) -> None
         raise CommandFailed(str(e) if str(e).startswith("Could not open") else f"{e}") from None
 
 
+# ---------------------------------------------------------------------------------------- measure
+@cli.command(context_settings=CONTEXT)
+@click.option("-f", "fmt", metavar="FMT", help="Input image format (probed when omitted).")
+@click.option("-O", "out_fmt", default="raw", metavar="OUTPUT_FMT", help="Format to measure for (default raw).")
+@click.option("-o", "options", multiple=True, metavar="OPTIONS", help="Creation options of the output format.")
+@_output_option
+@click.option("--size", "size", metavar="SIZE", help="Measure a new image of this size instead of an input.")
+@click.option("-U", "--force-share", is_flag=True, help="Open the input without the shared write lock.")
+@click.option("--image-opts", is_flag=True, hidden=True)
+@click.option("--object", "objects", multiple=True, hidden=True)
+@click.argument("filenames", nargs=-1)
+def measure(fmt, out_fmt, options, output, size, force_share, image_opts, objects, filenames) -> None:
+    """Print the file size an image (or a new image of --size) needs in OUTPUT_FMT.
+
+    \b
+    qcowpy measure [--output=human|json] [-O fmt] [-o options] [--size N | [-f fmt] filename]
+    """
+    from ..tools import options as optmod
+    from ..tools.measure import measure as run_measure, render
+
+    check_output(output)
+    if len(filenames) > 1:
+        raise CommandFailed("At most one filename argument is allowed.")
+    filename = filenames[0] if filenames else None
+    if not filename and fmt:
+        raise CommandFailed("--image-opts, -f, and -l require a filename argument.")
+    nbytes = size_arg("image size", size) if size is not None else None
+    if filename and nbytes is not None:
+        raise CommandFailed("--size N cannot be used together with a filename.")
+    if not filename and nbytes is None:
+        raise CommandFailed("Either --size N or one filename must be specified.")
+    out(render(run_measure(out_fmt, optmod.accumulate(options), filename, fmt, nbytes, force_share), output))
+
+
 # ---------------------------------------------------------------------------------------- rebase
 @cli.command(context_settings=CONTEXT)
 @click.option("-f", "fmt", metavar="FMT", help="Image format (probed when omitted).")

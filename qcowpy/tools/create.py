@@ -10,7 +10,7 @@ from ..errors import InvalidArgument, QcowError
 from ..format import constants as C
 from ..qcow2.create import create_qcow2
 from ..units import INT64_MAX
-from .options import ParsedOpts, parse_create_options
+from .options import ParsedOpts, parse_create_options, refcount_bits_error
 
 _VERSIONS = {"v2": "0.10", "0.10": "0.10", "v3": "1.1", "1.1": "1.1"}
 _PREALLOC = {"qcow2": ("off", "metadata", "falloc", "full"), "raw": ("off", "falloc", "full")}
@@ -111,12 +111,9 @@ def validate(fmt: str, opts: ParsedOpts) -> dict:
     if version < 3 and v.get("lazy_refcounts"):
         raise InvalidArgument("Lazy refcounts only supported with compatibility level 1.1 and above "
                               "(use version=v3 or greater)")
-    rb = int(v.get("refcount_bits", 16))  # type: ignore[call-overload]
-    if rb > 64 or rb < 1 or rb & (rb - 1):
-        raise InvalidArgument("Refcount width must be a power of two and may not exceed 64 bits")
-    if version < 3 and rb != 16:
-        raise InvalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 or above "
-                              "(use version=v3 or greater)")
+    rb_error = refcount_bits_error(int(v.get("refcount_bits", 16)), version, "version=v3")  # type: ignore[call-overload]
+    if rb_error:
+        raise InvalidArgument(rb_error)
     if version < 3 and ctype != "zlib":
         raise InvalidArgument("Non-zlib compression type is only supported with compatibility level 1.1 and above "
                               "(use version=v3 or greater)")

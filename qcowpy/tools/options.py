@@ -193,3 +193,14 @@ def typed_value(d: OptDesc, value: str) -> object:
             raise InvalidArgument(f"Parameter '{d.name}' expects a number")
         return v
     return value
+
+
+def refcount_bits_error(bits: int, version: int, upgrade: str) -> str | None:
+    """QEMU's refcount_bits checks; ``upgrade`` is the option its hint names ("version=v3" when
+    creating, "compat=1.1" when measuring — QEMU words the two paths differently)."""
+    if bits > 64 or bits < 1 or bits & (bits - 1):
+        return "Refcount width must be a power of two and may not exceed 64 bits"
+    if version < 3 and bits != 16:
+        return ("Different refcount widths than 16 bits require compatibility level 1.1 or above "
+                f"(use {upgrade} or greater)")
+    return None

@@ -1,0 +1,177 @@
+"""``measure``: qemu-img's img_measure — how big an image converted (or created) to a format gets.
+
+qcow2 follows qcow2_measure: the fully allocated size counts the header, every L2 table, the L1
+table and the refcount structures that would count them all (found as QEMU's fixed point); the
+required size keeps of the data only the clusters the input really holds (zero and unallocated
+ranges drop out; everything counts when a backing file is given). raw counts every byte.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ..block.device import _status_at
+from ..block.open import open_image
+from ..errors import InvalidArgument, QcowError
+from ..format import constants as C
+from ..qcow2.overlap import bitmap_directory
+from .options import ParsedOpts, parse_create_options, refcount_bits_error
+from .qjson import QDict, dumps_pretty
+
+# formats QEMU knows but cannot measure; anything else is an unknown format to qemu-img
+_NO_MEASURE = ("vmdk", "vdi", "vpc", "vhdx", "qed", "qcow", "parallels", "vvfat", "bochs", "cloop", "dmg")
+
+
+class MeasureError(QcowError):
+    pass
+
+
+@dataclass
+class Measure:
+    required: int
+    fully_allocated: int
+    bitmaps: int | None = None  # only when both sides could carry persistent bitmaps
+
+
+def _round_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int) -> int:
+    """qcow2_refcount_metadata_size: refcount blocks and table clusters that count ``clusters``
+    clusters and themselves (the smallest fixed point)."""
+    per_table_cluster = cluster_size // 8
+    per_block = cluster_size * 8 // (1 << refcount_order)
+    table = blocks = n = 0
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table_cluster)
+        n = clusters + blocks + table
+        if n == last:
+            return (blocks + table) * cluster_size
+
+
+def qcow2_prealloc_size(total: int, cluster_size: int, refcount_order: int, extended_l2: bool) -> int:
+    """qcow2_calc_prealloc_size: a fully allocated image of ``total`` bytes, metadata included."""
+    aligned = _round_up(total, cluster_size)
+    l2e = 16 if extended_l2 else 8
+    meta = cluster_size                                          # header
+    nl2e = _round_up(aligned // cluster_size, cluster_size // l2e)
+    meta += nl2e * l2e                                           # L2 tables
+    nl1e = _round_up(nl2e * l2e // cluster_size, cluster_size // 8)
+    meta += nl1e * 8                                             # L1 table
+    meta += refcount_metadata_size((meta + aligned) // cluster_size, cluster_size, refcount_order)
+    return meta + aligned
+
+
+def _qcow2_params(opts: ParsedOpts) -> tuple[int, int, int, bool, str, bool]:
+    """(cluster size, version, refcount order, extended L2, preallocation, backing) with the checks
+    qcow2_measure makes, in its order and words."""
+    v = opts.values
+    ext = bool(v.get("extended_l2", False))
+    cs = int(v.get("cluster_size", 65536))  # type: ignore[call-overload]
+    if cs < 512 or cs > (2 << 20) or cs & (cs - 1):
+        raise MeasureError("Cluster size must be a power of two between 512 and 2048k")
+    if ext and cs < 16384:
+        raise MeasureError("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
+    compat = v.get("compat")
+    if compat is None or compat == "1.1":
+        version = 3
+    elif compat == "0.10":
+        version = 2
+    else:
+        raise MeasureError(f"Invalid compatibility level: '{compat}'")
+    bits = int(v.get("refcount_bits", 16))  # type: ignore[call-overload]
+    rb_error = refcount_bits_error(bits, version, "compat=1.1")
+    if rb_error:
+        raise MeasureError(rb_error)
+    prealloc = str(v.get("preallocation", "off"))
+    if prealloc not in ("off", "metadata", "falloc", "full"):
+        raise MeasureError(f"invalid parameter value: {prealloc}")
+    return cs, version, bits.bit_length() - 1, ext, prealloc, bool(v.get("backing_file"))
+
+
+def _bitmaps_size(img, cluster_size: int) -> int:
+    """qcow2_get_persistent_dirty_bitmap_size for the input's persistent bitmaps."""
+    d = bitmap_directory(img.header)
+    if d is None:
+        return 0
+    raw = img.file.pread(min(d[1], 64 << 20), d[0])
+    nb = struct.unpack_from(">I", img.header.find_extension(C.EXT_BITMAPS).data)[0]
+    total = dir_size = pos = 0
+    for _ in range(nb):
+        if pos + 24 > len(raw):
+            break
+        granularity_bits, name_size, extra = struct.unpack_from(">BHI", raw, pos + 17)
+        nbytes = -(-(-(-img.size // (1 << granularity_bits))) // 8)  # one bit per granule
+        clusters = -(-nbytes // cluster_size)
+        total += clusters * cluster_size + _round_up(clusters * 8, cluster_size)  # data + bitmap table
+        dir_size += _round_up(24 + name_size, 8)  # the entry the new image's directory needs
+        pos = _round_up(pos + 24 + extra + name_size, 8)
+    return total + _round_up(dir_size, cluster_size)
+
+
+def measure(out_fmt: str, options: str | None, filename: str | None = None, fmt: str | None = None,
+            size: int | None = None, force_share: bool = False) -> Measure:
+    if out_fmt in _NO_MEASURE:
+        raise MeasureError(f"Block driver '{out_fmt}' does not support size measurement")
+    try:
+        opts = parse_create_options(out_fmt, options)
+    except InvalidArgument as e:
+        if "Unknown file format" in str(e):
+            raise MeasureError(str(e)) from None
+        raise MeasureError(f"{e}\nInvalid options for file format '{out_fmt}'") from None
+    dev = open_image(filename, "r", fmt, force_share=force_share) if filename else None
+    try:
+        virtual = size if size is not None else int(opts.values.get("size", 0))  # type: ignore[call-overload]
+        if out_fmt == "raw":
+            total = dev.size if dev is not None else _round_up(virtual, 512)
+            return Measure(total, total)
+        cs, version, order, ext, prealloc, backing = _qcow2_params(opts)
+        virtual = _round_up(virtual, cs)
+        l2_tables = -(-(virtual // cs) // (cs // (16 if ext else 8)))
+        if l2_tables * 8 > C.MAX_L1_SIZE_BYTES:
+            raise MeasureError("The image size is too large (try using a larger cluster size)")
+        required = 0
+        if dev is not None:
+            ssize = dev.size
+            virtual = _round_up(ssize, cs)
+            if backing:
+                required = virtual
+            else:
+                offset = 0
+                while offset < ssize:
+                    ext_ = _status_at(dev, offset, ssize - offset)
+                    pnum = ext_.length
+                    if ext_.zero or not ext_.present:
+                        pass  # zero or unallocated everywhere: nothing to store
+                    elif ext_.data:
+                        pnum = _round_up(offset + pnum, cs) - offset  # to the end of its cluster
+                        required += offset % cs + pnum
+                    offset += pnum
+        if prealloc in ("full", "falloc"):
+            required = virtual
+        full = qcow2_prealloc_size(virtual, cs, order, ext)
+        result = Measure(full - virtual + required, full)
+        img = getattr(dev, "image", None)
+        if version >= 3 and img is not None:
+            result.bitmaps = _bitmaps_size(img, cs)
+        return result
+    finally:
+        if dev is not None:
+            dev.close()
+
+
+def render(m: Measure, output: str) -> str:
+    if output == "json":
+        d = QDict()
+        if m.bitmaps is not None:
+            d["bitmaps"] = m.bitmaps
+        d["required"] = m.required
+        d["fully-allocated"] = m.fully_allocated
+        return dumps_pretty(d) + "\n"
+    text = f"required size: {m.required}\nfully allocated size: {m.fully_allocated}\n"
+    if m.bitmaps is not None:
+        text += f"bitmaps size: {m.bitmaps}\n"
+    return text
