@@ -51,6 +51,22 @@ def size_arg(name: str, text: str) -> int:
     return value
 
 
+def warn_if_probed_raw(filename: str, fmt: str | None) -> None:
+    """QEMU's warning when an image it opens for writing was probed as raw (block 0 is guarded)."""
+    if fmt is not None or not os.path.isfile(filename):
+        return
+    from ..block.open import probe_format
+    try:
+        probed = probe_format(filename)
+    except (OSError, QcowError):
+        return
+    if probed == "raw":
+        sys.stderr.write(f"WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n"
+                         "         Automatically detecting the format is dangerous for raw images, write "
+                         "operations on block 0 will be restricted.\n"
+                         "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+
+
 def open_error(filename: str, e: QcowError) -> str:
     return f"Could not open '{filename}': {e}"  # qemu-img prefixes even the driver's own "Could not open"
 
@@ -306,6 +322,7 @@ def resize(fmt, preallocation, shrink, quiet, image_opts, objects, args) -> None
     if len(args) != 2:  # the size may look like an option ("-1G"): it is always the last word
         raise click.UsageError("Expecting image file name and size")
     filename, size = args
+    warn_if_probed_raw(filename, fmt)
     try:
         run_resize(filename, size, fmt, preallocation, shrink,
                    echo=(lambda line: None) if quiet else (lambda line: out(line + "\n")))
@@ -317,6 +334,36 @@ def resize(fmt, preallocation, shrink, quiet, image_opts, objects, args) -> None
         raise CommandFailed(str(e), hint=e.hint) from None
     except QcowError as e:
         raise CommandFailed(str(e) if str(e).startswith("Could not open") else f"{e}") from None
+
+
+# ---------------------------------------------------------------------------------------- commit
+@cli.command(context_settings=CONTEXT)
+@click.option("-f", "fmt", metavar="FMT", help="Image format (probed when omitted).")
+@click.option("-b", "base", metavar="BASE", help="Commit down to this image of the chain (implies -d).")
+@click.option("-d", "drop", is_flag=True, help="Leave the committed image as it is (do not empty it).")
+@click.option("-p", "progress", is_flag=True, help="Accepted for compatibility.")
+@click.option("-q", "quiet", is_flag=True, help="Quiet: no 'Image committed.' line.")
+@click.option("-t", "cache", metavar="CACHE", help="Accepted for compatibility.")
+@click.option("-r", "rate", metavar="RATE", help="Accepted for compatibility (no rate limit).")
+@click.option("--image-opts", is_flag=True, hidden=True)
+@click.option("--object", "objects", multiple=True, hidden=True)
+@click.argument("filenames", nargs=-1)
+def commit(fmt, base, drop, progress, quiet, cache, rate, image_opts, objects, filenames) -> None:
+    """Write an image's data into its backing file (or -b BASE) and empty it (unless -d).
+
+    \b
+    qcowpy commit [-f fmt] [-b base] [-d] [-p] [-q] filename
+    """
+    from ..tools.commit import run_commit
+
+    if len(filenames) != 1:
+        raise click.UsageError("Expecting one image file name")
+    if cache is not None and cache not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
+        raise CommandFailed(f"Invalid cache option: {cache}")
+    warn_if_probed_raw(filenames[0], fmt)
+    run_commit(filenames[0], fmt, base, drop)
+    if not quiet:
+        out("Image committed.\n")
 
 
 # ---------------------------------------------------------------------------------------- measure
@@ -383,6 +430,7 @@ def rebase(fmt, backing, backing_fmt, unsafe, progress, quiet, cache, src_cache,
     for what, value in (("cache", cache), ("source cache", src_cache)):
         if value is not None and value not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
             raise CommandFailed(f"Invalid {what} option: {value}")
+    warn_if_probed_raw(filenames[0], fmt)
     run_rebase(filenames[0], backing, backing_fmt, fmt, unsafe)
 
 
@@ -412,6 +460,10 @@ def snapshot(list_, create_name, apply_name, delete_name, quiet, force_share, im
     if len(filenames) != 1:
         raise click.UsageError("Expecting one image file name")
     action, name = actions[0] if actions else (None, None)
+    if action in ("c", "a", "d"):
+        warn_if_probed_raw(filenames[0], None)
+    if action == "a":  # qemu-img's apply opens a probed raw image a second time (its fallback path)
+        warn_if_probed_raw(filenames[0], None)
     run_snapshot(filenames[0], action, name if isinstance(name, str) else None, force_share, echo=out)
 
 

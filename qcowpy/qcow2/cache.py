@@ -56,6 +56,11 @@ class TableCache(Generic[T]):
         self._tables.pop(offset, None)
         self._dirty.discard(offset)
 
+    def clear(self) -> None:
+        """Forget every table, dirty or not (the structures they came from are gone)."""
+        self._tables.clear()
+        self._dirty.clear()
+
     @property
     def has_dirty(self) -> bool:
         return bool(self._dirty)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -805,37 +806,44 @@ class Qcow2Image(ExtendedL2Writes):
             write_metadata(self.file, MAIN_HEADER, struct.pack(">Q", new_size), 24)
             self.file.flush()
 
-    def _shrink(self, new_size: int) -> None:
+    @contextmanager
+    def punching_freed(self) -> Iterator[None]:
+        """Clusters whose refcount falls to 0 inside the block are punched out of the host file
+        at its end (QEMU's discard passthrough for QCOW2_DISCARD_ALWAYS/SNAPSHOT frees); those
+        allocated again meanwhile are left alone."""
         self.refcounts.freed = []
         try:
-            self._shrink_tables(new_size)
+            yield
             self._flush_all()
-            # like QEMU's QCOW2_DISCARD_ALWAYS frees: what was freed is discarded on the host
             cs = self.cluster_size
             for start, n in _runs(c for c in sorted(set(self.refcounts.freed)) if not self.refcounts.get(c)):
                 punch_hole(self.file.fd, start * cs, n * cs)
         finally:
             self.refcounts.freed = None
+
+    def _shrink(self, new_size: int) -> None:
+        with self.punching_freed():
+            self._full_discard((new_size + self.cluster_size - 1) & ~(self.cluster_size - 1), self.size)
+            self._shrink_l1(self._l1_entries_for(new_size))
+            self.refcounts.drop_unused_blocks()
         file_size = self.file.size()
         last = self.refcounts.last_cluster(file_size)
         if (last + 1) * self.cluster_size < file_size:
             self.file.truncate((last + 1) * self.cluster_size)
 
-    def _shrink_tables(self, new_size: int) -> None:
+    def _full_discard(self, start: int, end: int) -> None:
+        """QEMU's qcow2_cluster_discard(full_discard=true) of whole clusters [start, end): each L2
+        table it touches is made writable first (allocated even when absent, or copied when
+        shared, as get_cluster_table does), then the entries become 0 (unallocated)."""
         cs = self.cluster_size
         span_bits = self.cluster_bits + self.l2_bits
-        new_l1 = self._l1_entries_for(new_size)
-        start = (new_size + cs - 1) & ~(cs - 1)
-        # QEMU's full discard of the cropped clusters: each L2 table it touches is made writable
-        # first (allocated even when absent, or copied when shared, as QEMU's get_cluster_table
-        # does; the ones past the new end are freed again below), then the entries become 0.
-        for l1_index in range(start >> span_bits, ((self.size - 1) >> span_bits) + 1):
+        for l1_index in range(start >> span_bits, ((end - 1) >> span_bits) + 1 if end > start else 0):
             table = self._writable_l2(l1_index)
             key = l1_offset(self.l1[l1_index])
             self.l2cache.mark_dirty(key)
             base = l1_index << span_bits
             first = (max(start, base) - base) >> self.cluster_bits
-            last = (min(self.size, base + (1 << span_bits)) - base + cs - 1) >> self.cluster_bits
+            last = (min(end, base + (1 << span_bits)) - base + cs - 1) >> self.cluster_bits
             step = self.entry_words
             for idx in range(first, last):
                 old = table[idx * step]
@@ -849,21 +857,71 @@ class Qcow2Image(ExtendedL2Writes):
             self.l2cache.mark_dirty(key)
             # QEMU frees each dropped cluster at once, so the next table allocated may reuse it
             self._flush_all()
-        # QEMU's qcow2_shrink_l1_table: the entries past the end are zeroed on disk (the L1 keeps
-        # its size) and their L2 tables freed
-        if new_l1 < len(self.l1):
-            write_metadata(self.file, ACTIVE_L1, bytes(8 * (len(self.l1) - new_l1)),
-                           self.header.l1_table_offset + 8 * new_l1)
+
+    def _shrink_l1(self, new_l1: int) -> None:
+        """QEMU's qcow2_shrink_l1_table: the entries past ``new_l1`` are zeroed on disk (the L1
+        keeps its size) and their L2 tables freed."""
+        if new_l1 >= len(self.l1):
+            return
+        write_metadata(self.file, ACTIVE_L1, bytes(8 * (len(self.l1) - new_l1)),
+                       self.header.l1_table_offset + 8 * new_l1)
+        self.file.flush()
+        for i in range(len(self.l1) - 1, new_l1 - 1, -1):
+            off = l1_offset(self.l1[i])
+            if off:
+                self.l2cache.discard(off)
+                self.refcounts.free(off, self.cluster_size)
+                self.l1[i] = 0
+        self.refcounts.flush()
+        self.file.flush()
+
+    # ------------------------------------------------------------------ emptying
+    def make_empty(self) -> None:
+        """Drop every cluster of the active layer (what ``qemu-img commit`` leaves of the top),
+        as QEMU's qcow2_make_empty: a v3 image without snapshots or bitmaps is rebuilt from
+        scratch (header, one refcount table and block, an empty L1); otherwise everything is
+        discarded cluster by cluster."""
+        with self.lock:
+            self._require_writable()
+            h = self.header
+            l1_clusters = -(-len(self.l1) * 8 // self.cluster_size)
+            if h.version >= 3 and not h.nb_snapshots and bitmap_directory(h) is None and \
+                    3 + l1_clusters <= self.refcounts.per_block:
+                self._make_completely_empty(l1_clusters)
+                return
+            self._mark_dirty_if_lazy()
+            self._compressed_cache = None
+            with self.punching_freed():
+                self._full_discard(0, self.size)
+
+    def _make_completely_empty(self, l1_clusters: int) -> None:
+        from .overlap import ALL
+        cs, h = self.cluster_size, self.header
+        self._flush_all()
+        self.l2cache.clear()
+        self.refcounts.cache.clear()
+        self._compressed_cache = None
+        if not h.incompatible_features & C.INCOMPAT_DIRTY:  # the refcounts are about to be wrong
+            h.incompatible_features |= C.INCOMPAT_DIRTY
+            self._write_incompat()
             self.file.flush()
-            for i in range(len(self.l1) - 1, new_l1 - 1, -1):
-                off = l1_offset(self.l1[i])
-                if off:
-                    self.l2cache.discard(off)
-                    self.refcounts.free(off, cs)
-                    self.l1[i] = 0
-            self.refcounts.flush()
-            self.file.flush()
-        self.refcounts.drop_unused_blocks()
+        write_metadata(self.file, ALL, bytes(l1_clusters * cs), h.l1_table_offset)
+        write_metadata(self.file, ALL, bytes((2 + l1_clusters) * cs), cs)
+        # the reftable right after the header, its first block next, the L1 three clusters in
+        write_metadata(self.file, ALL, struct.pack(">QQI", 3 * cs, cs, 1), 40)
+        self.file.flush()
+        h.l1_table_offset, h.refcount_table_offset, h.refcount_table_clusters = 3 * cs, cs, 1
+        write_metadata(self.file, ALL, struct.pack(">Q", 2 * cs), cs)
+        self.file.flush()
+        self.refcounts.reload(cs, 1)
+        self.l1 = [0] * len(self.l1)
+        if self.refcounts.alloc_clusters(3 + l1_clusters) != 0:
+            raise CorruptImage("First cluster in emptied image is in use")
+        self._flush_all()
+        h.incompatible_features &= ~C.INCOMPAT_DIRTY  # qcow2_mark_clean: the whole header anew
+        self._write_header()
+        self.file.flush()
+        self.file.truncate((3 + l1_clusters) * cs)
 
 
 def _runs(clusters: Iterator[int]) -> Iterator[tuple[int, int]]:

@@ -46,6 +46,14 @@ class Refcounts:
         self.free_byte_offset = 0  # where the next compressed cluster may start
         self.freed: list[int] | None = None  # clusters whose refcount fell to 0, while recording
 
+    def reload(self, reftable_offset: int, reftable_clusters: int) -> None:
+        """Start over from a refcount table written anew (the image was rebuilt under us)."""
+        self.table_offset, self.table_clusters = reftable_offset, reftable_clusters
+        self.table = unpack_table(self.file.pread(reftable_clusters * self.cluster_size, reftable_offset))
+        self.cache.clear()
+        self.free_cluster_index = 0
+        self.free_byte_offset = 0
+
     # --- reading -------------------------------------------------------------------------
     def _block(self, block_index: int) -> bytearray | None:
         if block_index >= len(self.table):

@@ -16,7 +16,6 @@ from ..errors import CorruptImage, QcowError
 from ..format import constants as C
 from ..format.entries import compressed_descriptor, pack_table, unpack_table
 from ..format.snapshot import Snapshot, table_pieces_as_qemu
-from ..hostfile import punch_hole
 from .overlap import ACTIVE_L1, INACTIVE_L1, MAIN_HEADER, write_metadata
 from .refcount import RefcountOverflow
 
@@ -93,28 +92,6 @@ def _validate_l1(img, sn: Snapshot) -> None:
     if sn.l1_table_offset & (img.cluster_size - 1) or \
             sn.l1_table_offset + sn.l1_size * 8 > (1 << 63) - 1:
         raise CorruptImage("Snapshot L1 table offset invalid")
-
-
-class _Freed:
-    """Record the clusters whose refcount falls to 0 and discard them on the host afterwards, as
-    QEMU does for QCOW2_DISCARD_SNAPSHOT frees (pass-discard-snapshot is on by default)."""
-
-    def __init__(self, img) -> None:
-        self.img = img
-
-    def __enter__(self) -> "_Freed":
-        self.img.refcounts.freed = []
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        rc = self.img.refcounts
-        freed, rc.freed = rc.freed or [], None
-        if exc[0] is not None:
-            return
-        cs = self.img.cluster_size
-        for c in sorted(set(freed)):
-            if not rc.get(c):
-                punch_hole(self.img.file.fd, c * cs, cs)
 
 
 def update_snapshot_refcount(img, l1_offset: int, l1_size: int, addend: int) -> None:
@@ -242,7 +219,7 @@ def create(img, name: str, date: float | None = None) -> Entry:
             raise SnapshotCreateFailed(22, "Invalid argument") from None
         entry = Entry(Snapshot(l1_off, l1_size, "", "", sec, nsec, 0, 0, extra),
                       _next_id(entries).encode(), name.encode())
-        with _Freed(img):
+        with img.punching_freed():
             write_table(img, entries + [entry], size)
         return entry
 
@@ -257,7 +234,7 @@ def delete(img, key: str) -> None:
             raise SnapshotNotFound("snapshot not found")
         sn = entries[i].sn
         _validate_l1(img, sn)
-        with _Freed(img):
+        with img.punching_freed():
             write_table(img, entries[:i] + entries[i + 1:], size)
             update_snapshot_refcount(img, sn.l1_table_offset, sn.l1_size, -1)
             if sn.l1_size:
@@ -281,7 +258,7 @@ def apply(img, key: str) -> None:
         if sn.l1_size > len(img.l1):
             img._grow_l1(sn.l1_size, exact=True)
             img._flush_all()
-        with _Freed(img):
+        with img.punching_freed():
             sn_l1 = unpack_table(img.file.pread(sn.l1_size * 8, sn.l1_table_offset)) + [0] * (len(img.l1) - sn.l1_size)
             update_snapshot_refcount(img, sn.l1_table_offset, sn.l1_size, 1)
             write_metadata(img.file, ACTIVE_L1, pack_table(sn_l1), img.header.l1_table_offset)

@@ -73,8 +73,6 @@ def run_rebase(filename: str, backing: str | None, backing_fmt: str | None, fmt:
     new_dev: BlockDevice | None = None
     own_new = False
     try:
-        if dev.format != "qcow2":
-            raise RebaseError(f"Could not change the backing file to '{new_name}': Operation not supported")
         if not unsafe:
             old_dev = dev.backing
             prefix: BlockDevice | None = None
@@ -98,6 +96,8 @@ def run_rebase(filename: str, backing: str | None, backing_fmt: str | None, fmt:
         if new_name and not backing_fmt:  # as qemu-img: found only when the header is changed, after the copy
             raise RebaseError(f"Could not change the backing file to '{new_name}': backing format must be "
                               "specified")
+        if dev.format != "qcow2":  # raw has no backing file to change
+            raise RebaseError(f"Could not change the backing file to '{new_name}': Operation not supported")
         dev.image.change_backing_file(new_name or None, backing_fmt)  # type: ignore[attr-defined]
     finally:
         if own_new and new_dev is not None:

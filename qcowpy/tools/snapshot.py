@@ -44,7 +44,7 @@ def run_snapshot(filename: str, action: str | None, name: str | None, force_shar
             if action == "c":
                 raise SnapshotError(f"Could not create snapshot '{name}': -95 (Operation not supported)")
             raise SnapshotError(f"Could not {what} snapshot '{name}': " + (
-                "snapshot not found" if action == "d" else "Failed to load snapshot: Operation not supported"))
+                "snapshot not found" if action == "d" else "Block driver does not support snapshots"))
         try:
             if action == "c":
                 sn.create(img, name or "")

@@ -59,3 +59,15 @@ def test_rebase_matches_qemu_img(chain, qemu_img, args):
         assert cmp.code == 0, cmp.out + cmp.err
     check = qemu(qemu_img, "check", "b.qcow2", cwd=chain)
     assert check.code == 0, check.out + check.err
+
+
+@pytest.mark.parametrize("args", [["-b", "other.img", "-F", "raw"], ["-u", "-b", "other.img"], ["-b", "nope.qcow2", "-F", "qcow2"]],
+                         ids=" ".join)
+def test_rebase_of_a_raw_image(tmp_path, qemu_img, args):
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+        for name in ("disk.img", "other.img"):
+            (tmp_path / side / name).write_bytes(bytes(1 << 20))
+    want = qemu(qemu_img, "rebase", *args, "disk.img", cwd=tmp_path / "a")
+    got = run("rebase", *args, "disk.img", cwd=tmp_path / "b")
+    assert (got.code, got.out, as_qemu(got.err)) == (want.code, want.out, want.err)

@@ -108,3 +108,12 @@ def test_resize_refuses_images_with_bitmaps(tmp_path, qemu_img):
     got = run("resize", b, "2G")
     assert got.code == 1 and got.err.startswith("qcowpy: Cannot resize qcow2 with persistent bitmaps")
     assert b.read_bytes() == before
+
+
+def test_resize_probed_raw_warns_like_qemu(tmp_path, qemu_img):
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    a.write_bytes(bytes(4096))
+    b.write_bytes(bytes(4096))
+    want, got = qemu(qemu_img, "resize", a, "8k"), run("resize", b, "8k")
+    assert (got.code, got.out, as_qemu(got.err).replace(str(b), str(a))) == (want.code, want.out, want.err)
+    assert "probing guessed raw" in got.err and a.read_bytes() == b.read_bytes()

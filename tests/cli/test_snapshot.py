@@ -111,3 +111,14 @@ def test_list_and_noop(tmp_path, qemu_img):
     a, b = image_pair(tmp_path, qemu_img, [], "16M", [])
     assert run("snapshot", "-l", b).out == "" and run("snapshot", b).code == 0
     assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("args", [["-c", "s"], ["-a", "s"], ["-d", "s"], ["-l"]], ids=" ".join)
+def test_raw_images_have_no_snapshots(tmp_path, qemu_img, args):
+    """A probed raw file: qemu-img's warning (twice for -a, which reopens it) and its refusal."""
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "disk.img").write_bytes(bytes(1 << 20))
+    want = qemu(qemu_img, "snapshot", *args, "disk.img", cwd=tmp_path / "a")
+    got = run("snapshot", *args, "disk.img", cwd=tmp_path / "b")
+    assert (got.code, got.out, as_qemu(got.err)) == (want.code, want.out, want.err)
