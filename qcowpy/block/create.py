@@ -72,6 +72,7 @@ def create_image(path: str, size: int | str | None = None, format: str = "qcow2"
             raise InvalidArgument(f"Invalid parameter '{key}'")
         if size is None:
             raise InvalidArgument("Image creation needs a size parameter")
+        size = (size + 511) & ~511  # file-posix creates whole sectors
         f = HostFile(path, writable=True, create=True)
         try:
             if prealloc == "off":

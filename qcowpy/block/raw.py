@@ -21,7 +21,9 @@ class RawDevice(BlockDevice):
 
     @property
     def size(self) -> int:
-        return self._size
+        """Whole 512-byte sectors, as QEMU's block layer counts a raw file (the tail of the last
+        sector reads as zeros)."""
+        return (self._size + 511) & ~511
 
     def pread(self, length: int, offset: int) -> bytes:
         self.check_range(offset, length)
@@ -81,7 +83,7 @@ class RawDevice(BlockDevice):
         end = offset + length
         pos = offset
         while pos < end:
-            is_data, run_end = _data_or_hole(self.file.fd, pos, self._size)
+            is_data, run_end = _data_or_hole(self.file.fd, pos, self._size, self.size)
             run_end = min(run_end, end)
             yield LayerStatus(pos, run_end - pos, data=is_data, zero=not is_data, offset=pos, filename=self.filename)
             pos = run_end
@@ -94,12 +96,16 @@ class RawDevice(BlockDevice):
         self.file.close()
 
 
-def _data_or_hole(fd: int, pos: int, size: int) -> tuple[bool, int]:
+def _data_or_hole(fd: int, pos: int, size: int, device_end: int) -> tuple[bool, int]:
+    """(is data, end of the run) at ``pos``; past the file's ``size`` (the tail of its last
+    sector, up to ``device_end``) reads as a hole, as QEMU's file driver reports it."""
+    if pos >= size:
+        return False, device_end
     try:
         data = os.lseek(fd, pos, os.SEEK_DATA)
     except OSError as e:
         if e.errno == errno.ENXIO:  # only a hole remains up to EOF
-            return False, size
+            return False, device_end
         return True, size
     if data > pos:
         return False, data

@@ -32,6 +32,7 @@ IDENTICAL = [
     (["-f", "qcow2"], "1.5k"),
     (["-q", "-f", "qcow2"], "1M"),
     (["-f", "raw"], "1M"),
+    (["-f", "raw"], "7000"),  # raw files are created in whole sectors
     (["-f", "raw", "-o", "preallocation=full"], "1M"),
     ([], "1.5k"),
 ]

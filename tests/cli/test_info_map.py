@@ -131,3 +131,19 @@ def test_map_extended_l2(images, qemu_img):
     got = qcowpy("map", "--output=json", "ext.qcow2", cwd=d).out
     assert '"present": false, "zero": true, "data": false, "offset"' in want
     assert got == want
+
+
+@pytest.mark.parametrize("command", [["info"], ["info", "--output=json"], ["map", "--output=json"], ["map"],
+                                     ["measure", "-O", "qcow2"], ["compare", "dense.raw"]])
+def test_raw_files_of_unaligned_size(tmp_path, qemu_img, command):
+    """A raw file counts whole sectors, as in QEMU: the tail of the last one reads as a hole."""
+    import random
+    (tmp_path / "dense.raw").write_bytes(random.Random(1).randbytes(3_000_000))
+    with open(tmp_path / "sparse.raw", "wb") as f:
+        f.truncate(3_000_000)
+        f.seek(2_999_999)
+        f.write(b"x")
+    for name in ("dense.raw", "sparse.raw"):
+        want = qemu(qemu_img, *command, name, cwd=tmp_path)
+        got = qcowpy(*command, name, cwd=tmp_path)
+        assert (got.code, got.out, as_qemu(got.err)) == (want.code, want.out, want.err), name
