@@ -366,6 +366,25 @@ def commit(fmt, base, drop, progress, quiet, cache, rate, image_opts, objects, f
         out("Image committed.\n")
 
 
+# ---------------------------------------------------------------------------------------- dd
+@cli.command(context_settings=CONTEXT)
+@click.option("-f", "fmt", metavar="FMT", help="Input format (probed when omitted).")
+@click.option("-O", "out_fmt", default="raw", metavar="OUTPUT_FMT", help="Output format (raw or qcow2; default raw).")
+@click.option("-U", "--force-share", is_flag=True, help="Open the input without the shared write lock.")
+@click.option("--image-opts", is_flag=True, hidden=True)
+@click.option("--object", "objects", multiple=True, hidden=True)
+@click.argument("operands", nargs=-1)
+def dd(fmt, out_fmt, force_share, image_opts, objects, operands) -> None:
+    """Copy blocks of an image into a new image, dd(1)-style operands.
+
+    \b
+    qcowpy dd [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
+    """
+    from ..tools.dd import parse_operands, run_dd
+
+    run_dd(parse_operands(list(operands)), fmt, out_fmt, force_share, warn=error_line)
+
+
 # ---------------------------------------------------------------------------------------- measure
 @cli.command(context_settings=CONTEXT)
 @click.option("-f", "fmt", metavar="FMT", help="Input image format (probed when omitted).")
