@@ -124,13 +124,13 @@ class BlockDevice(ABC):
         out: list[Extent] = []
         pos, end = offset, offset + length
         while pos < end:
-            ext = _status_at(self, pos, end - pos)
+            ext = status_at(self, pos, end - pos)
             out.append(ext)
             pos += ext.length
         return out
 
 
-def _status_at(top: BlockDevice, offset: int, length: int) -> Extent:
+def status_at(top: BlockDevice, offset: int, length: int) -> Extent:
     """Status of the first run at ``offset`` in the chain (QEMU's get_block_status loop)."""
     dev: BlockDevice | None = top
     depth = 0
@@ -161,3 +161,27 @@ class LockedDevice(BlockDevice, ABC):
     def _check_open(self) -> None:
         if self._closed:
             raise QcowError(f"'{self.filename}' is closed")
+
+
+def is_allocated(dev: BlockDevice, offset: int, length: int) -> tuple[bool, int]:
+    """QEMU's bdrv_is_allocated of ``dev`` alone: (allocated, length of the run with that status)."""
+    first = next(iter(dev.layer_status(offset, length, max_extents=1)))
+    return first.data or first.zero, first.length
+
+
+def is_allocated_above(top: BlockDevice | None, base: BlockDevice | None, offset: int,
+                       length: int) -> tuple[bool, int]:
+    """QEMU's bdrv_is_allocated_above(top, base): allocated in any layer from ``top`` down to,
+    not including, ``base``; the run is cut where any layer's status changes (or it ends)."""
+    n = length
+    dev = top
+    while dev is not None and dev is not base:
+        if offset >= dev.size:
+            dev = dev.backing
+            continue
+        alloc, run = is_allocated(dev, offset, min(n, dev.size - offset))
+        if alloc:
+            return True, run
+        n = min(n, run)
+        dev = dev.backing
+    return False, n

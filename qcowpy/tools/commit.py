@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 
-from ..block.device import BlockDevice, _status_at
+from ..block.device import BlockDevice, is_allocated_above, status_at
 from ..block.open import open_image, resolve_backing_path
 from ..errors import QcowError
-from .rebase import _allocated_above
 
 
 class CommitError(QcowError):
@@ -66,7 +65,7 @@ def run_commit(filename: str, fmt: str | None = None, base: str | None = None, d
         cs = getattr(getattr(base_dev, "image", None), "cluster_size", 65536)
         offset, size = 0, top.size
         while offset < size:
-            alloc, n = _allocated_above(top, base_dev, offset, size - offset)
+            alloc, n = is_allocated_above(top, base_dev, offset, size - offset)
             if not alloc:
                 offset += n
                 continue
@@ -86,7 +85,7 @@ def _copy(top: BlockDevice, base: BlockDevice, start: int, end: int) -> None:
     """One mirror chunk: zero runs of the top's view become zero writes (unmapping), data is copied."""
     pos = start
     while pos < end:
-        ext = _status_at(top, pos, end - pos)
+        ext = status_at(top, pos, end - pos)
         n = ext.length
         if ext.zero and not ext.data:
             base.write_zeroes(n, pos, unmap=True)

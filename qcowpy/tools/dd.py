@@ -8,6 +8,7 @@ blocks per call (up to 1 MiB) and leaves the same file.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from ..block.create import create_image, qcow2_options
 from ..block.open import open_image
@@ -57,7 +58,7 @@ def parse_operands(operands: list[str]) -> DDRequest:
 
 
 def run_dd(req: DDRequest, fmt: str | None = None, out_fmt: str = "raw", force_share: bool = False,
-           warn: callable = lambda msg: None) -> None:  # type: ignore[valid-type]
+           warn: Callable[[str], None] = lambda msg: None) -> None:
     assert req.input is not None and req.output is not None
     try:
         src = open_image(req.input, "r", fmt, force_share=force_share)

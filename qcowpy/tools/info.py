@@ -40,7 +40,7 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
             info["full-backing-filename"] = resolve_backing_path(filename, h.backing_file)
             if h.backing_format:
                 info["backing-filename-format"] = h.backing_format
-        snaps = _snapshots(image)
+        snaps = snapshot_rows(image)
         if snaps:
             info["snapshots"] = snaps
         data = QDict()
@@ -64,7 +64,7 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
     return info
 
 
-def _snapshots(image) -> list:
+def snapshot_rows(image) -> list:
     h = image.header
     if not h.nb_snapshots:
         return []
@@ -146,9 +146,9 @@ def human(info: dict) -> str:
             lines.append(f"backing file format: {info['backing-filename-format']}")
     if info.get("snapshots"):
         lines.append("Snapshot list:")
-        lines.append(_snapshot_header())
+        lines.append(snapshot_header())
         for s in info["snapshots"]:
-            lines.append(_snapshot_line(s))
+            lines.append(snapshot_line(s))
     if "format-specific" in info:
         lines.append("Format specific information:")
         _dump(info["format-specific"]["data"], 1, lines)
@@ -180,11 +180,11 @@ def _scalar(v) -> str:
     return str(v)
 
 
-def _snapshot_header() -> str:
+def snapshot_header() -> str:
     return "%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
 
 
-def _snapshot_line(s: dict) -> str:
+def snapshot_line(s: dict) -> str:
     import time
     date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
     secs = s["vm-clock-sec"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..block.device import _status_at
+from ..block.device import status_at
 from ..block.open import open_image
 from ..errors import InvalidArgument, QcowError
 from ..format import constants as C
@@ -142,7 +142,7 @@ def measure(out_fmt: str, options: str | None, filename: str | None = None, fmt:
             else:
                 offset = 0
                 while offset < ssize:
-                    ext_ = _status_at(dev, offset, ssize - offset)
+                    ext_ = status_at(dev, offset, ssize - offset)
                     pnum = ext_.length
                     if ext_.zero or not ext_.present:
                         pass  # zero or unallocated everywhere: nothing to store

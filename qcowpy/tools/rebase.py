@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from ..block.device import BlockDevice
+from ..block.device import BlockDevice, is_allocated, is_allocated_above
 from ..block.open import open_image, resolve_backing_path
 from ..errors import QcowError
 
@@ -21,29 +21,6 @@ SECTOR = 512
 
 class RebaseError(QcowError):
     pass
-
-
-def _allocated(dev: BlockDevice, offset: int, length: int) -> tuple[bool, int]:
-    """bdrv_is_allocated of ``dev`` alone: (allocated, length of the run with that status)."""
-    first = next(iter(dev.layer_status(offset, length, max_extents=1)))
-    return first.data or first.zero, first.length
-
-
-def _allocated_above(top: BlockDevice | None, base: BlockDevice, offset: int, length: int) -> tuple[bool, int]:
-    """bdrv_is_allocated_above(top, base): allocated in any layer from ``top`` down to, not
-    including, ``base``; the run is cut where any layer's status changes (and at a layer's end)."""
-    n = length
-    dev = top
-    while dev is not None and dev is not base:
-        if offset >= dev.size:
-            dev = dev.backing
-            continue
-        alloc, run = _allocated(dev, offset, min(n, dev.size - offset))
-        if alloc:
-            return True, run
-        n = min(n, run)
-        dev = dev.backing
-    return False, n
 
 
 def _read(dev: BlockDevice | None, offset: int, n: int) -> bytes:
@@ -113,13 +90,13 @@ def _copy_differences(dev: BlockDevice, old: BlockDevice | None, new: BlockDevic
     offset = 0
     while offset < size:
         n = min(IO_BUF_SIZE, size - offset)
-        alloc, n = _allocated(dev, offset, n)
+        alloc, n = is_allocated(dev, offset, n)
         if alloc:
             offset += n
             continue
         if prefix is not None:
             asked = n
-            alloc, n = _allocated_above(old, prefix, offset, n)
+            alloc, n = is_allocated_above(old, prefix, offset, n)
             if not alloc and n:
                 offset += n
                 continue

@@ -7,7 +7,7 @@ from ..block.open import open_image
 from ..errors import CorruptImage, QcowError
 from ..qcow2 import snapshot as sn
 from ..qcow2.refcount import RefcountOverflow
-from .info import _snapshot_header, _snapshot_line, _snapshots
+from .info import snapshot_header, snapshot_line, snapshot_rows
 
 
 class SnapshotError(QcowError):
@@ -33,9 +33,9 @@ def run_snapshot(filename: str, action: str | None, name: str | None, force_shar
     try:
         img = getattr(dev, "image", None)
         if action == "l":
-            rows = _snapshots(img) if img is not None else []
+            rows = snapshot_rows(img) if img is not None else []
             if rows:
-                echo("Snapshot list:\n" + _snapshot_header() + "\n" + "".join(_snapshot_line(r) + "\n" for r in rows))
+                echo("Snapshot list:\n" + snapshot_header() + "\n" + "".join(snapshot_line(r) + "\n" for r in rows))
             return
         if action is None:
             return
