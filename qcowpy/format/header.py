@@ -88,6 +88,39 @@ class Header:
         return replace(self, extensions=[Extension(e.type, e.data) for e in self.extensions])
 
 
+# The fixed header fields in on-disk order, with their struct codes (the layout of _V2 + _V3).
+_FIELDS = (("magic", "4s"), ("version", "I"), ("backing_file_offset", "Q"), ("backing_file_size", "I"),
+           ("cluster_bits", "I"), ("size", "Q"), ("crypt_method", "I"), ("l1_size", "I"),
+           ("l1_table_offset", "Q"), ("refcount_table_offset", "Q"), ("refcount_table_clusters", "I"),
+           ("nb_snapshots", "I"), ("snapshots_offset", "Q"), ("incompatible_features", "Q"),
+           ("compatible_features", "Q"), ("autoclear_features", "Q"), ("refcount_order", "I"),
+           ("header_length", "I"))
+_FIELD_AT: dict[str, tuple[int, int]] = {}  # name -> (index in _FIELDS, byte offset)
+_pos = 0
+for _i, (_name, _code) in enumerate(_FIELDS):
+    _FIELD_AT[_name] = (_i, _pos)
+    _pos += struct.calcsize(">" + _code)
+assert _pos == C.V3_MIN_HEADER_SIZE
+
+
+def field_patch(h: Header, first: str, last: str | None = None) -> tuple[int, bytes]:
+    """(offset, bytes) of the adjacent header fields ``first``..``last`` as ``h`` holds them: the
+    engine updates single fields in place (one sector, so the update is atomic) by name."""
+    i, offset = _FIELD_AT[first]
+    j = _FIELD_AT[last or first][0]
+    if j < i:
+        raise ValueError(f"header field {last} comes before {first}")
+    names = _FIELDS[i:j + 1]
+    values = [C.MAGIC if n == "magic" else getattr(h, n) for n, _ in names]
+    return offset, struct.pack(">" + "".join(code for _, code in names), *values)
+
+
+def pack_header_cluster(h: Header) -> bytes:
+    """The whole header cluster: header, extensions and backing name, zero-padded."""
+    data = pack_header(h)
+    return data + bytes(h.cluster_size - len(data))
+
+
 def feature_table_bytes() -> bytes:
     """The feature name table extension body QEMU writes (48 bytes per entry)."""
     out = bytearray()

@@ -5,6 +5,8 @@ wider are big-endian integers.
 """
 from __future__ import annotations
 
+import struct
+
 
 def entries_per_block(cluster_bits: int, refcount_order: int) -> int:
     return 1 << (cluster_bits + 3 - refcount_order)
@@ -69,3 +71,35 @@ def set_refcounts(block: bytearray, index: int, count: int, refcount_order: int,
         return
     for i in range(index, index + count):
         set_refcount(block, i, refcount_order, value)
+
+
+_WORD = {4: "H", 5: "I", 6: "Q"}
+
+
+def decode_block(block: bytes, refcount_order: int, n: int) -> list[int]:
+    """The first ``n`` refcounts of a block as a list (check works on whole blocks at once)."""
+    if refcount_order == 3:
+        return list(block[:n])
+    if refcount_order >= 4:
+        return list(struct.unpack_from(f">{n}{_WORD[refcount_order]}", block))
+    bits = 1 << refcount_order
+    per = 8 >> refcount_order
+    mask = (1 << bits) - 1
+    return [(block[i // per] >> ((i % per) * bits)) & mask for i in range(n)]
+
+
+def encode_block(values, refcount_order: int, cluster_size: int) -> bytes:
+    """A whole refcount block (``cluster_size`` bytes) holding ``values`` from entry 0 on."""
+    if refcount_order == 3:
+        out = bytes(values)
+    elif refcount_order >= 4:
+        out = struct.pack(f">{len(values)}{_WORD[refcount_order]}", *values)
+    else:
+        bits = 1 << refcount_order
+        per = 8 >> refcount_order
+        buf = bytearray(cluster_size)
+        for i, v in enumerate(values):
+            if v:
+                buf[i // per] |= v << ((i % per) * bits)
+        return bytes(buf)
+    return out + bytes(cluster_size - len(out))

@@ -1,13 +1,14 @@
-"""Snapshot table entries (parsed and re-encoded; snapshot operations build on this later)."""
+"""Snapshot table entries: the one reader (strict for the engine, lenient for check) and the writer."""
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 from ..errors import CorruptImage
 from . import constants as C
 
-_FIXED = struct.Struct(">QIHHIIQII")  # 40 bytes
+FIXED = struct.Struct(">QIHHIIQII")  # 40 bytes
 MAX_EXTRA_DATA = 1024
 
 
@@ -36,42 +37,81 @@ class Snapshot:
         return struct.unpack_from(">Q", self.extra_data, 16)[0] if len(self.extra_data) >= 24 else None
 
 
+@dataclass
+class StoredEntry:
+    """One table entry as stored: its id and name as the bytes on disk, and where it ends."""
+
+    sn: Snapshot
+    id_b: bytes
+    name_b: bytes
+    extra_len: int  # as stored; ``sn.extra_data`` holds at most MAX_EXTRA_DATA of it (lenient reads)
+    start: int  # offset of the entry within the table
+    end: int  # offset just past its name (the table's size, after the last entry)
+
+    @property
+    def id_str(self) -> str:
+        return self.id_b.decode("utf-8", "replace")
+
+    @property
+    def name(self) -> str:
+        return self.name_b.decode("utf-8", "replace")
+
+
+def read_entries(pread: Callable[[int, int], bytes], offset: int, count: int, lenient: bool = False,
+                 limit: int | None = None) -> Iterator[StoredEntry]:
+    """The one snapshot-table reader: ``count`` entries from ``offset``, each 8-byte aligned.
+
+    Strict (the engine, as QEMU's qcow2_read_snapshots): extra data over MAX_EXTRA_DATA raises.
+    ``lenient`` (check): such an entry is yielded with its extra data cut to MAX_EXTRA_DATA and
+    ``extra_len`` telling the truth, for the caller to report or repair. With ``limit`` (bytes
+    available from ``offset``) an entry running past it raises instead of reading zeros.
+    """
+    pos = 0
+    for i in range(count):
+        pos = (pos + 7) & ~7
+        if limit is not None and pos + FIXED.size > limit:
+            raise CorruptImage("Snapshot table is truncated")
+        (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmsize,
+         extra_len) = FIXED.unpack(pread(FIXED.size, offset + pos))
+        if extra_len > MAX_EXTRA_DATA and not lenient:
+            raise CorruptImage(f"Too much extra metadata in snapshot table entry {i}")
+        p = pos + FIXED.size
+        if limit is not None and p + extra_len + id_len + name_len > limit:
+            raise CorruptImage("Snapshot table is truncated")
+        extra = pread(min(extra_len, MAX_EXTRA_DATA), offset + p)
+        p += extra_len
+        id_b = pread(id_len, offset + p)
+        p += id_len
+        name_b = pread(name_len, offset + p)
+        p += name_len
+        sn = Snapshot(l1_off, l1_size, id_b.decode("utf-8", "replace"), name_b.decode("utf-8", "replace"),
+                      dsec, dnsec, clock, vmsize, extra)
+        yield StoredEntry(sn, id_b, name_b, extra_len, pos, p)
+        pos = p
+
+
 def parse_snapshot_table(buf: bytes, count: int) -> list[Snapshot]:
-    """Decode ``count`` entries; each entry is padded to a multiple of 8 bytes."""
+    """Decode ``count`` strict entries from a buffer holding the table."""
     if count > C.MAX_SNAPSHOTS:
         raise CorruptImage("Snapshot table too large")
-    snaps = []
-    off = 0
-    for _ in range(count):
-        if off + _FIXED.size > len(buf):
-            raise CorruptImage("Snapshot table is truncated")
-        (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmsize, extra_len) = _FIXED.unpack_from(buf, off)
-        off += _FIXED.size
-        if extra_len > MAX_EXTRA_DATA:
-            raise CorruptImage("Too much extra metadata in snapshot table entry")
-        end = off + extra_len + id_len + name_len
-        if end > len(buf):
-            raise CorruptImage("Snapshot table is truncated")
-        extra = bytes(buf[off:off + extra_len])
-        off += extra_len
-        id_str = bytes(buf[off:off + id_len]).decode("utf-8", "replace")
-        off += id_len
-        name = bytes(buf[off:off + name_len]).decode("utf-8", "replace")
-        off += name_len
-        off = (off + 7) & ~7
-        snaps.append(Snapshot(l1_off, l1_size, id_str, name, dsec, dnsec, clock, vmsize, extra))
-    return snaps
+    mv = memoryview(buf)
+    return [e.sn for e in read_entries(lambda n, off: bytes(mv[off:off + n]), 0, count, limit=len(buf))]
 
 
 def pack_snapshot_table(snaps: list[Snapshot]) -> bytes:
     out = bytearray()
     for s in snaps:
         id_b, name_b = s.id_str.encode(), s.name.encode()
-        out += _FIXED.pack(s.l1_table_offset, s.l1_size, len(id_b), len(name_b), s.date_sec, s.date_nsec,
+        out += FIXED.pack(s.l1_table_offset, s.l1_size, len(id_b), len(name_b), s.date_sec, s.date_nsec,
                            s.vm_clock_nsec, s.vm_state_size, len(s.extra_data))
         out += s.extra_data + id_b + name_b
         out += bytes(-len(out) % 8)
     return bytes(out)
+
+
+def known_extra(vm_state_size: int, disk_size: int, icount: int) -> bytes:
+    """The 24 bytes of extra data QEMU knows: vm_state_size_large, disk_size, icount."""
+    return struct.pack(">QQQ", vm_state_size, disk_size, icount)
 
 
 def table_pieces_as_qemu(entries: list[tuple[Snapshot, bytes, bytes]], default_disk_size: int) -> list[tuple[int, bytes]]:
@@ -89,9 +129,9 @@ def table_pieces_as_qemu(entries: list[tuple[Snapshot, bytes, bytes]], default_d
         disk_size = sn.disk_size if sn.disk_size is not None else default_disk_size
         icount = sn.icount if sn.icount is not None else (1 << 64) - 1
         unknown = sn.extra_data[24:]
-        body = _FIXED.pack(sn.l1_table_offset, sn.l1_size, len(id_b), len(name_b), sn.date_sec, sn.date_nsec,
+        body = FIXED.pack(sn.l1_table_offset, sn.l1_size, len(id_b), len(name_b), sn.date_sec, sn.date_nsec,
                            sn.vm_clock_nsec, vm_state if vm_state <= 0xFFFFFFFF else 0, 24 + len(unknown))
-        body += struct.pack(">QQQ", vm_state, disk_size, icount) + unknown + id_b + name_b
+        body += known_extra(vm_state, disk_size, icount) + unknown + id_b + name_b
         pieces.append((pos, body))
         pos += len(body)
     return pieces

@@ -19,29 +19,25 @@ runs on images that the engine would refuse to open read-write (corrupt or dirty
 """
 from __future__ import annotations
 
-import struct
 from array import array
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import CorruptImage, QcowError
 from ..format import constants as C
-from ..format.entries import compressed_descriptor, csize_shift
-from ..format.header import Header
-from ..format.refcount import max_refcount
-from ..format.snapshot import Snapshot, table_pieces_as_qemu
+from ..format import bitmaps as B
+from ..format.entries import compressed_descriptor, csize_shift, pack_table, unpack_table
+from ..format.header import Header, field_patch
+from ..format.refcount import decode_block, encode_block, max_refcount
+from ..format.snapshot import FIXED as SN_FIXED
+from ..format.snapshot import MAX_EXTRA_DATA, Snapshot, read_entries, table_pieces_as_qemu
 from ..hostfile import HostFile
 
 FIX_LEAKS = 1
 FIX_ERRORS = 2
 
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
-REFT_RESERVED_MASK = 0x1FF
 _L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
 _L2_BITMAP_ALL_ZEROES = 0xFFFFFFFF << 32
-_BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-_BME_RESERVED_MASK = 0xFF000000000001FE
-_BME_MAX_TABLE_SIZE = 0x8000000
 _CHECK_FRAG_INFO = 2
 
 
@@ -85,8 +81,6 @@ class Hint(str):
     """A hint line among the error reports of a failed check: printed without the program name."""
 
 
-_SN_FIXED = struct.Struct(">QIHHIIQII")  # a snapshot table entry's fixed 40-byte part
-_SN_MAX_EXTRA = 1024  # QCOW_MAX_SNAPSHOT_EXTRA_DATA
 _SN_MAX_TABLE = 1024 * C.MAX_SNAPSHOTS  # QCOW_MAX_SNAPSHOTS_SIZE
 
 
@@ -99,33 +93,6 @@ class _InternalError(Exception):
     def __init__(self, message: str, lines: tuple[str, ...] = ()):
         super().__init__(message)
         self.lines = list(lines)
-
-
-def _decode_block(block: bytes, order: int, n: int) -> list[int]:
-    if order == 3:
-        return list(block)
-    if order >= 4:
-        code = {4: "H", 5: "I", 6: "Q"}[order]
-        return list(struct.unpack(f">{n}{code}", block))
-    bits = 1 << order
-    per = 8 >> order
-    mask = (1 << bits) - 1
-    return [(block[i // per] >> ((i % per) * bits)) & mask for i in range(n)]
-
-
-def _encode_block(values, order: int, cluster_size: int) -> bytes:
-    if order == 3:
-        return bytes(values)
-    if order >= 4:
-        code = {4: "H", 5: "I", 6: "Q"}[order]
-        return struct.pack(f">{len(values)}{code}", *values)
-    bits = 1 << order
-    per = 8 >> order
-    out = bytearray(cluster_size)
-    for i, v in enumerate(values):
-        if v:
-            out[i // per] |= v << ((i % per) * bits)
-    return bytes(out)
 
 
 class _OnDisk:
@@ -144,7 +111,7 @@ class _OnDisk:
     def _block(self, index: int) -> tuple[int, list[int]] | None:
         if index >= len(self.reftable):
             return None
-        off = self.reftable[index] & REFT_OFFSET_MASK
+        off = self.reftable[index] & C.REFT_OFFSET_MASK
         if not off:
             return None
         if off & (self.cs - 1):
@@ -153,7 +120,7 @@ class _OnDisk:
         if blk is None:
             if len(self.blocks) > 256 and not self.dirty:
                 self.blocks.clear()
-            blk = _decode_block(self.file.pread(self.cs, off), self.order, self.per_block)
+            blk = decode_block(self.file.pread(self.cs, off), self.order, self.per_block)
             self.blocks[off] = blk
         return off, blk
 
@@ -175,7 +142,7 @@ class _OnDisk:
 
     def write_back(self) -> None:
         for off in sorted(self.dirty):
-            self.file.pwrite(_encode_block(self.blocks[off], self.order, self.cs), off)
+            self.file.pwrite(encode_block(self.blocks[off], self.order, self.cs), off)
         self.dirty.clear()
 
     def forget(self) -> None:
@@ -205,7 +172,7 @@ class _Checker:
         h = self.h
         n = h.refcount_table_clusters * self.cs // 8
         raw = self.file.pread(n * 8, h.refcount_table_offset) if n else b""
-        self.ondisk = _OnDisk(self.file, h, list(struct.unpack(f">{n}Q", raw)))
+        self.ondisk = _OnDisk(self.file, h, unpack_table(raw))
 
     def load_snapshots(self, res: CheckResult, fix: int = 0) -> None:
         """Read the snapshot table as QEMU's check does (``qcow2_check_read_snapshot_table``).
@@ -236,22 +203,16 @@ class _Checker:
                 "ERROR snapshot table too large",
                 Hint(f"You can force-remove all {n - C.MAX_SNAPSHOTS} overhanging snapshots with "
                      "qemu-img check -r all")))
-        if (1 << 63) - 1 - n * _SN_FIXED.size < sn_off or sn_off & (self.cs - 1):
+        if (1 << 63) - 1 - n * SN_FIXED.size < sn_off or sn_off & (self.cs - 1):
             res.check_errors += 1
             raise _InternalError("Invalid argument", ("ERROR snapshot table offset invalid",))
         snaps: list[Snapshot] = []
         self._sn_raw = []
-        offset = sn_off
+        end = 0
         table_length = 0
-        for i in range(n):
-            pre_offset = offset
+        for i, e in enumerate(read_entries(self.file.pread, sn_off, n, lenient=True)):
             table_length = (table_length + 7) & ~7
-            offset = (offset + 7) & ~7
-            (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmsize,
-             extra_len) = _SN_FIXED.unpack(self.file.pread(_SN_FIXED.size, offset))
-            offset += _SN_FIXED.size
-            kept = extra_len
-            if extra_len > _SN_MAX_EXTRA:
+            if e.extra_len > MAX_EXTRA_DATA:
                 if not repair:
                     res.check_errors += 1
                     raise _InternalError("File too large", (
@@ -259,17 +220,10 @@ class _Checker:
                         f"table entry {i}",
                         Hint("You can force-remove this extra metadata with qemu-img check -r all")))
                 self._msg(res, f"Discarding too much extra metadata in snapshot table entry {i} "
-                               f"({extra_len} > {_SN_MAX_EXTRA})")
+                               f"({e.extra_len} > {MAX_EXTRA_DATA})")
                 dropped += 1
-                kept = _SN_MAX_EXTRA
-            extra = self.file.pread(kept, offset)
-            offset += extra_len
-            id_b = self.file.pread(id_len, offset)
-            offset += id_len
-            name_b = self.file.pread(name_len, offset)
-            offset += name_len
-            table_length += _SN_FIXED.size + kept + id_len + name_len
-            if table_length > _SN_MAX_TABLE or offset - sn_off > 0x7FFFFFFF:
+            table_length += SN_FIXED.size + len(e.sn.extra_data) + len(e.id_b) + len(e.name_b)
+            if table_length > _SN_MAX_TABLE or e.end > 0x7FFFFFFF:
                 if not repair:
                     res.check_errors += 1
                     raise _InternalError("File too large", (
@@ -279,21 +233,22 @@ class _Checker:
                 self._msg(res, f"Discarding {n - i} overhanging snapshots (snapshot table is too big)")
                 reduced += n - i
                 n = i
-                offset = pre_offset
                 break
-            id_b, name_b = id_b.split(b"\0")[0], name_b.split(b"\0")[0]
-            snaps.append(Snapshot(l1_off, l1_size, id_b.decode("utf-8", "replace"), name_b.decode("utf-8", "replace"),
-                                  dsec, dnsec, clock, vmsize, extra))
+            end = e.end
+            id_b, name_b = e.id_b.split(b"\0")[0], e.name_b.split(b"\0")[0]
+            sn = e.sn
+            sn.id_str, sn.name = id_b.decode("utf-8", "replace"), name_b.decode("utf-8", "replace")
+            snaps.append(sn)
             self._sn_raw.append((id_b, name_b))
         self.snapshots = snaps
-        self.snapshots_size = offset - sn_off
+        self.snapshots_size = end
         res.corruptions += reduced + dropped
         if reduced:
             # the count reaches the header before the refcount check, which relies on it; the
             # discarded snapshots' clusters are now leaks, which that check repairs
-            self.file.pwrite(struct.pack(">I", n), 60)
-            self.file.flush()
             h.nb_snapshots = n
+            self.file.pwrite(*reversed(field_patch(h, "nb_snapshots")))
+            self.file.flush()
             res.corruptions_fixed += reduced
             res.corruptions -= reduced
         if h.version >= 3:  # v3 entries need at least vm_state_size_large and disk_size
@@ -337,10 +292,10 @@ class _Checker:
             for pos, body in pieces:
                 self.file.pwrite(body, new_off + pos)
         self.file.flush()
-        self.file.pwrite(struct.pack(">IQ", len(self.snapshots), new_off), 60)
-        self.file.flush()
         old_off, old_size = h.snapshots_offset, self.snapshots_size
         h.nb_snapshots, h.snapshots_offset, self.snapshots_size = len(self.snapshots), new_off, size
+        self.file.pwrite(*reversed(field_patch(h, "nb_snapshots", "snapshots_offset")))
+        self.file.flush()
         if old_size:
             failed = refcounts.try_free(old_off, old_size)
             refcounts.cache.flush()
@@ -390,11 +345,11 @@ class _Checker:
             bitmap = table[2 * i + 1]
             bitmap = (bitmap | (bitmap << 32)) & _L2_BITMAP_ALL_ZEROES
             table[2 * i], table[2 * i + 1] = 0, bitmap
-            data = struct.pack(">QQ", 0, bitmap)
+            data = pack_table([0, bitmap])
             where = l2_offset + 16 * i
         else:
             table[i] = C.OFLAG_ZERO
-            data = struct.pack(">Q", C.OFLAG_ZERO)
+            data = pack_table([C.OFLAG_ZERO])
             where = l2_offset + 8 * i
         from .overlap import ACTIVE_L2, INACTIVE_L2
         try:
@@ -417,7 +372,7 @@ class _Checker:
     def check_l2(self, res: CheckResult, table_rc: array, l2_offset: int, flags: int, fix: int,
                  active: bool = True) -> None:
         raw = self.file.pread(self.cs, l2_offset)
-        table = list(struct.unpack(f">{self.cs // 8}Q", raw))
+        table = unpack_table(raw)
         step = 2 if self.extended else 1
         next_contiguous = 0
         for i in range(self.l2_entries):
@@ -481,7 +436,7 @@ class _Checker:
         if not l1_size:
             return
         self.inc(res, table_rc, l1_offset, l1_size * 8)
-        l1 = struct.unpack(f">{l1_size}Q", self.file.pread(l1_size * 8, l1_offset))
+        l1 = unpack_table(self.file.pread(l1_size * 8, l1_offset))
         for entry in l1:
             if not entry:
                 continue
@@ -497,36 +452,28 @@ class _Checker:
 
     # ---------------------------------------------------------------- bitmaps
     def check_bitmaps(self, res: CheckResult, table_rc: array) -> None:
-        if not self.h.autoclear_features & C.AUTOCLEAR_BITMAPS:
-            return  # QEMU ignores the bitmaps extension unless the autoclear bit says it is valid
-        ext = self.h.find_extension(C.EXT_BITMAPS)
-        if ext is None or len(ext.data) < 24:
+        ext = B.extension_of(self.h)  # QEMU ignores the extension unless the autoclear bit is set
+        if ext is None or ext.nb_bitmaps == 0:
             return
-        nb, _reserved, dir_size, dir_offset = struct.unpack_from(">IIQQ", ext.data)
-        if nb == 0:
-            return
+        dir_offset, dir_size = ext.directory_offset, ext.directory_size
         self.inc(res, table_rc, dir_offset, dir_size)
-        if dir_size > 64 << 20 or dir_offset & (self.cs - 1) or dir_offset + dir_size > self.file_len:
+        if dir_size > B.MAX_DIRECTORY_READ or dir_offset & (self.cs - 1) or dir_offset + dir_size > self.file_len:
             res.corruptions += 1
             return
-        buf = self.file.pread(dir_size, dir_offset)
-        pos = 0
-        tables = []
-        for _ in range(nb):
-            if pos + 24 > len(buf):
-                res.corruptions += 1
-                return
-            t_off, t_size, _flags, _type, _gran, name_size, extra = struct.unpack_from(">QIIBBHI", buf, pos)
-            pos = (pos + 24 + extra + name_size + 7) & ~7
-            tables.append((t_off, t_size))
-        for t_off, t_size in tables:
+        try:
+            entries = B.parse_directory(self.file.pread(dir_size, dir_offset), ext.nb_bitmaps)
+        except CorruptImage:
+            res.corruptions += 1
+            return
+        for d in entries:
+            t_off, t_size = d.table_offset, d.table_size
             self.inc(res, table_rc, t_off, t_size * 8)
-            if t_size > _BME_MAX_TABLE_SIZE or t_off & (self.cs - 1) or t_off + t_size * 8 > self.file_len:
+            if t_size > B.MAX_TABLE_SIZE or t_off & (self.cs - 1) or t_off + t_size * 8 > self.file_len:
                 res.corruptions += 1
                 continue
-            for entry in struct.unpack(f">{t_size}Q", self.file.pread(t_size * 8, t_off)):
-                off = entry & _BME_OFFSET_MASK
-                if entry & _BME_RESERVED_MASK or off & (self.cs - 1) or (off and entry & 1):
+            for entry in unpack_table(self.file.pread(t_size * 8, t_off)):
+                off = entry & B.TABLE_OFFSET_MASK
+                if entry & B.TABLE_RESERVED_MASK or off & (self.cs - 1) or (off and entry & B.TABLE_FLAG_ALL_ONES):
                     res.corruptions += 1
                     continue
                 if off:
@@ -537,9 +484,9 @@ class _Checker:
         rebuild = False
         reftable = self.ondisk.reftable
         for i, raw in enumerate(reftable):
-            offset = raw & REFT_OFFSET_MASK
+            offset = raw & C.REFT_OFFSET_MASK
             cluster = offset >> self.cbits
-            if raw & REFT_RESERVED_MASK:
+            if raw & C.REFT_RESERVED_MASK:
                 self._msg(res, f"ERROR refcount table entry {i} has reserved bits set")
                 res.corruptions += 1
                 rebuild = True
@@ -696,7 +643,7 @@ class _Checker:
             self._overlap_check(block_off, self.cs, "ERROR writing refblock")
             values = table_rc[start:start + od.per_block].tolist()
             values += [0] * (od.per_block - len(values))
-            self.file.pwrite(_encode_block(values, self.order, self.cs), block_off)
+            self.file.pwrite(encode_block(values, self.order, self.cs), block_off)
             cluster = start + od.per_block
         return grown
 
@@ -717,23 +664,22 @@ class _Checker:
         if rt_clusters * self.cs > C.MAX_REFTABLE_SIZE_BYTES:
             raise _InternalError("File too large")
         self._overlap_check(rt_offset, len(reftable) * 8, "ERROR writing reftable")
-        self.file.pwrite(struct.pack(f">{len(reftable)}Q", *reftable), rt_offset)
-        self.file.flush()
-        self.file.pwrite(struct.pack(">QI", rt_offset, rt_clusters), 48)
+        self.file.pwrite(pack_table(reftable), rt_offset)
         self.file.flush()
         self.h.refcount_table_offset = rt_offset
         self.h.refcount_table_clusters = rt_clusters
+        self.file.pwrite(*reversed(field_patch(self.h, "refcount_table_offset", "refcount_table_clusters")))
+        self.file.flush()
         self.file_len = self.file.size()
         self.ondisk = _OnDisk(self.file, self.h, reftable)
 
     def _current_layout(self):
-        from .overlap import Layout, bitmap_directory
+        from .overlap import Layout
         h = self.h
-        l1 = list(struct.unpack(f">{h.l1_size}Q", self.file.pread(h.l1_size * 8, h.l1_table_offset))) \
-            if h.l1_size else []
+        l1 = unpack_table(self.file.pread(h.l1_size * 8, h.l1_table_offset)) if h.l1_size else []
         return Layout(self.cs, h.l1_table_offset, l1, h.refcount_table_offset, list(self.ondisk.reftable),
                       h.snapshots_offset, self.snapshots_size,
-                      [(s.l1_table_offset, s.l1_size) for s in self.snapshots], bitmap_directory(h))
+                      [(s.l1_table_offset, s.l1_size) for s in self.snapshots], B.directory_location(h))
 
     def _guarded_check(self, offset: int, size: int, ignore: int, what: str | None = None) -> None:
         """Overlap check for a repair write against the image's current metadata (as QEMU checks its
@@ -749,7 +695,7 @@ class _Checker:
         self.log(f"qcow2: Marking image as corrupt: {overlap_message(kind)}; further corruption events "
                  "will be suppressed")
         self.h.incompatible_features |= C.INCOMPAT_CORRUPT
-        self.file.pwrite(struct.pack(">Q", self.h.incompatible_features), 72)
+        self.file.pwrite(*reversed(field_patch(self.h, "incompatible_features")))
         self.file.flush()
         raise _InternalError("Input/output error", (f"{what}: Input/output error",) if what else ())
 
@@ -765,7 +711,7 @@ class _Checker:
         if not h.l1_size:
             return
         from .overlap import ACTIVE_L1, ACTIVE_L2
-        l1 = list(struct.unpack(f">{h.l1_size}Q", self.file.pread(h.l1_size * 8, h.l1_table_offset)))
+        l1 = unpack_table(self.file.pread(h.l1_size * 8, h.l1_table_offset))
         step = 2 if self.extended else 1
         word = "Repairing" if repair else "ERROR"
         for i, l1_entry in enumerate(l1):
@@ -786,11 +732,11 @@ class _Checker:
                     except _InternalError:
                         res.check_errors += 1
                         raise
-                    self.file.pwrite(struct.pack(">Q", new), h.l1_table_offset + 8 * i)
+                    self.file.pwrite(pack_table([new]), h.l1_table_offset + 8 * i)
                     self.file.flush()
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
-            table = list(struct.unpack(f">{self.cs // 8}Q", self.file.pread(self.cs, l2_offset)))
+            table = unpack_table(self.file.pread(self.cs, l2_offset))
             dirty = 0
             for j in range(self.l2_entries):
                 e = table[j * step]
@@ -815,7 +761,7 @@ class _Checker:
                                    "Input/output error")
                     res.check_errors += 1
                     raise
-                self.file.pwrite(struct.pack(f">{len(table)}Q", *table), l2_offset)
+                self.file.pwrite(pack_table(table), l2_offset)
                 self.file.flush()
                 res.corruptions -= dirty
                 res.corruptions_fixed += dirty
@@ -906,7 +852,7 @@ def check_file(file: HostFile, header: Header, fix: int = 0,
         if bits != header.incompatible_features:
             file.flush()
             header.incompatible_features = bits
-            file.pwrite(struct.pack(">Q", bits), 72)
+            file.pwrite(*reversed(field_patch(header, "incompatible_features")))
             file.flush()
     return res
 

@@ -23,7 +23,8 @@ from . import codec
 from .cache import TableCache
 from .extl2 import ExtendedL2Writes
 from .refcount import Refcounts
-from .overlap import ACTIVE_L1, MAIN_HEADER, bitmap_directory, write_metadata
+from ..format.bitmaps import directory_location as bitmap_directory
+from .overlap import ACTIVE_L1, MAIN_HEADER, write_metadata
 
 # Layer-level extent kinds
 UNALLOCATED = "unallocated"  # defer to the backing file

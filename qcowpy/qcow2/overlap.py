@@ -19,11 +19,13 @@ whatever the size of the guest write.
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 
 from ..errors import CorruptImage
 from ..format import constants as C
+from ..format.bitmaps import directory_location
+from ..format.header import field_patch
+from ..format.snapshot import read_entries
 from ..kernels import find_offset_in
 
 MAIN_HEADER = 1 << 0
@@ -49,9 +51,6 @@ NAMES = {
     INACTIVE_L2: "inactive L2 table",
     BITMAP_DIRECTORY: "bitmap directory",
 }
-
-_REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
-
 
 @dataclass
 class Layout:
@@ -97,7 +96,7 @@ def find_overlap(layout: Layout, offset: int, size: int, ignore: int = 0, check:
     # find_offset_in (qcowpy.kernels): first nonzero ``entry & mask`` in [offset, end), or -1
     if chk & ACTIVE_L2 and find_offset_in(layout.l1, C.L1E_OFFSET_MASK, offset, end) >= 0:
         return ACTIVE_L2
-    if chk & REFCOUNT_BLOCK and find_offset_in(layout.reftable, _REFT_OFFSET_MASK, offset, end) >= 0:
+    if chk & REFCOUNT_BLOCK and find_offset_in(layout.reftable, C.REFT_OFFSET_MASK, offset, end) >= 0:
         return REFCOUNT_BLOCK
     if chk & BITMAP_DIRECTORY and layout.bitmap_directory:
         if _overlaps(offset, size, *layout.bitmap_directory):
@@ -125,33 +124,16 @@ def overlap_message(kind: int) -> str:
     return f"Preventing invalid write on metadata (overlaps with {NAMES[kind]})"
 
 
-def bitmap_directory(header) -> tuple[int, int] | None:
-    if not header.autoclear_features & C.AUTOCLEAR_BITMAPS:
-        return None
-    ext = header.find_extension(C.EXT_BITMAPS)
-    if ext is None or len(ext.data) < 24:
-        return None
-    nb, _, size, off = struct.unpack_from(">IIQQ", ext.data)
-    return (off, size) if nb else None
-
-
 def snapshot_layout(file, header) -> tuple[int, list[tuple[int, int]]]:
     """(snapshot table size in bytes, [(L1 offset, L1 entries)]) — empty if unreadable."""
-    if not header.nb_snapshots:
+    if not header.nb_snapshots or header.nb_snapshots > C.MAX_SNAPSHOTS:
         return 0, []
-    from ..format.snapshot import parse_snapshot_table
     try:
-        limit = min(header.nb_snapshots * (40 + 1024 + 2 * 65535 + 8),
-                    max(0, file.size() - header.snapshots_offset))
-        snaps = parse_snapshot_table(file.pread(limit, header.snapshots_offset), header.nb_snapshots)
+        entries = list(read_entries(file.pread, header.snapshots_offset, header.nb_snapshots,
+                                    limit=max(0, file.size() - header.snapshots_offset)))
     except Exception:  # noqa: BLE001 - a broken table protects nothing; open/check report it
         return 0, []
-    size = 0
-    for s in snaps:
-        size += 40 + len(s.extra_data) + len(s.id_str.encode("utf-8", "surrogateescape")) + \
-            len(s.name.encode("utf-8", "surrogateescape"))
-        size = (size + 7) & ~7
-    return size, [(s.l1_table_offset, s.l1_size) for s in snaps]
+    return entries[-1].end, [(e.sn.l1_table_offset, e.sn.l1_size) for e in entries]
 
 
 class OverlapGuard:
@@ -195,7 +177,7 @@ class OverlapGuard:
         rc = getattr(img, "refcounts", None)
         return Layout(img.cluster_size, h.l1_table_offset, getattr(img, "l1", []),
                       rc.table_offset if rc else h.refcount_table_offset, rc.table if rc else [],
-                      h.snapshots_offset, self._snapshots[0], self._snapshots[1], bitmap_directory(h))
+                      h.snapshots_offset, self._snapshots[0], self._snapshots[1], directory_location(h))
 
     def pwrite(self, data, offset: int) -> None:
         if self.tripped:
@@ -213,7 +195,8 @@ class OverlapGuard:
         img = self._image
         img.header.incompatible_features |= C.INCOMPAT_CORRUPT
         try:
-            self._file.pwrite(struct.pack(">Q", img.header.incompatible_features), 72)
+            offset, data = field_patch(img.header, "incompatible_features")
+            self._file.pwrite(data, offset)
             self._file.flush()
         finally:
             img.writable = False  # no flushing of caches on close: nothing more is written

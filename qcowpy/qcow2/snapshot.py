@@ -8,18 +8,16 @@ the ones QEMU writes (checked against qemu-img in tests/cli/test_snapshot.py).
 """
 from __future__ import annotations
 
-import struct
 import time
-from dataclasses import dataclass
 
 from ..errors import CorruptImage, QcowError
 from ..format import constants as C
 from ..format.entries import compressed_descriptor, pack_table, unpack_table
-from ..format.snapshot import Snapshot, table_pieces_as_qemu
+from ..format.header import field_patch
+from ..format.snapshot import Snapshot, StoredEntry, known_extra, read_entries, table_pieces_as_qemu
 from .overlap import ACTIVE_L1, INACTIVE_L1, MAIN_HEADER, write_metadata
 from .refcount import RefcountOverflow
 
-_FIXED = struct.Struct(">QIHHIIQII")
 _MAX_L1_BYTES = C.MAX_L1_SIZE_BYTES
 
 
@@ -35,43 +33,14 @@ class SnapshotCreateFailed(QcowError):
         self.errno_ = errno_
 
 
-@dataclass
-class Entry:
-    """A snapshot table entry with its id and name as the bytes on disk."""
-
-    sn: Snapshot
-    id_b: bytes
-    name_b: bytes
-
-    @property
-    def id_str(self) -> str:
-        return self.id_b.decode("utf-8", "replace")
-
-    @property
-    def name(self) -> str:
-        return self.name_b.decode("utf-8", "replace")
+Entry = StoredEntry
 
 
 def read_table(img) -> tuple[list[Entry], int]:
     """The snapshot table (entries, size in bytes), read as QEMU's qcow2_read_snapshots does."""
     h = img.header
-    entries: list[Entry] = []
-    off = h.snapshots_offset
-    for i in range(h.nb_snapshots):
-        off = (off + 7) & ~7
-        (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmsize,
-         extra_len) = _FIXED.unpack(img.file.pread(_FIXED.size, off))
-        if extra_len > 1024:
-            raise CorruptImage(f"Too much extra metadata in snapshot table entry {i}")
-        off += _FIXED.size
-        extra = img.file.pread(extra_len, off)
-        off += extra_len
-        id_b = img.file.pread(id_len, off)
-        off += id_len
-        name_b = img.file.pread(name_len, off)
-        off += name_len
-        entries.append(Entry(Snapshot(l1_off, l1_size, "", "", dsec, dnsec, clock, vmsize, extra), id_b, name_b))
-    return entries, off - h.snapshots_offset if h.nb_snapshots else 0
+    entries = list(read_entries(img.file.pread, h.snapshots_offset, h.nb_snapshots))
+    return entries, entries[-1].end if entries else 0
 
 
 def _find(entries: list[Entry], key: str, by_id: bool = True, by_name: bool = True) -> int:
@@ -164,10 +133,11 @@ def write_table(img, entries: list[Entry], old_size: int) -> None:
     for pos, body in pieces:
         img.file.pwrite(body, new_off + pos)  # overlap-checked: the clusters must be free
     img.file.flush()
-    write_metadata(img.file, MAIN_HEADER, struct.pack(">IQ", len(entries), new_off), 60)
-    img.file.flush()
     old_off = h.snapshots_offset
     h.nb_snapshots, h.snapshots_offset = len(entries), new_off
+    offset, data = field_patch(h, "nb_snapshots", "snapshots_offset")
+    write_metadata(img.file, MAIN_HEADER, data, offset)
+    img.file.flush()
     img.overlap_guard._snapshots = None  # the guard re-reads the table's layout
     if old_size:
         img.refcounts.free(old_off, old_size)
@@ -207,7 +177,7 @@ def create(img, name: str, date: float | None = None) -> Entry:
             raise SnapshotCreateFailed(27, "File too large")
         usec = time.time_ns() // 1000 if date is None else int(date * 1e6)  # g_get_real_time()
         sec, nsec = usec // 1000000, usec % 1000000 * 1000
-        extra = struct.pack(">QQQ", 0, img.size, 0)  # qemu-img's snapshot info is zeroed: icount 0
+        extra = known_extra(0, img.size, 0)  # qemu-img's snapshot info is zeroed: icount 0
         l1_size = len(img.l1)
         l1_off = img.refcounts.alloc_clusters((l1_size * 8 + img.cluster_size - 1) >> img.cluster_bits) \
             if l1_size else 0
@@ -217,8 +187,9 @@ def create(img, name: str, date: float | None = None) -> Entry:
             update_snapshot_refcount(img, h.l1_table_offset, l1_size, 1)
         except RefcountOverflow:
             raise SnapshotCreateFailed(22, "Invalid argument") from None
-        entry = Entry(Snapshot(l1_off, l1_size, "", "", sec, nsec, 0, 0, extra),
-                      _next_id(entries).encode(), name.encode())
+        id_b, name_b = _next_id(entries).encode(), name.encode()
+        entry = Entry(Snapshot(l1_off, l1_size, id_b.decode(), name, sec, nsec, 0, 0, extra), id_b, name_b,
+                      len(extra), 0, 0)
         with img.punching_freed():
             write_table(img, entries + [entry], size)
         return entry

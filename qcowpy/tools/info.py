@@ -79,12 +79,12 @@ def snapshot_rows(image) -> list:
         d = QDict()
         d["id"] = s.id_str
         d["name"] = s.name
-        d["vm-state-size"] = s.vm_state_size_large() if callable(getattr(s, "vm_state_size_large", None)) else s.vm_state_size
+        d["vm-state-size"] = s.vm_state_size_large
         d["date-sec"] = s.date_sec
         d["date-nsec"] = s.date_nsec
         d["vm-clock-sec"] = s.vm_clock_nsec // 1000000000
         d["vm-clock-nsec"] = s.vm_clock_nsec % 1000000000
-        icount = s.icount() if callable(getattr(s, "icount", None)) else getattr(s, "icount", None)
+        icount = s.icount
         if icount is not None:
             d["icount"] = icount
         out.append(d)

@@ -7,14 +7,13 @@ ranges drop out; everything counts when a backing file is given). raw counts eve
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 from ..block.device import status_at
 from ..block.open import open_image
 from ..errors import InvalidArgument, QcowError
 from ..format import constants as C
-from ..qcow2.overlap import bitmap_directory
+from ..format import bitmaps as B
 from .options import ParsedOpts, parse_create_options, refcount_bits_error
 from .qjson import QDict, dumps_pretty
 
@@ -94,21 +93,16 @@ def _qcow2_params(opts: ParsedOpts) -> tuple[int, int, int, bool, str, bool]:
 
 def _bitmaps_size(img, cluster_size: int) -> int:
     """qcow2_get_persistent_dirty_bitmap_size for the input's persistent bitmaps."""
-    d = bitmap_directory(img.header)
-    if d is None:
+    ext = B.extension_of(img.header)
+    if ext is None or not ext.nb_bitmaps:
         return 0
-    raw = img.file.pread(min(d[1], 64 << 20), d[0])
-    nb = struct.unpack_from(">I", img.header.find_extension(C.EXT_BITMAPS).data)[0]
-    total = dir_size = pos = 0
-    for _ in range(nb):
-        if pos + 24 > len(raw):
-            break
-        granularity_bits, name_size, extra = struct.unpack_from(">BHI", raw, pos + 17)
-        nbytes = -(-(-(-img.size // (1 << granularity_bits))) // 8)  # one bit per granule
+    raw = img.file.pread(min(ext.directory_size, B.MAX_DIRECTORY_READ), ext.directory_offset)
+    total = dir_size = 0
+    for d in B.parse_directory(raw, ext.nb_bitmaps, partial=True):
+        nbytes = -(-(-(-img.size // (1 << d.granularity_bits))) // 8)  # one bit per granule
         clusters = -(-nbytes // cluster_size)
         total += clusters * cluster_size + _round_up(clusters * 8, cluster_size)  # data + bitmap table
-        dir_size += _round_up(24 + name_size, 8)  # the entry the new image's directory needs
-        pos = _round_up(pos + 24 + extra + name_size, 8)
+        dir_size += _round_up(B.DIR_ENTRY.size + d.name_size, 8)  # the entry the new image's directory needs
     return total + _round_up(dir_size, cluster_size)
 
 

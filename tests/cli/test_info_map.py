@@ -147,3 +147,24 @@ def test_raw_files_of_unaligned_size(tmp_path, qemu_img, command):
         want = qemu(qemu_img, *command, name, cwd=tmp_path)
         got = qcowpy(*command, name, cwd=tmp_path)
         assert (got.code, got.out, as_qemu(got.err)) == (want.code, want.out, want.err), name
+
+
+def test_info_snapshot_with_large_vm_state(tmp_path, qemu_img):
+    """A snapshot whose VM state exceeds 4 GiB keeps the size only in the 64-bit extra-data field
+    (the 32-bit one is 0, as QEMU writes it): info must report the 64-bit value, as qemu-img does."""
+    import struct
+
+    from qcowpy.format.header import parse_header
+    path = tmp_path / "vm.qcow2"
+    for args in (("create", "-q", "-f", "qcow2", str(path), "1M"), ("snapshot", "-c", "with-vm-state", str(path))):
+        assert qemu(qemu_img, *args).code == 0
+    raw = bytearray(path.read_bytes())
+    h = parse_header(bytes(raw))
+    entry = h.snapshots_offset
+    big = 5 << 30
+    struct.pack_into(">I", raw, entry + 32, 0)  # vm_state_size (32 bits)
+    struct.pack_into(">Q", raw, entry + 40, big)  # extra data: vm_state_size_large
+    path.write_bytes(bytes(raw))
+    got = _same(qemu_img, tmp_path, "info", "--output=json", "vm.qcow2")
+    assert json.loads(got.out)["snapshots"][0]["vm-state-size"] == big
+    _same(qemu_img, tmp_path, "info", "vm.qcow2")
