@@ -34,5 +34,13 @@ class FormatError(QcowError):
     """The file is not in the expected format (bad magic, version, probing failure)."""
 
 
+class RefcountOverflow(QcowError):
+    """A refcount would pass what refcount_bits can hold (QEMU's update_refcount: EINVAL)."""
+
+
+class SnapshotNotFound(QcowError):
+    """No internal snapshot has the id or name asked for."""
+
+
 class ImageLocked(QcowError):
     """Another process holds a conflicting lock on the image."""

@@ -117,6 +117,12 @@ class HostFile:
                 self.truncate(offset + length)
         self.dirty = True
 
+    def punch(self, offset: int, length: int) -> bool:
+        """Deallocate a byte range (it reads as zeros afterwards); False where the OS cannot."""
+        if not self.writable:
+            raise ReadOnlyError(f"'{self.path}' is opened read-only")
+        return punch_hole(self.fd, offset, length)
+
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
 

@@ -1,12 +1,15 @@
 """The block device interface every driver implements, and chain-aware block status."""
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..errors import InvalidArgument, QcowError
+from ..errors import InvalidArgument, UnsupportedFeature
+from ..format.snapshot import Snapshot
+
+__all__ = ["BlockDevice", "BitmapInfo", "Extent", "FormatInfo", "LayerStatus", "Snapshot", "status_at",
+           "is_allocated", "is_allocated_above"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,33 @@ class Extent:
     data: bool
     offset: int | None = None
     filename: str | None = None
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    """What an image format's header says, for the tools (qemu-img's ImageInfoSpecific)."""
+
+    cluster_size: int
+    version: int
+    backing_file: str | None
+    backing_format: str | None
+    dirty: bool
+    corrupt: bool
+    lazy_refcounts: bool
+    refcount_bits: int
+    extended_l2: bool
+    compression_type: str
+    data_file: str | None
+    data_file_raw: bool
+
+
+@dataclass(frozen=True)
+class BitmapInfo:
+    """A persistent dirty bitmap as the image's bitmap directory describes it."""
+
+    name: bytes
+    name_size: int
+    granularity_bits: int
 
 
 class BlockDevice(ABC):
@@ -89,6 +119,53 @@ class BlockDevice(ABC):
 
     @abstractmethod
     def _close_self(self) -> None: ...
+
+    # ---- what a format may offer beyond bytes; the defaults are a raw file's answers
+    @property
+    def cluster_size(self) -> int | None:
+        """The allocation unit of the format, or None when it has none (raw)."""
+        return None
+
+    def format_info(self) -> FormatInfo | None:
+        return None
+
+    def allocated_size(self) -> int | None:
+        """Host bytes the image occupies (qemu-img's "disk size"), None when unknown."""
+        return None
+
+    @property
+    def can_write_compressed(self) -> bool:
+        return False
+
+    def write_compressed(self, data: bytes, offset: int) -> None:
+        """Write one whole cluster compressed (only where ``can_write_compressed``)."""
+        raise UnsupportedFeature(f"Format '{self.format}' does not support compressed writes")
+
+    supports_snapshots = False
+
+    def snapshots(self) -> list[Snapshot]:
+        """The internal snapshots (none where the format has none)."""
+        return []
+
+    def snapshot_create(self, name: str) -> Snapshot:
+        raise UnsupportedFeature("Operation not supported")
+
+    def snapshot_apply(self, key: str) -> None:
+        raise UnsupportedFeature("Block driver does not support snapshots")
+
+    def snapshot_delete(self, key: str) -> None:
+        raise UnsupportedFeature("Block driver does not support snapshots")
+
+    def bitmaps(self) -> list[BitmapInfo]:
+        """The persistent dirty bitmaps (the valid ones; none where the format has none)."""
+        return []
+
+    def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        raise UnsupportedFeature(f"Format '{self.format}' does not support backing files")
+
+    def make_empty(self) -> None:
+        """Drop every allocation of this layer (what ``qemu-img commit`` leaves of the top)."""
+        raise UnsupportedFeature(f"Format '{self.format}' cannot be emptied")
 
     def close(self) -> None:
         try:
@@ -149,18 +226,6 @@ def status_at(top: BlockDevice, offset: int, length: int) -> Extent:
         length = min(length, below.size - offset)
         dev = below
         depth += 1
-
-
-class LockedDevice(BlockDevice, ABC):
-    """Base for drivers that serialize their own state with one lock."""
-
-    def __init__(self) -> None:
-        self.lock = threading.RLock()
-        self._closed = False
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise QcowError(f"'{self.filename}' is closed")
 
 
 def is_allocated(dev: BlockDevice, offset: int, length: int) -> tuple[bool, int]:

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from ..format import bitmaps as B
+from ..format import constants as C
+from ..qcow2 import snapshot as sn
 from ..qcow2.image import COMPRESSED, DATA, ZERO, Qcow2Image
-from .device import BlockDevice, LayerStatus
+from ..qcow2.resize import make_empty, resize
+from .device import BitmapInfo, BlockDevice, FormatInfo, LayerStatus, Snapshot
 
 
 class Qcow2Device(BlockDevice):
@@ -46,7 +50,7 @@ class Qcow2Device(BlockDevice):
         self.image.flush()
 
     def truncate(self, size: int, preallocation: str = "off") -> None:
-        self.image.resize(size, preallocation=preallocation)
+        resize(self.image, size, preallocation=preallocation)
 
     def layer_status(self, offset: int, length: int, max_extents: int | None = None) -> Iterator[LayerStatus]:
         for e in self.image.layer_extents(offset, length, max_extents):
@@ -55,3 +59,60 @@ class Qcow2Device(BlockDevice):
 
     def _close_self(self) -> None:
         self.image.close()
+
+    # ---- the format's own capabilities
+    supports_snapshots = True
+
+    @property
+    def cluster_size(self) -> int:
+        return self.image.cluster_size
+
+    def format_info(self) -> FormatInfo:
+        h = self.image.header
+        return FormatInfo(
+            cluster_size=h.cluster_size, version=h.version, backing_file=h.backing_file or None,
+            backing_format=h.backing_format, dirty=bool(h.incompatible_features & C.INCOMPAT_DIRTY),
+            corrupt=bool(h.incompatible_features & C.INCOMPAT_CORRUPT),
+            lazy_refcounts=bool(h.compatible_features & C.COMPAT_LAZY_REFCOUNTS), refcount_bits=h.refcount_bits,
+            extended_l2=h.extended_l2,
+            compression_type="zstd" if h.compression_type == C.COMPRESSION_ZSTD else "zlib",
+            data_file=h.data_file, data_file_raw=bool(h.autoclear_features & C.AUTOCLEAR_DATA_FILE_RAW))
+
+    def allocated_size(self) -> int | None:
+        try:
+            return self.image.file.allocated_bytes()
+        except OSError:
+            return None
+
+    @property
+    def can_write_compressed(self) -> bool:
+        return True
+
+    def snapshots(self) -> list[Snapshot]:
+        return [e.sn for e in sn.list_snapshots(self.image)]
+
+    def snapshot_create(self, name: str) -> Snapshot:
+        return sn.create(self.image, name).sn
+
+    def snapshot_apply(self, key: str) -> None:
+        sn.apply(self.image, key)
+
+    def snapshot_delete(self, key: str) -> None:
+        sn.delete(self.image, key)
+
+    def bitmaps(self) -> list[BitmapInfo]:
+        img = self.image
+        ext = B.extension_of(img.header)
+        if ext is None or not ext.nb_bitmaps:
+            return []
+        raw = img.file.pread(min(ext.directory_size, B.MAX_DIRECTORY_READ), ext.directory_offset)
+        return [BitmapInfo(d.name, d.name_size, d.granularity_bits)
+                for d in B.parse_directory(raw, ext.nb_bitmaps, partial=True)]
+
+    def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        with self.image.lock:
+            self.image.require_writable()
+            self.image.meta.change_backing_file(name, fmt)
+
+    def make_empty(self) -> None:
+        make_empty(self.image)

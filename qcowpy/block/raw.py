@@ -6,7 +6,7 @@ import os
 from typing import Iterator
 
 from ..errors import ReadOnlyError, UnsupportedFeature
-from ..hostfile import HostFile, punch_hole
+from ..hostfile import HostFile
 from .device import BlockDevice, LayerStatus
 
 
@@ -42,7 +42,7 @@ class RawDevice(BlockDevice):
     def write_zeroes(self, length: int, offset: int, unmap: bool = False) -> None:
         self._writable()
         self.check_range(offset, length)
-        if unmap and _punch_hole(self.file.fd, offset, length):
+        if unmap and self.file.punch(offset, length):
             self.file.dirty = True
             return
         chunk = 1 << 20
@@ -56,7 +56,7 @@ class RawDevice(BlockDevice):
     def discard(self, length: int, offset: int) -> None:
         self._writable()
         self.check_range(offset, length)
-        if _punch_hole(self.file.fd, offset, length):
+        if self.file.punch(offset, length):
             self.file.dirty = True
 
     def flush(self) -> None:
@@ -88,6 +88,12 @@ class RawDevice(BlockDevice):
             yield LayerStatus(pos, run_end - pos, data=is_data, zero=not is_data, offset=pos, filename=self.filename)
             pos = run_end
 
+    def allocated_size(self) -> int | None:
+        try:
+            return self.file.allocated_bytes()
+        except OSError:
+            return None
+
     def _writable(self) -> None:
         if self.read_only:
             raise ReadOnlyError(f"'{self.filename}' is opened read-only")
@@ -115,6 +121,3 @@ def _data_or_hole(fd: int, pos: int, size: int, device_end: int) -> tuple[bool, 
         hole = size
     return True, min(hole, size)
 
-
-def _punch_hole(fd: int, offset: int, length: int) -> bool:
-    return punch_hole(fd, offset, length)

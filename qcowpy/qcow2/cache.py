@@ -1,96 +1,114 @@
 """Write-back cache of metadata tables (L2 tables, refcount blocks) with ordered flushing.
 
-The crash-safety contract (docs/architecture.md) is enforced here: a cache may name another
-cache it depends on; flushing it first flushes the dependency and puts a barrier (a host-file
-flush) between the two sets of writes, as QEMU's qcow2-cache.c does.
+A cached table is a :class:`Table`: changing one of its entries marks it dirty, so callers never
+name tables by offset to say they changed them. A cache may depend on another one (QEMU's
+qcow2-cache dependency): before any of its tables is written, the dependency is flushed and a
+barrier (a host-file flush) separates the two sets of writes. ``Metadata.sync`` states the whole
+order; the dependency keeps it when a dirty table is evicted between syncs.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Callable, Generic, TypeVar
 
-from ..hostfile import HostFile
+from .overlap import announce
 
 T = TypeVar("T")
 
 
+class Table(Generic[T]):
+    """One cached table: ``data`` is the decoded table (a list of entries or a bytearray);
+    assigning through the table (``table[i] = v``, slices too) marks it dirty."""
+
+    __slots__ = ("offset", "data", "dirty")
+
+    def __init__(self, offset: int, data: T, dirty: bool = False):
+        self.offset = offset
+        self.data = data
+        self.dirty = dirty
+
+    def __getitem__(self, index):
+        return self.data[index]  # type: ignore[index]
+
+    def __setitem__(self, index, value) -> None:
+        self.data[index] = value  # type: ignore[index]
+        self.dirty = True
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+
 class TableCache(Generic[T]):
-    def __init__(self, file: HostFile, table_size: int, capacity: int,
-                 decode: Callable[[bytes], T], encode: Callable[[T], bytes],
-                 before_write: Callable[[int, int], None] | None = None):
+    """At most ``capacity`` tables of ``table_size`` bytes; least recently used ones are evicted
+    (written first when dirty). ``kind`` is the overlap-guard class the writes announce."""
+
+    def __init__(self, file, table_size: int, capacity: int, decode: Callable[[bytes], T],
+                 encode: Callable[[T], bytes], kind: int, depends_on: "TableCache | None" = None):
         self.file = file
         self.table_size = table_size
         self.capacity = max(2, capacity)
         self._decode = decode
         self._encode = encode
-        self._before_write = before_write
-        self._tables: OrderedDict[int, T] = OrderedDict()
-        self._dirty: set[int] = set()
-        self.depends_on: TableCache | None = None
+        self._kind = kind
+        self._tables: OrderedDict[int, Table[T]] = OrderedDict()
+        self.depends_on = depends_on
 
     def __contains__(self, offset: int) -> bool:
         return offset in self._tables
 
-    def get(self, offset: int) -> T:
+    def get(self, offset: int) -> Table[T]:
         table = self._tables.get(offset)
         if table is None:
             self._make_room()
-            table = self._decode(self.file.pread(self.table_size, offset))
+            table = Table(offset, self._decode(self.file.pread(self.table_size, offset)))
             self._tables[offset] = table
         else:
             self._tables.move_to_end(offset)
         return table
 
-    def put_new(self, offset: int, table: T) -> T:
+    def put_new(self, offset: int, data: T) -> Table[T]:
         """Insert a freshly allocated table (never read from disk) as dirty."""
         self._make_room()
-        self._tables[offset] = table
-        self._dirty.add(offset)
+        table = self._tables[offset] = Table(offset, data, dirty=True)
         return table
-
-    def mark_dirty(self, offset: int) -> None:
-        self._dirty.add(offset)
 
     def discard(self, offset: int) -> None:
         """Forget a table whose cluster was freed (its contents no longer matter)."""
         self._tables.pop(offset, None)
-        self._dirty.discard(offset)
 
     def clear(self) -> None:
         """Forget every table, dirty or not (the structures they came from are gone)."""
         self._tables.clear()
-        self._dirty.clear()
 
     @property
     def has_dirty(self) -> bool:
-        return bool(self._dirty)
+        return any(t.dirty for t in self._tables.values())
 
     def flush(self) -> None:
-        """Write every dirty table, after the dependency has reached the disk."""
-        if not self._dirty:
+        """Write every dirty table (in offset order), after the dependency has reached the disk."""
+        dirty = sorted(t.offset for t in self._tables.values() if t.dirty)
+        if not dirty:
             return
         self._flush_dependency()
-        for offset in sorted(self._dirty):
-            self._write(offset)
-        self._dirty.clear()
+        for offset in dirty:
+            self._write(self._tables[offset])
 
     def _flush_dependency(self) -> None:
         dep = self.depends_on
-        if dep is not None and dep.has_dirty:
-            dep.flush()
         if dep is not None:
+            dep.flush()
             self.file.flush()  # barrier: dependency writes before ours (no-op if nothing pending)
 
-    def _write(self, offset: int) -> None:
-        if self._before_write:
-            self._before_write(offset, self.table_size)
-        self.file.pwrite(self._encode(self._tables[offset]), offset)
+    def _write(self, table: Table[T]) -> None:
+        data = self._encode(table.data)
+        announce(self.file, self._kind)
+        self.file.pwrite(data, table.offset)
+        table.dirty = False
 
     def _make_room(self) -> None:
         while len(self._tables) >= self.capacity:
-            victim = next(iter(self._tables))
-            if victim in self._dirty:
+            victim = next(iter(self._tables.values()))
+            if victim.dirty:
                 self._flush_dependency()
                 self._write(victim)
-                self._dirty.discard(victim)
-            del self._tables[victim]
+            del self._tables[victim.offset]

@@ -14,6 +14,7 @@ from ..format.header import Header, feature_table_bytes, pack_header
 from ..format.refcount import set_refcount
 from ..hostfile import HostFile
 from .image import Qcow2Image
+from .resize import preallocate, resize
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
@@ -105,6 +106,6 @@ def create_qcow2(path: str, opts: Qcow2Options) -> None:
     finally:
         f.close()
     with Qcow2Image.open(path, writable=True) as img:
-        img.resize(size, exact_l1=True)
+        resize(img, size, exact_l1=True)
         if opts.preallocation != "off":
-            img.preallocate(opts.preallocation)
+            preallocate(img, opts.preallocation)

@@ -137,11 +137,14 @@ def snapshot_layout(file, header) -> tuple[int, list[tuple[int, int]]]:
 
 
 class OverlapGuard:
-    """A host file stand-in that checks every write of a Qcow2Image against its metadata."""
+    """A host file stand-in that checks every write of an image against its metadata.
 
-    def __init__(self, file, image):
+    ``owner`` (the image's Metadata) supplies the layout: ``header``, ``cluster_size``, ``l1``
+    and ``refcounts``; a tripped guard clears its ``writable``."""
+
+    def __init__(self, file, owner):
         self._file = file
-        self._image = image
+        self._image = owner
         self.pread = file.pread  # reads need no check: bound directly, no __getattr__ per call
         self.preadinto = file.preadinto
         self._pending = 0
@@ -159,15 +162,13 @@ class OverlapGuard:
     def dirty(self, value: bool) -> None:
         self._file.dirty = value
 
-    def expect(self, kind: int):
-        """A ``before_write`` hook for a metadata cache whose tables are of ``kind``."""
-        def hook(offset: int, size: int) -> None:
-            self._pending = kind
-        return hook
-
     def announce(self, kind: int) -> None:
         """The next write is the engine's own update of metadata of ``kind`` (see :func:`announce`)."""
         self._pending = kind
+
+    def snapshots_changed(self) -> None:
+        """The snapshot table moved or changed: read its layout again at the next check."""
+        self._snapshots = None
 
     def layout(self) -> Layout:
         img = self._image
@@ -180,15 +181,23 @@ class OverlapGuard:
                       h.snapshots_offset, self._snapshots[0], self._snapshots[1], directory_location(h))
 
     def pwrite(self, data, offset: int) -> None:
+        self._check(offset, len(memoryview(data).cast("B")))
+        self._file.pwrite(data, offset)
+
+    def punch(self, offset: int, length: int) -> bool:
+        """Deallocate host bytes (freed clusters): checked like a data write, never metadata."""
+        self._check(offset, length)
+        punch = getattr(self._file, "punch", None)
+        return bool(punch(offset, length)) if punch is not None else False
+
+    def _check(self, offset: int, size: int) -> None:
         if self.tripped:
             raise CorruptImage(f"qcow2: image is marked corrupt after an invalid write was prevented "
                                f"({self.tripped}); no further writes")
         ignore, self._pending = self._pending, 0
-        size = len(memoryview(data).cast("B"))
         kind = find_overlap(self.layout(), offset, size, ignore)
         if kind:
             self._trip(overlap_message(kind))
-        self._file.pwrite(data, offset)
 
     def _trip(self, message: str) -> None:
         self.tripped = message
@@ -203,14 +212,3 @@ class OverlapGuard:
         raise CorruptImage(f"qcow2: Marking image as corrupt: {message}; further corruption events "
                            "will be suppressed")
 
-
-def install(image) -> OverlapGuard:
-    """Route every write of ``image`` (data, caches, refcounts) through an overlap guard."""
-    guard = OverlapGuard(image.file, image)
-    image.file = guard
-    image.refcounts.file = guard
-    image.refcounts.cache.file = guard
-    image.l2cache.file = guard
-    image.l2cache._before_write = guard.expect(ACTIVE_L2)
-    image.refcounts.cache._before_write = guard.expect(REFCOUNT_BLOCK)
-    return guard

@@ -2,31 +2,30 @@
 
 Allocation follows QEMU: scan upward from a hint for free clusters (past the end of the image
 everything is free), then raise their refcounts. A missing refcount block is created in place,
-describing itself when it falls in its own range; a full refcount table is replaced by a larger
-one placed past the end of the image together with the blocks that describe it.
+describing itself when it falls in its own range (and, when the block that must count it is
+missing too, after that block: an explicit stack, see :meth:`Refcounts._new_block`); a full
+refcount table is replaced by a larger one placed past the end of the image together with the
+blocks that describe it.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from ..errors import CorruptImage, QcowError
+from ..errors import CorruptImage, QcowError, RefcountOverflow
 from ..format import constants as C
 from ..format.entries import pack_table, unpack_table
 from ..format.refcount import (entries_per_block, get_refcount, leading_free, max_refcount, set_refcount,
                                set_refcounts)
 from ..hostfile import HostFile
-from .cache import TableCache
-from .overlap import REFCOUNT_TABLE, write_metadata
-
-
-class RefcountOverflow(QcowError):
-    """A refcount would pass what refcount_bits can hold (QEMU's update_refcount: EINVAL)."""
+from .cache import Table, TableCache
+from .overlap import REFCOUNT_BLOCK, REFCOUNT_TABLE, write_metadata
 
 
 class Refcounts:
     def __init__(self, file: HostFile, cluster_bits: int, refcount_order: int,
                  reftable_offset: int, reftable_clusters: int,
                  update_header: Callable[[int, int], None], cache_tables: int = 32):
+        """``update_header(offset, clusters)`` records a moved refcount table in the header."""
         self.file = file
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
@@ -41,7 +40,8 @@ class Refcounts:
         if size > C.MAX_REFTABLE_SIZE_BYTES:
             raise CorruptImage("Reference count table too large")
         self.table = unpack_table(file.pread(size, reftable_offset)) if size else []
-        self.cache: TableCache[bytearray] = TableCache(file, self.cluster_size, cache_tables, bytearray, bytes)
+        self.cache: TableCache[bytearray] = TableCache(file, self.cluster_size, cache_tables, bytearray, bytes,
+                                                       REFCOUNT_BLOCK)
         self.free_cluster_index = 0
         self.free_byte_offset = 0  # where the next compressed cluster may start
         self.freed: list[int] | None = None  # clusters whose refcount fell to 0, while recording
@@ -55,21 +55,23 @@ class Refcounts:
         self.free_byte_offset = 0
 
     # --- reading -------------------------------------------------------------------------
-    def _block(self, block_index: int) -> bytearray | None:
+    def _block(self, block_index: int) -> Table[bytearray] | None:
         if block_index >= len(self.table):
             return None
-        off = self.table[block_index] & C.L1E_OFFSET_MASK
+        off = self.table[block_index] & C.REFT_OFFSET_MASK
         if not off:
             return None
         if off & (self.cluster_size - 1):
             raise CorruptImage(f"Refblock offset {off:#x} unaligned (reftable index: {block_index:#x})")
+        if off > C.MAX_CLUSTER_OFFSET:
+            raise CorruptImage(f"Refblock offset {off:#x} is invalid (reftable index: {block_index:#x})")
         return self.cache.get(off)
 
     def get(self, cluster: int) -> int:
         block = self._block(cluster >> self.per_block_bits)
         if block is None:
             return 0
-        return get_refcount(block, cluster & (self.per_block - 1), self.order)
+        return get_refcount(block.data, cluster & (self.per_block - 1), self.order)
 
     # --- changing ------------------------------------------------------------------------
     def change(self, cluster: int, delta: int) -> int:
@@ -80,13 +82,12 @@ class Refcounts:
                 raise CorruptImage(f"Refcount of cluster {cluster} would drop below zero")
             block = self._new_block(bi)
         idx = cluster & (self.per_block - 1)
-        value = get_refcount(block, idx, self.order) + delta
+        value = get_refcount(block.data, idx, self.order) + delta
         if value < 0:
             raise CorruptImage(f"Refcount of cluster {cluster} would drop below zero")
         if value > self.max:
             raise RefcountOverflow(f"Refcount of cluster {cluster} would exceed {self.max} (refcount_bits too small)")
-        set_refcount(block, idx, self.order, value)
-        self.cache.mark_dirty(self.table[bi] & C.L1E_OFFSET_MASK)
+        set_refcount(block, idx, self.order, value)  # type: ignore[arg-type]  # the table marks itself dirty
         if value == 0:
             if self.freed is not None:
                 self.freed.append(cluster)
@@ -118,7 +119,7 @@ class Refcounts:
             bi = c >> self.per_block_bits
             k = min(n - run, ((bi + 1) << self.per_block_bits) - c)
             block = self._block(bi)
-            z = k if block is None else leading_free(block, c & (self.per_block - 1), k, self.order)
+            z = k if block is None else leading_free(block.data, c & (self.per_block - 1), k, self.order)
             run += z
             if z < k:
                 break
@@ -161,10 +162,9 @@ class Refcounts:
                 continue
             idx = c & (self.per_block - 1)
             k = min(n - done, self.per_block - idx)
-            if leading_free(block, idx, k, self.order) < k:
+            if leading_free(block.data, idx, k, self.order) < k:
                 return done
-            set_refcounts(block, idx, k, self.order, 1)
-            self.cache.mark_dirty(self.table[bi] & C.L1E_OFFSET_MASK)
+            set_refcounts(block, idx, k, self.order, 1)  # type: ignore[arg-type]
             done += k
         return done
 
@@ -217,23 +217,47 @@ class Refcounts:
         return None
 
     # --- refcount blocks and table -------------------------------------------------------
-    def _new_block(self, block_index: int) -> bytearray:
-        if block_index >= len(self.table):
-            self._grow_table(block_index)
-            block = self._block(block_index)
-            if block is not None:
+    def _new_block(self, block_index: int) -> Table[bytearray]:
+        """Create refcount block ``block_index`` as QEMU's alloc_refcount_block lays it out.
+
+        Its cluster is the first free one. It counts itself when that cluster lies in its own
+        range; otherwise the block covering the cluster counts it. When that block is missing
+        too, the answer is "that block first": it is created the same way (its cluster chosen
+        after ours) before this one is placed. An explicit stack of waiting blocks replaces the
+        recursion through change() — the clusters chosen and the bytes written are the same.
+        """
+        waiting: list[tuple[int, int]] = []  # (block index, the cluster chosen for it)
+        bi = block_index
+        while True:
+            if bi >= len(self.table):
+                self._grow_table(bi)
+            block = self._block(bi)
+            if block is None:
+                start = self._find_free(1)
+                owner = start >> self.per_block_bits
+                if owner != bi and self._block(owner) is None:
+                    waiting.append((bi, start))
+                    bi = owner
+                    continue
+                block = self._place_block(bi, start)
+            if not waiting:
                 return block
+            bi, start = waiting.pop()
+            if self._block(bi) is not None:  # created meanwhile (its cluster was never taken)
+                self.free_cluster_index = min(self.free_cluster_index, start)
+                continue
+            self._place_block(bi, start)
+
+    def _place_block(self, block_index: int, cluster: int) -> Table[bytearray]:
+        """Write a new, empty refcount block at ``cluster`` and enter it in the table. The
+        block covering ``cluster`` (itself, or one that exists) counts it."""
         first = block_index << self.per_block_bits
-        start = self._find_free(1)
         block = bytearray(self.cluster_size)
-        if first <= start < first + self.per_block:
-            set_refcount(block, start - first, self.order, 1)  # the block describes itself
+        if first <= cluster < first + self.per_block:
+            set_refcount(block, cluster - first, self.order, 1)  # the block describes itself
         else:
-            self.change(start, 1)
-            if self._block(block_index) is not None:  # created while we allocated our cluster
-                self.change(start, -1)
-                return self._block(block_index)  # type: ignore[return-value]
-        offset = start << self.cluster_bits
+            self.change(cluster, 1)
+        offset = cluster << self.cluster_bits
         # The new block, and the refcount of its cluster, reach the disk before the table entry.
         self.cache.flush()
         self.file.pwrite(block, offset)
@@ -253,11 +277,11 @@ class Refcounts:
         self.flush()
         keep = []
         for i, entry in enumerate(self.table):
-            off = entry & C.L1E_OFFSET_MASK
+            off = entry & C.REFT_OFFSET_MASK
             if not off:
                 keep.append(0)
                 continue
-            block = bytearray(self.cache.get(off))
+            block = bytearray(self.cache.get(off).data)
             own = off >> self.cluster_bits
             if own >> self.per_block_bits == i:  # it counts itself: ignore that one entry
                 set_refcount(block, own & (self.per_block - 1), self.order, 0)
@@ -268,7 +292,7 @@ class Refcounts:
         self.file.flush()
         for i, entry in enumerate(self.table):
             if entry and not keep[i]:
-                off = entry & C.L1E_OFFSET_MASK
+                off = entry & C.REFT_OFFSET_MASK
                 self.change(off >> self.cluster_bits, -1)  # in whichever block counts it
                 self.cache.discard(off)
                 self.table[i] = 0
@@ -281,7 +305,7 @@ class Refcounts:
             block = self._block(cluster >> self.per_block_bits)
             if block is None:
                 continue
-            if get_refcount(block, cluster & (self.per_block - 1), self.order):
+            if get_refcount(block.data, cluster & (self.per_block - 1), self.order):
                 return cluster
         return -1
 
@@ -292,7 +316,7 @@ class Refcounts:
             if block is None:
                 continue
             for i in range(self.per_block - 1, -1, -1):
-                if get_refcount(block, i, self.order):
+                if get_refcount(block.data, i, self.order):
                     return (bi << self.per_block_bits) + i + 1
         return 0
 

@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import time
 
-from ..errors import CorruptImage, QcowError
+from ..errors import CorruptImage, QcowError, RefcountOverflow, SnapshotNotFound
 from ..format import constants as C
 from ..format.entries import compressed_descriptor, pack_table, unpack_table
-from ..format.header import field_patch
 from ..format.snapshot import Snapshot, StoredEntry, known_extra, read_entries, table_pieces_as_qemu
-from .overlap import ACTIVE_L1, INACTIVE_L1, MAIN_HEADER, write_metadata
-from .refcount import RefcountOverflow
+from .overlap import ACTIVE_L1, INACTIVE_L1, write_metadata
+from .resize import resize
 
 _MAX_L1_BYTES = C.MAX_L1_SIZE_BYTES
-
-
-class SnapshotNotFound(QcowError):
-    pass
 
 
 class SnapshotCreateFailed(QcowError):
@@ -39,7 +34,8 @@ Entry = StoredEntry
 def read_table(img) -> tuple[list[Entry], int]:
     """The snapshot table (entries, size in bytes), read as QEMU's qcow2_read_snapshots does."""
     h = img.header
-    entries = list(read_entries(img.file.pread, h.snapshots_offset, h.nb_snapshots))
+    entries = list(read_entries(img.file.pread, h.snapshots_offset, h.nb_snapshots,
+                                limit=max(0, img.file.size() - h.snapshots_offset)))
     return entries, entries[-1].end if entries else 0
 
 
@@ -68,10 +64,11 @@ def update_snapshot_refcount(img, l1_offset: int, l1_size: int, addend: int) -> 
     cluster reachable from the L1 table at ``l1_offset`` and set OFLAG_COPIED exactly where the
     refcount is then 1. The active L1 is taken from memory (snapshot_goto relies on that)."""
     cs, cbits = img.cluster_size, img.cluster_bits
-    rc = img.refcounts
+    meta = img.meta
+    rc = meta.refcounts
     active = l1_offset == img.header.l1_table_offset
-    l1 = img.l1 if active else unpack_table(img.file.pread(l1_size * 8, l1_offset))
-    step = img.entry_words
+    l1 = meta.l1 if active else unpack_table(img.file.pread(l1_size * 8, l1_offset))
+    step = meta.entry_words
     modified = False
     for i in range(l1_size):
         old_l1 = l1[i]
@@ -80,8 +77,7 @@ def update_snapshot_refcount(img, l1_offset: int, l1_size: int, addend: int) -> 
         l2_off = old_l1 & C.L1E_OFFSET_MASK
         if l2_off & (cs - 1):
             raise CorruptImage(f"L2 table offset {l2_off:#x} unaligned (L1 index: {i:#x})")
-        table = img.l2cache.get(l2_off)
-        dirty = False
+        table = meta.l2cache.get(l2_off)
         for j in range(0, len(table), step):
             old = table[j]
             entry = old & ~C.OFLAG_COPIED
@@ -103,20 +99,17 @@ def update_snapshot_refcount(img, l1_offset: int, l1_size: int, addend: int) -> 
             if refcount == 1:
                 entry |= C.OFLAG_COPIED
             if entry != old:
-                table[j] = entry
-                if not dirty:  # at once, as QEMU: a failure later still leaves this on disk
-                    img.l2cache.mark_dirty(l2_off)
-                    dirty = True
+                table[j] = entry  # dirty at once, as QEMU: a failure later still leaves this on disk
         if addend:
             rc.change(l2_off >> cbits, addend)
         refcount = rc.get(l2_off >> cbits)
         if refcount == 0:
-            img.l2cache.discard(l2_off)  # freed: its cached copy must never be written back
+            meta.l2cache.discard(l2_off)  # freed: its cached copy must never be written back
         new_l1 = l2_off | (C.OFLAG_COPIED if refcount == 1 else 0)
         if new_l1 != old_l1:
             l1[i] = new_l1
             modified = True
-    img._flush_all()
+    meta.sync()
     if addend >= 0 and modified:
         write_metadata(img.file, ACTIVE_L1 if active else INACTIVE_L1, pack_table(l1[:l1_size]), l1_offset)
         img.file.flush()
@@ -128,20 +121,19 @@ def write_table(img, entries: list[Entry], old_size: int) -> None:
     h = img.header
     pieces = table_pieces_as_qemu([(e.sn, e.id_b, e.name_b) for e in entries], img.size)
     size = pieces[-1][0] + len(pieces[-1][1]) if pieces else 0
-    new_off = img.refcounts.alloc_clusters((size + img.cluster_size - 1) >> img.cluster_bits) if size else 0
-    img._flush_all()
+    meta = img.meta
+    new_off = meta.refcounts.alloc_clusters(meta.clusters_for(size)) if size else 0
+    meta.sync()
     for pos, body in pieces:
         img.file.pwrite(body, new_off + pos)  # overlap-checked: the clusters must be free
     img.file.flush()
     old_off = h.snapshots_offset
-    h.nb_snapshots, h.snapshots_offset = len(entries), new_off
-    offset, data = field_patch(h, "nb_snapshots", "snapshots_offset")
-    write_metadata(img.file, MAIN_HEADER, data, offset)
+    meta.update_header(nb_snapshots=len(entries), snapshots_offset=new_off)
     img.file.flush()
-    img.overlap_guard._snapshots = None  # the guard re-reads the table's layout
+    meta.guard.snapshots_changed()
     if old_size:
-        img.refcounts.free(old_off, old_size)
-        img._flush_all()
+        meta.refcounts.free(old_off, old_size)
+        meta.sync()
 
 
 def _next_id(entries: list[Entry]) -> str:
@@ -156,10 +148,8 @@ def _next_id(entries: list[Entry]) -> str:
 
 
 def _prepare(img) -> None:
-    img._require_writable()
-    img._mark_dirty_if_lazy()
-    img._compressed_cache = None
-    img._flush_all()
+    img.begin_change()
+    img.meta.sync()
 
 
 def list_snapshots(img) -> list[Entry]:
@@ -178,11 +168,11 @@ def create(img, name: str, date: float | None = None) -> Entry:
         usec = time.time_ns() // 1000 if date is None else int(date * 1e6)  # g_get_real_time()
         sec, nsec = usec // 1000000, usec % 1000000 * 1000
         extra = known_extra(0, img.size, 0)  # qemu-img's snapshot info is zeroed: icount 0
-        l1_size = len(img.l1)
-        l1_off = img.refcounts.alloc_clusters((l1_size * 8 + img.cluster_size - 1) >> img.cluster_bits) \
-            if l1_size else 0
+        meta = img.meta
+        l1_size = len(meta.l1)
+        l1_off = meta.refcounts.alloc_clusters(meta.clusters_for(l1_size * 8)) if l1_size else 0
         if l1_size:
-            img.file.pwrite(pack_table(img.l1), l1_off)
+            img.file.pwrite(pack_table(meta.l1), l1_off)
         try:
             update_snapshot_refcount(img, h.l1_table_offset, l1_size, 1)
         except RefcountOverflow:
@@ -190,7 +180,7 @@ def create(img, name: str, date: float | None = None) -> Entry:
         id_b, name_b = _next_id(entries).encode(), name.encode()
         entry = Entry(Snapshot(l1_off, l1_size, id_b.decode(), name, sec, nsec, 0, 0, extra), id_b, name_b,
                       len(extra), 0, 0)
-        with img.punching_freed():
+        with meta.punching_freed():
             write_table(img, entries + [entry], size)
         return entry
 
@@ -205,12 +195,13 @@ def delete(img, key: str) -> None:
             raise SnapshotNotFound("snapshot not found")
         sn = entries[i].sn
         _validate_l1(img, sn)
-        with img.punching_freed():
+        meta = img.meta
+        with meta.punching_freed():
             write_table(img, entries[:i] + entries[i + 1:], size)
             update_snapshot_refcount(img, sn.l1_table_offset, sn.l1_size, -1)
             if sn.l1_size:
-                img.refcounts.free(sn.l1_table_offset, sn.l1_size * 8)
-            update_snapshot_refcount(img, img.header.l1_table_offset, len(img.l1), 0)
+                meta.refcounts.free(sn.l1_table_offset, sn.l1_size * 8)
+            update_snapshot_refcount(img, img.header.l1_table_offset, len(meta.l1), 0)
 
 
 def apply(img, key: str) -> None:
@@ -225,17 +216,18 @@ def apply(img, key: str) -> None:
         _validate_l1(img, sn)
         disk_size = sn.disk_size if sn.disk_size is not None else img.size
         if disk_size != img.size:
-            img.resize(disk_size)
-        if sn.l1_size > len(img.l1):
-            img._grow_l1(sn.l1_size, exact=True)
-            img._flush_all()
-        with img.punching_freed():
-            sn_l1 = unpack_table(img.file.pread(sn.l1_size * 8, sn.l1_table_offset)) + [0] * (len(img.l1) - sn.l1_size)
+            resize(img, disk_size)
+        meta = img.meta
+        if sn.l1_size > len(meta.l1):
+            meta.grow_l1(sn.l1_size, exact=True)
+            meta.sync()
+        with meta.punching_freed():
+            sn_l1 = unpack_table(img.file.pread(sn.l1_size * 8, sn.l1_table_offset)) + [0] * (len(meta.l1) - sn.l1_size)
             update_snapshot_refcount(img, sn.l1_table_offset, sn.l1_size, 1)
             write_metadata(img.file, ACTIVE_L1, pack_table(sn_l1), img.header.l1_table_offset)
             img.file.flush()
             # the in-memory L1 still holds the old tables: drop their references, then take the new
-            update_snapshot_refcount(img, img.header.l1_table_offset, len(img.l1), -1)
-            img.l1[:] = sn_l1
-            update_snapshot_refcount(img, img.header.l1_table_offset, len(img.l1), 0)
+            update_snapshot_refcount(img, img.header.l1_table_offset, len(meta.l1), -1)
+            meta.l1[:] = sn_l1
+            update_snapshot_refcount(img, img.header.l1_table_offset, len(meta.l1), 0)
 

@@ -29,8 +29,8 @@ def _open_chain(filename: str, fmt: str | None, base_name: str | None) -> tuple[
         base: BlockDevice | None = None
         dev = top
         while True:
-            header = getattr(getattr(dev, "image", None), "header", None)
-            name = header.backing_file if header is not None else ""
+            info = dev.format_info()
+            name = info.backing_file if info is not None else ""
             if not name:
                 break
             path = resolve_backing_path(dev.filename, name)  # type: ignore[attr-defined]
@@ -39,7 +39,7 @@ def _open_chain(filename: str, fmt: str | None, base_name: str | None) -> tuple[
                 (base_name is not None and (name == base_name or
                                             os.path.realpath(path) == os.path.realpath(
                                                 resolve_backing_path(filename, base_name)))))
-            nxt = open_image(path, "r+" if is_base else "r", header.backing_format, backing=False)
+            nxt = open_image(path, "r+" if is_base else "r", info.backing_format, backing=False)  # type: ignore[union-attr]
             dev.attach_backing(nxt)  # type: ignore[attr-defined]
             layers.append(nxt)
             if is_base:
@@ -62,7 +62,7 @@ def run_commit(filename: str, fmt: str | None = None, base: str | None = None, d
     try:
         if base_dev.size < top.size:
             base_dev.truncate(top.size)
-        cs = getattr(getattr(base_dev, "image", None), "cluster_size", 65536)
+        cs = base_dev.cluster_size or 65536
         offset, size = 0, top.size
         while offset < size:
             alloc, n = is_allocated_above(top, base_dev, offset, size - offset)
@@ -75,8 +75,8 @@ def run_commit(filename: str, fmt: str | None = None, base: str | None = None, d
             _copy(top, base_dev, start, end)
             offset = end
         base_dev.flush()
-        if not drop and getattr(top, "image", None) is not None:
-            top.image.make_empty()  # type: ignore[attr-defined]
+        if not drop and top.format_info() is not None:
+            top.make_empty()
     finally:
         top.close()
 

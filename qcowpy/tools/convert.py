@@ -139,14 +139,12 @@ _MAX_PENDING_WRITES = 8  # chunks in flight: bounds memory to a few times CHUNK
 
 
 class _Copier:
-    def __init__(self, target: BlockDevice, zero_init: bool, min_sparse: int, compress: bool,
-                 progress: Callable[[int], None]):
+    def __init__(self, target: BlockDevice, zero_init: bool, min_sparse: int, progress: Callable[[int], None]):
         self.target = target
         self.zero_init = zero_init
         self.min_sparse = min_sparse
-        self.compress = compress
         self.done = progress
-        self.cluster = getattr(getattr(target, "image", None), "cluster_size", 65536)
+        self.cluster = target.cluster_size or 65536
         # Raw targets take their writes on two worker threads (os.pwrite drops the GIL), so
         # writing overlaps reading the next chunk, as qemu-img's parallel requests do.
         self._pool = ThreadPoolExecutor(2) if target.format == "raw" else None
@@ -207,7 +205,7 @@ class _Copier:
 def _copy_compressed(runs: list[_Run], target: BlockDevice, total: int, zero_init: bool,
                      progress: Callable[[int], None]) -> None:
     """Whole clusters: all-zero ones are skipped (or zero-written), others written compressed."""
-    cs = target.image.cluster_size  # type: ignore[attr-defined]
+    cs = target.cluster_size or 65536
     idx = 0
     for cstart in range(0, total, cs):
         cend = min(cstart + cs, total)
@@ -234,7 +232,7 @@ def _copy_compressed(runs: list[_Run], target: BlockDevice, total: int, zero_ini
             if not zero_init:
                 target.write_zeroes(cend - cstart, cstart, unmap=True)
         else:
-            target.write_compressed(bytes(buf), cstart)  # type: ignore[attr-defined]
+            target.write_compressed(bytes(buf), cstart)
         progress(cend - cstart)
 
 
@@ -305,7 +303,7 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
         if req.no_create:
             if target.size < total:
                 raise ConvertError("output file is smaller than input file")
-        if req.compress and target.format != "qcow2":
+        if req.compress and not target.can_write_compressed:
             raise ConvertError("Compression not supported for this file format")
         top_only = bool(backing)
         backing_end = None
@@ -326,13 +324,10 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
 
         if req.compress:
             _copy_compressed(runs, target, total, zero_init, advance)
+            target.write_compressed(b"", 0)  # qemu-img's last call: end the file on a sector boundary
             target.flush()
-            hf = target.image.file  # type: ignore[attr-defined]
-            fsize = hf.size()
-            if fsize % 512:  # qemu-img ends compressed output on a sector boundary
-                hf.truncate((fsize + 511) & ~511)
         else:
-            copier = _Copier(target, zero_init, req.min_sparse, False, advance)
+            copier = _Copier(target, zero_init, req.min_sparse, advance)
             try:
                 for r in runs:
                     if r.kind == DATA:

@@ -6,19 +6,8 @@ import os
 from ..block.device import BlockDevice
 from ..block.open import open_image, resolve_backing_path
 from ..errors import QcowError
-from ..format import constants as C
 from ..units import format_size
 from .qjson import QDict, dumps_pretty, qdict_order
-
-
-def _allocated(dev: BlockDevice) -> int | None:
-    f = getattr(dev, "file", None) or getattr(getattr(dev, "image", None), "file", None)
-    if f is None:
-        return None
-    try:
-        return f.allocated_bytes()
-    except OSError:
-        return None
 
 
 def image_info(dev: BlockDevice, filename: str) -> QDict:
@@ -26,10 +15,9 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
     info = QDict()
     info["filename"] = filename
     info["format"] = dev.format
-    image = getattr(dev, "image", None)
-    h = image.header if image is not None else None
-    info["dirty-flag"] = bool(h.incompatible_features & C.INCOMPAT_DIRTY) if h else False
-    actual = _allocated(dev)
+    h = dev.format_info()
+    info["dirty-flag"] = h.dirty if h else False
+    actual = dev.allocated_size()
     if actual is not None:
         info["actual-size"] = actual
     info["virtual-size"] = dev.size
@@ -40,7 +28,7 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
             info["full-backing-filename"] = resolve_backing_path(filename, h.backing_file)
             if h.backing_format:
                 info["backing-filename-format"] = h.backing_format
-        snaps = snapshot_rows(image)
+        snaps = snapshot_rows(dev)
         if snaps:
             info["snapshots"] = snaps
         data = QDict()
@@ -51,12 +39,12 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
             data["compat"] = "1.1"
             if h.data_file:
                 data["data-file"] = h.data_file
-                data["data-file-raw"] = bool(h.autoclear_features & 2)
+                data["data-file-raw"] = h.data_file_raw
             data["extended-l2"] = h.extended_l2
-            data["lazy-refcounts"] = bool(h.compatible_features & C.COMPAT_LAZY_REFCOUNTS)
-            data["corrupt"] = bool(h.incompatible_features & C.INCOMPAT_CORRUPT)
+            data["lazy-refcounts"] = h.lazy_refcounts
+            data["corrupt"] = h.corrupt
             data["refcount-bits"] = h.refcount_bits
-        data["compression-type"] = "zstd" if h.compression_type == C.COMPRESSION_ZSTD else "zlib"
+        data["compression-type"] = h.compression_type
         spec = QDict()
         spec["type"] = "qcow2"
         spec["data"] = data
@@ -64,15 +52,10 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
     return info
 
 
-def snapshot_rows(image) -> list:
-    h = image.header
-    if not h.nb_snapshots:
-        return []
+def snapshot_rows(dev: BlockDevice) -> list:
     try:
-        from ..format.snapshot import parse_snapshot_table
-        raw = image.file.pread(min(h.nb_snapshots * 1024 + 65536, 64 << 20), h.snapshots_offset)
-        snaps = parse_snapshot_table(raw, h.nb_snapshots)
-    except (QcowError, ValueError, IndexError):
+        snaps = dev.snapshots()
+    except QcowError:
         return []
     out = []
     for s in snaps:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..block.device import status_at
+from ..block.device import BlockDevice, status_at
 from ..block.open import open_image
 from ..errors import InvalidArgument, QcowError
 from ..format import constants as C
-from ..format import bitmaps as B
 from .options import ParsedOpts, parse_create_options, refcount_bits_error
 from .qjson import QDict, dumps_pretty
 
@@ -91,19 +90,18 @@ def _qcow2_params(opts: ParsedOpts) -> tuple[int, int, int, bool, str, bool]:
     return cs, version, bits.bit_length() - 1, ext, prealloc, bool(v.get("backing_file"))
 
 
-def _bitmaps_size(img, cluster_size: int) -> int:
+def _bitmaps_size(dev: BlockDevice, cluster_size: int) -> int:
     """qcow2_get_persistent_dirty_bitmap_size for the input's persistent bitmaps."""
-    ext = B.extension_of(img.header)
-    if ext is None or not ext.nb_bitmaps:
-        return 0
-    raw = img.file.pread(min(ext.directory_size, B.MAX_DIRECTORY_READ), ext.directory_offset)
     total = dir_size = 0
-    for d in B.parse_directory(raw, ext.nb_bitmaps, partial=True):
-        nbytes = -(-(-(-img.size // (1 << d.granularity_bits))) // 8)  # one bit per granule
+    for bm in dev.bitmaps():
+        nbytes = -(-(-(-dev.size // (1 << bm.granularity_bits))) // 8)  # one bit per granule
         clusters = -(-nbytes // cluster_size)
         total += clusters * cluster_size + _round_up(clusters * 8, cluster_size)  # data + bitmap table
-        dir_size += _round_up(B.DIR_ENTRY.size + d.name_size, 8)  # the entry the new image's directory needs
+        dir_size += _round_up(_DIR_ENTRY_SIZE + bm.name_size, 8)  # the entry the new image's directory needs
     return total + _round_up(dir_size, cluster_size)
+
+
+_DIR_ENTRY_SIZE = 24  # a bitmap directory entry's fixed part
 
 
 def measure(out_fmt: str, options: str | None, filename: str | None = None, fmt: str | None = None,
@@ -148,9 +146,8 @@ def measure(out_fmt: str, options: str | None, filename: str | None = None, fmt:
             required = virtual
         full = qcow2_prealloc_size(virtual, cs, order, ext)
         result = Measure(full - virtual + required, full)
-        img = getattr(dev, "image", None)
-        if version >= 3 and img is not None:
-            result.bitmaps = _bitmaps_size(img, cs)
+        if version >= 3 and dev is not None and dev.format_info() is not None:
+            result.bitmaps = _bitmaps_size(dev, cs)
         return result
     finally:
         if dev is not None:

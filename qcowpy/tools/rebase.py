@@ -75,7 +75,7 @@ def run_rebase(filename: str, backing: str | None, backing_fmt: str | None, fmt:
                               "specified")
         if dev.format != "qcow2":  # raw has no backing file to change
             raise RebaseError(f"Could not change the backing file to '{new_name}': Operation not supported")
-        dev.image.change_backing_file(new_name or None, backing_fmt)  # type: ignore[attr-defined]
+        dev.change_backing_file(new_name or None, backing_fmt)
     finally:
         if own_new and new_dev is not None:
             new_dev.close()

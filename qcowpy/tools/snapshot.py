@@ -1,12 +1,10 @@
-"""``snapshot``: qemu-img's img_snapshot (list, create, apply, delete) over qcowpy.qcow2.snapshot."""
+"""``snapshot``: qemu-img's img_snapshot (list, create, apply, delete) on a block device."""
 from __future__ import annotations
 
 from typing import Callable
 
 from ..block.open import open_image
-from ..errors import CorruptImage, QcowError
-from ..qcow2 import snapshot as sn
-from ..qcow2.refcount import RefcountOverflow
+from ..errors import CorruptImage, QcowError, RefcountOverflow, SnapshotNotFound
 from .info import snapshot_header, snapshot_line, snapshot_rows
 
 
@@ -31,15 +29,14 @@ def run_snapshot(filename: str, action: str | None, name: str | None, force_shar
     dev = open_image(filename, "r+" if writable else "r", None, backing=False,
                      force_share=force_share and not writable)
     try:
-        img = getattr(dev, "image", None)
         if action == "l":
-            rows = snapshot_rows(img) if img is not None else []
+            rows = snapshot_rows(dev)
             if rows:
                 echo("Snapshot list:\n" + snapshot_header() + "\n" + "".join(snapshot_line(r) + "\n" for r in rows))
             return
         if action is None:
             return
-        if img is None:  # raw: no internal snapshots
+        if not dev.supports_snapshots:  # raw: no internal snapshots
             what = {"c": "create", "a": "apply", "d": "delete"}[action]
             if action == "c":
                 raise SnapshotError(f"Could not create snapshot '{name}': -95 (Operation not supported)")
@@ -47,12 +44,12 @@ def run_snapshot(filename: str, action: str | None, name: str | None, force_shar
                 "snapshot not found" if action == "d" else "Block driver does not support snapshots"))
         try:
             if action == "c":
-                sn.create(img, name or "")
+                dev.snapshot_create(name or "")
             elif action == "a":
-                sn.apply(img, name or "")
+                dev.snapshot_apply(name or "")
             else:
-                sn.delete(img, name or "")
-        except sn.SnapshotNotFound:
+                dev.snapshot_delete(name or "")
+        except SnapshotNotFound:
             if action == "a":
                 raise SnapshotError(f"Could not apply snapshot '{name}': Failed to load snapshot: "
                                     "No such file or directory") from None

@@ -12,8 +12,8 @@ import pytest
 
 import qcowpy
 from qcowpy import kernels as K
-from qcowpy.qcow2 import image as image_mod
-from qcowpy.qcow2.image import _KIND, LayerExtent
+from qcowpy.qcow2 import mapping as image_mod
+from qcowpy.qcow2.mapping import _KIND, LayerExtent, cluster_pieces
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -65,13 +65,14 @@ def _per_cluster_extents(img, offset: int, length: int) -> list[LayerExtent]:
     """The mapping as the engine computed it before l2_runs: one cluster at a time, then merged."""
     out: list[list] = []
     cs = img.cluster_size
+    meta = img.meta
     pos, end = offset, offset + length
     while pos < end:
-        l1_index = pos >> (img.cluster_bits + img.l2_bits)
-        got = img._l2_table(l1_index)
+        l1_index = pos >> (img.cluster_bits + meta.l2_bits)
+        got = meta.l2_table(l1_index)
         cstart = pos & ~(cs - 1)
-        idx = (pos >> img.cluster_bits) & (img.l2_entries - 1)
-        for t, pstart, plen, host in img._cluster_pieces(got[1] if got else None, idx):
+        idx = (pos >> img.cluster_bits) & (meta.l2_entries - 1)
+        for t, pstart, plen, host in cluster_pieces(meta, got.data if got else None, idx):
             a, b = max(pos, cstart + pstart), min(end, cstart + pstart + plen)
             if a >= b:
                 continue

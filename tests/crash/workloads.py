@@ -7,6 +7,7 @@ import tempfile
 from dataclasses import dataclass
 
 import qcowpy
+from qcowpy.qcow2.resize import resize
 
 from .harness import GuestModel, MemBacking, RecordingFile, open_on
 
@@ -94,7 +95,7 @@ def record(name: str, seed: int, nops: int = 40) -> Recorded:
             model.write(file, c * cs, data)
         elif op == "r" and cur_size < (4 << 20):
             new = cur_size * 4
-            img.resize(new)
+            resize(img, new)
             model.cur.extend(bytes(new - cur_size))
             model.size = cur_size = new
         if op == "f" or rng.random() < 0.15:

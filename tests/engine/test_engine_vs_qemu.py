@@ -228,7 +228,7 @@ def test_resize_grows_l1(qemu, tmp_path, cs):
         model[1000:41000] = data
         l1_before = dev.image.header.l1_size
         new_size = 64 * MiB + 512  # 1 -> 2049 (512) / 33 (4k) L1 entries: the L1 table moves
-        dev.image.resize(new_size)
+        dev.truncate(new_size)
         assert dev.size == new_size
         assert dev.image.header.l1_size > l1_before
         model += bytes(new_size - len(model))

@@ -152,9 +152,7 @@ def test_backing_loop(tmp_path):
     qcowpy.create(b, 1 << 20, backing_file="a.qcow2", backing_fmt="qcow2")
     # rewrite a's header to point back at b: a -> b -> a
     with qcowpy.open(a, "r+") as dev:
-        img = dev.image
-        img.header.backing_file = "b.qcow2"
-        img._write_header()
+        dev.change_backing_file("b.qcow2", None)
     with pytest.raises(qcowpy.QcowError, match="loop"):
         qcowpy.open(b)
 

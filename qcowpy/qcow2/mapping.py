@@ -1,0 +1,152 @@
+"""The read side of the mapping: guest ranges of one image as maximal runs of one kind.
+
+Reads, zero detection and block status all build on :func:`layer_extents`, so this is the one
+place that decodes L2 entries (through ``format/entries.py`` and the ``l2_runs`` kernel) and
+range-checks them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..errors import CorruptImage
+from ..format import constants as C
+from ..format.entries import ClusterType, l2_offset, l2_reserved, subcluster_type
+from ..format.entries import cluster_type as std_cluster_type
+from ..kernels import l2_runs
+from .metadata import Metadata
+
+# Layer-level extent kinds
+UNALLOCATED = "unallocated"  # defer to the backing file
+ZERO = "zero"
+DATA = "data"
+COMPRESSED = "compressed"
+
+_KIND = {
+    ClusterType.UNALLOCATED: UNALLOCATED,
+    ClusterType.ZERO_PLAIN: ZERO,
+    ClusterType.ZERO_ALLOC: ZERO,
+    ClusterType.NORMAL: DATA,
+    ClusterType.COMPRESSED: COMPRESSED,
+}
+
+
+@dataclass(frozen=True)
+class LayerExtent:
+    """A run of guest bytes with one status in this image alone (not the chain)."""
+
+    kind: str
+    start: int
+    length: int
+    host_offset: int | None = None  # contiguous host bytes for DATA and preallocated ZERO
+
+
+def layer_extents(meta: Metadata, offset: int, length: int) -> Iterator[LayerExtent]:
+    """Merge the raw runs of ``[offset, offset+length)`` into maximal extents (same kind,
+    contiguous host bytes). A generator: a caller that stops early pays only for what it took."""
+    cur: list = []  # [kind, start, length, host]
+    for kind, a, b, h in _raw_runs(meta, offset, offset + length):
+        if cur and cur[0] == kind and cur[1] + cur[2] == a and (
+                (cur[3] is None and h is None) or
+                (cur[3] is not None and h is not None and cur[3] + cur[2] == h)):
+            cur[2] += b - a
+        else:
+            if cur:
+                yield LayerExtent(*cur)
+            cur = [kind, a, b - a, h]
+    if cur:
+        yield LayerExtent(*cur)
+
+
+def _raw_runs(meta: Metadata, pos: int, end: int) -> Iterator[tuple[str, int, int, int | None]]:
+    """(kind, start, end, host offset or None) runs, at most one L2 table's worth at a time."""
+    cbits = meta.cluster_bits
+    span_bits = cbits + meta.l2_bits
+    while pos < end:
+        l1_index = pos >> span_bits
+        table = meta.l2_table(l1_index)
+        base = l1_index << span_bits
+        span_end = min(end, base + (1 << span_bits))
+        if table is not None and meta.extended:
+            yield from _extended_runs(meta, table.data, pos, span_end)
+            pos = span_end
+            continue
+        # Whole runs of clusters at a time (kernels.l2_runs), a bounded number per call so a
+        # caller that stops after the first extent does not pay for the whole table.
+        idx = (pos - base) >> cbits
+        stop = ((span_end - base - 1) >> cbits) + 1
+        while idx < stop:
+            if table is None:
+                runs = [(ClusterType.UNALLOCATED, idx, stop - idx, 0)]
+            else:
+                runs = l2_runs(table.data, idx, stop, cbits, 64)
+            for t, first, count, host in runs:
+                if t < 0:
+                    raise CorruptImage(f"L2 entry {host:#x} has reserved bits set" if t == -1 else
+                                       f"Cluster allocation offset {l2_offset(host):#x} unaligned "
+                                       f"(L2 entry {host:#x})")
+                rstart = base + (first << cbits)
+                a = max(pos, rstart)
+                yield _KIND[t], a, min(span_end, rstart + (count << cbits)), \
+                    host + (a - rstart) if host else None
+                idx = first + count
+        pos = span_end
+
+
+def _extended_runs(meta: Metadata, table: list[int], pos: int, span_end: int) -> Iterator[tuple]:
+    cs = meta.cluster_size
+    while pos < span_end:
+        cstart = pos & ~(cs - 1)
+        idx = (pos >> meta.cluster_bits) & (meta.l2_entries - 1)
+        for t, pstart, plen, host in cluster_pieces(meta, table, idx):
+            a = max(pos, cstart + pstart)
+            b = min(span_end, cstart + pstart + plen)
+            if a < b:
+                yield _KIND[t], a, b, host + (a - cstart - pstart) if host else None
+        pos = cstart + cs
+
+
+def cluster_pieces(meta: Metadata, table: list[int] | None, idx: int) -> list[tuple[ClusterType, int, int, int]]:
+    """(type, start within cluster, length, host offset or 0) for one cluster, merged."""
+    cs = meta.cluster_size
+    if table is None:
+        return [(ClusterType.UNALLOCATED, 0, cs, 0)]
+    if not meta.extended:
+        entry = table[idx]
+        if l2_reserved(entry):
+            raise CorruptImage(f"L2 entry {entry:#x} has reserved bits set")
+        t = std_cluster_type(entry)
+        host = l2_offset(entry) if t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) else 0
+        if t == ClusterType.NORMAL and host & (cs - 1):
+            raise CorruptImage(f"Cluster allocation offset {host:#x} unaligned (L2 entry {entry:#x})")
+        return [(t, 0, cs, host)]
+    entry, bitmap = table[2 * idx], table[2 * idx + 1]
+    if l2_reserved(entry, extended=True):
+        raise CorruptImage(f"L2 entry {entry:#x} has reserved bits set")
+    base = l2_offset(entry) if not entry & C.OFLAG_COMPRESSED else 0
+    if base & (cs - 1):
+        raise CorruptImage(f"Cluster allocation offset {base:#x} unaligned (L2 entry {entry:#x})")
+    if entry & C.OFLAG_COMPRESSED:
+        if bitmap:
+            raise CorruptImage("Compressed cluster with a nonzero subcluster bitmap")
+        return [(ClusterType.COMPRESSED, 0, cs, 0)]
+    sc = cs // C.SUBCLUSTERS_PER_CLUSTER
+    pieces: list[tuple[ClusterType, int, int, int]] = []
+    for i in range(C.SUBCLUSTERS_PER_CLUSTER):
+        t = subcluster_type(entry, bitmap, i)
+        if t == ClusterType.INVALID:
+            raise CorruptImage(f"Invalid subcluster bitmap {bitmap:#x} in L2 entry")
+        # A reserved but unallocated subcluster reads from below yet keeps its host offset,
+        # which block status reports when nothing below answers (as QEMU's map does).
+        reserved = t == ClusterType.UNALLOCATED_ALLOC
+        if reserved:
+            t = ClusterType.UNALLOCATED
+        host = base + i * sc if reserved or t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) else 0
+        prev_host = pieces[-1][3] if pieces else 0
+        if pieces and pieces[-1][0] == t and (host == prev_host == 0 or
+                                              (host and prev_host and prev_host + pieces[-1][2] == host)):
+            p = pieces[-1]
+            pieces[-1] = (t, p[1], p[2] + sc, p[3])
+        else:
+            pieces.append((t, i * sc, sc, host))
+    return pieces
