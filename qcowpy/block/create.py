@@ -5,8 +5,11 @@ import os
 from typing import Any
 
 from ..errors import InvalidArgument
+from ..format.constants import MAX_L1_SIZE_BYTES
 from ..hostfile import HostFile
 from ..qcow2.create import Qcow2Options, create_qcow2
+
+__all__ = ["Qcow2Options", "create_image", "create_qcow2", "qcow2_options", "qcow2_size_fits", "backing_size"]
 from ..units import parse_option_size, parse_size
 from .open import open_image, resolve_backing_path
 
@@ -50,6 +53,12 @@ def qcow2_options(size: int, **options: Any) -> Qcow2Options:
         else:
             raise InvalidArgument(f"Invalid parameter '{key.replace('_', '-') if False else key}'")
     return opts
+
+
+def qcow2_size_fits(size: int, cluster_size: int, extended_l2: bool) -> bool:
+    """Whether the L1 table a qcow2 image of ``size`` bytes needs stays within QEMU's limit."""
+    l2_entries = cluster_size // (16 if extended_l2 else 8)
+    return -(-size // (cluster_size * l2_entries)) * 8 <= MAX_L1_SIZE_BYTES
 
 
 def backing_size(path: str, backing_file: str, backing_fmt: str | None) -> int:

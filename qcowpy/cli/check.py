@@ -6,12 +6,10 @@ import sys
 import click
 
 from ..errors import QcowError
+from .common import CONTEXT, PROG, CommandFailed, open_error
 
-CONTEXT = {"help_option_names": ["-h", "--help"]}
 
-
-def _fail(message: str, code: int = 1):
-    from .main import CommandFailed
+def _fail(message: str | None, code: int = 1) -> CommandFailed:
     return CommandFailed(message, code)
 
 
@@ -32,9 +30,8 @@ def check(fmt, output, repair, quiet, force_share, cache, image_opts, objects, f
     Exit status: 0 consistent, 1 check failed, 2 corruptions, 3 leaked clusters only,
     63 the format has no checks.
     """
-    from ..tools.check import (EXIT_UNSUPPORTED, CheckNotSupported, render_human, render_json,
+    from ..tools.check import (EXIT_UNSUPPORTED, CheckNotSupported, Hint, render_human, render_json,
                                repaired_banner, run_check, stderr_log)
-    from .main import open_error
 
     if filename is None:
         raise click.UsageError("Expecting one image file name")
@@ -55,8 +52,6 @@ def check(fmt, output, repair, quiet, force_share, cache, image_opts, objects, f
             sys.stdout.write(render_human(report) if output == "human" else render_json(report))
     code = report.exit_code
     if code == 1:
-        from ..qcow2.check import Hint
-        from .main import PROG
         lines = list(report.failed_lines or [])
         lines.append(f"Check failed: {report.failed}" if report.failed else "Check failed")
         for line in lines:  # error reports carry the program name, QEMU's hint lines do not

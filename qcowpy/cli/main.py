@@ -9,66 +9,13 @@ from __future__ import annotations
 import errno
 import os
 import sys
-import warnings
 
 import click
 
 from ..errors import QcowError
-from ..units import cvtnum
 
-PROG = "qcowpy"
-
-
-class CommandFailed(Exception):
-    """Raised inside a command to exit with ``code`` after printing ``message`` (if any)."""
-
-    def __init__(self, message: str | None, code: int = 1, hint: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.hint = hint
-
-
-def error_line(message: str) -> None:
-    for line in message.split("\n"):
-        sys.stderr.write(f"{PROG}: {line}\n")
-
-
-def warn_line(message: str) -> None:
-    sys.stderr.write(f"{PROG}: warning: {message}\n")
-
-
-def out(text: str) -> None:
-    sys.stdout.write(text)
-
-
-def size_arg(name: str, text: str) -> int:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        value = cvtnum(name, text)
-    for w in caught:
-        warn_line(str(w.message))
-    return value
-
-
-def warn_if_probed_raw(filename: str, fmt: str | None) -> None:
-    """QEMU's warning when an image it opens for writing was probed as raw (block 0 is guarded)."""
-    if fmt is not None or not os.path.isfile(filename):
-        return
-    from ..block.open import probe_format
-    try:
-        probed = probe_format(filename)
-    except (OSError, QcowError):
-        return
-    if probed == "raw":
-        sys.stderr.write(f"WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n"
-                         "         Automatically detecting the format is dangerous for raw images, write "
-                         "operations on block 0 will be restricted.\n"
-                         "         Specify the 'raw' format explicitly to remove the restrictions.\n")
-
-
-def open_error(filename: str, e: QcowError) -> str:
-    return f"Could not open '{filename}': {e}"  # qemu-img prefixes even the driver's own "Could not open"
+from .common import (CONTEXT, PROG, CommandFailed, error_line, open_error, out, size_arg,  # noqa: F401
+                     warn_if_probed_raw, warn_line)
 
 
 class QemuGroup(click.Group):
@@ -76,9 +23,6 @@ class QemuGroup(click.Group):
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)
-
-
-CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
 @click.group(cls=QemuGroup, context_settings=CONTEXT)

@@ -9,20 +9,14 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import InvalidArgument, QcowError
-from ..format.constants import MAGIC
-from ..format.header import parse_header
-from ..hostfile import HostFile
-from ..qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckFailed, CheckResult, check_file
+from ..block.check import (FIX_ERRORS, FIX_LEAKS, CheckNotSupported, CheckResult, Hint,  # noqa: F401
+                           check_image, probe_for_check)
+from ..errors import InvalidArgument
 from .qjson import QDict, dumps_pretty
 
 EXIT_OK, EXIT_FAILED, EXIT_CORRUPT, EXIT_LEAKS, EXIT_UNSUPPORTED = 0, 1, 2, 3, 63
 
 REPAIR_MODES = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
-
-
-class CheckNotSupported(QcowError):
-    """The image format has no consistency checks (qemu-img exits 63)."""
 
 
 @dataclass
@@ -46,17 +40,6 @@ class CheckReport:
         return EXIT_OK
 
 
-def _probe(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            return "qcow2" if f.read(4) == MAGIC else "raw"
-    except FileNotFoundError:
-        from ..errors import ImageNotFound
-        raise ImageNotFound(f"Could not open '{path}': No such file or directory") from None
-    except OSError as e:
-        raise QcowError(f"Could not open '{path}': {e.strerror}") from None
-
-
 def run_check(filename: str, fmt: str | None = None, repair: str | None = None, force_share: bool = False,
               log: Callable[[str], None] | None = None) -> CheckReport:
     """Open ``filename`` as qemu-img check does (read-only unless repairing) and check it.
@@ -65,46 +48,11 @@ def run_check(filename: str, fmt: str | None = None, repair: str | None = None, 
     """
     if repair not in REPAIR_MODES:
         raise InvalidArgument(f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}")
-    fix = REPAIR_MODES[repair]
-    fmt = fmt or _probe(filename)
+    fmt = fmt or probe_for_check(filename)
     if fmt not in ("qcow2", "raw"):
         raise InvalidArgument(f"Unknown driver '{fmt}'")
-    file = _open_host(filename, writable=bool(fix), force_share=force_share)
-    try:
-        if fmt == "raw":
-            raise CheckNotSupported("This image format does not support checks")
-        from ..qcow2.image import Qcow2Image
-        from ..format import constants as C
-
-        header = parse_header(file.pread(min(file.size(), 1 << C.MAX_CLUSTER_BITS), 0), file.size())
-        # the open-time validation (same errors as any open; the snapshot table is the check's)
-        Qcow2Image(file, header, writable=False, check_mode=True)
-        report = CheckReport(filename, fmt, CheckResult())
-        try:
-            first = check_file(file, header, fix, log)
-        except CheckFailed as e:
-            report.result, report.failed, report.failed_lines = e.result, str(e), e.lines
-            return report
-        if first.corruptions_fixed or first.leaks_fixed:
-            report.repaired = first
-            try:
-                again = check_file(file, header, 0, log)
-            except CheckFailed as e:
-                again, report.failed = e.result, str(e)
-            again.leaks_fixed, again.corruptions_fixed = first.leaks_fixed, first.corruptions_fixed
-            report.result = again
-        else:
-            report.result = first
-        return report
-    finally:
-        file.close()
-
-
-def _open_host(path: str, writable: bool, force_share: bool) -> HostFile:
-    try:
-        return HostFile(path, writable=writable, force_share=force_share)  # type: ignore[call-arg]
-    except TypeError:  # HostFile without locking support
-        return HostFile(path, writable=writable)
+    o = check_image(filename, fmt, REPAIR_MODES[repair], force_share, log)
+    return CheckReport(filename, fmt, o.result, o.repaired, o.failed, o.failed_lines)
 
 
 def repaired_banner(report: CheckReport) -> str:

@@ -19,8 +19,7 @@ from ..kernels import is_zero, zero_runs
 from ..block.device import BlockDevice
 from ..block.open import open_image
 from ..errors import QcowError
-from ..qcow2.create import create_qcow2
-from ..block.create import create_image, qcow2_options
+from ..block.create import create_image, create_qcow2, qcow2_options
 from .create import validate
 from .options import parse_create_options
 

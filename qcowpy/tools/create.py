@@ -4,11 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..block.create import create_image, qcow2_options
+from ..block.create import create_image, create_qcow2, qcow2_options, qcow2_size_fits
 from ..block.open import open_image, resolve_backing_path
 from ..errors import InvalidArgument, QcowError
-from ..format import constants as C
-from ..qcow2.create import create_qcow2
 from ..units import INT64_MAX
 from .options import ParsedOpts, parse_create_options, refcount_bits_error
 
@@ -119,9 +117,7 @@ def validate(fmt: str, opts: ParsedOpts) -> dict:
                               "(use version=v3 or greater)")
     if rounded > INT64_MAX:
         raise InvalidArgument("Could not resize image: Image size cannot be negative")
-    l2_entries = cs // (16 if ext else 8)
-    l1_entries = -(-rounded // (cs * l2_entries))
-    if l1_entries * 8 > C.MAX_L1_SIZE_BYTES:
+    if not qcow2_size_fits(rounded, cs, ext):
         raise InvalidArgument("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
     out: dict = {}
     for key in ("cluster_size", "compat", "refcount_bits", "compression_type", "lazy_refcounts", "extended_l2",

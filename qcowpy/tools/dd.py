@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..block.create import create_image, qcow2_options
+from ..block.create import create_image, create_qcow2, qcow2_options
 from ..block.open import open_image
 from ..errors import QcowError
-from ..qcow2.create import create_qcow2
 from ..units import INT64_MAX, cvtnum
 
 _CHUNK = 1 << 20

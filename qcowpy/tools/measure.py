@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..block.device import BlockDevice, status_at
 from ..block.open import open_image
 from ..errors import InvalidArgument, QcowError
-from ..format import constants as C
+from ..block.create import qcow2_size_fits
 from .options import ParsedOpts, parse_create_options, refcount_bits_error
 from .qjson import QDict, dumps_pretty
 
@@ -122,8 +122,7 @@ def measure(out_fmt: str, options: str | None, filename: str | None = None, fmt:
             return Measure(total, total)
         cs, version, order, ext, prealloc, backing = _qcow2_params(opts)
         virtual = _round_up(virtual, cs)
-        l2_tables = -(-(virtual // cs) // (cs // (16 if ext else 8)))
-        if l2_tables * 8 > C.MAX_L1_SIZE_BYTES:
+        if not qcow2_size_fits(virtual, cs, ext):
             raise MeasureError("The image size is too large (try using a larger cluster size)")
         required = 0
         if dev is not None:

@@ -1,0 +1,71 @@
+"""Consistency check and repair of an image file: what the block layer offers ``check``.
+
+qemu-img check opens the file itself (read-only unless repairing), runs the open-time
+validation, then checks; a repair that fixed something is followed by a second, read-only
+pass whose counts are the ones reported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import ImageNotFound, QcowError
+from ..format.constants import MAGIC, MAX_CLUSTER_BITS
+from ..format.header import parse_header
+from ..hostfile import HostFile
+from ..qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckFailed, CheckResult, Hint, check_file
+from ..qcow2.image import Qcow2Image
+
+__all__ = ["FIX_ERRORS", "FIX_LEAKS", "CheckNotSupported", "CheckOutcome", "CheckResult", "Hint",
+           "check_image", "probe_for_check"]
+
+
+class CheckNotSupported(QcowError):
+    """The image format has no consistency checks (qemu-img exits 63)."""
+
+
+@dataclass
+class CheckOutcome:
+    result: CheckResult
+    repaired: CheckResult | None = None  # the first pass, when it fixed something
+    failed: str | None = None  # "Check failed" reason (exit 1)
+    failed_lines: list[str] | None = None  # error reports printed before "Check failed"
+
+
+def probe_for_check(path: str) -> str:
+    """qcow2 by its magic, anything else raw (which has no checks)."""
+    try:
+        with open(path, "rb") as f:
+            return "qcow2" if f.read(4) == MAGIC else "raw"
+    except FileNotFoundError:
+        raise ImageNotFound(f"Could not open '{path}': No such file or directory") from None
+    except OSError as e:
+        raise QcowError(f"Could not open '{path}': {e.strerror}") from None
+
+
+def check_image(filename: str, fmt: str, fix: int, force_share: bool = False,
+                log: Callable[[str], None] | None = None) -> CheckOutcome:
+    """Check (and with ``fix``, FIX_LEAKS | FIX_ERRORS, repair) one image file."""
+    file = HostFile(filename, writable=bool(fix), force_share=force_share)
+    try:
+        if fmt == "raw":
+            raise CheckNotSupported("This image format does not support checks")
+        header = parse_header(file.pread(min(file.size(), 1 << MAX_CLUSTER_BITS), 0), file.size())
+        # the open-time validation (same errors as any open; the snapshot table is the check's)
+        Qcow2Image(file, header, writable=False, check_mode=True)
+        try:
+            first = check_file(file, header, fix, log)
+        except CheckFailed as e:
+            return CheckOutcome(e.result, failed=str(e), failed_lines=e.lines)
+        if not (first.corruptions_fixed or first.leaks_fixed):
+            return CheckOutcome(first)
+        outcome = CheckOutcome(first, repaired=first)
+        try:
+            again = check_file(file, header, 0, log)
+        except CheckFailed as e:
+            again, outcome.failed = e.result, str(e)
+        again.leaks_fixed, again.corruptions_fixed = first.leaks_fixed, first.corruptions_fixed
+        outcome.result = again
+        return outcome
+    finally:
+        file.close()
