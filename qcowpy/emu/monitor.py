@@ -293,6 +293,7 @@ class HumanMonitor:
 
     def _guest_disk(self, what: str, args: list[str]) -> str:
         from .guest import virtio_blk as vb
+        from .guest import workloads as wl
         guest = getattr(self.machine, "guest", None)
         disks = guest.disks if guest is not None else []
         if what == "disks":
@@ -312,24 +313,24 @@ class HumanMonitor:
             bs = int(args[2], 0) if len(args) > 2 else 65536
             total = int(args[3], 0) if len(args) > 3 else 4 << 20
             depth = int(args[4], 0) if len(args) > 4 else None
-            return "\n".join(vb.throughput(disk, mode, bs, total, depth=depth)[1]) + "\n"
+            return "\n".join(wl.throughput(disk, mode, bs, total, depth=depth)[1]) + "\n"
         if what == "disk-copy":
-            return f"copied {vb.copy_disk(disk, disks[int(args[1], 0)])} bytes\n"
+            return f"copied {wl.copy_disk(disk, disks[int(args[1], 0)])} bytes\n"
         off, length = int(args[1], 0), int(args[2], 0)
         seed = int(args[3], 0) if len(args) > 3 else 1
         try:
             if what == "disk-read":
                 start, end = off & ~511, (off + length + 511) & ~511
                 data = disk.read(start, end - start)[off - start:off - start + length]
-                return "\n".join(vb.hexdump(data, off)) + "\n"
+                return "\n".join(wl.hexdump(data, off)) + "\n"
             if what == "disk-write":
-                disk.write(off, vb.pattern(off, length, seed))
+                disk.write(off, wl.pattern(off, length, seed))
                 return f"wrote {length} bytes at {off:#x}\n"
             if what == "disk-verify":
-                ok = disk.read(off, length) == vb.pattern(off, length, seed)
+                ok = disk.read(off, length) == wl.pattern(off, length, seed)
                 return f"verify {off:#x}+{length:#x}: {'OK' if ok else 'MISMATCH'}\n"
             if what == "disk-test":
-                _, lines = vb.pattern_test(disk, off, length, seed)
+                _, lines = wl.pattern_test(disk, off, length, seed)
                 return "\n".join(lines) + "\n"
         except vb.GuestIOError as e:
             return f"guest I/O error: {e}\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .firmware import BootResult, pci_boot, pci_rescan
-from .qtest import InProcessQTest
+from .qtest import InProcessQTest, QTest
 from .virtio import GuestAlloc, VirtioGuestError
 from .virtio_blk import GuestDisk, describe, is_virtio_blk
 
@@ -71,3 +71,13 @@ class GuestSystem:
             self.disks.append(disk)
             log.append(describe(disk))
         return log
+
+
+def boot(machine: object) -> tuple[QTest, list[GuestDisk], list[str]]:
+    """Python API: run the firmware on an in-process ``machine`` and bring up its virtio disks.
+
+    Returns the qtest handle, the guest disks and the boot log (as ``guest boot`` prints it);
+    :class:`GuestSystem` keeps the state for a later hot-plug rescan."""
+    guest = GuestSystem(machine)
+    log = guest.boot()
+    return guest.qts, guest.disks, log
