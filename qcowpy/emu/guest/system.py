@@ -30,6 +30,9 @@ class GuestSystem:
         self.alloc = GuestAlloc(ALLOC_START, min(self.ram_size, ALLOC_END))
         self.bus: Optional[BootResult] = None
         self.disks: list[GuestDisk] = []
+        # the board's firmware tables say whether INTx is routed (ACPI's _PRT); where it is not,
+        # the guest must use MSI-X, as Linux does on a bridge without legacy interrupts
+        self.use_msix = not getattr(getattr(machine, "klass", None), "intx_routed", True)
 
     def boot(self) -> list[str]:
         """Firmware PCI boot, then every virtio-blk function brought up; returns the boot log."""
@@ -64,7 +67,7 @@ class GuestSystem:
             if not is_virtio_blk(dev):
                 continue
             try:
-                disk = GuestDisk(self.qts, dev, self.alloc)
+                disk = GuestDisk(self.qts, dev, self.alloc, use_msix=self.use_msix)
             except VirtioGuestError as e:
                 log.append(f"virtio-blk: {dev.bdf}: driver error: {e}")
                 continue
