@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .errors import EmuError
-from .qom import (TYPE_OBJECT, Object, ObjectClass, TypeInfo, default_registry, object_class_by_name,
-                  object_class_get_list, object_new, type_register_once)
+from .qom import (TYPE_OBJECT, Object, ObjectClass, TypeInfo, attr_property, default_registry,
+                  object_class_by_name, object_class_get_list, object_new, type_register_once)
 
 if TYPE_CHECKING:
     from .machine import MachineState
@@ -191,16 +191,24 @@ type_register_once(TypeInfo(accel_class_name("qtest"), parent=TYPE_ACCEL, class_
 # -- a3acl: the tutorial's accelerator ------------------------------------------------------------
 
 def a3acl_init_machine(machine: "MachineState") -> int:
-    """Accept only boards with PCI (the tutorial's device needs a bus): -ENODEV otherwise."""
-    return 0 if machine.klass.has_pci else -errno.ENODEV
+    """Refuse boards without PCI (the tutorial's device needs a bus) unless ``pci-only=off``."""
+    if machine.accelerator.pci_only and not machine.klass.has_pci:
+        return -errno.ENODEV
+    return 0
+
+
+def _a3acl_instance_init(obj: Object) -> None:
+    obj.pci_only = True  # type: ignore[attr-defined]
 
 
 def _a3acl_class_init(klass: ObjectClass, _data: Any) -> None:
     ac: AccelClass = klass  # type: ignore[assignment]
     ac.name_ = "a3acl"
     ac.init_machine = a3acl_init_machine
+    ac.add_property(attr_property("pci-only", "bool", "pci_only", "refuse machines without PCI", default=True))
     # no CPU to keep the rings busy: virtio queues default to 128 entries under a3acl
     ac.compat_props = [GlobalProperty("virtio-blk-pci", "queue-size", "128")]
 
 
-type_register_once(TypeInfo(accel_class_name("a3acl"), parent=TYPE_ACCEL, class_init=_a3acl_class_init))
+type_register_once(TypeInfo(accel_class_name("a3acl"), parent=TYPE_ACCEL, class_init=_a3acl_class_init,
+                            instance_init=_a3acl_instance_init))

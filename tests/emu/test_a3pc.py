@@ -78,6 +78,11 @@ def test_accelerator_selection_follows_qemu():
         create_machine("a3-pc", accel=["qtest"])  # a3-pc's default accel= counts, as in QEMU
     with pytest.raises(EmuError, match=r"^-accel qtest,x=1: Property 'qtest-accel.x' not found$"):
         create_machine("mini-pc", accel=["qtest,x=1"])
+    # accelerator properties are set before init_machine runs (QEMU's accelerator_set_property)
+    m = create_machine("none", "1M", accel=["a3acl,pci-only=off"])
+    assert m.accelerator.get_property("pci-only") is False and m.accelerator.typename == "a3acl-accel"
+    with pytest.raises(EmuError, match="^-accel a3acl,pci-only=maybe: Parameter 'pci-only' expects 'on' or 'off'$"):
+        create_machine("none", accel=["a3acl,pci-only=maybe"])
     assert parse_accel_opt("accel=a3acl,x=1") == AccelOpt("a3acl", {"x": "1"}, "accel=a3acl,x=1")
     with pytest.raises(EmuError, match="^no accelerator found$"):  # an empty -machine accel= list
         configure_accelerators(create_machine("mini-pc"), [], "", warned.append)
