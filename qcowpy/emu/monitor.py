@@ -156,7 +156,7 @@ class HumanMonitor:
             pad = "  " * ind
             out.append(f"{pad}bus: {bus.name}")
             out.append(f"{pad}  type {bus.typename}")
-            for d in bus.children:
+            for d in reversed(bus.children):  # newest first, as QEMU lists a bus
                 dev_lines(d, ind + 1)
 
         if self.machine.pci_host is not None:

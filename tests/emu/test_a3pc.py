@@ -159,8 +159,8 @@ def test_monitor_shows_the_device_on_a3_pcie0(a3pc):
     mon = HumanMonitor(a3pc)
     qtree = mon.execute("info qtree")
     assert ('  dev: a3-pc-pcie-host, id ""\n    bus: a3-pcie0\n      type PCIE\n'
-            '      dev: mini-host-bridge, id ""\n') in qtree
-    assert '      dev: a3dev-pci, id "a3"\n        addr = 01.0\n' in qtree
+            '      dev: a3dev-pci, id "a3"\n        addr = 01.0\n') in qtree
+    assert '      dev: mini-host-bridge, id ""\n        addr = 00.0\n' in qtree
     mon.execute("guest boot")
     assert "    Class 0255: PCI device 1234:1919\n" in mon.execute("info pci")
     mtree = mon.execute("info mtree")

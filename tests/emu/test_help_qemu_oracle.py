@@ -159,3 +159,39 @@ def test_device_help_for_an_unknown_driver_matches_qemu():
     assert (rc, out) == (qrc, qout) == (0, "")  # QEMU 7.2 reports it and exits 0
     assert errors(err, "qcowpy emu") == errors(qerr, "qemu-system-x86_64") == \
         ["-device nosuch,help: Device 'nosuch' not found"]
+
+
+
+def _qtree(program: list[str], env: dict[str, str] | None = None) -> list[str]:
+    p = subprocess.run(program + ["-S", "-monitor", "stdio"], input="info qtree\nquit\n", capture_output=True,
+                       text=True, timeout=60, env=env)
+    return p.stdout.splitlines()
+
+
+def _root_bus(lines: list[str], bus: str) -> list[str]:
+    """The root bus's heading lines, then each edu's block cut to the lines both emulators have."""
+    start = next(i for i, line in enumerate(lines) if line == f"    bus: {bus}")
+    out = ["    bus: ROOT", lines[start + 1]]
+    in_edu = False
+    for line in lines[start + 2:]:
+        if line.startswith("      dev: "):
+            in_edu = line.startswith("      dev: edu,")
+            if in_edu:
+                out.append(line)
+        elif in_edu and line.startswith(("        addr = ", "        multifunction = ", "        class ",
+                                         "        bar ")):
+            out.append(line)
+    return out
+
+
+def test_qtree_of_a_pcie_root_bus_matches_qemu_q35():
+    import os
+    import sys
+    devices = ["-device", "edu,addr=04.0", "-device", "edu,addr=05.0"]
+    theirs = _qtree([require_qemu(), "-M", "q35", "-accel", "tcg", *QEMU_ARGS, *devices])
+    mine = _qtree([sys.executable, "-m", "qcowpy.emu.cli", "-M", "a3-pc", *devices],
+                  dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    want = _root_bus(theirs, "pcie.0")
+    assert want[:3] == ["    bus: ROOT", "      type PCIE", '      dev: edu, id ""'] and len(want) == 12
+    assert want[3] == "        addr = 05.0"  # QEMU lists a bus's devices newest first
+    assert _root_bus(mine, "a3-pcie0") == want
