@@ -12,6 +12,7 @@ from qcowpy.emu.accel import (TYPE_ACCEL, AccelOpt, accel_class_name, accel_find
 from qcowpy.emu.cli import main
 from qcowpy.emu.errors import EmuError
 from qcowpy.emu.guest.firmware import pci_boot
+from qcowpy.emu.guest.pci import GuestPCIBus
 from qcowpy.emu.guest.qtest import InProcessQTest, launch_emu
 from qcowpy.emu.guest.system import boot
 from qcowpy.emu.guest.workloads import a3dev_mmio_test, a3dev_pmio_test, edu_test
@@ -141,6 +142,14 @@ def test_intx_warns_instead_of_routing_and_msi_x_still_works(tmp_path):
     ok, lines = edu_test(qts, with_dma=False)  # its raise/ack drives INTx
     assert ok, lines
     assert m.warnings.count(INTX) >= 2 and not any(m.irq_levels)
+    # MSI is delivered: program edu's capability, raise, and the message reaches the MSI window
+    edu = m.find_device("/machine/peripheral-anon/device[0]")
+    bus, cap, warned = GuestPCIBus(qts), edu.msi_cap, len(m.warnings)
+    bus.config_writel(edu.devfn, cap + 4, 0xFEE00000)
+    bus.config_writew(edu.devfn, cap + 12, 0x4041)
+    bus.config_writew(edu.devfn, cap + 2, bus.config_readw(edu.devfn, cap + 2) | 1)
+    qts.writel(0xC0000000 + 0x60, 1)
+    assert m.msi_log == [(0xFEE00000, 0x4041)] and len(m.warnings) == warned
     img = str(tmp_path / "d.qcow2")
     qcowpy.create(img, 1 << 20)
     m2 = create_machine("a3-pc", "64M")
