@@ -32,6 +32,8 @@ if ROOT not in sys.path:
 
 import qcowpy  # noqa: E402
 from qcowpy.emu.guest import virtio_blk as vb  # noqa: E402
+from qcowpy.emu.guest import workloads as wl  # noqa: E402
+from qcowpy.emu.guest.system import boot  # noqa: E402
 from qcowpy.emu.machine import create_machine  # noqa: E402
 from qcowpy.units import parse_size  # noqa: E402
 
@@ -73,7 +75,7 @@ def main() -> int:
         build_image(img, size)
         machine = create_machine("mini-pc", "256M")
         machine.drive_add(img, format="qcow2", id="d0", readonly=True)
-        _, disks, _ = vb.boot(machine)
+        _, disks, _ = boot(machine)
         disk = disks[0]
         print(f"# image {args.size} qcow2 (qemu-img convert of random data); {total >> 20} MiB per run; "
               f"repeats={args.repeats} (medians, alternating)")
@@ -81,7 +83,7 @@ def main() -> int:
         cols = "".join(f"{'guest QD' + str(q):>14}{'ratio':>8}" for q in depths)
         print(f"{'workload':<22}{'direct MiB/s':>14}{cols}")
         for mode, bs in (("seq", 64 << 10), ("rand", 4 << 10)):
-            offs = vb.workload_offsets(mode, bs, size, (total if bs > 4096 else total // 8) // bs, seed=7)
+            offs = wl.workload_offsets(mode, bs, size, (total if bs > 4096 else total // 8) // bs, seed=7)
             nbytes = len(offs) * bs
             direct: list[float] = []
             guest: dict[int, list[float]] = {q: [] for q in depths}

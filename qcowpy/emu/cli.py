@@ -2,9 +2,12 @@
 
 The click CLI passes its arguments through to :func:`main`. Option spellings follow QEMU:
 ``-M/-machine``, ``-m``, ``-device`` (repeatable), ``-monitor stdio``, ``-qmp unix:PATH,server,wait=off``,
-``-qtest unix:PATH``, ``-S``; ``-nodefaults``, ``-display none`` and ``-accel`` are accepted and
-ignored. Without ``-S`` or ``-qtest`` the firmware runs first and prints its boot log. With no
-monitor, QMP or qtest the program exits after the boot.
+``-qtest unix:PATH``, ``-S``, ``-accel NAME[,prop=value]`` (repeatable; ``-machine TYPE,accel=A:B``
+is the other spelling); ``-nodefaults`` and ``-display none`` are accepted and ignored. Help
+requests print what QEMU 7.2 prints and exit 0: ``-machine ?``/``help`` and ``-accel ?``/``help``
+as soon as they are met, ``-device ?``/``help``/``DRIVER,?`` after all options are read. Without
+``-S`` or ``-qtest`` the firmware runs first and prints its boot log. With no monitor, QMP or
+qtest the program exits after the boot.
 """
 from __future__ import annotations
 
@@ -33,14 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-S", action="store_true", dest="stopped")
     p.add_argument("-nodefaults", action="store_true")
     p.add_argument("-display")
-    p.add_argument("-accel")
+    p.add_argument("-accel", action="append", default=[])
     p.add_argument("-name")
     p.add_argument("-qtest-log")
     return p
 
 
 USAGE = """usage: qcowpy emu [options]
-  -M|-machine NAME[,help]   machine type (-machine help lists them)
+  -M|-machine NAME[,accel=A[:B]][,help]   machine type (-machine help lists them)
+  -accel NAME[,prop=value]  accelerator (-accel help lists them; qtest is always there)
   -m SIZE                   RAM size (default unit MiB; suffixes k, M, G)
   -device DRIVER[,prop=value][,id=ID]   add a device (-device help, -device DRIVER,help)
   -drive file=PATH[,format=qcow2|raw][,if=virtio|none][,id=ID][,readonly=on][,serial=S]
@@ -50,8 +54,53 @@ USAGE = """usage: qcowpy emu [options]
   -qmp unix:PATH,server[=on][,wait=off]  QMP server on a unix socket
   -qtest unix:PATH          connect to a qtest client listening on PATH
   -S                        do not run the firmware at start
-  -nodefaults, -display none, -accel X, -name N   accepted for QEMU compatibility
+  -nodefaults, -display none, -name N   accepted for QEMU compatibility
 """
+
+
+def is_help_option(value: str) -> bool:
+    """QEMU's ``is_help_option``: ``?`` and ``help`` both ask for help."""
+    return value in ("?", "help")
+
+
+def _early_help(argv: list[str]) -> Optional[str]:
+    """The first ``-machine`` or ``-accel`` help request in ``argv``, answered in QEMU's words
+    (QEMU answers those while it parses options, before anything else is checked)."""
+    from .accel import accel_help, parse_accel_opt
+    from .machine import find_machine_class, machine_class_help, machine_help
+    for opt, value in zip(argv, argv[1:]):
+        if opt in ("-M", "-machine", "--machine"):
+            parts = value.split(",")
+            if any(is_help_option(p) for p in parts):
+                mtype = parts[0][5:] if parts[0].startswith("type=") else parts[0]
+                if mtype and not is_help_option(mtype) and "=" not in mtype:
+                    try:
+                        return machine_class_help(find_machine_class(mtype))
+                    except EmuError:
+                        pass
+                return machine_help()
+        elif opt in ("-accel", "--accel"):
+            name = parse_accel_opt(value).name
+            if not name or is_help_option(name):
+                return accel_help()
+    return None
+
+
+def _machine_opts(spec: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """(type, accel) of ``-machine [type=]TYPE[,accel=A[:B]][,...]``."""
+    if not spec:
+        return None, None
+    name: Optional[str] = None
+    accel = None
+    for i, part in enumerate(spec.split(",")):
+        key, sep, value = part.partition("=")
+        if i == 0 and not sep:
+            name = key
+        elif key == "type":
+            name = value
+        elif key == "accel":
+            accel = value
+    return name, accel
 
 
 def _qmp_path(spec: str) -> str:
@@ -84,27 +133,33 @@ def main(argv: list[str], stdin: Optional[TextIO] = None, stdout: Optional[TextI
         stdout.write(f"qcowpy emu version {VERSION}\n")
         return 0
     try:
-        from .machine import create_machine, machine_help
-        machine_name = None
-        if args.machine:
-            machine_name, *mopts = args.machine.split(",")
-            if machine_name == "help" or "help" in mopts:
-                stdout.write(machine_help())
-                return 0
-            if machine_name.startswith("type="):
-                machine_name = machine_name[5:]
+        from .machine import create_machine
+        early = _early_help(argv)
+        if early is not None:
+            stdout.write(early)
+            return 0
+        machine_name, machine_accel = _machine_opts(args.machine)
         for spec in args.device:
             driver, props, _ = parse_device_spec(spec)
-            if driver == "help" or "help" in props:
-                stdout.write(device_help(None if driver == "help" else driver))
+            if is_help_option(driver) or "help" in props:
+                try:
+                    stdout.write(device_help(None if is_help_option(driver) else driver))
+                except EmuError as e:  # QEMU 7.2 reports this and still exits 0
+                    stderr.write(f"qcowpy emu: -device {spec}: {e}\n")
                 return 0
-        machine = create_machine(machine_name, args.memory)
+
+        def warn(msg: str) -> None:
+            stderr.write(f"qcowpy emu: {msg}\n")
+            stderr.flush()
+        machine = create_machine(machine_name, args.memory, args.accel, machine_accel, warn,
+                                 qtest_chardev=bool(args.qtest))
         try:
             for spec in args.drive:
                 machine.drive_add(spec=spec)
             for spec in args.device:
                 driver, props, dev_id = parse_device_spec(spec)
                 machine.device_add(driver, props, dev_id)
+            machine.creation_done()
         except BaseException:
             machine.shutdown()
             raise
@@ -160,7 +215,8 @@ def main(argv: list[str], stdin: Optional[TextIO] = None, stdout: Optional[TextI
                     signal.signal(signal.SIGTERM, signal.SIG_IGN if owns_process else prev_term)
         return 0
     except QcowError as e:
-        stderr.write(f"qcowpy emu: {e}\n")
+        if str(e):  # an empty one: the reasons were printed as they happened
+            stderr.write(f"qcowpy emu: {e}\n")
         return 1
 
 

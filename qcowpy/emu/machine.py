@@ -6,12 +6,19 @@ minimal x86-style PC: RAM at 0, a PCI host bridge with config mechanism #1 on po
 and an ECAM window at 0xB0000000, PCI memory space behind RAM, a 64 KiB I/O space, four PCI
 interrupt links routed to IRQs 10/10/11/11 and an MSI window at 0xFEE00000. ``a3-board`` shows how
 to define a machine by subclassing: it changes the defaults and adds an on-board ``a3dev-pci``.
+``a3-pc`` is the tutorial's machine: its bridge (:mod:`qcowpy.emu.hw.a3pc`) is PCI Express and
+routes no INTx, and its class picks the ``a3acl`` accelerator by default.
+
+Construction follows QEMU's phases: the machine object is made, its accelerator is configured
+(which may register compat properties), the board is built, cold-plugged devices are added, and
+:meth:`MachineState.creation_done` runs the machine-init-done notifiers once.
 """
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
+from .accel import apply_compat_props, configure_accelerators, parse_accel_opt
 from .clock import VirtualClock
 from .errors import DeviceError, EmuError, PathNotFound, PropertyError
 from .memory import SIZE_2_64, AddressSpace, MemoryRegion, MemoryRegionOps, mtree_info
@@ -20,8 +27,9 @@ from .pci.host import TYPE_PCI_HOST, TYPE_PCI_HOST_BRIDGE_FN, PCIHostState
 from .qdev import DeviceState
 from .qom import (TYPE_CONTAINER, TYPE_OBJECT, Object, ObjectClass, ObjectProperty, TypeInfo,
                   object_class_by_name, object_class_get_list, object_new, object_resolve_path,
-                  parse_size, type_register_once)
+                  parse_size, properties_help, type_register_once)
 from . import hw  # noqa: F401  (registers the device types)
+from .hw.a3pc import TYPE_A3PC_PCIE_HOST, A3PCPCIEHost
 from .virtio import pci as _virtio_pci  # noqa: F401  (registers virtio-blk-pci)
 
 TYPE_MACHINE = "machine"
@@ -47,6 +55,8 @@ class MachineClass(ObjectClass):
     default_ram_id: str
     init: Callable[["MachineState"], None]
     has_pci: bool
+    default_machine_opts: Optional[str]  # e.g. "accel=a3acl", applied before the user's -machine options
+    intx_routed: bool  # False: the board's firmware tables tell the guest to use MSI/MSI-X
 
     @property
     def machine_name(self) -> str:
@@ -76,6 +86,42 @@ class MachineState(Object):
     boot_log: list[str]
     guest: Any  # the in-process guest after ``guest boot`` (qcowpy.emu.guest.system.GuestSystem)
     drives: dict[str, Any]
+    accelerator: Any  # the AccelState (qcowpy.emu.accel) configured before the board was built
+    compat_props: list[Any]  # GlobalProperty defaults for devices created from now on
+    init_done_notifiers: list[Callable[["MachineState"], None]]
+    ready: bool  # creation is done: notifiers have run, devices added now are hot-plugged
+    warnings: list[str]  # every line reported on stderr, in order
+    warn_sink: Optional[Callable[[str], None]]
+
+    # -- phases and reports ------------------------------------------------------------------------
+    def add_init_done_notifier(self, notify: Callable[["MachineState"], None]) -> None:
+        """Run ``notify`` once the machine is complete (``qemu_add_machine_init_done_notifier``):
+        after every cold-plugged device is realized, or at once if that moment has passed."""
+        self.init_done_notifiers.append(notify)
+        if self.ready:
+            notify(self)
+
+    def creation_done(self) -> None:
+        """End of machine creation (``qdev_machine_creation_done``): notifiers run, once."""
+        if self.ready:
+            return
+        self.ready = True
+        for notify in list(self.init_done_notifiers):
+            notify(self)
+
+    def report(self, message: str) -> None:
+        """A line QEMU prints on stderr and carries on after (``error_report``/``info_report``)."""
+        self.warnings.append(message)
+        if self.warn_sink is not None:
+            self.warn_sink(message)
+
+    def warn(self, message: str) -> None:
+        """QEMU's ``warn_report``."""
+        self.report("warning: " + message)
+
+    def info(self, message: str) -> None:
+        """QEMU's ``info_report``."""
+        self.report(message)
 
     # -- drives ----------------------------------------------------------------------------------
     def drive_add(self, file: Optional[str] = None, format: Optional[str] = None, interface: str = "virtio",
@@ -144,9 +190,7 @@ class MachineState(Object):
             raise DeviceError(f"Device '{driver}' does not support hotplugging")
         if id is not None and id in self.child("peripheral").children():
             raise DeviceError(f"Duplicate device ID '{id}'")
-        dev: DeviceState = object_new(driver)  # type: ignore[assignment]
-        for key, value in (props or {}).items():
-            dev.set_property(key, value)
+        dev = self._new_device(driver, props)
         bus_type = getattr(klass, "bus_type", None)
         if bus_type == "PCI":
             if self.pci_bus is None:
@@ -170,13 +214,19 @@ class MachineState(Object):
 
     def add_onboard(self, driver: str, props: Optional[dict[str, Any]] = None) -> DeviceState:
         """Add a built-in device under ``/machine/unattached`` (not user-removable)."""
-        dev: DeviceState = object_new(driver)  # type: ignore[assignment]
-        for key, value in (props or {}).items():
-            dev.set_property(key, value)
+        dev = self._new_device(driver, props)
         assert self.pci_bus is not None
         self.pci_bus.attach(dev)
         dev.realize()
         self.child("unattached").add_child_auto("device", dev)
+        return dev
+
+    def _new_device(self, driver: str, props: Optional[dict[str, Any]]) -> DeviceState:
+        """A device with the accelerator's compat props applied first, then ``props``."""
+        dev: DeviceState = object_new(driver)  # type: ignore[assignment]
+        apply_compat_props(dev, self.compat_props)
+        for key, value in (props or {}).items():
+            dev.set_property(key, value)
         return dev
 
     def find_device(self, id_or_path: str) -> DeviceState:
@@ -243,6 +293,8 @@ def _machine_class_init(klass: ObjectClass, _data: Any) -> None:
     mc.default_ram_id = "pc.ram"
     mc.init = lambda m: None
     mc.has_pci = False
+    mc.default_machine_opts = None
+    mc.intx_routed = True
 
 
 def _machine_instance_init(obj: Object) -> None:
@@ -261,6 +313,12 @@ def _machine_instance_init(obj: Object) -> None:
     m.boot_log = []
     m.guest = None
     m.drives = {}
+    m.accelerator = None
+    m.compat_props = []
+    m.init_done_notifiers = []
+    m.ready = False
+    m.warnings = []
+    m.warn_sink = None
     m.system_memory = MemoryRegion.container_region(m, "system", SIZE_2_64)
     m.system_io = MemoryRegion.container_region(m, "io", 0x10000)
     m.memory = AddressSpace(m.system_memory, "memory")
@@ -278,14 +336,29 @@ type_register_once(TypeInfo(TYPE_MACHINE, parent=TYPE_OBJECT, instance_type=Mach
 _MSI_OPS = MemoryRegionOps(read=lambda m, a, n: 0, write=lambda m, a, v, n: m._msi_write(a, v, n))
 
 
-def mini_pc_init(m: MachineState) -> None:
-    """Build the board: RAM, PCI memory behind it, ECAM, MSI window, host bridge, I/O ports."""
+def _init_ram(m: MachineState) -> None:
     if m.ram_size > m.klass.max_ram_size:
         raise EmuError(f"ram size {m.ram_size:#x} is too large for machine '{m.klass.machine_name}' "
                        f"(at most {m.klass.max_ram_size >> 20} MiB)")
     if m.ram_size:
         m.ram = MemoryRegion.ram_region(m, m.klass.default_ram_id, m.ram_size)
         m.system_memory.add_subregion(0, m.ram)
+
+
+def _map_host(m: MachineState, host: PCIHostState) -> None:
+    """Map the bridge's config access (CF8/CFC, ECAM) and the MSI window; add function 00.0."""
+    m.system_io.add_subregion(0xCF8, host.conf_mem)
+    m.system_io.add_subregion(0xCFC, host.data_mem)
+    m.system_memory.add_subregion(ECAM_BASE, host.mmcfg)
+    m.system_memory.add_subregion(MSI_BASE, MemoryRegion.io_region(m, _MSI_OPS, m, "apic-msi", MSI_SIZE))
+    m.pci_host = host
+    m.pci_bus = host.bus
+    m.add_onboard(TYPE_PCI_HOST_BRIDGE_FN, {"addr": "00.0"})
+
+
+def mini_pc_init(m: MachineState) -> None:
+    """Build the board: RAM, PCI memory behind it, ECAM, MSI window, host bridge, I/O ports."""
+    _init_ram(m)
     pci_mem = MemoryRegion.container_region(m, "pci", SIZE_2_64)
     m.system_memory.add_subregion(0, pci_mem, priority=-1)
     host: PCIHostState = object_new(TYPE_PCI_HOST)  # type: ignore[assignment]
@@ -297,13 +370,7 @@ def mini_pc_init(m: MachineState) -> None:
     bus.setup("pci.0", pci_mem, m.system_io, m.system_memory, 4,
               lambda dev, pin: (dev.slot - 1 + pin) & 3, m.set_pirq, m.address_spaces)
     host.realize()
-    m.system_io.add_subregion(0xCF8, host.conf_mem)
-    m.system_io.add_subregion(0xCFC, host.data_mem)
-    m.system_memory.add_subregion(ECAM_BASE, host.mmcfg)
-    m.system_memory.add_subregion(MSI_BASE, MemoryRegion.io_region(m, _MSI_OPS, m, "apic-msi", MSI_SIZE))
-    m.pci_host = host
-    m.pci_bus = bus
-    m.add_onboard(TYPE_PCI_HOST_BRIDGE_FN, {"addr": "00.0"})
+    _map_host(m, host)
 
 
 def _mini_pc_class_init(klass: ObjectClass, _data: Any) -> None:
@@ -353,6 +420,40 @@ def _none_class_init(klass: ObjectClass, _data: Any) -> None:
 type_register_once(TypeInfo("none" + MACHINE_SUFFIX, parent=TYPE_MACHINE, class_init=_none_class_init))
 
 
+# -- the tutorial's machine: a PCIe host bridge, accelerated by a3acl -----------------------------
+
+def a3_pc_init(m: MachineState) -> None:
+    """RAM, the a3-pc-pcie-host with its windows, ECAM and CF8/CFC, the MSI window, 00.0."""
+    _init_ram(m)
+    host: A3PCPCIEHost = object_new(TYPE_A3PC_PCIE_HOST)  # type: ignore[assignment]
+    m.add_child("pcihost", host)
+    host.setup_pcie(m.warn, m.system_memory, m.address_spaces)
+    host.bus.clock = m.clock
+    host.bus.machine = m
+    host.realize()
+    m.system_memory.add_subregion(0, host.pci_mem, priority=-1)
+    m.system_io.add_subregion(0, host.pci_io, priority=-1)
+    _map_host(m, host)
+    m.add_init_done_notifier(_a3_pc_init_done)
+
+
+def _a3_pc_init_done(m: MachineState) -> None:
+    assert m.pci_bus is not None
+    m.info(f"A3-PC: machine init done, {len(m.pci_bus.functions())} function(s) on {m.pci_bus.name}")
+
+
+def _a3_pc_class_init(klass: ObjectClass, _data: Any) -> None:
+    mc: MachineClass = klass  # type: ignore[assignment]
+    mc.desc = "A3 tutorial PC (PCIe host bridge a3-pc-pcie-host, no INTx, accel a3acl)"
+    mc.init = a3_pc_init
+    mc.has_pci = True
+    mc.default_machine_opts = "accel=a3acl"
+    mc.intx_routed = False
+
+
+type_register_once(TypeInfo("a3-pc" + MACHINE_SUFFIX, parent=TYPE_MACHINE, class_init=_a3_pc_class_init))
+
+
 # -- registry helpers -------------------------------------------------------------------------------
 
 def machine_classes() -> list[MachineClass]:
@@ -370,7 +471,7 @@ def find_machine_class(name: Optional[str]) -> MachineClass:
     for mc in classes:
         if mc.machine_name == name or mc.alias == name:
             return mc
-    raise EmuError(f"unsupported machine type \"{name}\"\nUse -machine help to list supported machines")
+    raise EmuError("unsupported machine type\nUse -machine help to list supported machines")
 
 
 def machine_help() -> str:
@@ -384,11 +485,33 @@ def machine_help() -> str:
     return "\n".join(lines) + "\n"
 
 
-def create_machine(name: Optional[str] = None, ram_size: Any = None) -> MachineState:
-    """Build a machine by type name (default machine when None) with an optional RAM size."""
+def machine_class_help(mc: MachineClass) -> str:
+    """``-machine TYPE,help``: the machine type's settable properties."""
+    return properties_help(mc.name)
+
+
+def _opts_accel(opts: Optional[str]) -> Optional[str]:
+    """The ``accel=`` value of a machine option string, if any."""
+    for part in (opts or "").split(","):
+        key, _, value = part.partition("=")
+        if key == "accel":
+            return value
+    return None
+
+
+def create_machine(name: Optional[str] = None, ram_size: Any = None, accel: Sequence[str] = (),
+                   machine_accel: Optional[str] = None, warn_sink: Optional[Callable[[str], None]] = None,
+                   qtest_chardev: bool = False) -> MachineState:
+    """Build a machine by type name (default machine when None) with an optional RAM size.
+
+    ``accel`` are ``-accel`` option strings, ``machine_accel`` the ``-machine accel=A[:B]`` value;
+    with neither, the class's ``default_machine_opts`` or qtest decide. ``warn_sink`` receives the
+    messages QEMU prints and carries on after. The machine is not ``ready`` yet: add cold-plugged
+    devices, then call :meth:`MachineState.creation_done`."""
     mc = find_machine_class(name)
     root = object_new(TYPE_CONTAINER)
     m: MachineState = object_new(mc.name)  # type: ignore[assignment]
+    m.warn_sink = warn_sink
     root.add_child("machine", m)
     for sub in ("peripheral", "peripheral-anon", "unattached"):
         m.add_child(sub, object_new(TYPE_CONTAINER))
@@ -397,5 +520,9 @@ def create_machine(name: Optional[str] = None, ram_size: Any = None) -> MachineS
             m.ram_size = parse_size(ram_size, "memory-size", default_suffix="M")
         except PropertyError:
             raise EmuError(f"Invalid RAM size '{ram_size}'") from None
+    default_accel = _opts_accel(mc.default_machine_opts)
+    configure_accelerators(m, [parse_accel_opt(a) for a in accel],
+                           machine_accel if machine_accel is not None else default_accel,
+                           lambda msg: m.report(msg), qtest_chardev)
     mc.init(m)
     return m

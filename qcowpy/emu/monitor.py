@@ -15,9 +15,13 @@ from .pci import regs
 from .pci.device import PCIDevice, format_pci_addr
 from .pci.info import format_info_pci, query_pci
 from .qdev import BusState, DeviceState
-from .qom import object_resolve_path, walk
+from .qom import object_resolve_path, properties_help, walk
 
 VERSION = "0.1.0"
+#: QEMU's device categories, in the order ``-device help`` prints them, with their titles
+DEVICE_CATEGORIES = {"bridge": "Controller/Bridge/Hub", "usb": "USB", "storage": "Storage", "network": "Network",
+                     "input": "Input", "display": "Display", "sound": "Sound", "misc": "Misc", "cpu": "CPU",
+                     "watchdog": "Watchdog"}
 _SIZES = {"b": 1, "h": 2, "w": 4, "g": 8}
 
 
@@ -32,7 +36,7 @@ def parse_device_spec(spec: str) -> tuple[str, dict[str, str], Optional[str]]:
     for p in parts[1:]:
         key, sep, value = p.partition("=")
         if not sep:
-            if key == "help":
+            if key in ("help", "?"):
                 props["help"] = "on"
                 continue
             value = "on"
@@ -152,7 +156,7 @@ class HumanMonitor:
             pad = "  " * ind
             out.append(f"{pad}bus: {bus.name}")
             out.append(f"{pad}  type {bus.typename}")
-            for d in bus.children:
+            for d in reversed(bus.children):  # newest first, as QEMU lists a bus
                 dev_lines(d, ind + 1)
 
         if self.machine.pci_host is not None:
@@ -293,6 +297,7 @@ class HumanMonitor:
 
     def _guest_disk(self, what: str, args: list[str]) -> str:
         from .guest import virtio_blk as vb
+        from .guest import workloads as wl
         guest = getattr(self.machine, "guest", None)
         disks = guest.disks if guest is not None else []
         if what == "disks":
@@ -312,24 +317,24 @@ class HumanMonitor:
             bs = int(args[2], 0) if len(args) > 2 else 65536
             total = int(args[3], 0) if len(args) > 3 else 4 << 20
             depth = int(args[4], 0) if len(args) > 4 else None
-            return "\n".join(vb.throughput(disk, mode, bs, total, depth=depth)[1]) + "\n"
+            return "\n".join(wl.throughput(disk, mode, bs, total, depth=depth)[1]) + "\n"
         if what == "disk-copy":
-            return f"copied {vb.copy_disk(disk, disks[int(args[1], 0)])} bytes\n"
+            return f"copied {wl.copy_disk(disk, disks[int(args[1], 0)])} bytes\n"
         off, length = int(args[1], 0), int(args[2], 0)
         seed = int(args[3], 0) if len(args) > 3 else 1
         try:
             if what == "disk-read":
                 start, end = off & ~511, (off + length + 511) & ~511
                 data = disk.read(start, end - start)[off - start:off - start + length]
-                return "\n".join(vb.hexdump(data, off)) + "\n"
+                return "\n".join(wl.hexdump(data, off)) + "\n"
             if what == "disk-write":
-                disk.write(off, vb.pattern(off, length, seed))
+                disk.write(off, wl.pattern(off, length, seed))
                 return f"wrote {length} bytes at {off:#x}\n"
             if what == "disk-verify":
-                ok = disk.read(off, length) == vb.pattern(off, length, seed)
+                ok = disk.read(off, length) == wl.pattern(off, length, seed)
                 return f"verify {off:#x}+{length:#x}: {'OK' if ok else 'MISMATCH'}\n"
             if what == "disk-test":
-                _, lines = vb.pattern_test(disk, off, length, seed)
+                _, lines = wl.pattern_test(disk, off, length, seed)
                 return "\n".join(lines) + "\n"
         except vb.GuestIOError as e:
             return f"guest I/O error: {e}\n"
@@ -344,33 +349,22 @@ def device_help(driver: Optional[str]) -> str:
     """``-device help`` (all pluggable devices) or ``-device NAME,help`` (its properties)."""
     from .qom import object_class_by_name, object_class_get_list, default_registry
     if driver is None:
-        groups: dict[str, list[str]] = {}
-        for k in object_class_get_list("device"):
-            if not getattr(k, "user_creatable", False):
-                continue
-            desc = getattr(k, "desc", "")
-            line = f'name "{k.name}", bus {getattr(k, "bus_type", None) or "System"}' + (f', desc "{desc}"' if desc else "")
-            groups.setdefault(getattr(k, "category", "misc"), []).append(line)
         out = []
-        for cat in sorted(groups):
-            out.append(f"{cat.capitalize()} devices:")
-            out.extend(groups[cat])
-            out.append("")
-        return "\n".join(out)
+        classes = sorted(object_class_get_list("device"), key=lambda k: k.name.lower())
+        for i, cat in enumerate(DEVICE_CATEGORIES):
+            lines = []
+            for k in classes:
+                if getattr(k, "user_creatable", False) and getattr(k, "category", "misc") == cat:
+                    desc = getattr(k, "desc", "")
+                    lines.append(f'name "{k.name}", bus {getattr(k, "bus_type", None) or "System"}'
+                                 + (f', desc "{desc}"' if desc else ""))
+            if lines:  # QEMU puts a blank line before every category but the first one it knows
+                out.append(f"{chr(10) if i else ''}{DEVICE_CATEGORIES[cat]} devices:")
+                out.extend(lines)
+        return "\n".join(out) + "\n"
     if not default_registry.exists(driver) or not object_class_by_name(driver).is_a("device"):
-        raise EmuError(f"'{driver}' is not a valid device model name")
-    from .qom import object_new
-    obj = object_new(driver)
-    out = [f"{driver} options:"]
-    for p in sorted(obj.properties(), key=lambda p: p.name):
-        if p.name in ("type", "realized") or p.set is None:
-            continue
-        default = p.default if p.default is not None else p.get(obj) if p.get else None
-        if isinstance(default, bool):
-            default = "true" if default else "false"
-        desc = f" - {p.description}" if p.description else ""
-        out.append(f"  {p.name + '=<' + p.type + '>':<24}{desc} (default: {default})")
-    return "\n".join(out) + "\n"
+        raise EmuError(f"Device '{driver}' not found")
+    return properties_help(driver, skip=("realized",))
 
 
 def run_stdio(mon: HumanMonitor, stdin: TextIO, stdout: TextIO) -> None:

@@ -464,6 +464,27 @@ def attr_property(name: str, prop_type: str, attr: str, description: str = "",
         (lambda o, v: setattr(o, attr, v)) if writable else None, description, default)
 
 
+def properties_help(type_name: str, skip: tuple[str, ...] = ()) -> str:
+    """``TYPE options:`` and one line per settable property, in QEMU's ``object_property_help``
+    layout: ``  name=<type>`` padded to 24 columns, `` - description``, `` (default: JSON)``."""
+    import json
+    obj = object_new(type_name)
+    out = []
+    for p in sorted(obj.properties(), key=lambda p: p.name):
+        if p.name == "type" or p.name in skip or p.set is None:
+            continue
+        default = p.default if p.default is not None else p.get(obj) if p.get else None
+        line = f"  {p.name}=<{p.type}>"
+        if p.description or default is not None:
+            line = f"{line:<24} - {p.description}"
+        if default is not None:
+            line += f" (default: {json.dumps(default)})"
+        out.append(line)
+    if not out:
+        return f"There are no options for {type_name}.\n"
+    return f"{type_name} options:\n" + "".join(line + "\n" for line in out)
+
+
 def _register_base_types() -> None:
     type_register_once(TypeInfo(TYPE_OBJECT, parent=None, abstract=True))
     type_register_once(TypeInfo(TYPE_INTERFACE, parent=None, abstract=True))

@@ -23,8 +23,9 @@ def test_machine_help_lists_like_qemu():
     assert rc == 0 and out == machine_help()
     lines = out.splitlines()
     assert lines[0] == "Supported machines are:"
-    assert re.fullmatch(r"mini-pc {14}\S.* \(default\)", lines[2])
-    assert lines[1].startswith("a3-board             ") and lines[3].startswith("none                 ")
+    assert re.fullmatch(r"mini-pc {14}\S.* \(default\)", lines[3])
+    assert lines[1].startswith("a3-board             ") and lines[2].startswith("a3-pc                ")
+    assert lines[4].startswith("none                 ")
 
 
 def test_subclassed_machine_inherits_and_overrides():

@@ -89,7 +89,7 @@ def test_with_qemu_qmp_client_library(server):
 
     version, machines, pci, props, realized, text, err, deleted, shutdown = asyncio.run(session())
     assert version == {"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": "qcowpy-emu"}
-    assert {m["name"] for m in machines} == {"mini-pc", "a3-board", "none"}
+    assert {m["name"] for m in machines} == {"mini-pc", "a3-board", "a3-pc", "none"}
     assert [m["name"] for m in machines if m.get("is-default")] == ["mini-pc"]
     devices = pci[0]["devices"]
     assert [(d["slot"], d["id"]["vendor"], d["id"]["device"]) for d in devices] == [(0, 0x1B36, 0x0008), (1, 0x1234, 0x1919)]

@@ -5,6 +5,8 @@ import json
 
 import qcowpy
 from qcowpy.emu.guest import virtio_blk as vb
+from qcowpy.emu.guest import workloads as wl
+from qcowpy.emu.guest.system import boot
 from qcowpy.emu.machine import create_machine
 from qcowpy.emu.monitor import HumanMonitor
 from qcowpy.emu.qmp import QMPSession
@@ -20,12 +22,12 @@ def test_python_api_copy_between_disks(qemu, tmp_path):
     m = create_machine("mini-pc", "64M")
     m.drive_add(src, format="qcow2", readonly=True, id="src")
     m.drive_add(dst, format="qcow2", id="dst")
-    _, disks, log = vb.boot(m)
+    _, disks, log = boot(m)
     assert len(disks) == 2 and sum(" 512-byte sectors " in line for line in log) == 2
     assert log[-1] == "virtio-blk: 2 disk(s)"  # the same log as the monitor's guest boot
-    ok, lines = vb.pattern_test(disks[1], 0, 64 * 1024, seed=3)
+    ok, lines = wl.pattern_test(disks[1], 0, 64 * 1024, seed=3)
     assert ok, lines
-    assert vb.copy_disk(disks[0], disks[1]) == 4 * MiB
+    assert wl.copy_disk(disks[0], disks[1]) == 4 * MiB
     m.shutdown()
     qemu.assert_clean(dst)
     p = qemu.compare(src, dst)
@@ -50,7 +52,7 @@ def test_monitor_guest_disk_commands(tmp_path):
     assert "no guest disk 3" in mon.execute("guest disk-read 3 0 512")
     m.shutdown()
     with qcowpy.open(path) as d:
-        assert d.pread(0x10000, 0x8000) == vb.pattern(0x8000, 0x10000, 5)
+        assert d.pread(0x10000, 0x8000) == wl.pattern(0x8000, 0x10000, 5)
 
 
 def test_qmp_query_block(tmp_path):
@@ -90,7 +92,7 @@ def test_qmp_blockdev_add_device_add_del(tmp_path):
     assert run("device_add", driver="virtio-blk-pci", drive="hot0", id="vb0") == {"return": {}}
     assert run("query-block")["return"][0]["qdev"] == "vb0"
     assert "in use" in run("blockdev-del", **{"node-name": "hot0"})["error"]["desc"]
-    _, disks, _ = vb.boot(m)
+    _, disks, _ = boot(m)
     disks[0].write(0, b"\x77" * 512)
     assert run("device_del", id="vb0") == {"return": {}}
     assert run("blockdev-del", **{"node-name": "hot0"}) == {"return": {}}
@@ -127,7 +129,7 @@ def test_hotplug_then_guest_rescan(tmp_path):
     assert run("blockdev-del", **{"node-name": "hot0"}) == {"return": {}}
     m.shutdown()
     with qcowpy.open(hot) as d:
-        assert vb.crc32c(d.pread(131072, 0)) == vb.crc32c(vb.pattern(0, 131072, 5))
+        assert wl.crc32c(d.pread(131072, 0)) == wl.crc32c(wl.pattern(0, 131072, 5))
 
 
 def test_throughput_workload(tmp_path):

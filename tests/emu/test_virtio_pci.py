@@ -15,7 +15,8 @@ from qcowpy.emu.guest.pci import GuestPCIBus
 from qcowpy.emu.guest.qtest import InProcessQTest
 from qcowpy.emu.guest.virtio import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
                                      STATUS_NEEDS_RESET, GuestAlloc, VirtioPCIGuest)
-from qcowpy.emu.guest import virtio_blk as vb
+from qcowpy.emu.guest import workloads as wl
+from qcowpy.emu.guest.system import boot
 from qcowpy.emu.guest.virtio_blk import GuestDisk, GuestIOError, find_disks
 from qcowpy.emu.machine import create_machine
 from qcowpy.emu.monitor import HumanMonitor
@@ -147,10 +148,10 @@ def test_read_blocks_and_throughput_workload(env):
         assert qts.memread(slot.buf, 65536) == data[off:off + 65536]
     with pytest.raises(GuestIOError):
         disk.read_blocks([8 * MiB - 512], 1024)
-    rate, lines = vb.throughput(disk, "rand", 4096, 64 * 4096, depth=8)
+    rate, lines = wl.throughput(disk, "rand", 4096, 64 * 4096, depth=8)
     assert rate > 0 and "queue depth 8" in lines[0]
     with pytest.raises(ValueError):
-        vb.throughput(disk, "zigzag")
+        wl.throughput(disk, "zigzag")
 
 
 def test_tiny_queue_still_works(tmp_path):
@@ -435,7 +436,7 @@ def test_pci_cfg_window_runs_the_whole_driver(env):
         setattr(qts, name, lambda a, *v: mmio.append(a) or real(a, *v))
     for name in ("readb", "readw", "readl", "writeb", "writew", "writel"):
         spy(name)
-    ok, lines = vb.pattern_test(disk, 8192, 64 * 1024, seed=5)
+    ok, lines = wl.pattern_test(disk, 8192, 64 * 1024, seed=5)
     assert ok, lines
     assert disk.serial() == "SER-1" and disk.capacity_sectors == 8 * MiB // 512
     assert [a for a in mmio if a >= 0xC000_0000] == []

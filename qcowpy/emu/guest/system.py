@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .firmware import BootResult, pci_boot, pci_rescan
-from .qtest import InProcessQTest
+from .qtest import InProcessQTest, QTest
 from .virtio import GuestAlloc, VirtioGuestError
 from .virtio_blk import GuestDisk, describe, is_virtio_blk
 
@@ -30,6 +30,9 @@ class GuestSystem:
         self.alloc = GuestAlloc(ALLOC_START, min(self.ram_size, ALLOC_END))
         self.bus: Optional[BootResult] = None
         self.disks: list[GuestDisk] = []
+        # the board's firmware tables say whether INTx is routed (ACPI's _PRT); where it is not,
+        # the guest must use MSI-X, as Linux does on a bridge without legacy interrupts
+        self.use_msix = not getattr(getattr(machine, "klass", None), "intx_routed", True)
 
     def boot(self) -> list[str]:
         """Firmware PCI boot, then every virtio-blk function brought up; returns the boot log."""
@@ -64,10 +67,20 @@ class GuestSystem:
             if not is_virtio_blk(dev):
                 continue
             try:
-                disk = GuestDisk(self.qts, dev, self.alloc)
+                disk = GuestDisk(self.qts, dev, self.alloc, use_msix=self.use_msix)
             except VirtioGuestError as e:
                 log.append(f"virtio-blk: {dev.bdf}: driver error: {e}")
                 continue
             self.disks.append(disk)
             log.append(describe(disk))
         return log
+
+
+def boot(machine: object) -> tuple[QTest, list[GuestDisk], list[str]]:
+    """Python API: run the firmware on an in-process ``machine`` and bring up its virtio disks.
+
+    Returns the qtest handle, the guest disks and the boot log (as ``guest boot`` prints it);
+    :class:`GuestSystem` keeps the state for a later hot-plug rescan."""
+    guest = GuestSystem(machine)
+    log = guest.boot()
+    return guest.qts, guest.disks, log

@@ -1,12 +1,20 @@
-"""Guest programs: the tutorial's port-I/O and MMIO tests for a3dev-pci, and an edu exerciser.
+"""Guest programs: the tutorial's port-I/O and MMIO tests for a3dev-pci, an edu exerciser, and
+disk workloads on top of the virtio-blk driver (patterns, CRC checks, copies, throughput runs).
 
-Each returns ``(ok, lines)``: whether every check passed, and the program's output.
+They live here, not in the driver, so the driver module is only the driver. The device programs
+return ``(ok, lines)``: whether every check passed, and the program's output.
 """
 from __future__ import annotations
+
+import random
+import struct
+import time
+from typing import Optional
 
 from ..pci import regs
 from .pci import Bar, GuestPCIBus, GuestPCIDevice
 from .qtest import QTest, QTestError
+from .virtio_blk import SECTOR, GuestDisk
 
 A3DEV_ID = (0x1234, 0x1919)
 EDU_ID = (0x1234, 0x11E8)
@@ -103,3 +111,83 @@ def edu_test(qts: QTest, with_dma: bool = True) -> tuple[bool, list[str]]:
         bar.writel(0x64, 0x100)
     lines.append(f"edu test: {'PASS' if ok else 'FAIL'}")
     return ok, lines
+
+
+# -- disk workloads over the virtio-blk driver ---------------------------------------------------
+
+def crc32c(data: bytes) -> int:
+    import crcmod.predefined
+    fn = crcmod.predefined.mkCrcFun("crc-32c")
+    return fn(data)
+
+
+def pattern(offset: int, length: int, seed: int = 0) -> bytes:
+    """A position-dependent pattern: each 512-byte sector starts with its LBA and the seed."""
+    out = bytearray()
+    for lba in range(offset // SECTOR, (offset + length) // SECTOR):
+        head = struct.pack("<QI", lba, seed)
+        out += (head * (SECTOR // len(head) + 1))[:SECTOR]
+    return bytes(out)
+
+
+def pattern_test(disk: GuestDisk, offset: int, length: int, seed: int = 1) -> tuple[bool, list[str]]:
+    """Write a pattern, flush, read it back and compare CRC-32C checksums."""
+    data = pattern(offset, length, seed)
+    want = crc32c(data)
+    disk.write(offset, data)
+    disk.flush()
+    got = crc32c(disk.read(offset, length))
+    ok = got == want
+    return ok, [f"pattern {offset:#x}+{length:#x} seed {seed}: wrote crc32c {want:08x}, read {got:08x}"
+                f" -> {'OK' if ok else 'MISMATCH'}"]
+
+
+def copy_disk(src: GuestDisk, dst: GuestDisk, chunk: int = 256 << 10) -> int:
+    """``dd`` from one guest disk to another (the smaller capacity); returns bytes copied."""
+    total = min(src.capacity, dst.capacity)
+    pos = 0
+    while pos < total:
+        n = min(chunk, total - pos)
+        dst.write(pos, src.read(pos, n))
+        pos += n
+    dst.flush()
+    return total
+
+
+def hexdump(data: bytes, base: int) -> list[str]:
+    lines = []
+    for i in range(0, len(data), 16):
+        row = data[i:i + 16]
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+        lines.append(f"{base + i:08x}: {row.hex(' '):<47}  {text}")
+    return lines
+
+
+def workload_offsets(mode: str, block_size: int, size: int, count: int, seed: int = 0) -> list[int]:
+    """``count`` block offsets in a disk of ``size`` bytes: sequential (wrapping at the end) or
+    uniformly random from a seeded generator, so runs and tools can repeat the same workload."""
+    if mode not in ("seq", "rand"):
+        raise ValueError(f"workload must be seq or rand, not {mode!r}")
+    if block_size <= 0 or block_size % SECTOR or block_size > size:
+        raise ValueError(f"block size must be a positive multiple of 512 up to the disk size, not {block_size}")
+    nblocks = size // block_size
+    if mode == "seq":
+        return [(i % nblocks) * block_size for i in range(count)]
+    rng = random.Random(seed)
+    return [rng.randrange(nblocks) * block_size for _ in range(count)]
+
+
+def throughput(disk: GuestDisk, mode: str = "seq", block_size: int = 65536, total: int = 4 << 20,
+               seed: int = 0, depth: Optional[int] = None) -> tuple[float, list[str]]:
+    """Sequential or random reads of ``block_size`` until ``total`` bytes, ``depth`` requests in
+    flight (default: the driver's queue depth), like fio with ``iodepth``; returns (MiB/s, lines)."""
+    count = max(1, total // block_size) if block_size > 0 else 1
+    offs = workload_offsets(mode, block_size, disk.capacity, count, seed)
+    depth = disk.clamp_depth(depth)
+    t0 = time.perf_counter()
+    disk.read_blocks(offs, block_size, depth)
+    dt = max(time.perf_counter() - t0, 1e-9)
+    done = count * block_size
+    rate = done / dt / (1 << 20)
+    return rate, [f"{mode} read {done} bytes in {block_size}-byte requests, queue depth {depth}: "
+                  f"{dt:.3f} s, {rate:.1f} MiB/s"]

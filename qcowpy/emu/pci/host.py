@@ -33,12 +33,12 @@ class PCIHostState(DeviceState):
     mmcfg: MemoryRegion
     ecam_buses: int
 
-    def setup(self, ecam_buses: int = 256) -> None:
+    def setup(self, ecam_buses: int = 256, bus_type: str = TYPE_PCI_BUS, bus_name: str = "pci.0") -> None:
         """Create the root bus and the config-access regions (done before plugging devices)."""
-        bus: PCIBus = object_new(TYPE_PCI_BUS)  # type: ignore[assignment]
+        bus: PCIBus = object_new(bus_type)  # type: ignore[assignment]
         bus.parent_dev = self
         self.child_buses.append(bus)
-        self.add_child("pci.0", bus)
+        self.add_child(bus_name, bus)
         self.bus = bus
         self.ecam_buses = ecam_buses
         self.conf_mem = MemoryRegion.io_region(self, _CONF_OPS, self, "pci-conf-idx", 4)
