@@ -66,11 +66,12 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
     if fmt == "raw":
         return RawDevice(path, read_only=not writable, cache=cache, force_share=force_share)
     dev = Qcow2Device(Qcow2Image.open(path, writable=writable, cache=cache, force_share=force_share), path)
-    name = dev.image.header.backing_file
+    info = dev.format_info()
+    name = info.backing_file
     if backing and name:
         bpath = resolve_backing_path(path, name)
         try:
-            dev.attach_backing(open_image(bpath, "r", dev.image.header.backing_format, True,
+            dev.attach_backing(open_image(bpath, "r", info.backing_format, True,
                                           _seen=_seen + (ident,), force_share=force_share))
         except ImageNotFound as e:
             dev.close()
