@@ -59,25 +59,28 @@ def layer_extents(meta: Metadata, offset: int, length: int) -> Iterator[LayerExt
 
 
 def _raw_runs(meta: Metadata, pos: int, end: int) -> Iterator[tuple[str, int, int, int | None]]:
-    """(kind, start, end, host offset or None) runs, at most one L2 table's worth at a time."""
+    """(kind, start, end, host offset or None) runs, at most one L2 table's worth at a time.
+
+    One loop for both entry forms: it works in allocation units (clusters, or subclusters on
+    extended-L2 images) and asks a run decoder for (type, first unit, units, host) tuples —
+    the ``l2_runs`` kernel for standard entries, :func:`_extended_runs` for extended ones — a
+    bounded number per call, so a caller that stops after the first extent does not pay for
+    the whole table."""
     cbits = meta.cluster_bits
+    ubits = cbits - C.SUBCLUSTER_BITS if meta.extended else cbits
     span_bits = cbits + meta.l2_bits
     while pos < end:
         l1_index = pos >> span_bits
         table = meta.l2_table(l1_index)
         base = l1_index << span_bits
         span_end = min(end, base + (1 << span_bits))
-        if table is not None and meta.extended:
-            yield from _extended_runs(meta, table.data, pos, span_end)
-            pos = span_end
-            continue
-        # Whole runs of clusters at a time (kernels.l2_runs), a bounded number per call so a
-        # caller that stops after the first extent does not pay for the whole table.
-        idx = (pos - base) >> cbits
-        stop = ((span_end - base - 1) >> cbits) + 1
+        idx = (pos - base) >> ubits
+        stop = ((span_end - base - 1) >> ubits) + 1
         while idx < stop:
             if table is None:
                 runs = [(ClusterType.UNALLOCATED, idx, stop - idx, 0)]
+            elif meta.extended:
+                runs = _extended_runs(meta, table.data, idx, stop, 64)
             else:
                 runs = l2_runs(table.data, idx, stop, cbits, 64)
             for t, first, count, host in runs:
@@ -85,25 +88,30 @@ def _raw_runs(meta: Metadata, pos: int, end: int) -> Iterator[tuple[str, int, in
                     raise CorruptImage(f"L2 entry {host:#x} has reserved bits set" if t == -1 else
                                        f"Cluster allocation offset {l2_offset(host):#x} unaligned "
                                        f"(L2 entry {host:#x})")
-                rstart = base + (first << cbits)
+                rstart = base + (first << ubits)
                 a = max(pos, rstart)
-                yield _KIND[t], a, min(span_end, rstart + (count << cbits)), \
+                yield _KIND[t], a, min(span_end, rstart + (count << ubits)), \
                     host + (a - rstart) if host else None
                 idx = first + count
         pos = span_end
 
 
-def _extended_runs(meta: Metadata, table: list[int], pos: int, span_end: int) -> Iterator[tuple]:
-    cs = meta.cluster_size
-    while pos < span_end:
-        cstart = pos & ~(cs - 1)
-        idx = (pos >> meta.cluster_bits) & (meta.l2_entries - 1)
-        for t, pstart, plen, host in cluster_pieces(meta, table, idx):
-            a = max(pos, cstart + pstart)
-            b = min(span_end, cstart + pstart + plen)
+def _extended_runs(meta: Metadata, table: list[int], start: int, stop: int,
+                   max_runs: int) -> list[tuple[int, int, int, int]]:
+    """``l2_runs`` for extended entries: (type, first subcluster, count, host) for subclusters
+    [start, stop) of one table, decoded a whole cluster at a time."""
+    sbits = meta.cluster_bits - C.SUBCLUSTER_BITS
+    out: list[tuple[int, int, int, int]] = []
+    u = start
+    while u < stop and len(out) < max_runs:
+        c = u >> C.SUBCLUSTER_BITS
+        for t, pstart, plen, host in cluster_pieces(meta, table, c):
+            first = (c << C.SUBCLUSTER_BITS) + (pstart >> sbits)
+            a, b = max(first, u), min(first + (plen >> sbits), stop)
             if a < b:
-                yield _KIND[t], a, b, host + (a - cstart - pstart) if host else None
-        pos = cstart + cs
+                out.append((t, a, b - a, host + ((a - first) << sbits) if host else 0))
+        u = (c + 1) << C.SUBCLUSTER_BITS
+    return out
 
 
 def cluster_pieces(meta: Metadata, table: list[int] | None, idx: int) -> list[tuple[ClusterType, int, int, int]]:
