@@ -18,7 +18,7 @@ from ..format.entries import ClusterType, compressed_descriptor, l1_offset, l2_o
 from ..format.entries import cluster_type as std_cluster_type
 from ..format.header import Header, field_patch, pack_header_cluster
 from .cache import Table, TableCache
-from .overlap import ACTIVE_L1, ACTIVE_L2, ALL, MAIN_HEADER, OverlapGuard, write_metadata
+from .overlap import ACTIVE_L1, ACTIVE_L2, ALL, INACTIVE_L1, MAIN_HEADER, OverlapGuard, write_metadata
 from .refcount import Refcounts
 
 MAX_PENDING_FREES = 4096  # dropped references kept in memory before a sync releases them
@@ -200,6 +200,12 @@ class Metadata:
     def write_l1_entries(self, first: int, end: int) -> None:
         """Write the in-memory L1 entries [first, end) in place."""
         write_metadata(self.file, ACTIVE_L1, pack_table(self.l1[first:end]), self.header.l1_table_offset + 8 * first)
+
+    def write_l1_table(self, entries: list[int], offset: int | None = None) -> None:
+        """Write a whole L1 table in place: the active one (default), or a snapshot's at ``offset``."""
+        active = offset is None or offset == self.header.l1_table_offset
+        write_metadata(self.file, ACTIVE_L1 if active else INACTIVE_L1, pack_table(entries),
+                       self.header.l1_table_offset if offset is None else offset)
 
     def grow_l1(self, min_entries: int, exact: bool = False) -> None:
         """Move the L1 table to a larger area (QEMU's qcow2_grow_l1_table): the copy is durable

@@ -14,7 +14,6 @@ from ..errors import CorruptImage, QcowError, RefcountOverflow, SnapshotNotFound
 from ..format import constants as C
 from ..format.entries import compressed_descriptor, pack_table, unpack_table
 from ..format.snapshot import Snapshot, StoredEntry, known_extra, read_entries, table_pieces_as_qemu
-from .overlap import ACTIVE_L1, INACTIVE_L1, write_metadata
 from .resize import resize
 
 _MAX_L1_BYTES = C.MAX_L1_SIZE_BYTES
@@ -111,7 +110,7 @@ def update_snapshot_refcount(img, l1_offset: int, l1_size: int, addend: int) -> 
             modified = True
     meta.sync()
     if addend >= 0 and modified:
-        write_metadata(img.file, ACTIVE_L1 if active else INACTIVE_L1, pack_table(l1[:l1_size]), l1_offset)
+        meta.write_l1_table(l1[:l1_size], l1_offset)
         img.file.flush()
 
 
@@ -224,7 +223,7 @@ def apply(img, key: str) -> None:
         with meta.punching_freed():
             sn_l1 = unpack_table(img.file.pread(sn.l1_size * 8, sn.l1_table_offset)) + [0] * (len(meta.l1) - sn.l1_size)
             update_snapshot_refcount(img, sn.l1_table_offset, sn.l1_size, 1)
-            write_metadata(img.file, ACTIVE_L1, pack_table(sn_l1), img.header.l1_table_offset)
+            meta.write_l1_table(sn_l1)
             img.file.flush()
             # the in-memory L1 still holds the old tables: drop their references, then take the new
             update_snapshot_refcount(img, img.header.l1_table_offset, len(meta.l1), -1)
