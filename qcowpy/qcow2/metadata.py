@@ -275,6 +275,14 @@ class Metadata:
             table[i] = entry
         return old
 
+    def adopt(self, l1: list[int]) -> None:
+        """The header now names a new L1 table (``l1``), refcount table and snapshot table
+        (qcow2/txn.py switched them): start over from them."""
+        self.l1 = list(l1)
+        self.l2cache.clear()
+        self.refcounts.reload(self.header.refcount_table_offset, self.header.refcount_table_clusters)
+        self.guard.snapshots_changed()
+
     # ------------------------------------------------------------------ starting over
     def rebuild_empty(self, l1_clusters: int) -> None:
         """QEMU's make_completely_empty: header, then the refcount table right after it, its

@@ -55,6 +55,10 @@ class Refcounts:
         self.free_byte_offset = 0
 
     # --- reading -------------------------------------------------------------------------
+    def block(self, block_index: int) -> Table[bytearray] | None:
+        """Refcount block ``block_index`` (cached), or None where the table has none."""
+        return self._block(block_index)
+
     def _block(self, block_index: int) -> Table[bytearray] | None:
         if block_index >= len(self.table):
             return None

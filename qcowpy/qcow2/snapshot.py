@@ -12,9 +12,10 @@ import time
 
 from ..errors import CorruptImage, QcowError, RefcountOverflow, SnapshotNotFound
 from ..format import constants as C
-from ..format.entries import compressed_descriptor, pack_table, unpack_table
+from ..format.entries import pack_table, unpack_table
 from ..format.snapshot import Snapshot, StoredEntry, known_extra, read_entries, table_pieces_as_qemu
 from .resize import resize
+from .txn import SnapshotTransaction
 
 _MAX_L1_BYTES = C.MAX_L1_SIZE_BYTES
 
@@ -58,81 +59,25 @@ def _validate_l1(img, sn: Snapshot) -> None:
         raise CorruptImage("Snapshot L1 table offset invalid")
 
 
-def update_snapshot_refcount(img, l1_offset: int, l1_size: int, addend: int) -> None:
-    """QEMU's qcow2_update_snapshot_refcount: add ``addend`` (-1, 0, 1) to the refcount of every
-    cluster reachable from the L1 table at ``l1_offset`` and set OFLAG_COPIED exactly where the
-    refcount is then 1. The active L1 is taken from memory (snapshot_goto relies on that)."""
-    cs, cbits = img.cluster_size, img.cluster_bits
-    meta = img.meta
-    rc = meta.refcounts
-    active = l1_offset == img.header.l1_table_offset
-    l1 = meta.l1 if active else unpack_table(img.file.pread(l1_size * 8, l1_offset))
-    step = meta.entry_words
-    modified = False
-    for i in range(l1_size):
-        old_l1 = l1[i]
-        if not old_l1:
-            continue
-        l2_off = old_l1 & C.L1E_OFFSET_MASK
-        if l2_off & (cs - 1):
-            raise CorruptImage(f"L2 table offset {l2_off:#x} unaligned (L1 index: {i:#x})")
-        table = meta.l2cache.get(l2_off)
-        for j in range(0, len(table), step):
-            old = table[j]
-            entry = old & ~C.OFLAG_COPIED
-            host = entry & C.L2E_OFFSET_MASK
-            if entry & C.OFLAG_COMPRESSED:
-                if addend:
-                    coffset, csize = compressed_descriptor(entry, cbits)
-                    rc.change_range(coffset, csize, addend)
-                refcount = 2  # compressed clusters are never written in place
-            elif host:  # normal or preallocated zero cluster
-                if host & (cs - 1):
-                    raise CorruptImage(f"Cluster allocation offset {host:#x} unaligned (L2 offset: "
-                                       f"{l2_off:#x}, L2 index: {j // step:#x})")
-                if addend:
-                    rc.change(host >> cbits, addend)
-                refcount = rc.get(host >> cbits)
-            else:
-                refcount = 0
-            if refcount == 1:
-                entry |= C.OFLAG_COPIED
-            if entry != old:
-                table[j] = entry  # dirty at once, as QEMU: a failure later still leaves this on disk
-        if addend:
-            rc.change(l2_off >> cbits, addend)
-        refcount = rc.get(l2_off >> cbits)
-        if refcount == 0:
-            meta.l2cache.discard(l2_off)  # freed: its cached copy must never be written back
-        new_l1 = l2_off | (C.OFLAG_COPIED if refcount == 1 else 0)
-        if new_l1 != old_l1:
-            l1[i] = new_l1
-            modified = True
-    meta.sync()
-    if addend >= 0 and modified:
-        meta.write_l1_table(l1[:l1_size], l1_offset)
-        img.file.flush()
-
-
-def write_table(img, entries: list[Entry], old_size: int) -> None:
-    """QEMU's qcow2_write_snapshots: the whole table in new clusters, then the header, then the
-    old table's clusters freed."""
-    h = img.header
+def _table_bytes(img, entries: list[Entry]) -> bytes:
+    """The snapshot table as QEMU's qcow2_write_snapshots lays it out (padding zeroed)."""
     pieces = table_pieces_as_qemu([(e.sn, e.id_b, e.name_b) for e in entries], img.size)
-    size = pieces[-1][0] + len(pieces[-1][1]) if pieces else 0
-    meta = img.meta
-    new_off = meta.refcounts.alloc_clusters(meta.clusters_for(size)) if size else 0
-    meta.sync()
+    out = bytearray(pieces[-1][0] + len(pieces[-1][1]) if pieces else 0)
     for pos, body in pieces:
-        img.file.pwrite(body, new_off + pos)  # overlap-checked: the clusters must be free
-    img.file.flush()
-    old_off = h.snapshots_offset
-    meta.update_header(nb_snapshots=len(entries), snapshots_offset=new_off)
-    img.file.flush()
-    meta.guard.snapshots_changed()
-    if old_size:
-        meta.refcounts.free(old_off, old_size)
-        meta.sync()
+        out[pos:pos + len(body)] = body
+    return bytes(out)
+
+
+def _switch(txn: SnapshotTransaction, img, entries: list[Entry], old_size: int | None, active: list[int]) -> None:
+    """Point the image at ``active`` (L2 table offsets) and, unless ``old_size`` is None, at a
+    new table holding ``entries``: all of it in one header write (qcow2/txn.py)."""
+    h = img.header
+    txn.validate()
+    nb, table_off = h.nb_snapshots, h.snapshots_offset
+    if old_size is not None:
+        txn.release(h.snapshots_offset, old_size)
+        nb, table_off = len(entries), txn.write_new(_table_bytes(img, entries))
+    txn.commit(txn.active_l1(active), nb, table_off)
 
 
 def _next_id(entries: list[Entry]) -> str:
@@ -160,7 +105,6 @@ def create(img, name: str, date: float | None = None) -> Entry:
     """``qemu-img snapshot -c NAME``: a snapshot of the current disk state (no VM state)."""
     with img.lock:
         _prepare(img)
-        h = img.header
         entries, size = read_table(img)
         if len(entries) >= C.MAX_SNAPSHOTS:
             raise SnapshotCreateFailed(27, "File too large")
@@ -168,19 +112,17 @@ def create(img, name: str, date: float | None = None) -> Entry:
         sec, nsec = usec // 1000000, usec % 1000000 * 1000
         extra = known_extra(0, img.size, 0)  # qemu-img's snapshot info is zeroed: icount 0
         meta = img.meta
-        l1_size = len(meta.l1)
-        l1_off = meta.refcounts.alloc_clusters(meta.clusters_for(l1_size * 8)) if l1_size else 0
-        if l1_size:
-            img.file.pwrite(pack_table(meta.l1), l1_off)
+        txn = SnapshotTransaction(img)
+        txn.walk(meta.l1, 1)  # the snapshot's L1 reaches what the active one does
         try:
-            update_snapshot_refcount(img, h.l1_table_offset, l1_size, 1)
+            txn.validate()
         except RefcountOverflow:
             raise SnapshotCreateFailed(22, "Invalid argument") from None
+        l1_off = txn.write_new(pack_table(meta.l1))  # as QEMU: a copy of the active L1, flags and all
         id_b, name_b = _next_id(entries).encode(), name.encode()
-        entry = Entry(Snapshot(l1_off, l1_size, id_b.decode(), name, sec, nsec, 0, 0, extra), id_b, name_b,
+        entry = Entry(Snapshot(l1_off, len(meta.l1), id_b.decode(), name, sec, nsec, 0, 0, extra), id_b, name_b,
                       len(extra), 0, 0)
-        with meta.punching_freed():
-            write_table(img, entries + [entry], size)
+        _switch(txn, img, entries + [entry], size, [e & C.L1E_OFFSET_MASK for e in meta.l1])
         return entry
 
 
@@ -194,13 +136,10 @@ def delete(img, key: str) -> None:
             raise SnapshotNotFound("snapshot not found")
         sn = entries[i].sn
         _validate_l1(img, sn)
-        meta = img.meta
-        with meta.punching_freed():
-            write_table(img, entries[:i] + entries[i + 1:], size)
-            update_snapshot_refcount(img, sn.l1_table_offset, sn.l1_size, -1)
-            if sn.l1_size:
-                meta.refcounts.free(sn.l1_table_offset, sn.l1_size * 8)
-            update_snapshot_refcount(img, img.header.l1_table_offset, len(meta.l1), 0)
+        txn = SnapshotTransaction(img)
+        txn.walk(unpack_table(img.file.pread(sn.l1_size * 8, sn.l1_table_offset)), -1)
+        txn.release(sn.l1_table_offset, sn.l1_size * 8)
+        _switch(txn, img, entries[:i] + entries[i + 1:], size, [e & C.L1E_OFFSET_MASK for e in img.meta.l1])
 
 
 def apply(img, key: str) -> None:
@@ -217,16 +156,9 @@ def apply(img, key: str) -> None:
         if disk_size != img.size:
             resize(img, disk_size)
         meta = img.meta
-        if sn.l1_size > len(meta.l1):
-            meta.grow_l1(sn.l1_size, exact=True)
-            meta.sync()
-        with meta.punching_freed():
-            sn_l1 = unpack_table(img.file.pread(sn.l1_size * 8, sn.l1_table_offset)) + [0] * (len(meta.l1) - sn.l1_size)
-            update_snapshot_refcount(img, sn.l1_table_offset, sn.l1_size, 1)
-            meta.write_l1_table(sn_l1)
-            img.file.flush()
-            # the in-memory L1 still holds the old tables: drop their references, then take the new
-            update_snapshot_refcount(img, img.header.l1_table_offset, len(meta.l1), -1)
-            meta.l1[:] = sn_l1
-            update_snapshot_refcount(img, img.header.l1_table_offset, len(meta.l1), 0)
-
+        sn_l1 = unpack_table(img.file.pread(sn.l1_size * 8, sn.l1_table_offset))
+        txn = SnapshotTransaction(img)
+        txn.walk(sn_l1, 1)
+        txn.walk(meta.l1, -1)
+        pointers = [e & C.L1E_OFFSET_MASK for e in sn_l1] + [0] * (len(meta.l1) - sn.l1_size)
+        _switch(txn, img, entries, None, pointers)

@@ -7,6 +7,7 @@ import tempfile
 from dataclasses import dataclass
 
 import qcowpy
+from qcowpy.qcow2 import snapshot
 from qcowpy.qcow2.resize import resize
 
 from .harness import GuestModel, MemBacking, RecordingFile, open_on
@@ -50,6 +51,9 @@ WORKLOADS = {
     "lazy": (1 << 20, dict(cluster_size=1024, lazy_refcounts=True), False, "wwwzdcf"),
     "l1_growth": (64 << 10, dict(cluster_size=512), False, "rwwwf"),
     "extended_l2": (512 << 10, dict(cluster_size=16384, extended_l2=True), True, "wwwzdcf"),
+    # snapshot create (s), apply (a) and delete (x) among guest writes: each switches at one header write
+    "snapshots": (256 << 10, dict(cluster_size=4096), False, "wwwzcsaxsf"),
+    "snapshots_ext": (256 << 10, dict(cluster_size=16384, extended_l2=True), True, "wwzsaxsf"),
 }
 
 
@@ -63,6 +67,7 @@ def record(name: str, seed: int, nops: int = 40) -> Recorded:
     img = open_on(file, True, MemBacking(backing) if backing else None)
     cs = img.cluster_size
     cur_size = size
+    snaps: dict[str, bytes] = {}  # name -> guest contents when it was taken
     for _ in range(nops):
         op = rng.choice(mix)
         if op in "wW":
@@ -93,6 +98,19 @@ def record(name: str, seed: int, nops: int = 40) -> Recorded:
             data = bytes([rng.randrange(256)]) * (cs // 2) + rng.randbytes(16) + bytes(cs // 2 - 16)
             img.write_compressed(data, c * cs)
             model.write(file, c * cs, data)
+        elif op == "s":
+            sname = f"s{len(snaps)}-{rng.randrange(1000)}"
+            snapshot.create(img, sname)
+            snaps[sname] = bytes(model.cur)
+        elif op == "a" and snaps:
+            sname = rng.choice(sorted(snaps))
+            model.write(file, 0, snaps[sname])  # unsure until the apply returns (durable then)
+            snapshot.apply(img, sname)
+            model.flushed(file)
+        elif op == "x" and snaps:
+            sname = rng.choice(sorted(snaps))
+            snapshot.delete(img, sname)
+            del snaps[sname]
         elif op == "r" and cur_size < (4 << 20):
             new = cur_size * 4
             resize(img, new)
