@@ -19,6 +19,7 @@ from ..format.entries import cluster_type as std_cluster_type
 from ..format.header import Header, field_patch, pack_header_cluster
 from .cache import Table, TableCache
 from .overlap import ACTIVE_L1, ACTIVE_L2, ALL, INACTIVE_L1, MAIN_HEADER, OverlapGuard, write_metadata
+from ..format.refcount import set_refcount
 from .refcount import Refcounts
 
 MAX_PENDING_FREES = 4096  # dropped references kept in memory before a sync releases them
@@ -285,30 +286,55 @@ class Metadata:
 
     # ------------------------------------------------------------------ starting over
     def rebuild_empty(self, l1_clusters: int) -> None:
-        """QEMU's make_completely_empty: header, then the refcount table right after it, its
-        first block next and an empty L1 three clusters in; the dirty bit covers the window in
-        which the refcounts are wrong."""
+        """QEMU's make_completely_empty, made atomic: the image ends as QEMU leaves it (header,
+        the refcount table right after it, its one block next, an empty L1 three clusters in,
+        the file cut there), but through two header switches instead of QEMU's in-place rewrite
+        under the dirty bit, which ``qemu-img check`` reports as corrupt if a crash cuts it.
+
+        1. An empty image's structures are written past everything in use and switched to: all
+           old clusters are free at once.
+        2. QEMU's compact structures are written at clusters 1.., free since step 1, and switched
+           to; the file is cut after them."""
         cs, h = self.cluster_size, self.header
         self.sync()
-        self.l2cache.clear()
-        self.refcounts.cache.clear()
-        if not h.incompatible_features & C.INCOMPAT_DIRTY:  # the refcounts are about to be wrong
-            self.set_incompatible(h.incompatible_features | C.INCOMPAT_DIRTY)
-        write_metadata(self.file, ALL, bytes(l1_clusters * cs), h.l1_table_offset)
-        write_metadata(self.file, ALL, bytes((2 + l1_clusters) * cs), cs)
-        self.update_header(l1_table_offset=3 * cs, refcount_table_offset=cs, refcount_table_clusters=1)
-        self.file.flush()
-        write_metadata(self.file, ALL, pack_table([2 * cs]), cs)
-        self.file.flush()
-        self.refcounts.reload(cs, 1)
-        self.l1 = [0] * len(self.l1)
-        if self.refcounts.alloc_clusters(3 + l1_clusters) != 0:
-            raise CorruptImage("First cluster in emptied image is in use")
-        self.sync()
+        start = max(self.clusters_for(self.file.size()), 3 + l1_clusters)
+        self._switch_to_empty(start, l1_clusters)
+        self._switch_to_empty(1, l1_clusters)
+        self.file.truncate((3 + l1_clusters) * cs)
         h.incompatible_features &= ~C.INCOMPAT_DIRTY  # qcow2_mark_clean: the whole header anew
         self.rewrite_header()
         self.file.flush()
-        self.file.truncate((3 + l1_clusters) * cs)
+
+    def _switch_to_empty(self, first: int, l1_clusters: int) -> None:
+        """Write, from cluster ``first`` on, a refcount table, its blocks and an empty L1 that
+        count only themselves and the header, then point the header at them (one write)."""
+        cs, pbb = self.cluster_size, self.refcounts.per_block_bits
+        table_clusters, n_blocks = 1, 1
+        while True:  # the blocks count the header's range and the new clusters' own
+            used = [0] + list(range(first, first + table_clusters + n_blocks + l1_clusters))
+            blocks = sorted({c >> pbb for c in used})
+            need = self.clusters_for((blocks[-1] + 1) * 8)
+            if len(blocks) == n_blocks and need == table_clusters:
+                break
+            n_blocks, table_clusters = len(blocks), max(table_clusters, need)
+        table_off = first * cs
+        block_offs = {bi: (first + table_clusters + i) * cs for i, bi in enumerate(blocks)}
+        l1_off = (first + table_clusters + len(blocks)) * cs
+        table = [0] * (table_clusters * cs // 8)
+        for bi, off in block_offs.items():
+            block = bytearray(cs)
+            for c in used:
+                if c >> pbb == bi:
+                    set_refcount(block, c - (bi << pbb), self.refcounts.order, 1)
+            write_metadata(self.file, ALL, block, off)
+            table[bi] = off
+        write_metadata(self.file, ALL, pack_table(table), table_off)
+        write_metadata(self.file, ALL, bytes(l1_clusters * cs), l1_off)
+        self.file.flush()
+        self.update_header(l1_table_offset=l1_off, refcount_table_offset=table_off,
+                           refcount_table_clusters=table_clusters)
+        self.file.flush()
+        self.adopt([0] * len(self.l1))
 
 
 def _runs(clusters: Iterator[int]) -> Iterator[tuple[int, int]]:

@@ -67,14 +67,18 @@ def preallocate(img: Qcow2Image, mode: str, start: int = 0) -> None:
                     break
                 n = (last - first + cs - 1) // cs
                 host = meta.refcounts.alloc_clusters(n)
-                for i in range(n):  # extended: host cluster reserved, subclusters read as before
-                    meta.set_l2_entry(first + i * cs, (host + i * cs) | C.OFLAG_COPIED)
                 used = min(last, img.size) - first
+                # The file reaches the clusters before any L2 entry names them: a crash must not
+                # leave entries past the end of the file (which no repair could fix).
                 if mode == "falloc":
                     img.file.allocate(host, used)
                 elif mode == "full":
                     for off in range(0, used, MAX_RUN_BYTES):
                         img.file.pwrite(bytes(min(MAX_RUN_BYTES, used - off)), host + off)
+                elif img.file.size() < host + used:
+                    img.file.truncate(host + used)
+                for i in range(n):  # extended: host cluster reserved, subclusters read as before
+                    meta.set_l2_entry(first + i * cs, (host + i * cs) | C.OFLAG_COPIED)
                 end_needed = max(end_needed, host + used)
                 first = last
             pos = span_end

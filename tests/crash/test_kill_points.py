@@ -58,27 +58,55 @@ def _state(qemu_img: str, path, tmp) -> tuple:
     return tuple(disks)
 
 
-def _sweep(strace: str, qemu_img: str, tmp, base, args: list[str], limit: int = 200) -> tuple[int, int]:
-    """Kill ``qcowpy args IMG`` at every write; returns (kill points, points that left leaks)."""
+def _sweep_each(strace: str, prepare, argv, judge, limit: int = 300) -> int:
+    """Kill ``argv`` (a list, or a callable of the prepared paths) at its 1st, 2nd, ... write,
+    each time on files ``prepare()`` makes afresh, and ``judge(paths, k, completed)`` each
+    result; returns the number of kill points (the last one is the run that completed)."""
+    for k in range(1, limit + 1):
+        paths = prepare()
+        rc = _run_killed(strace, k, argv(paths) if callable(argv) else argv)
+        judge(paths, k, rc == 0)
+        if rc == 0:
+            return k
+    pytest.fail(f"{argv} did not complete within {limit} writes")
+
+
+def _check_at_most_leaks(qemu_img: str, path, what: str) -> int:
+    check = _img(qemu_img, "check", path)
+    assert check.returncode in (0, 3), f"{what}: {check.stdout}{check.stderr}"
+    return check.returncode
+
+
+def _sweep(strace: str, qemu_img: str, tmp, base, argv_of, accept) -> int:
+    """Kill ``argv_of(image)`` at every write on fresh copies of ``base``: at most leaks, and
+    ``accept(state, before, completed, what)`` judges what a reader then sees (_state)."""
     before = _state(qemu_img, base, tmp)
+    img = tmp / "killed.qcow2"
+
+    def prepare():
+        shutil.copy(base, img)
+        return img
+
+    def judge(path, k, completed):
+        what = f"{argv_of(path)[3:]} killed at write {k}"
+        _check_at_most_leaks(qemu_img, path, what)
+        accept(_state(qemu_img, path, tmp), before, completed, what)
+
+    return _sweep_each(strace, prepare, argv_of, judge)
+
+
+def _before_or_after(qemu_img: str, tmp, base, args: list[str]):
+    """``accept`` for an operation that must look done or not done: the disk and every snapshot
+    read as before or as after (as after once it completed)."""
     done = tmp / "done.qcow2"
     shutil.copy(base, done)
     assert subprocess.run(_qcowpy_argv(*args, str(done)), capture_output=True).returncode == 0
     after = _state(qemu_img, done, tmp)
-    leaks = 0
-    img = tmp / "killed.qcow2"
-    for k in range(1, limit + 1):
-        shutil.copy(base, img)
-        rc = _run_killed(strace, k, _qcowpy_argv(*args, str(img)))
-        check = _img(qemu_img, "check", img)
-        assert check.returncode in (0, 3), f"{args} killed at write {k}: {check.stdout}{check.stderr}"
-        leaks += check.returncode == 3
-        state = _state(qemu_img, img, tmp)
-        assert state in (before, after), f"{args} killed at write {k}: the disk reads neither as before nor after"
-        if rc == 0:
-            assert state == after
-            return k, leaks
-    pytest.fail(f"{args} did not complete within {limit} writes")
+
+    def accept(state, before, completed, what):
+        assert state == after if completed else state in (before, after), \
+            f"{what}: the disk reads neither as before nor as after"
+    return accept
 
 
 @pytest.fixture
@@ -98,5 +126,109 @@ def snapshotted(tmp_path, qemu_img):
 @pytest.mark.parametrize("args", [["snapshot", "-c", "s2"], ["snapshot", "-a", "s1"], ["snapshot", "-d", "s1"]],
                          ids=lambda a: " ".join(a))
 def test_snapshot_operations_survive_every_kill_point(tmp_path, qemu_img, strace, snapshotted, args):
-    points, _ = _sweep(strace, qemu_img, tmp_path, snapshotted, args)
+    accept = _before_or_after(qemu_img, tmp_path, snapshotted, args)
+    points = _sweep(strace, qemu_img, tmp_path, snapshotted, lambda p: _qcowpy_argv(*args, str(p)), accept)
     assert points > 3  # the sweep really cut the operation at several writes
+
+
+@pytest.mark.parametrize("args,prefix", [
+    (["resize", "--preallocation=metadata"], None), (["resize", "--preallocation=falloc"], None),
+    (["resize", "--preallocation=full"], None), (["resize", "--shrink"], 2 * MiB)],
+    ids=["metadata", "falloc", "full", "shrink"])
+def test_resize_survives_every_kill_point(tmp_path, qemu_img, strace, snapshotted, args, prefix):
+    """Growing with preallocation maps new clusters (the file must reach them before any L2
+    entry does: a crash used to leave entries past the end of the file, which no repair fixes);
+    shrinking drops clusters and L2 tables past the new end."""
+    base = tmp_path / "nosnap.qcow2"
+    assert _img(qemu_img, "convert", "-O", "qcow2", "-o", "cluster_size=4k", snapshotted, base).returncode == 0
+    size = "+6M" if prefix is None else "2M"
+
+    def accept(state, before, completed, what):
+        active, old = state[0], before[0]
+        n = prefix if prefix is not None else len(old)
+        assert active[:n] == old[:n], f"{what}: data inside the kept size changed"
+        if prefix is None:  # growing: the new area reads as zeros
+            assert not active[n:].strip(b"\0"), f"{what}: the grown area does not read as zeros"
+        else:  # shrinking: each dropped cluster still reads as before, or already as zeros
+            for off in range(n, len(active), 4096):
+                piece = active[off:off + 4096]
+                assert piece in (old[off:off + 4096], bytes(len(piece))), f"{what}: offset {off}"
+
+    assert _sweep(strace, qemu_img, tmp_path, base, lambda p: _qcowpy_argv(*args, str(p), size), accept) > 2
+
+
+@pytest.fixture
+def chain(tmp_path, qemu_img):
+    """base.qcow2 <- top.qcow2, both with data (top overwrites part of base, zeroes some)."""
+    io = shutil.which("qemu-io") or os.path.join(os.path.dirname(qemu_img), "qemu-io")
+    base, top = tmp_path / "base0.qcow2", tmp_path / "top0.qcow2"
+    assert _img(qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", base, "8M").returncode == 0
+    subprocess.run([io, "-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "write -P 5 5M 64k", str(base)],
+                   check=True, capture_output=True)
+    shutil.copy(base, tmp_path / "base.qcow2")  # the name top0 refers to
+    assert _img(qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "base.qcow2", "-F", "qcow2",
+                top, "8M").returncode == 0
+    subprocess.run([io, "-f", "qcow2", "-c", "write -P 2 512k 1M", "-c", "write -z 5M 4k", str(top)],
+                   check=True, capture_output=True)
+    return base, top
+
+
+def _chain_sweep(strace, qemu_img, tmp, chain, args: list[str]) -> int:
+    """Kill ``qcowpy args top.qcow2`` over a two-image chain: both images check with at most
+    leaks and the guest view through top is unchanged at every kill point."""
+    base0, top0 = chain
+    base, top = tmp / "base.qcow2", tmp / "top.qcow2"
+    shutil.copy(base0, base)
+    shutil.copy(top0, top)
+    view = _state(qemu_img, top, tmp)[0]
+
+    def prepare():
+        shutil.copy(base0, base)
+        shutil.copy(top0, top)
+        return top
+
+    def judge(path, k, completed):
+        what = f"{args} killed at write {k}"
+        for p in (top, base):
+            _check_at_most_leaks(qemu_img, p, f"{what} ({p.name})")
+        assert _state(qemu_img, top, tmp)[0] == view, f"{what}: the guest view through top changed"
+
+    return _sweep_each(strace, prepare, lambda p: _qcowpy_argv(*args, str(p)), judge)
+
+
+def test_commit_survives_every_kill_point(tmp_path, qemu_img, strace, chain):
+    """Committing copies top into base, then empties top atomically (two header switches)."""
+    assert _chain_sweep(strace, qemu_img, tmp_path, chain, ["commit"]) > 3
+
+
+def test_rebase_survives_every_kill_point(tmp_path, qemu_img, strace, chain):
+    other = tmp_path / "other.qcow2"
+    assert _img(qemu_img, "create", "-q", "-f", "qcow2", other, "8M").returncode == 0
+    assert _chain_sweep(strace, qemu_img, tmp_path, chain, ["rebase", "-b", "other.qcow2", "-F", "qcow2"]) > 1
+
+
+def test_interrupted_repair_is_repaired_by_the_next(tmp_path, qemu_img, strace, snapshotted):
+    """check -r all killed at any write leaves an image that the next check -r all repairs
+    (here one whose refcount structure must be rebuilt: an L2 table's refcount is 0)."""
+    import struct
+    damaged = tmp_path / "damaged.qcow2"
+    data = bytearray(snapshotted.read_bytes())
+    rt_off, = struct.unpack_from(">Q", data, 48)
+    block, = struct.unpack_from(">Q", data, rt_off)
+    l1_off, = struct.unpack_from(">Q", data, 40)
+    l2 = struct.unpack_from(">Q", data, l1_off)[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">H", data, block + 2 * (l2 >> 12), 0)
+    damaged.write_bytes(bytes(data))
+    assert _img(qemu_img, "check", damaged).returncode == 2
+    img = tmp_path / "killed.qcow2"
+
+    def prepare():
+        shutil.copy(damaged, img)
+        return img
+
+    def judge(path, k, completed):
+        subprocess.run(_qcowpy_argv("check", "-r", "all", str(path)), capture_output=True)
+        check = _img(qemu_img, "check", path)
+        assert check.returncode == 0, f"check -r all killed at write {k}, then run again: {check.stdout}"
+
+    assert _sweep_each(strace, prepare, lambda p: _qcowpy_argv("check", "-r", "all", str(p)), judge) > 1
