@@ -232,3 +232,29 @@ def test_interrupted_repair_is_repaired_by_the_next(tmp_path, qemu_img, strace, 
         assert check.returncode == 0, f"check -r all killed at write {k}, then run again: {check.stdout}"
 
     assert _sweep_each(strace, prepare, lambda p: _qcowpy_argv("check", "-r", "all", str(p)), judge) > 1
+
+
+@pytest.mark.parametrize("opts", [["-O", "qcow2"], ["-c", "-O", "qcow2"]], ids=["plain", "compressed"])
+def test_convert_survives_every_kill_point(tmp_path, qemu_img, strace, snapshotted, opts):
+    """A killed convert leaves its source alone and a target that is either not yet a qcow2
+    file (killed before the first header write) or one with at most leaks."""
+    source = tmp_path / "source.qcow2"
+    shutil.copy(snapshotted, source)
+    before = source.read_bytes()
+    target = tmp_path / "target.qcow2"
+
+    def prepare():
+        target.unlink(missing_ok=True)
+        return target
+
+    def judge(path, k, completed):
+        assert source.read_bytes() == before, f"convert killed at write {k} changed its source"
+        if path.stat().st_size == 0:
+            assert not completed
+            return
+        _check_at_most_leaks(qemu_img, path, f"convert {opts} killed at write {k}")
+        if completed:
+            assert _img(qemu_img, "compare", source, path).returncode == 0
+
+    argv = _qcowpy_argv("convert", *opts, str(source), str(target))
+    assert _sweep_each(strace, prepare, argv, judge) > 2
