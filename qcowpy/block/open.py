@@ -7,6 +7,7 @@ from ..errors import FormatError, ImageNotFound, InvalidArgument, QcowError, Uns
 from ..format.constants import MAGIC
 from ..qcow2.image import Qcow2Image
 from .device import BlockDevice
+from .nbd import is_nbd_uri, open_nbd
 from .qcow2 import Qcow2Device
 from .raw import RawDevice
 
@@ -51,6 +52,8 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
     if mode not in ("r", "r+", "rb", "r+b", "rw"):
         raise InvalidArgument(f"Invalid mode '{mode}' (use 'r' or 'r+')")
     writable = "+" in mode or mode == "rw"
+    if is_nbd_uri(path):
+        return open_nbd(path, writable, format)
     fmt = format or probe_format(path)
     if fmt not in FORMATS:
         raise InvalidArgument(f"Unknown driver '{fmt}'")

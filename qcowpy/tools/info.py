@@ -24,11 +24,12 @@ def _allocated(dev: BlockDevice) -> int | None:
 def image_info(dev: BlockDevice, filename: str) -> QDict:
     """One ImageInfo, keys inserted in QAPI schema order (printing reorders them like QEMU)."""
     info = QDict()
-    info["filename"] = filename
+    info["filename"] = getattr(dev, "display_name", None) or filename  # protocol drivers name images as QEMU does
     info["format"] = dev.format
     image = getattr(dev, "image", None)
     h = image.header if image is not None else None
-    info["dirty-flag"] = bool(h.incompatible_features & C.INCOMPAT_DIRTY) if h else False
+    if h is not None or getattr(dev, "has_image_info", True):  # QEMU's nbd driver has no get_info
+        info["dirty-flag"] = bool(h.incompatible_features & C.INCOMPAT_DIRTY) if h else False
     actual = _allocated(dev)
     if actual is not None:
         info["actual-size"] = actual

@@ -4,7 +4,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from qcowpy.export.nbd import proto as P
+from qcowpy.block import nbdproto as P
 
 
 class RawClient:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from .conftest import child_env, qcowpy_argv, run, tool
+from .conftest import child_env, free_port, qcowpy_argv, run, tool, wait_for_port
 
 BAD = [
     ["--detect-zeroes=xx", "IMG"], ["--discard=xx", "IMG"], ["--cache=xx", "IMG"], ["-e", "x", "IMG"],
@@ -99,27 +99,16 @@ def test_fork_reports_open_errors_and_exits_1(tmp_path):
                         f"'{tmp_path / 'none'}': No such file or directory\n")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tcp_and_lifetimes(qemu, tmp_path):
     """Without -t the server exits when its client leaves; -e 2 lets two clients in at once."""
     img = tmp_path / "a.qcow2"
     qemu.create(img, "8M")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(qcowpy_argv("nbd", "-b", "127.0.0.1", "-p", port, "-e", "2", img),
                             stderr=subprocess.PIPE, text=True, env=child_env())
     try:
         uri = f"nbd://127.0.0.1:{port}/"
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
+        wait_for_port(port, proc)
         held = socket.create_connection(("127.0.0.1", port))  # a client that never negotiates...
         p = run(tool("nbdinfo"), "--json", uri)  # ...does not keep a second one out with -e 2
         assert '"can_multi_conn": true' in p.stdout

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from qcowpy.export.nbd import proto as P
+from qcowpy.block import nbdproto as P
 
 from .rawclient import RawClient, name_and_queries
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from ...block.device import BlockDevice, status_at
-from . import proto as P
+from ...block import nbdproto as P
 
 META_IDS = {P.CONTEXT_BASE_ALLOCATION: 0, P.CONTEXT_ALLOCATION_DEPTH: 1}  # ids as qemu-nbd numbers them
 MAX_EXTENTS = 1 << 14  # block status answers at most this many runs (the client asks again for the rest)

@@ -6,9 +6,9 @@ import ssl
 import struct
 from dataclasses import dataclass, field
 
-from . import proto as P
+from ...block import nbdproto as P
 from .export import META_IDS, Export
-from .wire import Disconnected, drain, recv_exact
+from ...block.nbdwire import Disconnected, drain, recv_exact
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")

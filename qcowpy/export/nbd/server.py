@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .export import Export
 from .handshake import Negotiation, Refused
 from .transmission import Connection
-from .wire import Disconnected
+from ...block.nbdwire import Disconnected
 
 log = logging.getLogger("qcowpy.nbd")
 

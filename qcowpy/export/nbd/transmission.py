@@ -16,9 +16,9 @@ from concurrent.futures import Executor
 
 from ...block.device import status_at
 from ...errors import InvalidArgument, ReadOnlyError
-from . import proto as P
+from ...block import nbdproto as P
 from .handshake import Session
-from .wire import Disconnected, Sender, recv_exact, recv_into_exact
+from ...block.nbdwire import Disconnected, Sender, recv_exact, recv_into_exact
 
 log = logging.getLogger("qcowpy.nbd")
 

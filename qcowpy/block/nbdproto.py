@@ -1,6 +1,6 @@
 """NBD wire constants and the fixed-size records of the protocol (doc/proto.md of NetworkBlockDevice/nbd).
 
-Shared by the server (qcowpy.export.nbd) and the client driver (qcowpy.block.nbd).
+Shared by the client driver (qcowpy.block.nbd) and the server above the block layer (qcowpy.export.nbd).
 """
 from __future__ import annotations
 
