@@ -9,7 +9,7 @@ from .conftest import run, tool
 pytestmark = pytest.mark.interop
 
 IO_SCRIPT = ["write -P 0x11 4M 64k", "write -z 8M 64k", "aio_write -P 0x22 10M 4k", "aio_write -P 0x23 11M 4k",
-             "aio_flush", "write -P 0x33 -f 12M 512", "discard 0 64k", "flush"]
+             "aio_flush", "write -P 0x33 -f 12M 512", "discard 0 64k", "write -P 0 2M 128k", "flush"]
 
 
 def make_image(qemu, path, fmt="qcow2"):
@@ -18,7 +18,10 @@ def make_image(qemu, path, fmt="qcow2"):
     return path
 
 
-@pytest.mark.parametrize("fmt,extra", [("qcow2", []), ("raw", []), ("qcow2", ["--discard=unmap"])])
+@pytest.mark.parametrize("fmt,extra", [("qcow2", []), ("raw", []), ("qcow2", ["--discard=unmap"]),
+                                       ("qcow2", ["--detect-zeroes=on"]),
+                                       ("qcow2", ["--discard=unmap", "--detect-zeroes=unmap"]),
+                                       ("raw", ["--cache=writethrough"])])
 def test_qemu_io_writes_land_like_qemu_nbd(qemu, start_server, tmp_path, fmt, extra):
     """The same qemu-io session against both servers leaves equal contents and (qcow2) equal qemu-img maps."""
     ours = make_image(qemu, tmp_path / f"ours.{fmt}", fmt)

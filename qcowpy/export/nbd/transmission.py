@@ -16,6 +16,7 @@ from concurrent.futures import Executor
 
 from ...block.device import status_at
 from ...errors import InvalidArgument, ReadOnlyError
+from ...kernels import is_zero
 from ...block import nbdproto as P
 from .handshake import Session
 from ...block.nbdwire import Disconnected, Sender, recv_exact, recv_into_exact
@@ -24,6 +25,8 @@ log = logging.getLogger("qcowpy.nbd")
 
 MAX_INFLIGHT = 64
 MAX_INFLIGHT_BYTES = 64 << 20
+INLINE_MAX = 256 << 10  # reads and plain writes up to this size run on the reader thread: no hand-off
+SPARSE_READ = 64 << 10  # smaller reads skip block status and come back as one data chunk
 
 _VALID_FLAGS = {P.CMD_WRITE_ZEROES: P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO, P.CMD_BLOCK_STATUS: P.CMD_FLAG_REQ_ONE}
 _WRITES = (P.CMD_WRITE, P.CMD_WRITE_ZEROES, P.CMD_TRIM)
@@ -78,6 +81,7 @@ class Connection:
         self.broken = False
 
     def serve(self) -> None:
+        self.reader = threading.get_ident()
         writer = threading.Thread(target=self._writer, name="nbd-reply", daemon=True)
         writer.start()
         try:
@@ -102,8 +106,19 @@ class Connection:
                 self.budget.give(cost)
 
     def _reply(self, parts: tuple, cost: int | None) -> None:
-        """Queue one reply record; ``cost`` (not None) marks the request's last one and frees its budget."""
-        self.replies.put((parts, cost))
+        """Send one reply record: queued for the writer from workers, directly from the reader (which
+        may then wait on a slow client: that stalls only this connection). ``cost`` (not None) marks
+        the request's last record and frees its budget."""
+        if threading.get_ident() != self.reader:
+            self.replies.put((parts, cost))
+            return
+        if not self.broken:
+            try:
+                self.out.send(*parts)
+            except Disconnected:
+                self.broken = True
+        if cost is not None:
+            self.budget.give(cost)
 
     # ------------------------------------------------------------------------------ reader
     def _next(self) -> bool:
@@ -132,8 +147,12 @@ class Connection:
         except RequestError as e:
             self._send_error(handle, e.code, str(e), cost)
             return True
-        self.pool.submit(self._run, flags, cmd, handle, offset, length, payload, cost)
-        return True
+        if length <= INLINE_MAX and (cmd == P.CMD_READ or (cmd == P.CMD_WRITE and not flags & P.CMD_FLAG_FUA
+                                                            and not self.exp.writethrough)):
+            self._run(flags, cmd, handle, offset, length, payload, cost)
+        else:
+            self.pool.submit(self._run, flags, cmd, handle, offset, length, payload, cost)
+        return not self.broken
 
     def _validate(self, flags: int, cmd: int, offset: int, length: int) -> None:
         if cmd not in P.COMMAND_NAMES:
@@ -171,7 +190,7 @@ class Connection:
     def _modify(self, flags: int, cmd: int, offset: int, length: int, payload) -> None:
         dev, exp = self.dev, self.exp
         if cmd == P.CMD_WRITE:
-            if exp.detect_zeroes != "off" and length and not any(payload):
+            if exp.detect_zeroes != "off" and length and is_zero(payload):
                 dev.write_zeroes(length, offset, unmap=exp.detect_zeroes == "unmap" and exp.discard)
             else:
                 dev.pwrite(payload, offset)
@@ -203,7 +222,7 @@ class Connection:
             self.dev.preadinto(buf, offset)
             self._reply((P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle), buf), cost)
             return
-        if flags & P.CMD_FLAG_DF or not length:
+        if flags & P.CMD_FLAG_DF or length < SPARSE_READ:
             runs = [(offset, length, False)]
         else:
             runs = [(e.start, e.length, e.zero) for e in _extents(self.dev, offset, length)]
