@@ -83,18 +83,36 @@ def listen(o: ServeOptions) -> socket.socket:
         ls = socket.socket(fileno=SOCKET_ACTIVATION_FD)
         os.set_inheritable(ls.fileno(), False)
     elif o.sockpath:
-        ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            ls.bind(o.sockpath)
-        except OSError as e:
-            ls.close()
-            raise CommandFailed(f"Failed to bind socket to {o.sockpath}: {e.strerror}") from None
+        ls = _unix_listener(o.sockpath, _backlog(o))
+        ls.setblocking(False)
+        return ls
     else:
         host, port = o.bind or "0.0.0.0", o.port or "10809"
         ls = _tcp_listener(host, port)
-    backlog = socket.SOMAXCONN if o.persistent or o.shared == 0 else min(o.shared, socket.SOMAXCONN)
-    ls.listen(backlog)
+    ls.listen(_backlog(o))
     ls.setblocking(False)
+    return ls
+
+
+def _backlog(o: ServeOptions) -> int:
+    return socket.SOMAXCONN if o.persistent or o.shared == 0 else min(o.shared, socket.SOMAXCONN)
+
+
+def _unix_listener(path: str, backlog: int) -> socket.socket:
+    """Bound and listening under a temporary name, then renamed into place: a client that waits for
+    the socket file to appear never finds it refusing connections. Like qemu-nbd, a stale socket
+    file at ``path`` is replaced."""
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        ls.bind(tmp)
+        ls.listen(backlog)
+        os.rename(tmp, path)
+    except OSError as e:
+        ls.close()
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise CommandFailed(f"Failed to bind socket to {path}: {e.strerror}") from None
     return ls
 
 

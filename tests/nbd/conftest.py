@@ -47,6 +47,7 @@ def child_env() -> dict[str, str]:
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Wait for ``path`` (a socket or pid file) to appear; fail if the server exits first."""
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
@@ -89,14 +90,17 @@ def start_server(tmp_path):
     def start(kind: str, image, *options: str, name: str = "") -> Server:
         counter[0] += 1
         sock = tmp_path / f"{kind}-{counter[0]}.sock"
+        # qcowpy renames its socket into place once listening; qemu-nbd binds, then listens, so
+        # its pid file (written once it listens) is what says it is ready
+        ready = sock if kind == "qcowpy" else tmp_path / f"{kind}-{counter[0]}.pid"
         if kind == "qcowpy":
             argv = qcowpy_argv("nbd", "-k", sock, *options, image)
         else:
-            argv = [tool("qemu-nbd"), "-k", str(sock), *map(str, options), str(image)]
+            argv = [tool("qemu-nbd"), "-k", str(sock), "--pid-file", str(ready), *map(str, options), str(image)]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
         srv = Server(proc, sock, name)
         servers.append(srv)
-        wait_for_socket(sock, proc)
+        wait_for_socket(ready, proc)
         return srv
 
     yield start
