@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import ssl
 import struct
 import threading
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ class Address:
     host: str | None = None
     port: int = 10809
     tls: bool = False
+    tls_dir: str | None = None  # ?tls-certificates=DIR (libnbd's spelling): ca-cert.pem [client-cert.pem client-key.pem]
 
     def canonical(self) -> str:
         """The URI as QEMU prints an nbd image's filename."""
@@ -57,17 +59,20 @@ def parse_uri(uri: str) -> Address:
         raise InvalidArgument(f"Invalid URI '{uri}': unknown transport '{transport}'")
     export = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
     query = parse_qs(parts.query)
+    tls_dir = query.pop("tls-certificates", [None])[0]
+    if tls_dir is not None and not tls:
+        raise InvalidArgument(f"Invalid URI '{uri}': tls-certificates needs an nbds:// URI")
     if transport == "unix":
-        if parts.netloc or "socket" not in query:
+        if parts.netloc or "socket" not in query or len(query) > 1:
             raise InvalidArgument(f"Invalid URI '{uri}': nbd+unix needs ?socket=PATH and no host")
-        return Address(export, socket_path=query["socket"][0], tls=tls)
+        return Address(export, socket_path=query["socket"][0], tls=tls, tls_dir=tls_dir)
     if query:
         raise InvalidArgument(f"Invalid URI '{uri}': unexpected query")
     try:
         port = parts.port or 10809
     except ValueError:
         raise InvalidArgument(f"Invalid URI '{uri}': bad port") from None
-    return Address(export, host=parts.hostname or "localhost", port=port, tls=tls)
+    return Address(export, host=parts.hostname or "localhost", port=port, tls=tls, tls_dir=tls_dir)
 
 
 def _parse_legacy(uri: str) -> Address:
@@ -89,8 +94,6 @@ class NbdDevice(BlockDevice):
     def __init__(self, uri: str, read_only: bool = True):
         self.addr = parse_uri(uri)
         self.filename = self.display_name = self.addr.canonical()  # as QEMU names the image
-        if self.addr.tls:
-            raise UnsupportedFeature("TLS (nbds://) is not supported by the client")
         self.lock = threading.Lock()
         self.handle = 0
         self.sock = self._connect()
@@ -136,6 +139,8 @@ class NbdDevice(BlockDevice):
             raise QcowError("not a fixed newstyle NBD server")
         no_zeroes = bool(hflags & P.FLAG_NO_ZEROES)
         self.sock.sendall(struct.pack(">I", P.FLAG_FIXED_NEWSTYLE | (P.FLAG_NO_ZEROES if no_zeroes else 0)))
+        if self.addr.tls:
+            self._starttls()
         name = self.addr.export.encode()
         if self._option(P.OPT_STRUCTURED_REPLY)[-1][0] == P.REP_ACK:
             self.structured = True
@@ -168,6 +173,27 @@ class NbdDevice(BlockDevice):
         if size is None or flags is None:
             raise QcowError("the server sent no export information")
         return size, flags, max_block
+
+    def _starttls(self) -> None:
+        """Upgrade to TLS, trusting DIR/ca-cert.pem and presenting DIR/client-cert.pem if there is one.
+
+        The server's name is checked against the URI's host; a unix socket has none, so there only
+        the chain to the CA is checked."""
+        rtype, text = self._option(P.OPT_STARTTLS)[-1]
+        if rtype != P.REP_ACK:
+            raise QcowError(f"The server refused TLS: {text.decode('utf-8', 'replace') or hex(rtype)}")
+        d = self.addr.tls_dir
+        try:
+            ctx = ssl.create_default_context(cafile=os.path.join(d, "ca-cert.pem") if d else None)
+            ctx.check_hostname = self.addr.host is not None
+            if d and os.path.exists(os.path.join(d, "client-cert.pem")):
+                ctx.load_cert_chain(os.path.join(d, "client-cert.pem"), os.path.join(d, "client-key.pem"))
+        except (OSError, ssl.SSLError) as e:
+            raise QcowError(f"Unable to load TLS credentials from {d}: {e}") from None
+        try:
+            self.sock = ctx.wrap_socket(self.sock, server_hostname=self.addr.host)
+        except (OSError, ssl.SSLError) as e:
+            raise QcowError(f"TLS handshake failed: {e}") from None
 
     def _option(self, opt: int, body: bytes = b"") -> list[tuple[int, bytes]]:
         """Send an option; its replies up to the final ACK or error."""

@@ -116,3 +116,20 @@ def test_tls_option_errors_match_qemu_nbd(tmp_path, objects, creds, message):
     assert ours.returncode == theirs.returncode == 1
     assert ours.stderr == f"qcowpy: {message}\n"
     assert theirs.stderr.endswith(f"qemu-nbd: {message}\n")
+
+
+@pytest.mark.parametrize("server", ["qcowpy", "qemu-nbd"])
+def test_qcowpy_client_over_tls(tls_server, certs, tmp_path, server):
+    """nbds://...?tls-certificates=DIR in qcowpy's client, against both servers."""
+    port = tls_server(server)
+    uri = f"nbds://localhost:{port}/?tls-certificates={certs / 'cli'}"
+    p = run(*qcowpy_argv("map", "--output=json", uri), env=child_env())
+    assert json.loads(p.stdout)[0]["data"] is True
+    out = tmp_path / "copy.raw"
+    run(*qcowpy_argv("convert", "-O", "raw", uri, str(out)), env=child_env())
+    assert out.read_bytes()[: 1 << 20] == b"\x2c" * (1 << 20) and out.stat().st_size == 16 << 20
+    plain = run(*qcowpy_argv("info", f"nbd://localhost:{port}/"), env=child_env(), check=False)
+    assert plain.returncode == 1 and "Requested export not available" in plain.stderr
+    anon = run(*qcowpy_argv("info", f"nbds://localhost:{port}/?tls-certificates={certs / 'anon'}"),
+               env=child_env(), check=False)
+    assert anon.returncode == 1 and "Traceback" not in anon.stderr
