@@ -132,3 +132,21 @@ def test_sigint_flushes_and_closes(qemu, start_server, tmp_path):
     assert not srv.sock.exists()
     qemu.io(img, "read -P 0x17 1M 1M")
     qemu.assert_clean(img)
+
+
+@pytest.mark.parametrize("holder", ["qcowpy", "qemu-nbd"])
+def test_image_lock_is_held_as_qemu_nbd_holds_it(qemu, start_server, tmp_path, holder):
+    """While one server exports an image read-write, QEMU cannot open it for writing and a second
+    server (either kind) fails to start with qemu-nbd's lock message."""
+    img = tmp_path / "a.qcow2"
+    qemu.create(img, "8M")
+    start_server(holder, img, "-t")
+    p = run(tool("qemu-io"), "-f", "qcow2", "-c", "read 0 512", str(img), check=False)
+    assert p.returncode != 0 and 'Failed to get "write" lock' in p.stderr
+    for kind in ("qcowpy", "qemu-nbd"):
+        argv = qcowpy_argv("nbd", "-k", tmp_path / f"second-{kind}", img) if kind == "qcowpy" else \
+            [tool("qemu-nbd"), "-k", str(tmp_path / f"second-{kind}"), str(img)]
+        p = subprocess.run(argv, capture_output=True, text=True, env=child_env(), timeout=30)
+        assert p.returncode == 1
+        first = re.sub(r"^\S*(qemu-nbd|qcowpy): ", "", p.stderr.splitlines()[0])
+        assert first == f"Failed to blk_new_open '{img}': Failed to get \"write\" lock", p.stderr

@@ -214,3 +214,23 @@ def test_fuzz_handshake_and_transmission(server, rounds):
             healthy(server)
     healthy(server)
     assert time.monotonic() - start < rounds * 0.5
+
+
+def test_replies_come_back_out_of_order(server):
+    """An 8 MiB read goes to the worker pool; a 4 KiB read sent after it is answered on the reader
+    thread, so (nearly always) first. Every reply carries its own request's handle and data."""
+    c = RawClient(server.sock)
+    c.go("exp", structured=False)
+    sizes = {1: 8 << 20, 2: 4096}
+    order = []
+    for _ in range(10):
+        c.request(P.CMD_READ, 0, sizes[1], handle=1)
+        c.request(P.CMD_READ, 4 << 20, sizes[2], handle=2)
+        for _ in range(2):
+            magic, err, handle = struct.unpack(">IIQ", c.recv(16))
+            assert (magic, err) == (P.SIMPLE_REPLY_MAGIC, 0) and handle in sizes
+            data = c.recv(sizes[handle])
+            assert data[:4096] == (b"\x5a" * 4096 if handle == 1 else data[:4096])
+            order.append(handle)
+    assert sorted(order) == [1] * 10 + [2] * 10
+    assert order[::2].count(2) >= 1, f"the small read never overtook the large one: {order}"
