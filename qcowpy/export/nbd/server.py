@@ -106,6 +106,8 @@ class NbdServer:
             session.sock.settimeout(None)
             if not self.stopping:
                 Connection(session, self.pool).serve()
+        except Exception:  # a bug must cost one connection, never the server
+            log.exception("connection failed")
         finally:
             try:
                 conn.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
 from concurrent.futures import Executor
 
@@ -79,6 +80,9 @@ class Connection:
         self.budget = Budget()
         self.replies: queue.SimpleQueue = queue.SimpleQueue()
         self.broken = False
+        # An OpenSSL connection must not be read and written by two threads at once: over TLS every
+        # request runs on the reader thread (in order), which is then the only thread on the socket.
+        self.serial = isinstance(session.sock, ssl.SSLSocket)
 
     def serve(self) -> None:
         self.reader = threading.get_ident()
@@ -147,12 +151,17 @@ class Connection:
         except RequestError as e:
             self._send_error(handle, e.code, str(e), cost)
             return True
-        if length <= INLINE_MAX and (cmd == P.CMD_READ or (cmd == P.CMD_WRITE and not flags & P.CMD_FLAG_FUA
-                                                            and not self.exp.writethrough)):
+        if self.serial or self._inline(flags, cmd, length):
             self._run(flags, cmd, handle, offset, length, payload, cost)
         else:
             self.pool.submit(self._run, flags, cmd, handle, offset, length, payload, cost)
         return not self.broken
+
+    def _inline(self, flags: int, cmd: int, length: int) -> bool:
+        """Small reads and plain writes: cheaper to run here than to hand to the pool and back."""
+        if length > INLINE_MAX:
+            return False
+        return cmd == P.CMD_READ or (cmd == P.CMD_WRITE and not flags & P.CMD_FLAG_FUA and not self.exp.writethrough)
 
     def _validate(self, flags: int, cmd: int, offset: int, length: int) -> None:
         if cmd not in P.COMMAND_NAMES:
