@@ -2,21 +2,15 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import sys
 
 import click
 
-from ..errors import QcowError
 from .main import CONTEXT, CommandFailed, warn_if_probed_raw
 
-DEFAULT_PORT = "10809"
 CACHE_MODES = {"none": "writeback", "off": "writeback", "writeback": "writeback", "on": "writeback",
                "writethrough": "writeback", "directsync": "writeback", "unsafe": "unsafe"}
 DISCARD_MODES = {"ignore": False, "off": False, "unmap": True, "on": True}
 DETECT_ZEROES = ("off", "on", "unmap")
-SOCKET_ACTIVATION_FD = 3
 
 
 def _fail(message: str) -> CommandFailed:
@@ -58,11 +52,12 @@ def _fail(message: str) -> CommandFailed:
 @click.option("--aio", metavar="MODE", help="threads (the only mode).")
 @click.option("-T", "--trace", "trace", metavar="PATTERN", help="Not supported.")
 @click.option("--selinux-label", "selinux_label", metavar="LABEL", help="Not supported.")
+@click.option("-V", "--version", "version", is_flag=True, help="Print the version and exit.")
 @click.argument("args", nargs=-1)
 def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persistent, shared, snapshot, load_snapshot,
         nocache, cache, discard, detect_zeroes, allocation_depth, force_share, fork_process, pid_file, verbose, objects,
         tls_creds, tls_authz, tls_hostname, offset, device, disconnect, bitmaps, list_mode, image_opts, aio, trace,
-        selinux_label, args) -> None:
+        selinux_label, version, args) -> None:
     """Export FILE over NBD, as qemu-nbd does (a drop-in for its server mode).
 
     \b
@@ -72,6 +67,10 @@ def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persiste
     """
     from .nbd_run import ServeOptions, serve
 
+    if version:
+        from .. import __version__
+        click.echo(f"qcowpy nbd {__version__} (qemu-nbd 7.2 compatible)")
+        return
     if nocache:
         if cache is not None:
             raise _fail("-n and --cache can only be specified once")

@@ -64,7 +64,7 @@ def test_socket_activation_with_nbdinfo_and_nbdcopy(qemu, tmp_path):
 def test_socket_activation_refuses_a_socket_option(tmp_path):
     env = child_env()
     env["LISTEN_FDS"] = "1"
-    p = subprocess.run(["sh", "-c", f'LISTEN_PID=$$ exec "$@"', "sh", *qcowpy_argv("nbd", "-k", "/tmp/x", "img")],
+    p = subprocess.run(["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *qcowpy_argv("nbd", "-k", "/tmp/x", "img")],
                        capture_output=True, text=True, env=env, timeout=30)
     assert p.returncode == 1 and p.stderr == "qcowpy: Unix socket can't be set when using socket activation\n"
 
