@@ -28,7 +28,8 @@ def _fail(message: str) -> CommandFailed:
 @click.option("-t", "--persistent", is_flag=True, help="Keep serving after the last client leaves.")
 @click.option("-e", "--shared", metavar="NUM", default="1", help="At most NUM clients at once (0: no limit; default 1).")
 @click.option("-s", "--snapshot", is_flag=True, help="Write into a throw-away overlay, leaving FILE untouched.")
-@click.option("-l", "--load-snapshot", "load_snapshot", metavar="SNAPSHOT", help="Not supported (qemu-nbd's internal snapshot loading).")
+@click.option("-l", "--load-snapshot", "load_snapshot", metavar="SNAPSHOT",
+              help="Export an internal snapshot (id or name, or snapshot.id=ID[,snapshot.name=NAME]), read-only.")
 @click.option("-n", "--nocache", is_flag=True, help="Same as --cache=none.")
 @click.option("--cache", metavar="MODE", help="none, writeback, writethrough, directsync or unsafe.")
 @click.option("--discard", metavar="MODE", help="ignore (default) or unmap: whether TRIM frees space.")
@@ -143,8 +144,10 @@ def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persiste
         raise _fail("--image-opts is not supported")
     if bitmaps:
         raise _fail(f"Bitmap '{bitmaps[0]}' is not found")
+    snapshot_key = None
     if load_snapshot is not None:
-        raise _fail(f"Failed to load snapshot: loading internal snapshot '{load_snapshot}' is not supported")
+        snapshot_key = parse_snapshot_param(load_snapshot)
+        read_only = True  # -l implies -r, as in qemu-nbd
     if force_share and not read_only:
         raise _fail("--force-share/-U requires --read-only")
     filename = args[0]
@@ -155,10 +158,24 @@ def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persiste
         export_name=export_name or "", description=description, allocation_depth=allocation_depth,
         shared=nshared, persistent=persistent, sockpath=sockpath,
         bind=bind, port=port, activation=bool(activation), tls=tls, fork=fork_process, pid_file=pid_file,
-        verbose=verbose)
+        verbose=verbose, snapshot_key=snapshot_key)
     if not snapshot and not read_only:
         warn_if_probed_raw(filename, fmt)
     serve(opts)
+
+
+def parse_snapshot_param(text: str) -> tuple[str | None, str | None, bool]:
+    """-l's value as (id, name, either): ``snapshot.id=I,snapshot.name=N`` names one or both;
+    anything else is an id or, failing that, a name."""
+    if not text.startswith("snapshot."):
+        return text, text, True
+    found: dict[str, str] = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key not in ("snapshot.id", "snapshot.name"):
+            raise CommandFailed(f"Invalid parameter '{key}'", hint=f"qcowpy: Failed in parsing snapshot param `{text}'\n")
+        found[key] = value
+    return found.get("snapshot.id"), found.get("snapshot.name"), False
 
 
 def listen_fds() -> int:

@@ -41,6 +41,7 @@ class ServeOptions:
     fork: bool
     pid_file: str | None
     verbose: bool
+    snapshot_key: tuple[str | None, str | None, bool] | None = None  # -l: (id, name, id-or-name)
 
 
 def serve(o: ServeOptions) -> None:
@@ -138,12 +139,40 @@ def open_device(o: ServeOptions) -> BlockDevice:
     from ..block.open import open_image, probe_format
 
     try:
-        if not o.snapshot:
-            return open_image(o.filename, "r" if o.read_only else "r+", o.fmt, cache=o.cache,
-                              force_share=o.force_share)
-        return _snapshot_overlay(o, o.fmt or probe_format(o.filename))
+        if o.snapshot:
+            dev = _snapshot_overlay(o, o.fmt or probe_format(o.filename))
+        else:
+            dev = open_image(o.filename, "r" if o.read_only else "r+", o.fmt, cache=o.cache,
+                             force_share=o.force_share)
     except QcowError as e:
         raise CommandFailed(f"Failed to blk_new_open '{o.filename}': {e}") from None
+    if o.snapshot_key is not None:
+        try:
+            _load_snapshot(dev, *o.snapshot_key)
+        except BaseException:
+            dev.close()
+            raise
+    return dev
+
+
+def _load_snapshot(dev: BlockDevice, sid: str | None, name: str | None, either: bool) -> None:
+    """-l: the image shows an internal snapshot, read-only and in memory (qemu's load_tmp)."""
+    from ..qcow2.snapshot import SnapshotNotFound, load_tmp
+
+    image = getattr(dev, "image", None)
+    if dev.format != "qcow2" or image is None:
+        raise CommandFailed(f"Failed to load snapshot: Block format '{dev.format}' used by device '' does not "
+                            "support temporarily loading internal snapshots")
+    try:
+        if either:
+            try:
+                load_tmp(image, sid, None)
+            except SnapshotNotFound:
+                load_tmp(image, None, name)
+        else:
+            load_tmp(image, sid, name)
+    except QcowError as e:
+        raise CommandFailed(f"Failed to load snapshot: {e}") from None
 
 
 def _snapshot_overlay(o: ServeOptions, fmt: str) -> BlockDevice:

@@ -268,3 +268,20 @@ def apply(img, key: str) -> None:
             img.l1[:] = sn_l1
             update_snapshot_refcount(img, img.header.l1_table_offset, len(img.l1), 0)
 
+
+
+def load_tmp(img, snapshot_id: str | None, name: str | None) -> None:
+    """QEMU's bdrv_snapshot_load_tmp (``qemu-nbd -l``): a read-only image shows the disk of the snapshot
+    matching ``snapshot_id`` and/or ``name`` in place of the active one, in memory only."""
+    if img.writable:
+        raise QcowError("Cannot load a snapshot temporarily into an image opened read-write")
+    with img.lock:
+        entries, _ = read_table(img)
+        found = [e for e in entries
+                 if (snapshot_id is None or e.id_str == snapshot_id) and (name is None or e.name == name)]
+        if not found:
+            raise SnapshotNotFound("Can't find snapshot")
+        sn = found[0].sn
+        _validate_l1(img, sn)
+        # the size stays the active disk's: QEMU swaps only the L1 table
+        img.l1 = unpack_table(img.file.pread(sn.l1_size * 8, sn.l1_table_offset)) if sn.l1_size else []
