@@ -26,11 +26,19 @@ def probe_format(path: str) -> str:
         raise ImageNotFound(f"Could not open '{path}': No such file or directory") from None
     except OSError as e:
         raise QcowError(f"Could not open '{path}': {e.strerror}") from None
+    fmt = probe_bytes(head)
+    if fmt not in FORMATS:
+        raise UnsupportedFeature(f"Image format '{fmt}' of '{path}' is not supported")
+    return fmt
+
+
+def probe_bytes(head: bytes) -> str:
+    """The format the first bytes of an image announce: "qcow2", another format's name, or "raw"."""
     if head[:4] == MAGIC:
         return "qcow2"
     for magic, name in _OTHER_MAGIC.items():
         if head.startswith(magic):
-            raise UnsupportedFeature(f"Image format '{name}' of '{path}' is not supported")
+            return name
     return "raw"
 
 

@@ -61,7 +61,8 @@ def serve(o: ServeOptions) -> None:
     try:
         exp = Export(dev, o.export_name, o.description, read_only=o.read_only or dev.read_only,
                      allocation_depth=o.allocation_depth, discard=o.discard, detect_zeroes=o.detect_zeroes,
-                     multi_conn=o.shared != 1, writethrough=o.writethrough)
+                     multi_conn=o.shared != 1, writethrough=o.writethrough,
+                     guard_block0=o.fmt is None and not o.snapshot and dev.format == "raw")
         server = NbdServer([exp], [listener], shared=o.shared, persistent=o.persistent, tls=o.tls)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: server.shutdown())

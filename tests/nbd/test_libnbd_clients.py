@@ -127,3 +127,34 @@ def test_nbdsh_protocol_corners_match_qemu_nbd(qemu, start_server, tmp_path, fmt
         for key in ("fast_zero", "fast_zero_no_hole"):
             assert ours.pop(key) == "ENOTSUP" and theirs.pop(key) == 0
     assert ours == theirs
+
+
+BLOCK0 = r'''
+import json
+h.set_strict_mode(0)
+out = [h.get_block_size(nbd.SIZE_MINIMUM)]
+for data, off in [(b"QFI\xfb" + bytes(508), 0), (b"\xfb\0\0\0\3", 3), (b"\3", 7), (b"KDMV", 0), (b"hello", 0),
+                  (b"QFI\xfb\0\0\0\3", 4096)]:
+    try:
+        h.pwrite(data, off)
+        out.append(0)
+    except nbd.Error as e:
+        out.append(e.errno)
+out.append(h.pread(8, 0).hex())
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize("options", [[], ["-f", "raw"]])
+def test_probed_raw_keeps_block_0_raw_like_qemu_nbd(start_server, tmp_path, options):
+    """Without -f, a raw image stays raw: writes to block 0 that would probe as qcow2/vmdk fail with EPERM."""
+    results = []
+    for kind in ("qcowpy", "qemu-nbd"):
+        img = tmp_path / f"{kind}.raw"
+        img.write_bytes(b"QFI" + bytes((1 << 20) - 3))  # one byte short of the qcow2 magic
+        srv = start_server(kind, img, "-t", *options)
+        results.append(json.loads(nbdsh(srv.uri, BLOCK0)))
+    assert results[0] == results[1]
+    # the magic alone is allowed (QEMU's probe wants a version too); magic plus version 3, or a vmdk
+    # descriptor, is refused; ordinary data and writes elsewhere are not
+    assert results[0][:7] == ([512, 0, "EPERM", "EPERM", "EPERM", 0, 0] if not options else [1, 0, 0, 0, 0, 0, 0])

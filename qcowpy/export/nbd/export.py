@@ -30,10 +30,15 @@ class Export:
     detect_zeroes: str = "off"
     multi_conn: bool = False
     writethrough: bool = False
+    guard_block0: bool = False  # the format was probed as raw: refuse writes that would change that
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.size = self.device.size & ~511  # whole sectors, as qemu-nbd exports
+
+    @property
+    def min_block(self) -> int:
+        return 512 if self.guard_block0 else 1
 
     @property
     def flags(self) -> int:

@@ -135,7 +135,11 @@ class Negotiation:
             self.reply(opt, P.REP_INFO, _U16.pack(P.INFO_NAME) + name.encode())
         if exp.description is not None:
             self.reply(opt, P.REP_INFO, _U16.pack(P.INFO_DESCRIPTION) + exp.description.encode())
-        self.reply(opt, P.REP_INFO, P.BLOCK_SIZE_INFO.pack(P.INFO_BLOCK_SIZE, 1, 4096, P.MAX_BUFFER))
+        # a probed raw image is written sector-wise (QEMU's read-modify-write guard of block 0); the
+        # minimum is announced only to clients that asked, or that only asked for information
+        minimum = exp.min_block if opt == P.OPT_INFO or P.INFO_BLOCK_SIZE in wanted else 1
+        self.reply(opt, P.REP_INFO, P.BLOCK_SIZE_INFO.pack(P.INFO_BLOCK_SIZE, minimum, max(4096, minimum),
+                                                           P.MAX_BUFFER))
         flags = exp.flags | (P.FLAG_SEND_DF if self.structured else 0)
         self.reply(opt, P.REP_INFO, P.EXPORT_INFO.pack(P.INFO_EXPORT, exp.size, flags))
         self.reply(opt, P.REP_ACK)

@@ -16,6 +16,7 @@ import threading
 from concurrent.futures import Executor
 
 from ...block.device import status_at
+from ...block.open import probe_bytes
 from ...errors import InvalidArgument, ReadOnlyError
 from ...kernels import is_zero
 from ...block import nbdproto as P
@@ -199,6 +200,8 @@ class Connection:
     def _modify(self, flags: int, cmd: int, offset: int, length: int, payload) -> None:
         dev, exp = self.dev, self.exp
         if cmd == P.CMD_WRITE:
+            if exp.guard_block0 and offset < 512:
+                self._check_block0(offset, payload)
             if exp.detect_zeroes != "off" and length and is_zero(payload):
                 dev.write_zeroes(length, offset, unmap=exp.detect_zeroes == "unmap" and exp.discard)
             else:
@@ -218,6 +221,16 @@ class Connection:
             return  # advisory: every read goes to the device anyway
         if flags & P.CMD_FLAG_FUA or exp.writethrough:
             dev.flush()
+
+    def _check_block0(self, offset: int, payload) -> None:
+        head = bytearray(self.dev.pread(min(512, self.exp.size), 0))
+        n = min(len(payload), len(head) - offset)
+        head[offset:offset + n] = payload[:n]
+        fmt = probe_bytes(bytes(head))
+        if fmt == "qcow2" and not int.from_bytes(head[4:8], "big"):
+            fmt = "raw"  # QEMU's qcow and qcow2 probes also want a version after the magic
+        if fmt != "raw":
+            raise RequestError(P.EPERM, "the write would make this probed raw image look like another format")
 
     def _zeroes_fast(self, offset: int, length: int, unmap: bool) -> bool:
         """FAST_ZERO promises no slower than writing zeros: qcow2 zeroes by metadata, raw by punching."""
