@@ -39,10 +39,11 @@ def _fail(message: str) -> CommandFailed:
 @click.option("--fork", "fork_process", is_flag=True, help="Fork into the background once listening.")
 @click.option("--pid-file", "pid_file", metavar="PATH", help="Write the server's pid to PATH.")
 @click.option("-v", "--verbose", is_flag=True, help="Log connections and errors to stderr.")
-@click.option("--object", "objects", multiple=True, metavar="tls-creds-x509,id=ID,dir=DIR,endpoint=server",
-              help="TLS credentials (certificates in DIR).")
+@click.option("--object", "objects", multiple=True, metavar="TYPE,id=ID,...",
+              help="tls-creds-x509,id=ID,dir=DIR,endpoint=server or authz-simple,id=ID,identity=DN.")
 @click.option("--tls-creds", "tls_creds", metavar="ID", help="Require TLS with the credentials object ID.")
-@click.option("--tls-authz", "tls_authz", metavar="ID", help="Not supported.")
+@click.option("--tls-authz", "tls_authz", metavar="ID",
+              help="Admit only clients whose certificate's DN is the authz-simple object ID's identity.")
 @click.option("--tls-hostname", "tls_hostname", metavar="NAME", help="Not supported (list mode only).")
 @click.option("-o", "--offset", metavar="OFFSET", help="Not supported (removed from later qemu-nbd).")
 @click.option("-c", "--connect", "device", metavar="DEV", help="Not supported (kernel NBD client).")
@@ -64,7 +65,7 @@ def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persiste
     \b
     qcowpy nbd [-p PORT] [-b IFACE] [-k PATH] [-x NAME] [-D TEXT] [-r] [-f FMT] [-t] [-e N] [-s] [-A]
                [--cache MODE] [--discard MODE] [--detect-zeroes MODE] [--fork] [--pid-file PATH]
-               [--object tls-creds-x509,...] [--tls-creds ID] FILE
+               [--object tls-creds-x509,...] [--tls-creds ID] [--object authz-simple,...] [--tls-authz ID] FILE
     """
     from .nbd_run import ServeOptions, serve
 
@@ -119,21 +120,21 @@ def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persiste
                 raise _fail(msg)
         if activation > 1:
             raise _fail("qemu-nbd does not support socket activation with LISTEN_FDS > 1")
-    tls = None
+    tls = tls_check = None
     if tls_creds:
         if device:
             raise _fail("TLS is not supported with a host device")
         if tls_hostname:
             raise _fail("TLS hostname is only supported with export list")
-        from .nbd_tls import server_context
+        from .nbd_tls import authz, server_context
         tls = server_context(objects, tls_creds)
+        if tls_authz:
+            tls_check = authz(objects, tls_authz)
     else:
         if tls_authz:
             raise _fail("--tls-authz is not permitted without --tls-creds")
         if tls_hostname:
             raise _fail("--tls-hostname is not permitted without --tls-creds")
-    if tls_authz:
-        raise _fail("--tls-authz is not supported")
     if selinux_label:
         if sockpath is None and device is None:
             raise _fail("--selinux-label is not permitted without --socket")
@@ -157,7 +158,7 @@ def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persiste
         discard=DISCARD_MODES[discard or "ignore"], detect_zeroes=detect_zeroes or "off",
         export_name=export_name or "", description=description, allocation_depth=allocation_depth,
         shared=nshared, persistent=persistent, sockpath=sockpath,
-        bind=bind, port=port, activation=bool(activation), tls=tls, fork=fork_process, pid_file=pid_file,
+        bind=bind, port=port, activation=bool(activation), tls=tls, authz=tls_check, fork=fork_process, pid_file=pid_file,
         verbose=verbose, snapshot_key=snapshot_key)
     if not snapshot and not read_only:
         warn_if_probed_raw(filename, fmt)

@@ -38,6 +38,7 @@ class ServeOptions:
     port: str | None
     activation: bool
     tls: ssl.SSLContext | None
+    authz: object | None  # qcowpy.export.nbd.authz.Authz for --tls-authz
     fork: bool
     pid_file: str | None
     verbose: bool
@@ -48,8 +49,8 @@ def serve(o: ServeOptions) -> None:
     """Everything after option checking, in qemu-nbd's order: fork, listen, open, write the pid file, serve."""
     from ..export.nbd import Export, NbdServer
 
-    if o.verbose:
-        logging.basicConfig(level=logging.INFO, format="qcowpy: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO if o.verbose else logging.WARNING, format="qcowpy: %(message)s",
+                        stream=sys.stderr)
     if o.fork:
         daemonize()
     listener = listen(o)
@@ -63,7 +64,8 @@ def serve(o: ServeOptions) -> None:
                      allocation_depth=o.allocation_depth, discard=o.discard, detect_zeroes=o.detect_zeroes,
                      multi_conn=o.shared != 1, writethrough=o.writethrough,
                      guard_block0=o.fmt is None and not o.snapshot and dev.format == "raw")
-        server = NbdServer([exp], [listener], shared=o.shared, persistent=o.persistent, tls=o.tls)
+        server = NbdServer([exp], [listener], shared=o.shared, persistent=o.persistent, tls=o.tls,
+                           authz=o.authz)  # type: ignore[arg-type]
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: server.shutdown())
         if o.pid_file:

@@ -1,4 +1,5 @@
-"""TLS credentials given as QEMU spells them: ``--object tls-creds-x509,id=ID,dir=DIR,endpoint=server``.
+"""TLS objects given as QEMU spells them: ``--object tls-creds-x509,id=ID,dir=DIR,endpoint=server`` and
+``--object authz-simple,id=ID,identity=DN`` (commas inside a value are doubled, as in QEMU).
 
 DIR holds ``ca-cert.pem``, ``server-cert.pem`` and ``server-key.pem``; with ``verify-peer=on`` (the
 default, as in QEMU) clients must present a certificate signed by that CA.
@@ -13,19 +14,24 @@ from .main import CommandFailed
 _FALSE = ("off", "no", "false", "0")
 
 
+def _split(text: str) -> list[str]:
+    """Comma-separated parts, where ",," is a literal comma (QemuOpts syntax)."""
+    return [p.replace("\0", ",") for p in text.replace(",,", "\0").split(",")]
+
+
 def parse_objects(objects: tuple[str, ...]) -> dict[str, dict[str, str]]:
     """``--object`` values by id; each is a dict of its comma-separated key=value properties."""
     out: dict[str, dict[str, str]] = {}
     for text in objects:
         props: dict[str, str] = {}
-        parts = text.split(",")
+        parts = _split(text)
         if parts and "=" not in parts[0]:
             props["qom-type"] = parts.pop(0)
         for part in parts:
             key, _, value = part.partition("=")
             props[key] = value
         kind = props.get("qom-type", "")
-        if kind != "tls-creds-x509":
+        if kind not in ("tls-creds-x509", "authz-simple"):
             raise CommandFailed(f"Parameter 'qom-type' does not accept value '{kind}'")
         if not props.get("id"):
             raise CommandFailed("Parameter 'id' is missing")
@@ -35,7 +41,7 @@ def parse_objects(objects: tuple[str, ...]) -> dict[str, dict[str, str]]:
 
 def server_context(objects: tuple[str, ...], creds_id: str) -> ssl.SSLContext:
     props = parse_objects(objects).get(creds_id)
-    if props is None:
+    if props is None or props["qom-type"] != "tls-creds-x509":
         raise CommandFailed(f"Failed to get TLS creds: No TLS credentials with id '{creds_id}'")
     if props.get("endpoint", "client") != "server":
         raise CommandFailed("Failed to get TLS creds: Expected TLS credentials for a server endpoint")
@@ -54,3 +60,12 @@ def server_context(objects: tuple[str, ...], creds_id: str) -> ssl.SSLContext:
         raise CommandFailed(f"Unable to load TLS credentials in {d}: {e}") from None
     ctx.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
     return ctx
+
+
+def authz(objects: tuple[str, ...], authz_id: str):
+    """--tls-authz ID: the authz-simple object's identity (a missing object refuses every client)."""
+    from ..export.nbd.authz import Authz
+
+    props = parse_objects(objects).get(authz_id)
+    identity = props.get("identity") if props is not None and props["qom-type"] == "authz-simple" else None
+    return Authz(authz_id, identity)

@@ -3,6 +3,7 @@ checked with nbdinfo (nbds://) and qemu-io, and against qemu-nbd given the same 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -24,18 +25,20 @@ def certs(tmp_path_factory):
 
     ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days",
          "2", "-subj", "/CN=qcowpy test CA")
-    for who, usage in (("server", "serverAuth"), ("client", "clientAuth")):
+    for who, usage, subject in (("server", "serverAuth", "/CN=localhost"), ("client", "clientAuth", "/CN=localhost"),
+                                ("laptop", "clientAuth", "/C=GB/O=Example, Inc/CN=laptop")):
         ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}-key.pem", "-out", f"{who}.csr", "-subj",
-             "/CN=localhost")
+             subject)
         (d / f"{who}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
                                       f"keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n")
         ossl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
              "-out", f"{who}-cert.pem", "-days", "2", "-extfile", f"{who}.ext")
     for sub, files in (("srv", ("ca-cert.pem", "server-cert.pem", "server-key.pem")),
-                       ("cli", ("ca-cert.pem", "client-cert.pem", "client-key.pem")), ("anon", ("ca-cert.pem",))):
+                       ("cli", ("ca-cert.pem", "client-cert.pem", "client-key.pem")), ("anon", ("ca-cert.pem",)),
+                       ("laptop", ("ca-cert.pem", "laptop-cert.pem", "laptop-key.pem"))):
         (d / sub).mkdir()
         for f in files:
-            (d / sub / f).write_bytes((d / f).read_bytes())
+            (d / sub / f.replace("laptop-", "client-")).write_bytes((d / f).read_bytes())
     return d
 
 
@@ -43,22 +46,25 @@ def certs(tmp_path_factory):
 def tls_server(qemu, tmp_path, certs):
     procs = []
 
-    def start(kind: str, *extra: str) -> int:
+    def start(kind: str, *extra: str, options: tuple[str, ...] = ()) -> int:
         img = tmp_path / f"{kind}.qcow2"
         qemu.create(img, "16M")
         qemu.io(img, "write -P 0x2c 0 1M")
         port = free_port()
         opts = ["-t", "-b", "127.0.0.1", "-p", str(port), "--object",
-                f"tls-creds-x509,id=tls0,dir={certs / 'srv'},endpoint=server{''.join(extra)}", "--tls-creds", "tls0"]
+                f"tls-creds-x509,id=tls0,dir={certs / 'srv'},endpoint=server{''.join(extra)}", "--tls-creds", "tls0",
+                *options]
         argv = qcowpy_argv("nbd", *opts, img) if kind == "qcowpy" else [tool("qemu-nbd"), *opts, str(img)]
         proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=child_env())
         procs.append(proc)
         wait_for_port(port, proc)
         return port
 
+    start.procs = procs  # type: ignore[attr-defined]
     yield start
     for p in procs:
-        p.terminate()
+        if p.poll() is None:
+            p.terminate()
         p.communicate(timeout=20)
 
 
@@ -99,6 +105,24 @@ def test_verify_peer_off_accepts_a_client_without_certificate(tls_server, certs)
     port = tls_server("qcowpy", ",verify-peer=off")
     p = _nbdinfo(port, certs / "anon")
     assert p.returncode == 0 and json.loads(p.stdout)["TLS"] is True
+
+
+@pytest.mark.parametrize("identity,allowed", [("C=GB,,O=Example\\,, Inc,,CN=laptop", True), ("CN=laptop", False),
+                                               (None, False)])
+def test_tls_authz_like_qemu_nbd(tls_server, certs, identity, allowed):
+    """--tls-authz with an authz-simple identity (commas doubled, as QEMU parses --object): the client's
+    certificate DN must match; a missing authz object refuses everyone. The same for both servers."""
+    objects = ("--object", f"authz-simple,id=auth0,identity={identity}") if identity else ()
+    denials = []
+    for kind in ("qcowpy", "qemu-nbd"):
+        port = tls_server(kind, options=(*objects, "--tls-authz", "auth0"))
+        p = _nbdinfo(port, certs / "laptop")
+        assert (p.returncode == 0) == allowed, (kind, p.stderr)
+        proc = tls_server.procs[-1]
+        proc.terminate()
+        denials.append([re.sub(r"^\S*(qemu-nbd|qcowpy): ", "", ln) for ln in proc.communicate(timeout=20)[1].splitlines()
+                        if "authz" in ln.lower()])  # (qemu-nbd also reports the readiness probe)
+    assert denials[0] == denials[1] and bool(denials[0]) != allowed
 
 
 @pytest.mark.parametrize("objects,creds,message", [

@@ -1,15 +1,18 @@
 """Server side of fixed newstyle negotiation: options until GO or EXPORT_NAME picks an export."""
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import struct
 from dataclasses import dataclass, field
 
 from ...block import nbdproto as P
+from .authz import Authz
 from .export import META_IDS, Export
 from ...block.nbdwire import Disconnected, drain, recv_exact
 
+log = logging.getLogger("qcowpy.nbd")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 
@@ -31,10 +34,12 @@ class Session:
 class Negotiation:
     """One client's option haggling. ``tls`` set means options other than STARTTLS need TLS first."""
 
-    def __init__(self, sock: socket.socket, exports: dict[str, Export], tls: ssl.SSLContext | None = None):
+    def __init__(self, sock: socket.socket, exports: dict[str, Export], tls: ssl.SSLContext | None = None,
+                 authz: Authz | None = None):
         self.sock = sock
         self.exports = exports
         self.tls = tls
+        self.authz = authz
         self.structured = False
         self.no_zeroes = False
         self.meta: tuple[str, list[str]] | None = None  # (export name, contexts) chosen by SET_META_CONTEXT
@@ -168,6 +173,11 @@ class Negotiation:
             except (ssl.SSLError, OSError) as e:
                 raise Disconnected(f"TLS handshake failed: {e}") from None
             self.tls = None
+            denied = self.authz.deny(self.sock.getpeercert()) if self.authz is not None else None
+            if denied:
+                log.warning("option negotiation failed: %s", denied)
+                raise Refused(denied)
+            self.structured, self.meta = False, None  # nothing negotiated in the clear carries over
 
     def meta_context(self, opt: int, data: bytes) -> None:
         listing = opt == P.OPT_LIST_META_CONTEXT

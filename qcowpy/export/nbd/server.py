@@ -15,6 +15,7 @@ import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from .authz import Authz
 from .export import Export
 from .handshake import Negotiation, Refused
 from .transmission import Connection
@@ -30,12 +31,14 @@ class NbdServer:
     last negotiated client leaves). At most ``shared`` clients at once (0: no limit), as qemu-nbd -e."""
 
     def __init__(self, exports: list[Export], listeners: list[socket.socket], shared: int = 1,
-                 persistent: bool = False, tls: ssl.SSLContext | None = None, workers: int = 8):
+                 persistent: bool = False, tls: ssl.SSLContext | None = None, authz: Authz | None = None,
+                 workers: int = 8):
         self.exports = {e.name: e for e in exports}
         self.listeners = listeners
         self.shared = shared
         self.persistent = persistent
         self.tls = tls
+        self.authz = authz
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
         self.lock = threading.Lock()
         self.clients: set[socket.socket] = set()
@@ -98,7 +101,7 @@ class NbdServer:
         try:
             conn.settimeout(HANDSHAKE_TIMEOUT)
             try:
-                session = Negotiation(conn, self.exports, self.tls).run()
+                session = Negotiation(conn, self.exports, self.tls, self.authz).run()
             except (Refused, Disconnected, OSError, ValueError) as e:
                 log.info("negotiation failed: %s", e)
                 return
