@@ -423,8 +423,9 @@ class DeviceFile:
         self.dev.close()
 
 
-def open_nbd(uri: str, writable: bool, fmt: str | None) -> BlockDevice:
-    """The export as ``fmt`` (probed when None: a qcow2 image in a raw export opens as qcow2, read-only)."""
+def open_nbd(uri: str, writable: bool, fmt: str | None, backing: bool = True) -> BlockDevice:
+    """The export as ``fmt`` (probed when None: a qcow2 image in a raw export opens as qcow2, read-only,
+    with its backing file when that is named by an absolute path or a URI)."""
     from ..format.constants import MAGIC
 
     dev = NbdDevice(uri, read_only=not writable)
@@ -445,10 +446,16 @@ def open_nbd(uri: str, writable: bool, fmt: str | None) -> BlockDevice:
         header = parse_header(file.pread(min(dev.size, 2 << 20), 0), dev.size)
         q = Qcow2Device(Qcow2Image(file, header, False), dev.display_name)  # type: ignore[arg-type]
         q.display_name = dev.display_name  # type: ignore[attr-defined]
-        if header.backing_file:
-            q.close()
-            raise UnsupportedFeature("backing files of an image in an NBD export "
-                                     "are not supported")
+        name = header.backing_file
+        if backing and name:
+            try:
+                if not (is_nbd_uri(name) or os.path.isabs(name)):  # relative to what? QEMU refuses too
+                    raise QcowError("Cannot generate a base directory for NBD nodes")
+                from .open import open_image
+                q.attach_backing(open_image(name, "r", header.backing_format))
+            except BaseException:
+                q.close()
+                raise
         return q
     except BaseException:
         dev.close()

@@ -61,7 +61,7 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
         raise InvalidArgument(f"Invalid mode '{mode}' (use 'r' or 'r+')")
     writable = "+" in mode or mode == "rw"
     if is_nbd_uri(path):
-        return open_nbd(path, writable, format)
+        return open_nbd(path, writable, format, backing)
     fmt = format or probe_format(path)
     if fmt not in FORMATS:
         raise InvalidArgument(f"Unknown driver '{fmt}'")

@@ -128,3 +128,22 @@ def test_tcp_uri_against_qcowpy_server(qemu, tmp_path):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_qcow2_in_an_export_with_its_backing_file(qemu, start_server, tmp_path):
+    """qemu-nbd -f raw serves a qcow2 overlay: probed as qcow2, its absolutely named backing file opens
+    too, so info/map equal qemu-img's; a relative backing name fails as in QEMU."""
+    base = make_image(qemu, tmp_path / "base.qcow2")
+    top = tmp_path / "top.qcow2"
+    qemu.create(top, None, backing=str(base), backing_fmt="qcow2")
+    qemu.io(top, "write -P 0x44 1M 64k")
+    rel = tmp_path / "rel.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(rel))
+    srv = start_server("qemu-nbd", top, "-f", "raw", "-t", "-r")
+    for cmd in (["info", "--backing-chain"], ["map", "--output=json"], ["map"]):
+        assert qcowpy_cli(*cmd, srv.uri).stdout == run(tool("qemu-img"), *cmd, srv.uri).stdout, cmd
+    srv2 = start_server("qemu-nbd", rel, "-f", "raw", "-t", "-r")
+    ours = qcowpy_cli("map", srv2.uri, check=False)
+    theirs = run(tool("qemu-img"), "map", srv2.uri, check=False)
+    assert ours.returncode == theirs.returncode == 1
+    assert ours.stderr.replace("qcowpy:", "qemu-img:") == theirs.stderr
