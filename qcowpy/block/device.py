@@ -80,6 +80,8 @@ class BlockDevice(ABC):
     filename: str
     read_only: bool
     backing: "BlockDevice | None" = None
+    display_name: str | None = None  # how QEMU names the image when it differs from the path (nbd URIs)
+    has_image_info = True  # False where QEMU's driver has no get_info (info then omits dirty-flag)
 
     @property
     @abstractmethod
@@ -155,6 +157,11 @@ class BlockDevice(ABC):
 
     def snapshot_delete(self, key: str) -> None:
         raise UnsupportedFeature("Block driver does not support snapshots")
+
+    def snapshot_load_tmp(self, snapshot_id: str | None, name: str | None) -> None:
+        """Show an internal snapshot instead of the active disk, read-only, in memory only."""
+        raise UnsupportedFeature(f"Block format '{self.format}' used by device '' does not support "
+                                 "temporarily loading internal snapshots")
 
     def bitmaps(self) -> list[BitmapInfo]:
         """The persistent dirty bitmaps (the valid ones; none where the format has none)."""

@@ -7,6 +7,7 @@ from ..errors import FormatError, ImageNotFound, InvalidArgument, QcowError, Uns
 from ..format.constants import MAGIC
 from ..qcow2.image import Qcow2Image
 from .device import BlockDevice
+from .nbd import is_nbd_uri, open_nbd
 from .qcow2 import Qcow2Device
 from .raw import RawDevice
 
@@ -25,11 +26,19 @@ def probe_format(path: str) -> str:
         raise ImageNotFound(f"Could not open '{path}': No such file or directory") from None
     except OSError as e:
         raise QcowError(f"Could not open '{path}': {e.strerror}") from None
+    fmt = probe_bytes(head)
+    if fmt not in FORMATS:
+        raise UnsupportedFeature(f"Image format '{fmt}' of '{path}' is not supported")
+    return fmt
+
+
+def probe_bytes(head: bytes) -> str:
+    """The format the first bytes of an image announce: "qcow2", another format's name, or "raw"."""
     if head[:4] == MAGIC:
         return "qcow2"
     for magic, name in _OTHER_MAGIC.items():
         if head.startswith(magic):
-            raise UnsupportedFeature(f"Image format '{name}' of '{path}' is not supported")
+            return name
     return "raw"
 
 
@@ -51,6 +60,8 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
     if mode not in ("r", "r+", "rb", "r+b", "rw"):
         raise InvalidArgument(f"Invalid mode '{mode}' (use 'r' or 'r+')")
     writable = "+" in mode or mode == "rw"
+    if is_nbd_uri(path):
+        return open_nbd(path, writable, format, backing)
     fmt = format or probe_format(path)
     if fmt not in FORMATS:
         raise InvalidArgument(f"Unknown driver '{fmt}'")

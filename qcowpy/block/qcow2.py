@@ -100,6 +100,9 @@ class Qcow2Device(BlockDevice):
     def snapshot_delete(self, key: str) -> None:
         sn.delete(self.image, key)
 
+    def snapshot_load_tmp(self, snapshot_id: str | None, name: str | None) -> None:
+        sn.load_tmp(self.image, snapshot_id, name)
+
     def bitmaps(self) -> list[BitmapInfo]:
         img = self.image
         ext = B.extension_of(img.header)

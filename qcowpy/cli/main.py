@@ -444,8 +444,10 @@ def emu(args) -> None:
 
 
 from .check import check  # noqa: E402  (the command lives in its own module)
+from .nbd import nbd  # noqa: E402
 
 cli.add_command(check)
+cli.add_command(nbd)
 
 
 # ---------------------------------------------------------------------------------------- entry point

@@ -162,3 +162,20 @@ def apply(img, key: str) -> None:
         txn.walk(meta.l1, -1)
         pointers = [e & C.L1E_OFFSET_MASK for e in sn_l1] + [0] * (len(meta.l1) - sn.l1_size)
         _switch(txn, img, entries, None, pointers)
+
+
+def load_tmp(img, snapshot_id: str | None, name: str | None) -> None:
+    """QEMU's bdrv_snapshot_load_tmp (``qemu-nbd -l``): a read-only image shows the disk of the snapshot
+    matching ``snapshot_id`` and/or ``name`` in place of the active one, in memory only."""
+    if img.writable:
+        raise QcowError("Cannot load a snapshot temporarily into an image opened read-write")
+    with img.lock:
+        entries, _ = read_table(img)
+        found = [e for e in entries
+                 if (snapshot_id is None or e.id_str == snapshot_id) and (name is None or e.name == name)]
+        if not found:
+            raise SnapshotNotFound("Can't find snapshot")
+        sn = found[0].sn
+        _validate_l1(img, sn)
+        # the size stays the active disk's: QEMU swaps only the L1 table
+        img.meta.l1 = unpack_table(img.file.pread(sn.l1_size * 8, sn.l1_table_offset)) if sn.l1_size else []

@@ -13,10 +13,11 @@ from .qjson import QDict, dumps_pretty, qdict_order
 def image_info(dev: BlockDevice, filename: str) -> QDict:
     """One ImageInfo, keys inserted in QAPI schema order (printing reorders them like QEMU)."""
     info = QDict()
-    info["filename"] = filename
+    info["filename"] = dev.display_name or filename  # protocol drivers name images as QEMU does
     info["format"] = dev.format
     h = dev.format_info()
-    info["dirty-flag"] = h.dirty if h else False
+    if h is not None or dev.has_image_info:  # QEMU's nbd driver has no get_info
+        info["dirty-flag"] = h.dirty if h else False
     actual = dev.allocated_size()
     if actual is not None:
         info["actual-size"] = actual

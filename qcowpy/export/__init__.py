@@ -1,0 +1,1 @@
+"""Servers that hand a BlockDevice to other programs; they see storage only through qcowpy.block."""
