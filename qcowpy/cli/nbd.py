@@ -5,7 +5,7 @@ import os
 
 import click
 
-from .main import CONTEXT, CommandFailed, warn_if_probed_raw
+from .common import CONTEXT, CommandFailed, warn_if_probed_raw
 
 CACHE_MODES = {"none": "writeback", "off": "writeback", "writeback": "writeback", "on": "writeback",
                "writethrough": "writeback", "directsync": "writeback", "unsafe": "unsafe"}

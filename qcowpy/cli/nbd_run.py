@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..block.device import BlockDevice
 from ..errors import QcowError
-from .main import CommandFailed
+from .common import CommandFailed
 
 SOCKET_ACTIVATION_FD = 3
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import ssl
 
-from .main import CommandFailed
+from .common import CommandFailed
 
 _FALSE = ("off", "no", "false", "0")
 
