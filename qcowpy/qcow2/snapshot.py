@@ -159,6 +159,7 @@ def apply(img, key: str) -> None:
         sn_l1 = unpack_table(img.file.pread(sn.l1_size * 8, sn.l1_table_offset))
         txn = SnapshotTransaction(img)
         txn.walk(sn_l1, 1)
+        txn.validate()  # as QEMU, which takes the snapshot's references before dropping the old ones
         txn.walk(meta.l1, -1)
         pointers = [e & C.L1E_OFFSET_MASK for e in sn_l1] + [0] * (len(meta.l1) - sn.l1_size)
         _switch(txn, img, entries, None, pointers)
