@@ -8,7 +8,7 @@ configuration space and the feature bits it offers, and serves the chains of its
 * status (the last device-writable byte): OK 0, IOERR 1, UNSUPP 2.
 
 ``used.len`` is the total size of the device-writable buffers, as QEMU reports it. A missing
-header or status byte is a driver error (:class:`~qcowpy.emu.virtio.split.VirtQueueError`, so the
+header or status byte is a driver error (:class:`~qcowpy.virtio.split.VirtQueueError`, so the
 transport sets DEVICE_NEEDS_RESET); anything else wrong with a request — out of range, not a
 multiple of 512, a write to a read-only drive, too large, a block-layer error — completes just
 that request with IOERR or UNSUPP.
