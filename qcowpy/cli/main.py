@@ -446,6 +446,8 @@ def emu(args) -> None:
 from .check import check  # noqa: E402  (the command lives in its own module)
 
 cli.add_command(check)
+from .storage_daemon import storage_daemon  # noqa: E402
+cli.add_command(storage_daemon)
 
 
 # ---------------------------------------------------------------------------------------- entry point

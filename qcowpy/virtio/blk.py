@@ -34,6 +34,7 @@ VIRTIO_BLK_F_BLK_SIZE = 6
 VIRTIO_BLK_F_FLUSH = 9
 VIRTIO_BLK_F_TOPOLOGY = 10
 VIRTIO_BLK_F_CONFIG_WCE = 11
+VIRTIO_BLK_F_MQ = 12
 VIRTIO_BLK_F_DISCARD = 13
 VIRTIO_BLK_F_WRITE_ZEROES = 14
 VIRTIO_F_RING_INDIRECT_DESC = 28
@@ -74,8 +75,9 @@ class VirtioBlk:
     """The virtio-blk device model proper: config space, features and request handling."""
 
     def __init__(self, blk: Any, read_only: bool = False, serial: str = "", queue_size: int = 256,
-                 logical_block_size: int = SECTOR) -> None:
+                 logical_block_size: int = SECTOR, num_queues: int = 1) -> None:
         self.blk = blk
+        self.num_queues = num_queues
         self.read_only = read_only or bool(getattr(blk, "read_only", False))
         self.serial = serial or ""
         self.queue_size = queue_size
@@ -97,6 +99,8 @@ class VirtioBlk:
              | bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES))
         if self.read_only:
             f |= bit(VIRTIO_BLK_F_RO)
+        if self.num_queues > 1:
+            f |= bit(VIRTIO_BLK_F_MQ)
         return f
 
     def config(self) -> bytes:
@@ -107,7 +111,7 @@ class VirtioBlk:
         struct.pack_into("<HBB", c, 16, max(2, min(16383, self.capacity // (16 * 63))), 16, 63)
         struct.pack_into("<I", c, 20, self.logical_block_size)
         c[32] = 1  # writeback: the cache mode is writeback (CONFIG_WCE not offered)
-        struct.pack_into("<H", c, 34, 1)  # num_queues
+        struct.pack_into("<H", c, 34, self.num_queues)
         struct.pack_into("<III", c, 36, MAX_DISCARD_SECTORS, 1, self.logical_block_size // SECTOR)
         struct.pack_into("<IIB", c, 48, MAX_WRITE_ZEROES_SECTORS, 1, 1)
         return bytes(c)
