@@ -83,9 +83,13 @@ def storage_daemon(argv: tuple[str, ...]) -> None:
             os._exit(0 if ok else 1)
         os.close(ready_r)
         os.setsid()
+    from ..export import fuse  # noqa: F401  (registers type=fuse)
     from ..export.daemon import Daemon
     daemon = Daemon()
     stop = threading.Event()
+    # before any export starts: libfuse installs its own handlers only where none are set
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
     pidfile = None
     try:
         _setup(daemon, opts, stop)
@@ -100,8 +104,6 @@ def storage_daemon(argv: tuple[str, ...]) -> None:
     except BaseException:
         daemon.shutdown()
         raise
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop.set())
     if ready_w is not None:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):

@@ -33,6 +33,8 @@ BAD = [
     ["{node}", "--export", "type=vhost-user-blk,id=e,node-name=n,addr.type=inet,addr.host=x,addr.port=1"],
     ["--blockdev", "driver=qcow2,node-name=n,file.driver=file,file.filename={img},read-only=on",
      "--export", "type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path={d}/s,writable=on"],
+    ["{node}", "--export", "type=fuse,id=e,node-name=n,mountpoint={d}/nonexist"],
+    ["{node}", "--export", "type=fuse,id=e,node-name=n,mountpoint={d}"],
     ["--monitor", "chardev=nope"],
     ["--chardev", "foo,id=c"],
     ["--chardev", "socket,id=c,path={d}/q2,server=on,wait=off", "--chardev", "socket,id=c,path={d}/q3,server=on,wait=off"],
