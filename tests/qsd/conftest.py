@@ -124,3 +124,23 @@ def need_tool(name: str) -> Optional[str]:
     path = shutil.which(name) or (f"/sbin/{name}" if os.path.exists(f"/sbin/{name}") else None)
     _require(name, path is not None)
     return path
+
+
+def boot_until(guest: Guest, sock: str, mode: str, line_prefix: str, count: int, timeout: float = 120):
+    """Boot in the background; return (QEMU process, QCOWPY lines so far) once ``count`` lines
+    start with ``line_prefix``."""
+    import select
+    proc = subprocess.Popen(guest.argv(sock, mode), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while sum(ln.startswith(line_prefix) for ln in lines) < count:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail(f"guest never reached {count} x {line_prefix!r}: {lines}")
+        if select.select([proc.stdout], [], [], 1)[0]:
+            buf += os.read(proc.stdout.fileno(), 65536)
+            *done, buf = buf.split(b"\n")
+            lines += [ln.decode(errors="replace").split("QCOWPY ", 1)[1].strip()
+                      for ln in done if b"QCOWPY " in ln]
+    return proc, lines

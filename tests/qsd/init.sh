@@ -33,7 +33,7 @@ write)
     echo "QCOWPY done"
     ;;
 verify)
-    run mount -t ext4 -o ro /dev/vda /mnt
+    run mount -t ext4 /dev/vda /mnt  # read-write: a journal left by a crash is replayed
     for f in $(ls /mnt); do [ -f /mnt/$f ] && echo "QCOWPY file $f $(md5sum /mnt/$f | cut -d' ' -f1)"; done
     run umount /mnt
     echo "QCOWPY done"
@@ -45,7 +45,7 @@ crash)
     while true; do
         n=$((n+1))
         dd if=/dev/urandom of=/mnt/crash$n bs=64k count=16 conv=fsync 2>/dev/null
-        echo "QCOWPY synced crash$n"
+        echo "QCOWPY synced crash$n $(md5sum /mnt/crash$n | cut -d' ' -f1)"
     done
     ;;
 *)
