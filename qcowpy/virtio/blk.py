@@ -61,6 +61,8 @@ SECTOR = 512
 CONFIG_SIZE = 57  # up to and including write_zeroes_may_unmap (QEMU 7.2's config_len)
 MAX_DISCARD_SECTORS = 0x3FFFFF  # QEMU's defaults (BDRV_REQUEST_MAX_SECTORS clamp)
 MAX_WRITE_ZEROES_SECTORS = 0x3FFFFF
+BOUNCE_SEGMENTS = 4  # above this many buffers a read goes through one bounce buffer: a block-layer
+# read costs Python time per call, a memcpy per page does not (docs/performance.md)
 MAX_TRANSFER = 32 << 20  # larger IN/OUT requests complete with IOERR (bounded host memory)
 
 _HDR = struct.Struct("<IIQ")
@@ -171,9 +173,14 @@ class VirtioBlk:
                 if self.blk is None or not self._range_ok(sector, data_in_len) or data_in_len > MAX_TRANSFER:
                     return VIRTIO_BLK_S_IOERR
                 pos = sector * SECTOR
-                for view in data_in:  # straight into guest RAM, one block-layer read per mapped piece
-                    self.blk.preadinto(view, pos)
-                    pos += len(view)
+                if len(data_in) <= BOUNCE_SEGMENTS:
+                    for view in data_in:  # straight into guest RAM, one block-layer read per mapped piece
+                        self.blk.preadinto(view, pos)
+                        pos += len(view)
+                else:  # many small pieces (a real guest's pages): one read, then a scatter copy
+                    bounce = bytearray(data_in_len)
+                    self.blk.preadinto(bounce, pos)
+                    iov_from_bytes(data_in, bounce)
                 self.stats["rd_bytes"] += data_in_len
                 self.stats["rd_operations"] += 1
                 return VIRTIO_BLK_S_OK

@@ -88,12 +88,8 @@ class Guest:
         self.qemu, self.kernel, self.initrd = qemu, kernel, initrd
 
     def argv(self, sock: str, mode: str) -> list[str]:
-        return [self.qemu, "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "256M", "-smp", "1",
-                "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
-                "-chardev", f"socket,id=vu,path={sock}", "-device", "vhost-user-blk-pci,chardev=vu",
-                "-kernel", self.kernel, "-initrd", self.initrd,
-                "-append", f"console=ttyS0 quiet panic=-1 qcowpy.mode={mode}",
-                "-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"]
+        return mkinitramfs.qemu_argv(self.qemu, self.kernel, self.initrd, mkinitramfs.vhost_user_disk(sock),
+                                     f"qcowpy.mode={mode}")
 
     def boot(self, sock: str, mode: str, timeout: float = 90) -> tuple[list[str], str]:
         p = subprocess.run(self.argv(sock, mode), capture_output=True, text=True, timeout=timeout)

@@ -132,19 +132,18 @@ class FrontEnd:
         return True
 
     def request(self, q: int, rtype: int, sector: int, data: bytes = b"", read: int = 0,
-                indirect: bool = False) -> tuple[int, bytes]:
-        """One virtio-blk request; (status, bytes read)."""
+                indirect: bool = False, pieces: int = 1) -> tuple[int, bytes]:
+        """One virtio-blk request, its read buffer cut in ``pieces``; (status, bytes read)."""
         hdr = self.buf(struct.pack("<IIQ", rtype, 0, sector) + data)
         bufs = [(hdr[0], hdr[1], False)]
-        if read:
-            rd = self.buf(read)
-            bufs.append((rd[0], rd[1], True))
+        rds = [self.buf(read // pieces) for _ in range(pieces)] if read else []
+        bufs += [(a, n, True) for a, n in rds]
         st = self.buf(b"\xff")
         bufs.append((st[0], 1, True))
         before = self.used_idx(q)
         self.chain(q, bufs, head=self.avail_idx[q] * 4 % QSIZE, indirect=indirect)
         assert self.wait_used(q, (before + 1) & 0xFFFF), "request not completed"
-        return self.mem[st[0]], bytes(self.mem[rd[0]:rd[0] + read]) if read else b""
+        return self.mem[st[0]], b"".join(bytes(self.mem[a:a + n]) for a, n in rds)
 
     def close(self) -> None:
         self.sock.close()

@@ -48,6 +48,27 @@ crash)
         echo "QCOWPY synced crash$n $(md5sum /mnt/crash$n | cut -d' ' -f1)"
     done
     ;;
+bench)
+    # times from /proc/uptime (10 ms); the page cache is dropped before every read
+    t() { cut -d' ' -f1 /proc/uptime; }
+    mib=$(sed -n 's/.*qcowpy.mib=\([0-9]*\).*/\1/p' /proc/cmdline)
+    a=$(t); dd if=/dev/zero of=/dev/vda bs=1M count=$mib conv=fsync 2>/dev/null; b=$(t)
+    echo "QCOWPY bench seqwrite $mib $a $b"
+    echo 3 > /proc/sys/vm/drop_caches
+    a=$(t); dd if=/dev/vda of=/dev/null bs=1M count=$mib 2>/dev/null; b=$(t)
+    echo "QCOWPY bench seqread $mib $a $b"
+    echo 3 > /proc/sys/vm/drop_caches
+    blocks=$((mib * 256)); n=0; seed=12345
+    a=$(t)
+    while [ $n -lt 400 ]; do
+        seed=$(( (seed * 1103515245 + 12345) % 2147483648 ))
+        dd if=/dev/vda of=/dev/null bs=4k count=1 skip=$((seed % blocks)) 2>/dev/null
+        n=$((n+1))
+    done
+    b=$(t)
+    echo "QCOWPY bench randread4k 400 $a $b"
+    echo "QCOWPY done"
+    ;;
 *)
     echo "QCOWPY unknown mode '$mode'"
     ;;

@@ -42,6 +42,9 @@ def test_requests_on_two_queues(served, qemu, features):
     assert fe.request(1, OUT, 8, b"\x22" * 8192, indirect=indirect)[0] == 0
     assert fe.request(0, OUT, 4096, b"\x33" * 512)[0] == 0
     assert fe.request(1, IN, 8, read=8192) == (0, b"\x22" * 8192)
+    # a read cut in page-sized pieces, as Linux issues them (the engine's bounce-buffer path)
+    assert fe.request(1, IN, 0, read=12288, pieces=6, indirect=indirect) == \
+        (0, b"\x11" * 4096 + b"\x22" * 8192)
     assert fe.request(0, FLUSH, 0)[0] == 0
     status, ident = fe.request(1, GET_ID, 0, read=20)
     assert status == 0 and ident.rstrip(b"\0") == b"vu0"
