@@ -157,9 +157,11 @@ class Daemon:
 
     def blockdev_del(self, name: str) -> None:
         with self.lock:
-            node = self.node(name)
+            node = self.nodes.get(name)
+            if node is None:
+                raise OptionError(f"Failed to find node with node-name='{name}'")
             if node.users or any(n.child == name for n in self.nodes.values()):
-                raise OptionError(f"Node '{name}' is busy: block device is in use by block export")
+                raise OptionError(f"Node {name} is in use")
             del self.nodes[name]
         node.dev.close()
 

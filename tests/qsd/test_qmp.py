@@ -60,6 +60,13 @@ def _script(q: QMP, d) -> list:
     out.append(norm(q.cmd("query-block-exports")))
     out.append([e for e in q.events if e["event"] == "BLOCK_EXPORT_DELETED"][0]["data"])
     out.append(norm(q.cmd("query-named-block-nodes", flat=True))[1][-1:])  # our node (QSD lists the file node too)
+    out.append(norm(q.cmd("blockdev-del", **{"node-name": "n"})))  # still exported
+    out.append(norm(q.cmd("blockdev-add", driver="qcow2", **{"node-name": "n2"},
+                          file={"driver": "file", "filename": f"{d}/b.qcow2"})))
+    out.append(norm(q.cmd("blockdev-add", driver="qcow2", **{"node-name": "n2"},
+                          file={"driver": "file", "filename": f"{d}/b.qcow2"})))
+    out.append(norm(q.cmd("blockdev-del", **{"node-name": "n2"})))
+    out.append(norm(q.cmd("blockdev-del", **{"node-name": "n2"})))
     out.append(norm(q.cmd("quit")))
     return out
 
@@ -71,6 +78,7 @@ def test_qmp_matches_qemu_storage_daemon(qemu, qsd_binary, daemons, tmp_path):
         d.mkdir()
         img = str(d / "a.qcow2")
         qemu.create(img, "64M")
+        qemu.create(str(d / "b.qcow2"), "1M")
         qmp_path = str(d / "qmp")
         proc = daemons(["--blockdev", f"driver=qcow2,node-name=n,file.driver=file,file.filename={img}",
                         "--export", f"type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path={d}/s",
