@@ -9,7 +9,6 @@ does, ``type=nbd`` fails as QSD does when no NBD server runs. Error messages are
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any, Callable, Optional
 

@@ -6,7 +6,7 @@ Reads and writes are clipped at the end of the image (short read/write at EOF, a
 PUNCH_HOLE|KEEP_SIZE is a write of zeroes that unmaps whole clusters (QSD discards instead, and
 a qcow2 discard of a partial cluster keeps its data; a punched hole must read back as zeros),
 ZERO_RANGE writes zeroes keeping the allocation, plain allocation inside the image is
-EOPNOTSUPP (as QSD). libfuse serves requests on one thread, under the node's lock. Closing the
+EOPNOTSUPP (as QSD). ``lseek`` SEEK_DATA/SEEK_HOLE answer from block status. libfuse serves requests on one thread, under the node's lock. Closing the
 export unmounts it (``fusermount3 -u``), which ends the session; SIGTERM closes every export.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any
 
+from qcowpy.block.device import status_at
 from qcowpy.errors import QcowError
 
 from .daemon import BlockNode, Daemon, Export, register_export_type
@@ -136,7 +137,34 @@ def _ops_class() -> Any:
                 raise mfusepy.FuseOSError(errno.EOPNOTSUPP)
             return 0
 
-    return mfusepy, ImageFile
+        def lseek(self, path: str, offset: int, whence: int, fh: int) -> int:
+            """SEEK_DATA / SEEK_HOLE from block status (QSD's rule: data is what has the DATA
+            bit; zero and unallocated runs are holes; a hole ends the file)."""
+            if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+                raise mfusepy.FuseOSError(errno.EINVAL)
+            dev = self.x.node.dev
+            size = dev.size
+            if offset < 0 or offset > size or (offset == size and whence == os.SEEK_DATA):
+                raise mfusepy.FuseOSError(errno.ENXIO)
+            pos = offset
+            with self.x.node.lock:
+                while pos < size:
+                    ext = status_at(dev, pos, size - pos)
+                    if ext.data == (whence == os.SEEK_DATA):
+                        return pos
+                    pos += ext.length
+            if whence == os.SEEK_DATA:
+                raise mfusepy.FuseOSError(errno.ENXIO)
+            return size
+
+    class Fuse(mfusepy.FUSE):
+        """mfusepy with libfuse3's ``lseek`` callback wired (the binding lists it, wraps none)."""
+
+        def lseek(self, path: Any, off: int, whence: int, fip: Any) -> int:
+            return self.operations.lseek(None if path is None else path.decode(), off, whence,
+                                         fip.contents.fh if fip else 0)
+
+    return Fuse, ImageFile
 
 
 class FuseExport(Export):
@@ -156,13 +184,13 @@ class FuseExport(Export):
         path = os.path.realpath(path)
         if path in _mounted:
             raise OptionError(f"There already is a FUSE export on '{path}'")
-        mfusepy, ops = _ops_class()
+        fuse_cls, ops = _ops_class()
         if not os.path.exists("/dev/fuse"):
             raise OptionError("Failed to set up FUSE session")
         self.id, self.node, self.writable, self.mountpoint = eid, node, writable, path
         self.mode = stat.S_IFREG | stat.S_IRUSR | (stat.S_IWUSR if writable else 0)
         self.failed: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, args=(mfusepy, ops(self)), name=f"fuse {eid}",
+        self._thread = threading.Thread(target=self._run, args=(fuse_cls, ops(self)), name=f"fuse {eid}",
                                         daemon=True)
         self._thread.start()
         dev = st.st_dev
@@ -173,9 +201,9 @@ class FuseExport(Export):
             time.sleep(0.01)
         _mounted.add(path)
 
-    def _run(self, mfusepy: Any, ops: Any) -> None:
+    def _run(self, fuse_cls: Any, ops: Any) -> None:
         try:
-            mfusepy.FUSE(ops, self.mountpoint, foreground=True, nothreads=True, fsname=f"qcowpy:{self.id}",
+            fuse_cls(ops, self.mountpoint, foreground=True, nothreads=True, fsname=f"qcowpy:{self.id}",
                          default_permissions=True, **({} if self.writable else {"ro": True}))
         except BaseException as e:  # reported by the mount wait / close
             self.failed.append(e)

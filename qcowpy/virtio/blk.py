@@ -16,7 +16,7 @@ that request with IOERR or UNSUPP.
 from __future__ import annotations
 
 import struct
-from typing import Any, Optional
+from typing import Any
 
 from qcowpy.errors import QcowError
 

@@ -43,6 +43,12 @@ def _wait_mounted(mnt: str, size: int) -> None:
     pytest.fail("FUSE export did not appear")
 
 
+def _map_shared(qemu, img: str) -> list[dict]:
+    """qemu-img map of an image the daemon holds open (-U: no lock)."""
+    import json
+    return json.loads(qemu.img("map", "-U", "--output=json", img).stdout)
+
+
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
@@ -84,6 +90,21 @@ def test_byte_model(fuse_ok, qemu, daemons, tmp_path):
             _fallocate(fd, 0, 0, 4096)  # plain allocation inside the image: as QSD
         assert e.value.errno == errno.EOPNOTSUPP
         assert os.pread(fd, size + 10, 0) == bytes(model)
+        # SEEK_DATA / SEEK_HOLE against qemu-img map of the same (flushed) image
+        extents = _map_shared(qemu, img)
+        assert any(not e["data"] for e in extents)  # holes to find (the kernel alone would see none)
+        for off in [0, 1, 65535, 65536, size // 3, size // 2, size - 1] + [rng.randrange(size) for _ in range(20)]:
+            want_data = next((max(off, e["start"]) for e in extents
+                              if e["data"] and e["start"] + e["length"] > off), None)
+            want_hole = next((max(off, e["start"]) for e in extents
+                              if not e["data"] and e["start"] + e["length"] > off), size)
+            if want_data is None:
+                with pytest.raises(OSError) as e:
+                    os.lseek(fd, off, os.SEEK_DATA)
+                assert e.value.errno == errno.ENXIO
+            else:
+                assert os.lseek(fd, off, os.SEEK_DATA) == want_data, off
+            assert os.lseek(fd, off, os.SEEK_HOLE) == want_hole, off
     finally:
         os.close(fd)
     code, err = d.terminate()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import socket
 
-import pytest
-
 
 class QMP:
     def __init__(self, path: str) -> None:

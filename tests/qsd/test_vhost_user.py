@@ -4,7 +4,6 @@ of the image; then front-ends and guests that break the rules, after which the d
 serves and the image is intact."""
 from __future__ import annotations
 
-import os
 import struct
 
 import pytest
