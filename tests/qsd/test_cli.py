@@ -105,3 +105,21 @@ def test_daemonize_returns_when_ready(qemu, tmp_path):
                           "--blockdev", "driver=foo,node-name=n"], env=env(), capture_output=True, text=True,
                          timeout=30)
     assert bad.returncode == 1 and "Parameter 'driver' does not accept value 'foo'" in bad.stderr
+
+
+def test_nbd_server_option_is_a_clean_error(qemu, tmp_path):
+    """--nbd-server waits for the NBD server (another issue): one line, exit 1, no traceback."""
+    p = subprocess.run([sys.executable, "-m", "qcowpy.cli.main", "storage-daemon",
+                        "--nbd-server", f"addr.type=unix,addr.path={tmp_path}/nbd"],
+                       capture_output=True, text=True, env=env(), timeout=30)
+    assert p.returncode == 1
+    assert p.stderr == (f"qcowpy: --nbd-server addr.type=unix,addr.path={tmp_path}/nbd: "
+                        "NBD server is not supported by this build\n")
+
+
+def test_help_lists_the_options():
+    p = subprocess.run([sys.executable, "-m", "qcowpy.cli.main", "storage-daemon", "--help"],
+                       capture_output=True, text=True, env=env(), timeout=30)
+    assert p.returncode == 0
+    for opt in ("--blockdev", "--export", "--chardev", "--monitor", "--pidfile", "--daemonize"):
+        assert opt in p.stdout

@@ -76,6 +76,7 @@ HOSTILE_SETUP = {
     "payload larger than any message": lambda fe: fe.sock.sendall(P.HEADER.pack(P.SET_FEATURES, 1, 1 << 30)),
     "short payload": lambda fe: fe.send(P.SET_VRING_ADDR, b"\0" * 8),
     "unknown request": lambda fe: fe.send(77),
+    "message that stops half way": lambda fe: fe.sock.sendall(P.HEADER.pack(P.SET_VRING_ADDR, 1, 40) + bytes(8)),
     "memory table with too many regions": lambda fe: fe.send(P.SET_MEM_TABLE, struct.pack("<II", 9, 0) + bytes(288)),
     "ring outside memory": lambda fe: (fe.send(P.SET_VRING_ADDR, P.ADDR.pack(0, 0, 1, 2, 3, 0)),
                                        fe.send(P.SET_VRING_KICK, P.U64.pack(0), [fe.kicks[0]])),
@@ -122,3 +123,13 @@ def test_hostile_guest_stops_only_its_queue(served, qemu, name):
     assert code == 0, err
     qemu.assert_clean(img)
     qemu.io(img, "read -P 0x11 0 1M")
+
+
+def test_sigterm_with_a_front_end_stalled_mid_message(served, qemu):
+    img, sock, d = served
+    fe = FrontEnd(sock)
+    fe.sock.sendall(P.HEADER.pack(P.SET_VRING_ADDR, 1, 40) + bytes(8))
+    code, err = d.terminate(timeout=10)
+    assert code == 0, err
+    fe.close()
+    qemu.assert_clean(img)

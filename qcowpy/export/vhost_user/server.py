@@ -6,7 +6,8 @@ block node's lock (other exports of the node share it) and signalling the call e
 driver wants an interrupt. Queues are also polled every ``POLL`` seconds, so a notification
 lost to a memory-ordering race costs latency, never a hang.
 
-A front-end that breaks the protocol is disconnected; a guest that breaks the virtqueue rules
+A front-end that breaks the protocol, or stalls inside a message for MESSAGE_TIMEOUT, is
+disconnected; a guest that breaks the virtqueue rules
 (descriptors outside the memory table, loops, bad indices) stops only that queue until the
 front-end sets it up again. Neither can crash the daemon. When the front-end goes away the
 back-end forgets its state and accepts the next connection (QEMU's ``reconnect``).
@@ -30,6 +31,7 @@ from .memory import MemoryTable
 log = logging.getLogger(__name__)
 
 POLL = 0.5
+MESSAGE_TIMEOUT = 5.0  # a message started must arrive whole within this, or the front-end is dropped
 MAX_QUEUE_SIZE = 1024
 PROTOCOL_FEATURES = (1 << P.PROTOCOL_F_MQ) | (1 << P.PROTOCOL_F_REPLY_ACK) | (1 << P.PROTOCOL_F_CONFIG)
 
@@ -286,6 +288,7 @@ class VhostUserBlkServer:
         self._wake_r, self._wake_w = os.pipe()
         self._stopping = threading.Event()
         self.connected = False
+        self._conn: Optional[socket.socket] = None
         self._thread = threading.Thread(target=self._serve, name=f"vhost-user-blk {path}", daemon=True)
 
     def start(self) -> "VhostUserBlkServer":
@@ -305,12 +308,15 @@ class VhostUserBlkServer:
                 except OSError:
                     continue
                 self.connected = True
+                conn.settimeout(MESSAGE_TIMEOUT)
+                self._conn = conn
                 try:
                     _Connection(self, conn).run()
                 except Exception:  # never let one front-end take the export down
                     log.exception("vhost-user-blk connection failed")
                 finally:
                     self.connected = False
+                    self._conn = None
         finally:
             sel.close()
 
@@ -318,6 +324,12 @@ class VhostUserBlkServer:
         """Disconnect the front-end, stop serving and remove the socket."""
         self._stopping.set()
         os.write(self._wake_w, b"x")
+        conn = self._conn
+        if conn is not None:  # wakes a thread blocked inside a message
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if self._thread.is_alive():
             self._thread.join()
         self._listen.close()
