@@ -87,12 +87,13 @@ class Guest:
     def __init__(self, qemu: str, kernel: str, initrd: str) -> None:
         self.qemu, self.kernel, self.initrd = qemu, kernel, initrd
 
-    def argv(self, sock: str, mode: str) -> list[str]:
-        return mkinitramfs.qemu_argv(self.qemu, self.kernel, self.initrd, mkinitramfs.vhost_user_disk(sock),
-                                     f"qcowpy.mode={mode}")
+    def argv(self, sock: str, mode: str, queues: int = 1, params: str = "") -> list[str]:
+        return mkinitramfs.qemu_argv(self.qemu, self.kernel, self.initrd, mkinitramfs.vhost_user_disk(sock, queues),
+                                     f"qcowpy.mode={mode} {params}", cpus=queues)
 
-    def boot(self, sock: str, mode: str, timeout: float = 90) -> tuple[list[str], str]:
-        p = subprocess.run(self.argv(sock, mode), capture_output=True, text=True, timeout=timeout)
+    def boot(self, sock: str, mode: str, timeout: float = 90, queues: int = 1,
+             params: str = "") -> tuple[list[str], str]:
+        p = subprocess.run(self.argv(sock, mode, queues, params), capture_output=True, text=True, timeout=timeout)
         console = p.stdout.replace("\r", "")
         lines = [ln.split("QCOWPY ", 1)[1] for ln in console.splitlines() if "QCOWPY " in ln]
         assert p.returncode == 0, f"QEMU exited {p.returncode}: {p.stderr}\n{console}"

@@ -79,15 +79,16 @@ def _libs(binary: str) -> list[str]:
     return libs
 
 
-def vhost_user_disk(sock: str) -> list[str]:
+def vhost_user_disk(sock: str, queues: int = 1) -> list[str]:
     """QEMU options for a vhost-user-blk disk on ``sock`` (guest RAM must be a shared memfd)."""
     return ["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
-            "-chardev", f"socket,id=vu,path={sock}", "-device", "vhost-user-blk-pci,chardev=vu"]
+            "-chardev", f"socket,id=vu,path={sock}",
+            "-device", f"vhost-user-blk-pci,chardev=vu,num-queues={queues}"]
 
 
-def qemu_argv(qemu: str, vmlinuz: str, initrd: str, disk: list[str], params: str) -> list[str]:
+def qemu_argv(qemu: str, vmlinuz: str, initrd: str, disk: list[str], params: str, cpus: int = 1) -> list[str]:
     """Boot the test system with TCG (KVM is not used: it hangs on some of our machines)."""
-    return [qemu, "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "256M", "-smp", "1", *disk,
+    return [qemu, "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "256M", "-smp", str(cpus), *disk,
             "-kernel", vmlinuz, "-initrd", initrd, "-append", f"console=ttyS0 quiet panic=-1 {params}",
             "-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"]
 

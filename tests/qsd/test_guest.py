@@ -113,3 +113,21 @@ def test_guest_killed_mid_write_then_daemon_killed(qemu, guest, daemons, tmp_pat
     qemu.img("convert", "-O", "raw", ov, raw)
     fsck = subprocess.run([need_tool("e2fsck"), "-fn", raw], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+@pytest.mark.torture
+def test_guest_on_two_queues(qemu, guest, daemons, tmp_path):
+    """Two vCPUs and num-queues=2 on both sides: Linux's virtio_blk sets up two queues and the
+    scenario still passes."""
+    _, ov = _overlay(qemu, tmp_path)
+    sock = str(tmp_path / "vu.sock")
+    d = daemons(["--blockdev", f"driver=qcow2,node-name=disk,file.driver=file,file.filename={ov}",
+                 "--export", f"type=vhost-user-blk,id=vu0,node-name=disk,addr.type=unix,addr.path={sock},"
+                             "writable=on,num-queues=2"], [sock])
+    lines, console = guest.boot(sock, "write", queues=2, params="loglevel=7", timeout=300)
+    assert "2/0/0 default/read/poll queues" in console, console
+    assert "done" in lines and not [ln for ln in lines if ln.startswith("FAIL")], console
+    lines2, console2 = guest.boot(sock, "verify", queues=2, timeout=300)
+    assert files(lines2) == files(lines), console2
+    assert d.terminate()[0] == 0
+    qemu.assert_clean(ov)
