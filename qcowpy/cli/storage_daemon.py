@@ -11,10 +11,15 @@ import os
 import signal
 import threading
 
+from typing import TYPE_CHECKING
+
 import click
 
 from ..errors import QcowError
 from .common import CommandFailed
+
+if TYPE_CHECKING:
+    from ..export.daemon import Daemon
 
 _WITH_ARG = ("--blockdev", "--export", "--chardev", "--monitor", "--nbd-server", "--object", "--pidfile")
 
@@ -115,8 +120,6 @@ def storage_daemon(argv: tuple[str, ...]) -> None:
             pass
     finally:
         daemon.shutdown()
-        for closer in getattr(daemon, "closers", []):
-            closer()
         if pidfile is not None:
             try:
                 os.unlink(pidfile)
@@ -124,12 +127,13 @@ def storage_daemon(argv: tuple[str, ...]) -> None:
                 pass
 
 
-def _setup(daemon, opts: list[tuple[str, str]], stop: threading.Event) -> None:  # type: ignore[no-untyped-def]
+def _setup(daemon: "Daemon", opts: list[tuple[str, str]], stop: threading.Event) -> None:
+    """Apply the options in order; the first failure raises CommandFailed with QSD's words."""
     from ..export import keyval
     from ..export.monitor import Chardev, QMPMonitor, monitor_opts
 
     chardevs: dict[str, Chardev] = {}
-    daemon.closers = [lambda: [c.close() for c in chardevs.values()]]
+    daemon.cleanups.append(lambda: [c.close() for c in chardevs.values()])
     for opt, text in opts:
         try:
             if opt == "--blockdev":

@@ -79,7 +79,7 @@ class Daemon:
         self.lock = threading.RLock()
         self.events: list[Callable[[str, dict[str, Any]], None]] = []
         self._implicit = 0
-        self.nbd_server: Optional[Any] = None
+        self.cleanups: list[Callable[[], None]] = []  # run last by shutdown() (monitor sockets)
 
     # -- block nodes ----------------------------------------------------------------------------
     def node(self, name: str, reference: bool = False) -> BlockNode:
@@ -231,6 +231,9 @@ class Daemon:
                         node.dev.flush()
                 finally:
                     node.dev.close()
+        cleanups, self.cleanups = self.cleanups, []
+        for fn in cleanups:
+            fn()
 
 
 # -- vhost-user-blk ------------------------------------------------------------------------------
