@@ -141,6 +141,25 @@ class SplitVirtQueue:
         self._desc_v = self._avail_v = self._used_v = memoryview(b"")
         self._window: Optional[tuple[int, int, memoryview]] = None
 
+    def attach(self, desc: int, avail: int, used: int, last_avail_idx: int) -> None:
+        """Start the queue on rings the driver set up elsewhere (a vhost-user back-end taking
+        over): map and bounds-check them now, and continue from the used index in guest memory
+        and the available index the front-end handed over. Raises VirtQueueError."""
+        self.desc, self.avail, self.used = desc, avail, used
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        self.known_avail = self.inflight = 0
+        self._maps_key = None
+        self._maps()
+        self.used_idx = _U16.unpack_from(self._used_v, 2)[0]
+        self.ready = True
+
+    def set_memory(self, mem: GuestMemory) -> None:
+        """Use another guest-memory accessor (the front-end sent a new memory table)."""
+        self.mem = mem
+        self._maps_key = None
+        self._desc_v = self._avail_v = self._used_v = memoryview(b"")
+        self._window = None
+
     def _maps(self) -> None:
         """(Re)map the three rings when their addresses, size or the memory topology changed."""
         key = (self.desc, self.avail, self.used, self.num, self.event_idx, self.mem.generation())

@@ -42,6 +42,7 @@ class _Queue:
     def __init__(self, mem: MemoryTable) -> None:
         self.vq = SplitVirtQueue(mem, MAX_QUEUE_SIZE)
         self.addrs: Optional[tuple[int, int, int]] = None
+        self.base = 0  # the next available index (SET_VRING_BASE / GET_VRING_BASE)
         self.kick: Optional[int] = None
         self.call: Optional[int] = None
         self.enabled = False
@@ -189,17 +190,18 @@ class _Connection:
                     raise P.ProtocolError(f"invalid vring size {num}")
                 q.vq.num = num
             elif r == P.SET_VRING_BASE:
-                q.vq.last_avail_idx = num & 0xFFFF
-                q.vq.known_avail = 0
+                q.base = num & 0xFFFF
             elif r == P.SET_VRING_ENABLE:
                 q.enabled = bool(num)
                 self._serve(index)
             else:  # GET_VRING_BASE stops the ring (everything is served synchronously: no in-flight)
+                if q.vq.ready:
+                    q.base = q.vq.last_avail_idx
                 q.started = False
                 q.vq.ready = False
                 self._unwatch(q)
                 q.close_fds()
-                return P.STATE.pack(index, q.vq.last_avail_idx)
+                return P.STATE.pack(index, q.base)
             return None
         if r == P.SET_VRING_ADDR:
             index, _flags, desc, used, avail, _log = msg.unpack(P.ADDR)
@@ -234,12 +236,7 @@ class _Connection:
         if q.addrs is None:
             raise P.ProtocolError(f"vring {index} kicked before its addresses were set")
         desc, avail, used = (self.mem.to_guest(a) for a in q.addrs)
-        vq = q.vq
-        vq.desc, vq.avail, vq.used = desc, avail, used
-        vq.ready = True
-        vq._maps()  # map (and bounds-check) the rings now: a bad ring is the front-end's error
-        vq.used_idx = struct.unpack_from("<H", vq._used_v, 2)[0]
-        vq.inflight = 0
+        q.vq.attach(desc, avail, used, q.base)  # a ring outside memory is the front-end's error
         q.started = True
         if q.kick is not None:
             os.set_blocking(q.kick, False)
@@ -257,8 +254,7 @@ class _Connection:
         old = self.mem
         self.mem = table
         for q in self.queues:
-            q.vq.mem = table
-            q.vq._maps_key = None
+            q.vq.set_memory(table)
         old.close()
 
     def _reset(self) -> None:
