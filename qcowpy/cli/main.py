@@ -448,6 +448,8 @@ from .nbd import nbd  # noqa: E402
 
 cli.add_command(check)
 cli.add_command(nbd)
+from .storage_daemon import storage_daemon  # noqa: E402
+cli.add_command(storage_daemon)
 
 
 # ---------------------------------------------------------------------------------------- entry point

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qcowpy
-from qcowpy.emu.virtio import blk as vb
-from qcowpy.emu.virtio.split import (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, BytesMemory,
+from qcowpy.virtio import blk as vb
+from qcowpy.virtio.split import (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, BytesMemory,
                                      SplitVirtQueue, VirtQueueError)
 from qcowpy.errors import QcowError
 

@@ -93,7 +93,7 @@ def test_indirect_descriptors_through_pci(env):
 def test_pipelined_requests_share_notifications(env, monkeypatch, indirect):
     """Up to ``depth`` requests go out together: one driver-ring update and one notification per
     batch; results come back in request order whatever the shapes (reads, writes, flush, errors)."""
-    from qcowpy.emu.virtio.blk import VirtioBlk
+    from qcowpy.virtio.blk import VirtioBlk
     m, qts, _ = env
     disk = GuestDisk(qts, _virtio_fn(qts), GuestAlloc(), use_indirect=indirect)
     assert disk.depth == (64 if indirect else 42)  # 256-entry queue: half of it for in-flight requests

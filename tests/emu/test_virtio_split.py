@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcowpy.emu.virtio.split import (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, BytesMemory,
+from qcowpy.virtio.split import (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, BytesMemory,
                                      SplitVirtQueue, VirtQueueError, iov_from_bytes, iov_split_tail,
                                      iov_to_bytes, vring_need_event)
 

@@ -1,2 +1,2 @@
-"""virtio: split virtqueues and virtio-blk (transport independent) and the modern PCI transport."""
+"""virtio-pci: the modern PCI transport over the shared engine in :mod:`qcowpy.virtio`."""
 from __future__ import annotations

@@ -33,6 +33,9 @@ import logging
 import struct
 from typing import Any, Optional
 
+from qcowpy.virtio.blk import VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VirtioBlk
+from qcowpy.virtio.split import SplitVirtQueue, VirtQueueError
+
 from ..errors import DeviceError
 from ..memory import AccessConstraints, Endianness, ImplConstraints, MemoryRegion, MemoryRegionOps
 from ..pci import regs
@@ -41,8 +44,7 @@ from ..pci.msix import (msix_enabled, msix_init_exclusive_bar, msix_notify, msix
 from ..pci.device import INTERFACE_CONVENTIONAL_PCI_DEVICE, TYPE_PCI_DEVICE, PCIDevice, PCIDeviceClass
 from ..qdev import Property, device_class_set_props
 from ..qom import ObjectClass, TypeInfo, type_register_once
-from .blk import VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VirtioBlk
-from .split import AddressSpaceMemory, SplitVirtQueue, VirtQueueError
+from .memory import AddressSpaceMemory
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +267,7 @@ class VirtIOPCIState(PCIDevice):
             if not ok:
                 val &= ~VIRTIO_CONFIG_S_FEATURES_OK
             else:
-                from .blk import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC
+                from qcowpy.virtio.blk import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC
                 for q in self.queues:
                     q.indirect = bool(self.guest_features & (1 << VIRTIO_F_RING_INDIRECT_DESC))
                     q.event_idx = bool(self.guest_features & (1 << VIRTIO_F_RING_EVENT_IDX))

@@ -3,9 +3,9 @@
 The engine works on guest memory through a *guest-memory accessor* (:class:`GuestMemory`):
 ``map(addr, length, writable)`` returns the guest RAM behind a range as memoryviews (QEMU's
 ``dma_memory_map``) and ``generation()`` changes whenever that mapping may have changed.
-:class:`AddressSpaceMemory` adapts an emulator :class:`~qcowpy.emu.memory.AddressSpace` (a PCI
-device's bus-master view) and :class:`BytesMemory` a plain ``bytearray`` (for tests and a future
-vhost-user back-end).
+:class:`BytesMemory` is a plain ``bytearray`` (tests); the emulator adapts its PCI bus-master
+address space (``qcowpy.emu.virtio.memory``) and the vhost-user back-end the regions of its memory
+table (``qcowpy.export.vhost_user.memory``). Nothing here knows about a transport.
 
 Like QEMU's vring region caches, the descriptor table, driver ring and device ring are mapped once
 (and again after a memory-topology change) and then read and written in place; each of them must
@@ -24,9 +24,8 @@ from __future__ import annotations
 import struct
 from typing import Optional, Protocol
 
-from ...kernels import vring_chain
-from ..errors import EmuError
-from ..memory import topology_generation
+from ..errors import QcowError
+from ..kernels import vring_chain
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
@@ -42,8 +41,11 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
-class VirtQueueError(EmuError):
-    """The driver broke the virtqueue rules; the device must enter DEVICE_NEEDS_RESET."""
+class VirtQueueError(QcowError):
+    """The driver broke the virtqueue rules; the device must enter DEVICE_NEEDS_RESET
+    (emulator) or the back-end stops serving the queue (vhost-user)."""
+
+    qmp_class = "GenericError"
 
 
 class GuestMemoryError(VirtQueueError):
@@ -80,51 +82,6 @@ class BytesMemory:
 
     def window(self) -> Optional[tuple[int, int, memoryview]]:
         return 0, len(self.buf), self.view
-
-
-class AddressSpaceMemory:
-    """RAM reachable through an AddressSpace; holes, MMIO and disabled bus mastering are errors.
-
-    Writable mappings of read-only RAM (ROM) get a scratch buffer, so device writes there are
-    dropped, as QEMU's bounce buffer does for them."""
-
-    def __init__(self, address_space) -> None:  # type: ignore[no-untyped-def]
-        self.address_space = address_space
-        # the RAM range of the last mapping: (generation, start, end, view of the range), so a
-        # run of buffers in the same RAM block skips the flat-view lookup
-        self._last: tuple[int, int, int, memoryview] = (-1, 0, 0, memoryview(b""))
-
-    def generation(self) -> int:
-        return topology_generation()
-
-    def window(self) -> Optional[tuple[int, int, memoryview]]:
-        gen, start, end, ram = self._last
-        return (start, end, ram) if gen == topology_generation() else None
-
-    def map(self, addr: int, length: int, writable: bool) -> list[memoryview]:
-        gen, start, end, ram = self._last
-        if start <= addr and addr + length <= end and gen == topology_generation():
-            return [ram[addr - start:addr - start + length]]
-        if addr < 0 or length < 0 or addr + length > 1 << 64:
-            raise GuestMemoryError(f"guest address range {addr:#x}+{length:#x} is invalid")
-        view = self.address_space.flatview
-        out = []
-        while True:
-            r = view.lookup(addr)
-            if r is None or r.mr.ram is None:
-                raise GuestMemoryError(f"guest address {addr:#x} is not RAM")
-            n = min(length, r.end - addr)
-            off = r.offset + (addr - r.start)
-            if r.readonly:  # never cached: writable mappings of ROM get a scratch buffer
-                out.append(memoryview(bytearray(n)) if writable else memoryview(r.mr.ram)[off:off + n])
-            else:
-                ram = memoryview(r.mr.ram)[r.offset:r.offset + (r.end - r.start)]
-                self._last = (topology_generation(), r.start, r.end, ram)
-                out.append(ram[addr - r.start:addr - r.start + n])
-            addr += n
-            length -= n
-            if length <= 0:
-                return out
 
 
 def map_one(mem: GuestMemory, addr: int, length: int, writable: bool, what: str) -> memoryview:
@@ -183,6 +140,25 @@ class SplitVirtQueue:
         self._maps_key: Optional[tuple[int, ...]] = None
         self._desc_v = self._avail_v = self._used_v = memoryview(b"")
         self._window: Optional[tuple[int, int, memoryview]] = None
+
+    def attach(self, desc: int, avail: int, used: int, last_avail_idx: int) -> None:
+        """Start the queue on rings the driver set up elsewhere (a vhost-user back-end taking
+        over): map and bounds-check them now, and continue from the used index in guest memory
+        and the available index the front-end handed over. Raises VirtQueueError."""
+        self.desc, self.avail, self.used = desc, avail, used
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        self.known_avail = self.inflight = 0
+        self._maps_key = None
+        self._maps()
+        self.used_idx = _U16.unpack_from(self._used_v, 2)[0]
+        self.ready = True
+
+    def set_memory(self, mem: GuestMemory) -> None:
+        """Use another guest-memory accessor (the front-end sent a new memory table)."""
+        self.mem = mem
+        self._maps_key = None
+        self._desc_v = self._avail_v = self._used_v = memoryview(b"")
+        self._window = None
 
     def _maps(self) -> None:
         """(Re)map the three rings when their addresses, size or the memory topology changed."""

@@ -8,7 +8,7 @@ configuration space and the feature bits it offers, and serves the chains of its
 * status (the last device-writable byte): OK 0, IOERR 1, UNSUPP 2.
 
 ``used.len`` is the total size of the device-writable buffers, as QEMU reports it. A missing
-header or status byte is a driver error (:class:`~qcowpy.emu.virtio.split.VirtQueueError`, so the
+header or status byte is a driver error (:class:`~qcowpy.virtio.split.VirtQueueError`, so the
 transport sets DEVICE_NEEDS_RESET); anything else wrong with a request — out of range, not a
 multiple of 512, a write to a read-only drive, too large, a block-layer error — completes just
 that request with IOERR or UNSUPP.
@@ -16,7 +16,7 @@ that request with IOERR or UNSUPP.
 from __future__ import annotations
 
 import struct
-from typing import Any, Optional
+from typing import Any
 
 from qcowpy.errors import QcowError
 
@@ -34,6 +34,7 @@ VIRTIO_BLK_F_BLK_SIZE = 6
 VIRTIO_BLK_F_FLUSH = 9
 VIRTIO_BLK_F_TOPOLOGY = 10
 VIRTIO_BLK_F_CONFIG_WCE = 11
+VIRTIO_BLK_F_MQ = 12
 VIRTIO_BLK_F_DISCARD = 13
 VIRTIO_BLK_F_WRITE_ZEROES = 14
 VIRTIO_F_RING_INDIRECT_DESC = 28
@@ -60,6 +61,8 @@ SECTOR = 512
 CONFIG_SIZE = 57  # up to and including write_zeroes_may_unmap (QEMU 7.2's config_len)
 MAX_DISCARD_SECTORS = 0x3FFFFF  # QEMU's defaults (BDRV_REQUEST_MAX_SECTORS clamp)
 MAX_WRITE_ZEROES_SECTORS = 0x3FFFFF
+BOUNCE_SEGMENTS = 4  # above this many buffers a read goes through one bounce buffer: a block-layer
+# read costs Python time per call, a memcpy per page does not (docs/performance.md)
 MAX_TRANSFER = 32 << 20  # larger IN/OUT requests complete with IOERR (bounded host memory)
 
 _HDR = struct.Struct("<IIQ")
@@ -74,8 +77,9 @@ class VirtioBlk:
     """The virtio-blk device model proper: config space, features and request handling."""
 
     def __init__(self, blk: Any, read_only: bool = False, serial: str = "", queue_size: int = 256,
-                 logical_block_size: int = SECTOR) -> None:
+                 logical_block_size: int = SECTOR, num_queues: int = 1) -> None:
         self.blk = blk
+        self.num_queues = num_queues
         self.read_only = read_only or bool(getattr(blk, "read_only", False))
         self.serial = serial or ""
         self.queue_size = queue_size
@@ -97,6 +101,8 @@ class VirtioBlk:
              | bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES))
         if self.read_only:
             f |= bit(VIRTIO_BLK_F_RO)
+        if self.num_queues > 1:
+            f |= bit(VIRTIO_BLK_F_MQ)
         return f
 
     def config(self) -> bytes:
@@ -107,7 +113,7 @@ class VirtioBlk:
         struct.pack_into("<HBB", c, 16, max(2, min(16383, self.capacity // (16 * 63))), 16, 63)
         struct.pack_into("<I", c, 20, self.logical_block_size)
         c[32] = 1  # writeback: the cache mode is writeback (CONFIG_WCE not offered)
-        struct.pack_into("<H", c, 34, 1)  # num_queues
+        struct.pack_into("<H", c, 34, self.num_queues)
         struct.pack_into("<III", c, 36, MAX_DISCARD_SECTORS, 1, self.logical_block_size // SECTOR)
         struct.pack_into("<IIB", c, 48, MAX_WRITE_ZEROES_SECTORS, 1, 1)
         return bytes(c)
@@ -167,9 +173,14 @@ class VirtioBlk:
                 if self.blk is None or not self._range_ok(sector, data_in_len) or data_in_len > MAX_TRANSFER:
                     return VIRTIO_BLK_S_IOERR
                 pos = sector * SECTOR
-                for view in data_in:  # straight into guest RAM, one block-layer read per mapped piece
-                    self.blk.preadinto(view, pos)
-                    pos += len(view)
+                if len(data_in) <= BOUNCE_SEGMENTS:
+                    for view in data_in:  # straight into guest RAM, one block-layer read per mapped piece
+                        self.blk.preadinto(view, pos)
+                        pos += len(view)
+                else:  # many small pieces (a real guest's pages): one read, then a scatter copy
+                    bounce = bytearray(data_in_len)
+                    self.blk.preadinto(bounce, pos)
+                    iov_from_bytes(data_in, bounce)
                 self.stats["rd_bytes"] += data_in_len
                 self.stats["rd_operations"] += 1
                 return VIRTIO_BLK_S_OK
