@@ -44,3 +44,18 @@ class SnapshotNotFound(QcowError):
 
 class ImageLocked(QcowError):
     """Another process holds a conflicting lock on the image."""
+
+
+_HINTS: set[str] = set()
+
+
+def with_hint(message: str, hint: str) -> str:
+    """``message`` followed by QEMU's hint line (error_append_hint): the CLI prints the hint on
+    the next line without the program name, as qemu-img does, wherever the message is wrapped."""
+    _HINTS.add(hint)
+    return f"{message}\n{hint}"
+
+
+def is_hint(line: str) -> bool:
+    """True for a line that :func:`with_hint` added to a message."""
+    return line in _HINTS
