@@ -144,3 +144,57 @@ def test_check_reports_like_qemu(tmp_path, qemu_img, name, output):
     assert q.code in (1, 2) and "Traceback" not in o.err
     with open(ours, "rb") as a, open(theirs, "rb") as b:
         assert a.read() == b.read()  # a check without -r writes nothing
+
+
+def _chain(tmp_path, qemu_img: str, old: bytes, new: bytes, target: str = "x2.qcow2") -> str:
+    """x0 <- x1 <- x2 made by qemu-img, then ``old`` replaced by ``new`` (same length) in ``target``'s
+    header: a backing name or format rewritten in place."""
+    def make(name: str, *args: str) -> str:
+        r = qemu(qemu_img, "create", "-q", "-f", "qcow2", *args, str(tmp_path / name), "4M")
+        assert r.code == 0, r
+        return str(tmp_path / name)
+    make("x0.qcow2")
+    make("x1.qcow2", "-b", "x0.qcow2", "-F", "qcow2")
+    top = make("x2.qcow2", "-b", "x1.qcow2", "-F", "qcow2")
+    path = str(tmp_path / target)
+    buf = bytearray(open(path, "rb").read())
+    i = buf.index(old, 0, 65536)
+    buf[i:i + len(old)] = new
+    with open(path, "wb") as f:
+        f.write(buf)
+    return top
+
+
+@pytest.mark.parametrize("case", ["missing", "bogus_format", "missing_below", "bogus_format_below"])
+def test_check_opens_the_backing_chain(tmp_path, qemu_img, case):
+    """qemu-img check opens the whole chain first: a backing file it cannot open fails the check."""
+    old, new, target = {"missing": (b"x1.qcow2", b"x9.qcow2", "x2.qcow2"),
+                        "bogus_format": (b"qcow2\0", b"bogus\0", "x2.qcow2"),
+                        "missing_below": (b"x0.qcow2", b"x9.qcow2", "x1.qcow2"),
+                        "bogus_format_below": (b"qcow2\0", b"bogus\0", "x1.qcow2")}[case]
+    top = _chain(tmp_path, qemu_img, old, new, target)
+    for args in (("check", top), ("check", "--output=json", top), ("check", "-r", "all", top)):
+        q, o = qemu(qemu_img, *args), qcowpy(*args)
+        assert (o.code, o.out, as_qemu(o.err)) == (q.code, q.out, q.err)
+        assert q.code == 1 and "Could not open backing file" in q.err
+
+
+def _fd_limit() -> None:
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+
+@pytest.mark.parametrize("case", ["refers_to_itself", "two_image_cycle"])
+def test_check_backing_loop(tmp_path, qemu_img, case):
+    """A chain that loops: qemu-img check opens it until it runs out of file descriptors (under
+    the usual limit of 1024) and exits 1; qcowpy detects the loop and exits 1 at once."""
+    if case == "refers_to_itself":
+        top = _chain(tmp_path, qemu_img, b"x1.qcow2", b"x2.qcow2")
+    else:  # x1 <- x2, and x1 now backed by x2
+        top = _chain(tmp_path, qemu_img, b"x0.qcow2", b"x2.qcow2", "x1.qcow2")
+    p = subprocess.run([qemu_img, "check", top], capture_output=True, text=True, timeout=300,
+                       preexec_fn=_fd_limit)
+    assert p.returncode == 1 and p.stdout == "" and "Could not open backing file" in p.stderr
+    o = qcowpy("check", top)
+    assert o.code == 1 and o.out == ""
+    assert as_qemu(o.err) == f"qemu-img: Could not open '{top}': Backing file chain of '{top}' contains a loop\n"
