@@ -49,7 +49,7 @@ class Qcow2Image:
         self.cluster_bits = header.cluster_bits
         self.cluster_size = 1 << self.cluster_bits
         self.extended = header.extended_l2
-        self.size = header.size
+        self.size = header.size & ~511  # whole sectors, as QEMU (bs->total_sectors)
         self._closed = False
         self._compressed_cache: tuple[int, bytes] | None = None
         validate_header(header, file.size(), check_mode)
