@@ -59,3 +59,13 @@ def with_hint(message: str, hint: str) -> str:
 def is_hint(line: str) -> bool:
     """True for a line that :func:`with_hint` added to a message."""
     return line in _HINTS
+
+
+class CorruptedRead(CorruptImage):
+    """An access met metadata QEMU calls corrupt (qcow2_signal_corruption): it fails with EIO,
+    and the event itself is reported once per image on stderr, as QEMU reports it."""
+
+    def __init__(self, event: str, offset: int):
+        super().__init__("Input/output error")
+        self.event = event
+        self.offset = offset  # the guest offset whose metadata is corrupt
