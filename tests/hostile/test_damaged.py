@@ -6,7 +6,6 @@ stderr (our program name written as qemu-img's)."""
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
 from typing import Callable
