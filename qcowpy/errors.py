@@ -44,3 +44,28 @@ class SnapshotNotFound(QcowError):
 
 class ImageLocked(QcowError):
     """Another process holds a conflicting lock on the image."""
+
+
+_HINTS: set[str] = set()
+
+
+def with_hint(message: str, hint: str) -> str:
+    """``message`` followed by QEMU's hint line (error_append_hint): the CLI prints the hint on
+    the next line without the program name, as qemu-img does, wherever the message is wrapped."""
+    _HINTS.add(hint)
+    return f"{message}\n{hint}"
+
+
+def is_hint(line: str) -> bool:
+    """True for a line that :func:`with_hint` added to a message."""
+    return line in _HINTS
+
+
+class CorruptedRead(CorruptImage):
+    """An access met metadata QEMU calls corrupt (qcow2_signal_corruption): it fails with EIO,
+    and the event itself is reported once per image on stderr, as QEMU reports it."""
+
+    def __init__(self, event: str, offset: int):
+        super().__init__("Input/output error")
+        self.event = event
+        self.offset = offset  # the guest offset whose metadata is corrupt

@@ -6,6 +6,7 @@ pass whose counts are the ones reported.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,6 +16,7 @@ from ..format.header import parse_header
 from ..hostfile import HostFile
 from ..qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckFailed, CheckResult, Hint, check_file
 from ..qcow2.image import Qcow2Image
+from .open import open_backing
 
 __all__ = ["FIX_ERRORS", "FIX_LEAKS", "CheckNotSupported", "CheckOutcome", "CheckResult", "Hint",
            "check_image", "probe_for_check"]
@@ -53,6 +55,10 @@ def check_image(filename: str, fmt: str, fix: int, force_share: bool = False,
         header = parse_header(file.pread(min(file.size(), 1 << MAX_CLUSTER_BITS), 0), file.size())
         # the open-time validation (same errors as any open; the snapshot table is the check's)
         Qcow2Image(file, header, writable=False, check_mode=True)
+        if header.backing_file:  # qemu-img check opens the whole chain first (no BDRV_O_NO_BACKING)
+            st = os.stat(filename)
+            open_backing(filename, header.backing_file, header.backing_format, ((st.st_dev, st.st_ino),),
+                         force_share).close()
         try:
             first = check_file(file, header, fix, log)
         except CheckFailed as e:

@@ -80,17 +80,20 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
     info = dev.format_info()
     name = info.backing_file
     if backing and name:
-        bpath = resolve_backing_path(path, name)
         try:
-            dev.attach_backing(open_image(bpath, "r", info.backing_format, True,
-                                          _seen=_seen + (ident,), force_share=force_share))
-        except ImageNotFound as e:
-            dev.close()
-            raise ImageNotFound(f"Could not open backing file: {e}") from None
-        except FormatError as e:
-            dev.close()
-            raise FormatError(f"Could not open backing file: {e}") from None
+            dev.attach_backing(open_backing(path, name, info.backing_format, _seen + (ident,), force_share))
         except BaseException:
             dev.close()
             raise
     return dev
+
+
+def open_backing(overlay: str, name: str, fmt: str | None, seen: tuple, force_share: bool = False) -> BlockDevice:
+    """The backing chain under ``overlay`` (whose backing file is ``name``), read-only; ``seen``
+    holds the (st_dev, st_ino) of the images above it, for loop detection. Failures name the
+    backing file, as QEMU's do."""
+    try:
+        return open_image(resolve_backing_path(overlay, name), "r", fmt, True, _seen=seen,
+                          force_share=force_share)
+    except (ImageNotFound, FormatError, InvalidArgument) as e:
+        raise type(e)(f"Could not open backing file: {e}") from None

@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 
-from ..errors import QcowError
+from ..errors import QcowError, is_hint
 from ..units import cvtnum
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -29,7 +29,7 @@ class CommandFailed(Exception):
 
 def error_line(message: str) -> None:
     for line in message.split("\n"):
-        sys.stderr.write(f"{PROG}: {line}\n")
+        sys.stderr.write(f"{line}\n" if is_hint(line) else f"{PROG}: {line}\n")
 
 
 def warn_line(message: str) -> None:

@@ -73,3 +73,76 @@ def parse_directory(buf: bytes, count: int, partial: bool = False) -> list[Direc
                                   bytes(buf[name_at:name_at + name_size])))
         pos = (name_at + name_size + 7) & ~7
     return out
+
+
+MAX_BITMAPS = 65535  # QCOW2_MAX_BITMAPS
+MAX_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
+RESERVED_FLAGS = 0xFFFFFFFC  # every flag but in_use and auto
+FLAG_IN_USE = 1
+MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS = 9, 31
+MAX_NAME_SIZE = 1023
+MAX_PHYS_SIZE = 0x20000000  # bytes of bitmap table a bitmap may describe
+TYPE_DIRTY_TRACKING = 1
+
+
+def extension_error(header, cluster_size: int) -> str | None:
+    """Why QEMU refuses to open an image for its bitmaps extension (None if it does not):
+    a wrong length always, the field values only when the autoclear bit says it is valid."""
+    ext = header.find_extension(C.EXT_BITMAPS)
+    if ext is None:
+        return None
+    if len(ext.data) != EXTENSION.size:
+        return "bitmaps_ext: Invalid extension length"
+    if not header.autoclear_features & C.AUTOCLEAR_BITMAPS:
+        return None
+    nb, reserved, size, offset = EXTENSION.unpack_from(ext.data)
+    if reserved:
+        return "bitmaps_ext: Reserved field is not zero"
+    if nb > MAX_BITMAPS:
+        return f"bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported maximum of {MAX_BITMAPS}"
+    if nb == 0:
+        return "found bitmaps extension with zero bitmaps"
+    if offset & (cluster_size - 1):
+        return "bitmaps_ext: invalid bitmap directory offset"
+    if size > MAX_DIRECTORY_SIZE:
+        return (f"bitmaps_ext: bitmap directory size ({size}) exceeds the maximum supported size "
+                f"({MAX_DIRECTORY_SIZE})")
+    return None
+
+
+def _entry_fits(e: DirectoryEntry, cluster_size: int, virtual_size: int) -> bool:
+    """The constraints QEMU puts on one directory entry before it loads the bitmap."""
+    if not e.table_size or not e.table_offset or e.table_offset & (cluster_size - 1) \
+            or e.table_size > MAX_TABLE_SIZE or not MIN_GRANULARITY_BITS <= e.granularity_bits <= MAX_GRANULARITY_BITS \
+            or e.flags & RESERVED_FLAGS or e.name_size > MAX_NAME_SIZE or e.type != TYPE_DIRTY_TRACKING:
+        return False
+    phys = e.table_size * cluster_size
+    if phys > MAX_PHYS_SIZE:
+        return False
+    return bool(e.flags & FLAG_IN_USE) or virtual_size <= (phys * 8) << e.granularity_bits
+
+
+def directory_error(buf: bytes, nb_bitmaps: int, cluster_size: int, virtual_size: int) -> str | None:
+    """Why QEMU refuses the bitmap directory ``buf`` (the whole directory, zeros where it lies
+    past the end of the file, as QEMU reads it) when it loads the bitmaps at open; None if not."""
+    if not buf:
+        return "Requested bitmap directory size is zero"
+    pos = count = 0
+    while pos < len(buf):
+        if pos + DIR_ENTRY.size > len(buf):
+            return "Broken bitmap directory"
+        count += 1
+        if count > nb_bitmaps:
+            return "More bitmaps found than specified in header extension"
+        e = parse_directory(buf[pos:], 1)[0]
+        end = (pos + DIR_ENTRY.size + e.extra_data_size + e.name_size + 7) & ~7
+        if end > len(buf):
+            return "Broken bitmap directory"
+        if e.extra_data_size:
+            return "Bitmap extra data is not supported"
+        if not _entry_fits(e, cluster_size, virtual_size):
+            return f"Bitmap '{e.name.decode('utf-8', 'replace')}' doesn't satisfy the constraints"
+        pos = end
+    if count != nb_bitmaps:
+        return "Less bitmaps found than specified in header extension"
+    return None

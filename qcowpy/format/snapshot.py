@@ -5,11 +5,13 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from ..errors import CorruptImage
+from ..errors import CorruptImage, with_hint
 from . import constants as C
 
 FIXED = struct.Struct(">QIHHIIQII")  # 40 bytes
 MAX_EXTRA_DATA = 1024
+# QEMU's hint line after the error (printed unprefixed on the next line)
+EXTRA_DATA_HINT = "You can force-remove this extra metadata with qemu-img check -r all"
 
 
 @dataclass
@@ -74,7 +76,7 @@ def read_entries(pread: Callable[[int, int], bytes], offset: int, count: int, le
         (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmsize,
          extra_len) = FIXED.unpack(pread(FIXED.size, offset + pos))
         if extra_len > MAX_EXTRA_DATA and not lenient:
-            raise CorruptImage(f"Too much extra metadata in snapshot table entry {i}")
+            raise CorruptImage(with_hint(f"Too much extra metadata in snapshot table entry {i}", EXTRA_DATA_HINT))
         p = pos + FIXED.size
         if limit is not None and p + extra_len + id_len + name_len > limit:
             raise CorruptImage("Snapshot table is truncated")

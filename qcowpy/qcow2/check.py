@@ -104,8 +104,9 @@ class _Checker(CheckContext):
 
     def check_l2(self, res: CheckResult, table_rc: array, l2_offset: int, flags: int, fix: int,
                  active: bool = True) -> None:
-        raw = self.file.pread(self.cs, l2_offset)
-        table = unpack_table(raw)
+        table = _l2_table(self.file, self.cs, l2_offset)
+        if table is None:
+            return
         step = 2 if self.extended else 1
         next_contiguous = 0
         for i in range(self.l2_entries):
@@ -443,12 +444,14 @@ class _Checker(CheckContext):
                     self.file.flush()
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
-            table = unpack_table(self.file.pread(self.cs, l2_offset))
+            table = _l2_table(self.file, self.cs, l2_offset)
+            if table is None:
+                continue
             dirty = 0
             for j in range(self.l2_entries):
                 e = table[j * step]
-                t = self._cluster_type(e)
-                if t not in ("normal", "zero_alloc"):
+                # only allocated clusters (normal, zero_alloc) have a refcount to agree with
+                if not e & C.L2E_OFFSET_MASK or e & C.OFLAG_COMPRESSED:
                     continue
                 try:
                     rc = self.ondisk.get((e & C.L2E_OFFSET_MASK) >> self.cbits)
@@ -572,3 +575,10 @@ def repair_dirty(file: HostFile, header: Header, log: Callable[[str], None] | No
     if res.check_errors:
         raise CorruptImage("Could not repair dirty image: Input/output error")
     return res
+
+
+def _l2_table(file, cluster_size: int, offset: int) -> list[int] | None:
+    """The L2 table at ``offset``, or None when every entry is zero (as past the end of the
+    file): nothing in it to count, and a hostile L1 table may name thousands of them."""
+    raw = file.pread(cluster_size, offset)
+    return unpack_table(raw) if raw.strip(b"\0") else None

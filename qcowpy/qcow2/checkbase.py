@@ -120,8 +120,8 @@ class OnDiskRefcounts:
         off = self.reftable[index] & C.REFT_OFFSET_MASK
         if not off:
             return None
-        if off & (self.cs - 1):
-            raise CheckAbort("Input/output error")
+        if off & (self.cs - 1) or off + self.cs > C.MAX_FILE_OFFSET:
+            raise CheckAbort("Input/output error")  # QEMU's read fails on such an offset
         blk = self.blocks.get(off)
         if blk is None:
             if len(self.blocks) > 256 and not self.dirty:

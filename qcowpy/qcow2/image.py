@@ -11,18 +11,19 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-from ..errors import CorruptImage, InvalidArgument, QcowError, ReadOnlyError, UnsupportedFeature
+from ..errors import CorruptImage, InvalidArgument, QcowError, ReadOnlyError
 from ..format import constants as C
 from ..format.entries import ClusterType, compressed_descriptor, l2_offset, make_compressed_entry
 from ..format.entries import cluster_type as std_cluster_type
-from ..format.header import Header, parse_header, unknown_incompatible_message
+from ..format.header import Header, parse_header
 from ..hostfile import HostFile, zero_fill
 from . import codec
 from .extl2 import ExtendedL2Writes
 from .mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, LayerExtent, layer_extents
 from .metadata import Metadata
+from .opencheck import l1_entries_for, validate_contents, validate_header
 
-__all__ = ["Qcow2Image", "LayerExtent", "UNALLOCATED", "ZERO", "DATA", "COMPRESSED", "MAX_RUN_BYTES"]
+__all__ = ["Qcow2Image", "l1_entries_for", "LayerExtent", "UNALLOCATED", "ZERO", "DATA", "COMPRESSED", "MAX_RUN_BYTES"]
 
 MAX_RUN_BYTES = 16 << 20  # cap on one allocating write's buffer
 
@@ -48,10 +49,11 @@ class Qcow2Image:
         self.cluster_bits = header.cluster_bits
         self.cluster_size = 1 << self.cluster_bits
         self.extended = header.extended_l2
-        self.size = header.size
+        self.size = header.size & ~511  # whole sectors, as QEMU (bs->total_sectors)
         self._closed = False
         self._compressed_cache: tuple[int, bytes] | None = None
-        _validate_tables(header, file.size(), check_mode)
+        validate_header(header, file.size(), check_mode)
+        validate_contents(header, file, check_mode)
         self.meta = Metadata(file, header, writable, l2_cache_tables)
         self.file = self.meta.file  # every write goes through the metadata owner's overlap guard
         self.subcluster_size = self.meta.cluster_size // C.SUBCLUSTERS_PER_CLUSTER if self.extended \
@@ -72,7 +74,7 @@ class Qcow2Image:
             header = parse_header(head, file.size())
             if writable and header.incompatible_features & C.INCOMPAT_DIRTY and \
                     not header.incompatible_features & C.INCOMPAT_CORRUPT:
-                _validate_tables(header, file.size(), False)  # validate before repairing, as any open does
+                validate_header(header, file.size(), False)  # validate before repairing, as any open does
                 from .check import repair_dirty
                 repair_dirty(file, header)  # QEMU repairs a dirty image opened read-write
             img = cls(file, header, writable)
@@ -441,38 +443,3 @@ class Qcow2Image:
 def _owned_data(entry: int) -> bool:
     """A normal cluster this image alone references: written in place."""
     return bool(entry & C.OFLAG_COPIED) and std_cluster_type(entry) == ClusterType.NORMAL
-
-
-def _validate_tables(h: Header, fsize: int, check_mode: bool) -> None:
-    """What QEMU's qcow2_do_open refuses before it reads any table."""
-    cs = h.cluster_size
-    if h.crypt_method:
-        raise UnsupportedFeature("Encrypted qcow2 images are not supported")
-    msg = unknown_incompatible_message(h)
-    if msg:
-        raise UnsupportedFeature(msg)
-    if h.incompatible_features & C.INCOMPAT_DATA_FILE:
-        raise UnsupportedFeature("qcow2 images with an external data file are not supported")
-    if h.refcount_table_clusters * cs > C.MAX_REFTABLE_SIZE_BYTES:
-        raise CorruptImage("Reference count table too large")
-    _check_table(h.refcount_table_offset, h.refcount_table_clusters * cs, cs, fsize, "Reference count table")
-    if h.l1_size * 8 > C.MAX_L1_SIZE_BYTES:
-        raise CorruptImage("Active L1 table too large")
-    if h.l1_size < l1_entries_for(h, h.size):
-        raise CorruptImage("L1 table is too small")
-    _check_table(h.l1_table_offset, h.l1_size * 8, cs, fsize, "Active L1 table")
-    if h.nb_snapshots > C.MAX_SNAPSHOTS and not check_mode:
-        raise CorruptImage("Too many snapshots")
-
-
-def l1_entries_for(h: Header, size: int) -> int:
-    """L1 entries a virtual size of ``size`` bytes needs."""
-    span = h.cluster_size * (h.cluster_size // (16 if h.extended_l2 else 8))
-    return (size + span - 1) // span
-
-
-def _check_table(offset: int, size: int, cluster_size: int, file_size: int, what: str) -> None:
-    if offset & (cluster_size - 1):
-        raise CorruptImage(f"{what} offset invalid (not cluster aligned)")
-    if size and offset + size > file_size:
-        raise CorruptImage(f"{what} lies past the end of the image file")

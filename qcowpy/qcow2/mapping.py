@@ -6,10 +6,11 @@ range-checks them.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..errors import CorruptImage
+from ..errors import CorruptedRead, CorruptImage
 from ..format import constants as C
 from ..format.entries import ClusterType, l2_offset, l2_reserved, subcluster_type
 from ..format.entries import cluster_type as std_cluster_type
@@ -58,6 +59,21 @@ def layer_extents(meta: Metadata, offset: int, length: int) -> Iterator[LayerExt
         yield LayerExtent(*cur)
 
 
+_ZERO_TYPES = (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC)
+
+
+def _v2_zero_entry(meta: Metadata, l1_index: int, l2_index: int, guest_offset: int) -> None:
+    """A v2 image has no zero clusters: QEMU fails the access with EIO rather than guess what
+    the entry means, and reports the corruption (non-fatal: nothing is marked on disk)."""
+    event = (f"Zero cluster entry found in pre-v3 image (L2 offset: {meta.l1[l1_index] & C.L1E_OFFSET_MASK:#x}, "
+             f"L2 index: {l2_index:#x})")
+    if not meta.signaled_corruption:  # QEMU suppresses every event after the first
+        meta.signaled_corruption = True
+        sys.stderr.write(f"qcow2: Image is corrupt: {event}; further non-fatal corruption events will be "
+                         "suppressed\n")
+    raise CorruptedRead(event, guest_offset)
+
+
 def _raw_runs(meta: Metadata, pos: int, end: int) -> Iterator[tuple[str, int, int, int | None]]:
     """(kind, start, end, host offset or None) runs, at most one L2 table's worth at a time.
 
@@ -90,6 +106,8 @@ def _raw_runs(meta: Metadata, pos: int, end: int) -> Iterator[tuple[str, int, in
                                        f"(L2 entry {host:#x})")
                 rstart = base + (first << ubits)
                 a = max(pos, rstart)
+                if t in _ZERO_TYPES and meta.header.version < 3:
+                    _v2_zero_entry(meta, l1_index, (a - base) >> ubits, a)
                 yield _KIND[t], a, min(span_end, rstart + (count << ubits)), \
                     host + (a - rstart) if host else None
                 idx = first + count

@@ -54,6 +54,7 @@ class Metadata:
             self.file, self.cluster_size, l2_cache_tables or cache_tables(self.cluster_size),
             unpack_table, pack_table, ACTIVE_L2, depends_on=self.refcounts.cache)
         self.pending_frees: list[tuple[int, int]] = []
+        self.signaled_corruption = False  # a corruption event was reported (QEMU reports one per image)
 
     # ------------------------------------------------------------------ the crash-safety order
     def sync(self) -> None:

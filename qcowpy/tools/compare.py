@@ -11,7 +11,7 @@ from typing import Callable
 from ..kernels import is_zero
 from ..block.device import BlockDevice, Extent
 from ..block.open import open_image
-from ..errors import QcowError
+from ..errors import CorruptedRead, QcowError
 from .convert import Progress
 
 CHUNK = 4 << 20
@@ -42,11 +42,16 @@ def _status(dev: BlockDevice, offset: int, end: int) -> Extent:
     return dev.block_status(offset, end - offset)[0]
 
 
+class _AllocFailed(Exception):
+    """Block status failed (qemu-img compare exits 3)."""
+
+
 class _Walker:
     """block_status runs of one device, fetched lazily and cached per call range."""
 
-    def __init__(self, dev: BlockDevice):
+    def __init__(self, dev: BlockDevice, name: str):
         self.dev = dev
+        self.name = name
         self.runs: list[Extent] = []
         self.i = 0
 
@@ -54,7 +59,10 @@ class _Walker:
         while self.i < len(self.runs) and self.runs[self.i].start + self.runs[self.i].length <= offset:
             self.i += 1
         if self.i >= len(self.runs) or self.runs[self.i].start > offset:
-            self.runs = self.dev.block_status(offset, end - offset)
+            try:
+                self.runs = self.dev.block_status(offset, end - offset)
+            except CorruptedRead:  # qemu-img's wording and exit code (3) for a failed block status
+                raise _AllocFailed(f"Sector allocation test failed for {self.name}") from None
             self.i = 0
         return self.runs[self.i]
 
@@ -80,7 +88,7 @@ def run_compare(file1: str, file2: str, fmt1: str | None = None, fmt2: str | Non
         if strict and size1 != size2:
             say("Strict mode: Image size mismatch!\n")
             return 1
-        w1, w2 = _Walker(d1), _Walker(d2)
+        w1, w2 = _Walker(d1, file1), _Walker(d2, file2)
         offset = 0
         done = 0
 
@@ -118,7 +126,7 @@ def run_compare(file1: str, file2: str, fmt1: str | None = None, fmt2: str | Non
         if size1 != size2:
             say("Warning: Image size mismatch!\n")
             dev, name = (d1, file1) if size1 > size2 else (d2, file2)
-            w = _Walker(dev)
+            w = _Walker(dev, name)
             while offset < base:
                 e = w.at(offset, base)
                 chunk = e.start + e.length - offset
@@ -132,6 +140,9 @@ def run_compare(file1: str, file2: str, fmt1: str | None = None, fmt2: str | Non
     except _ReadFailed as e:
         error(str(e))
         return 4
+    except _AllocFailed as e:
+        error(str(e))
+        return 3
     finally:
         for d in devs:
             d.close()

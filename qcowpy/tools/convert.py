@@ -13,12 +13,12 @@ import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..kernels import is_zero, zero_runs
-from ..block.device import BlockDevice
+from ..block.device import BlockDevice, Extent
 from ..block.open import open_image
-from ..errors import QcowError
+from ..errors import CorruptedRead, QcowError
 from ..block.create import create_image, create_qcow2, qcow2_options
 from .create import validate
 from .options import parse_create_options
@@ -91,7 +91,7 @@ def _plan(sources: list[BlockDevice], sizes: list[int], top_only: bool, backing_
     runs: list[_Run] = []
     base = 0
     for dev, padded in zip(sources, sizes):
-        for e in dev.block_status(0, dev.size):
+        for e in _block_status(dev):
             if top_only and e.depth > 0:
                 kind = BACKING
             elif e.zero:
@@ -115,6 +115,14 @@ def _plan(sources: list[BlockDevice], sizes: list[int], top_only: bool, backing_
             _append(runs, _Run(base + dev.size, padded - dev.size, ZERO, dev, dev.size))
         base += padded
     return runs
+
+
+def _block_status(dev: BlockDevice) -> Iterator[Extent]:
+    """The device's block status, a failure worded as qemu-img's."""
+    try:
+        yield from dev.block_status(0, dev.size)
+    except CorruptedRead as e:
+        raise ConvertError(f"error while reading block status at offset {e.offset}: {e}") from None
 
 
 def _append(runs: list[_Run], r: _Run) -> None:

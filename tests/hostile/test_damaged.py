@@ -1,0 +1,259 @@
+"""Damaged images answered as qemu-img 7.2 answers them (issue 14, part 1).
+
+Each case starts from an image qemu-img creates, patches bytes at offsets read from its header,
+and runs qcowpy and qemu-img side by side on identical copies: the same exit code, stdout and
+stderr (our program name written as qemu-img's)."""
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+from typing import Callable
+
+import pytest
+
+from tests.cli.helpers import as_qemu, qcowpy, qemu
+
+EXT_BITMAPS = 0x23852875
+EXT_BACKING_FORMAT = 0xE2792ACA
+
+
+def _u32(buf: bytearray, off: int) -> int:
+    return struct.unpack_from(">I", buf, off)[0]
+
+
+def _u64(buf: bytearray, off: int) -> int:
+    return struct.unpack_from(">Q", buf, off)[0]
+
+
+def _extension(buf: bytearray, etype: int) -> int:
+    """Offset of the header extension ``etype``'s (type, length) pair in a v3 image."""
+    off = (_u32(buf, 100) + 7) & ~7
+    while True:
+        t, n = struct.unpack_from(">II", buf, off)
+        if t == etype:
+            return off
+        assert t != 0, f"extension {etype:#x} not found"
+        off += 8 + ((n + 7) & ~7)
+
+
+def _patched(tmp_path, qemu_img: str, patch: Callable[[bytearray], None], size: str = "4M",
+             setup: list[list[str]] = (), io: list[str] = (), opts: list[str] = ()) -> tuple[str, str]:
+    """An image qemu-img made (then ``setup`` qemu-img commands and ``io`` qemu-io commands),
+    patched by ``patch``: two identical copies, (for qemu-img, for qcowpy)."""
+    src = str(tmp_path / "src.qcow2")
+    assert qemu(qemu_img, "create", "-q", "-f", "qcow2", *opts, src, size).code == 0
+    for args in setup:
+        r = qemu(qemu_img, *[a.replace("IMG", src) for a in args])
+        assert r.code == 0, r
+    if io:
+        argv = [os.path.join(os.path.dirname(qemu_img), "qemu-io"), "-f", "qcow2"]
+        for c in io:
+            argv += ["-c", c]
+        p = subprocess.run([*argv, src], capture_output=True, text=True)
+        assert p.returncode == 0 and "error" not in p.stdout.lower(), p.stdout + p.stderr
+    buf = bytearray(open(src, "rb").read())
+    patch(buf)
+    theirs, ours = str(tmp_path / "theirs.qcow2"), str(tmp_path / "ours.qcow2")
+    for p in (theirs, ours):
+        with open(p, "wb") as f:
+            f.write(buf)
+    return theirs, ours
+
+
+def _same(qemu_img: str, theirs: str, ours: str, *args: str) -> tuple:
+    """Run ``args`` (THE_IMAGE standing for the image, OUT for an output file) with both tools;
+    assert the same code and output, with paths made alike. Returns (qemu result, ours)."""
+    def argv(img: str) -> list[str]:
+        d = os.path.dirname(img)
+        return [a.replace("THE_IMAGE", img).replace("OUT", os.path.join(d, f"out-{os.path.basename(img)}"))
+                for a in args]
+    q = qemu(qemu_img, *argv(theirs))
+    o = qcowpy(*argv(ours))
+    def alike(text: str, img: str) -> str:
+        out = os.path.join(os.path.dirname(img), f"out-{os.path.basename(img)}")
+        return text.replace(out, "OUT").replace(img, "IMG")
+    norm = [(r.code, alike(r.out, img), alike(as_qemu(r.err), img)) for r, img in ((q, theirs), (o, ours))]
+    assert norm[1] == norm[0], f"qcowpy {norm[1]}\nqemu-img {norm[0]}"
+    return q, o
+
+
+def _dir_offset(buf: bytearray) -> int:
+    return _extension(buf, EXT_BITMAPS) + 8 + 16
+
+
+BITMAP = [["bitmap", "--add", "IMG", "b0"]]
+
+# name -> (patch, qemu-img commands run on the image before patching)
+REFUSED_AT_OPEN: dict[str, tuple[Callable[[bytearray], None], list]] = {
+    "bitmaps_ext_wrong_length": (lambda b: struct.pack_into(">I", b, _extension(b, EXT_BITMAPS) + 4, 16), BITMAP),
+    "bitmap_directory_past_eof": (lambda b: struct.pack_into(">Q", b, _dir_offset(b), 1 << 40), BITMAP),
+    "bitmap_directory_unaligned": (lambda b: struct.pack_into(">Q", b, _dir_offset(b), _u64(b, _dir_offset(b)) + 8),
+                                   BITMAP),
+    "bitmap_count_absurd": (lambda b: struct.pack_into(">I", b, _extension(b, EXT_BITMAPS) + 8, 0xFFFFFF), BITMAP),
+    "bitmap_count_zero": (lambda b: struct.pack_into(">I", b, _extension(b, EXT_BITMAPS) + 8, 0), BITMAP),
+    "bitmap_directory_size_absurd": (lambda b: struct.pack_into(">Q", b, _extension(b, EXT_BITMAPS) + 16, 1 << 40),
+                                     BITMAP),
+    "bitmap_reserved_nonzero": (lambda b: struct.pack_into(">I", b, _extension(b, EXT_BITMAPS) + 12, 1), BITMAP),
+    "refcount_table_clusters_zero": (lambda b: struct.pack_into(">I", b, 56, 0), []),
+    "snapshot_table_unaligned": (lambda b: struct.pack_into(">Q", b, 64, _u64(b, 64) + 8),
+                                 [["snapshot", "-c", "s1", "IMG"]]),
+    "snapshot_extra_data_too_large": (lambda b: struct.pack_into(">I", b, _u64(b, 64) + 36, 1025),
+                                      [["snapshot", "-c", "s1", "IMG"]]),
+    "backing_format_too_long": (lambda b: _long_backing_format(b), []),
+}
+
+
+def _long_backing_format(buf: bytearray) -> None:
+    """Replace the (empty) extension area with a 16-byte backing format extension (QEMU takes
+    at most 15 bytes)."""
+    off = (_u32(buf, 100) + 7) & ~7
+    struct.pack_into(">II16sII", buf, off, EXT_BACKING_FORMAT, 16, b"qcow2qcow2qcow2q", 0, 0)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_AT_OPEN))
+@pytest.mark.parametrize("cmd", ["info", "convert"])
+def test_refused_at_open(tmp_path, qemu_img, name, cmd):
+    patch, setup = REFUSED_AT_OPEN[name]
+    theirs, ours = _patched(tmp_path, qemu_img, patch, setup=setup)
+    args = ("info", "THE_IMAGE") if cmd == "info" else ("convert", "-O", "raw", "THE_IMAGE", "OUT")
+    q, _ = _same(qemu_img, theirs, ours, *args)
+    assert q.code == 1  # the case still damages the image the way it means to
+
+
+def _file_end(buf: bytearray) -> int:
+    return (len(buf) + 0xFFFF) & ~0xFFFF
+
+
+# Damage qemu-img check opens (BDRV_O_CHECK relaxes the open) and reports: name -> patch
+CHECKED: dict[str, Callable[[bytearray], None]] = {
+    "l1_offset_past_eof": lambda b: struct.pack_into(">Q", b, 40, _file_end(b) + (4 << 16)),
+    "l1_size_past_eof": lambda b: struct.pack_into(">I", b, 36, 0x10000),
+    "reftable_offset_past_eof": lambda b: struct.pack_into(">Q", b, 48, _file_end(b) + (4 << 16)),
+    "reftable_clusters_past_eof": lambda b: struct.pack_into(">I", b, 56, 100),
+    "reftable_clusters_zero": lambda b: struct.pack_into(">I", b, 56, 0),
+    "reftable_overlaps_l1": lambda b: struct.pack_into(">Q", b, 48, _u64(b, 40)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHECKED))
+@pytest.mark.parametrize("output", ["human", "json"])
+def test_check_reports_like_qemu(tmp_path, qemu_img, name, output):
+    """The same report, exit code (2 corruptions, 1 internal errors) and no traceback."""
+    theirs, ours = _patched(tmp_path, qemu_img, CHECKED[name], io=["write -P 1 0 64k", "write -P 2 1M 64k"])
+    q, o = _same(qemu_img, theirs, ours, "check", f"--output={output}", "THE_IMAGE")
+    assert q.code in (1, 2) and "Traceback" not in o.err
+    with open(ours, "rb") as a, open(theirs, "rb") as b:
+        assert a.read() == b.read()  # a check without -r writes nothing
+
+
+def _chain(tmp_path, qemu_img: str, old: bytes, new: bytes, target: str = "x2.qcow2") -> str:
+    """x0 <- x1 <- x2 made by qemu-img, then ``old`` replaced by ``new`` (same length) in ``target``'s
+    header: a backing name or format rewritten in place."""
+    def make(name: str, *args: str) -> str:
+        r = qemu(qemu_img, "create", "-q", "-f", "qcow2", *args, str(tmp_path / name), "4M")
+        assert r.code == 0, r
+        return str(tmp_path / name)
+    make("x0.qcow2")
+    make("x1.qcow2", "-b", "x0.qcow2", "-F", "qcow2")
+    top = make("x2.qcow2", "-b", "x1.qcow2", "-F", "qcow2")
+    path = str(tmp_path / target)
+    buf = bytearray(open(path, "rb").read())
+    i = buf.index(old, 0, 65536)
+    buf[i:i + len(old)] = new
+    with open(path, "wb") as f:
+        f.write(buf)
+    return top
+
+
+@pytest.mark.parametrize("case", ["missing", "bogus_format", "missing_below", "bogus_format_below"])
+def test_check_opens_the_backing_chain(tmp_path, qemu_img, case):
+    """qemu-img check opens the whole chain first: a backing file it cannot open fails the check."""
+    old, new, target = {"missing": (b"x1.qcow2", b"x9.qcow2", "x2.qcow2"),
+                        "bogus_format": (b"qcow2\0", b"bogus\0", "x2.qcow2"),
+                        "missing_below": (b"x0.qcow2", b"x9.qcow2", "x1.qcow2"),
+                        "bogus_format_below": (b"qcow2\0", b"bogus\0", "x1.qcow2")}[case]
+    top = _chain(tmp_path, qemu_img, old, new, target)
+    for args in (("check", top), ("check", "--output=json", top), ("check", "-r", "all", top)):
+        q, o = qemu(qemu_img, *args), qcowpy(*args)
+        assert (o.code, o.out, as_qemu(o.err)) == (q.code, q.out, q.err)
+        assert q.code == 1 and "Could not open backing file" in q.err
+
+
+def _fd_limit() -> None:
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+
+@pytest.mark.parametrize("case", ["refers_to_itself", "two_image_cycle"])
+def test_check_backing_loop(tmp_path, qemu_img, case):
+    """A chain that loops: qemu-img check opens it until it runs out of file descriptors (under
+    the usual limit of 1024) and exits 1; qcowpy detects the loop and exits 1 at once."""
+    if case == "refers_to_itself":
+        top = _chain(tmp_path, qemu_img, b"x1.qcow2", b"x2.qcow2")
+    else:  # x1 <- x2, and x1 now backed by x2
+        top = _chain(tmp_path, qemu_img, b"x0.qcow2", b"x2.qcow2", "x1.qcow2")
+    p = subprocess.run([qemu_img, "check", top], capture_output=True, text=True, timeout=300,
+                       preexec_fn=_fd_limit)
+    assert p.returncode == 1 and p.stdout == "" and "Could not open backing file" in p.stderr
+    o = qcowpy("check", top)
+    assert o.code == 1 and o.out == ""
+    assert as_qemu(o.err) == f"qemu-img: Could not open '{top}': Backing file chain of '{top}' contains a loop\n"
+
+
+@pytest.mark.parametrize("cut", [1, 300, 511])
+def test_size_not_a_multiple_of_512(tmp_path, qemu_img, cut):
+    """A header size with a partial last sector: qemu-img reports and reads whole sectors only."""
+    theirs, ours = _patched(tmp_path, qemu_img, lambda b: struct.pack_into(">Q", b, 24, (4 << 20) - cut),
+                            io=["write -P 7 0 4M"])
+    for args in (("info", "THE_IMAGE"), ("info", "--output=json", "THE_IMAGE"), ("map", "THE_IMAGE"),
+                 ("map", "--output=json", "THE_IMAGE"), ("check", "THE_IMAGE"),
+                 ("convert", "-O", "raw", "THE_IMAGE", "OUT"), ("compare", "THE_IMAGE", "OUT"),
+                 ("convert", "-O", "qcow2", "THE_IMAGE", "OUT"), ("info", "OUT")):
+        _same(qemu_img, theirs, ours, *args)
+    q = qemu(qemu_img, "info", "--output=json", theirs)
+    assert f'"virtual-size": {(4 << 20) - 512}' in q.out  # the case is what it means to be
+    with open(str(tmp_path / "out-theirs.qcow2"), "rb") as a, open(str(tmp_path / "out-ours.qcow2"), "rb") as b:
+        assert len(a.read()) == len(b.read())
+
+
+def _zero_flag_in_v2(buf: bytearray) -> None:
+    """Set the zero flag (bit 0) in the L2 entry of guest cluster 1 (allocated data)."""
+    l2 = _u64(buf, _u64(buf, 40)) & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", buf, l2 + 8, _u64(buf, l2 + 8) | 1)
+
+
+@pytest.mark.parametrize("args", [("convert", "-O", "raw", "THE_IMAGE", "OUT"), ("map", "THE_IMAGE"),
+                                  ("map", "--output=json", "THE_IMAGE"), ("compare", "THE_IMAGE", "THE_IMAGE"),
+                                  ("check", "THE_IMAGE"), ("info", "THE_IMAGE")])
+def test_zero_flag_in_v2_image(tmp_path, qemu_img, args):
+    """v2 has no zero clusters: QEMU reports the entry as corruption (non-fatal on a read-only
+    image, nothing written) and fails the access with EIO; the tools word it as qemu-img does."""
+    theirs, ours = _patched(tmp_path, qemu_img, _zero_flag_in_v2, opts=["-o", "compat=0.10"],
+                            io=["write -P 5 0 128k"])
+    before = open(ours, "rb").read()
+    _same(qemu_img, theirs, ours, *args)
+    assert open(ours, "rb").read() == before
+
+
+def test_zero_flag_in_v2_image_reads(tmp_path, qemu_img):
+    """Reads of the cluster fail (qemu-io: 'read failed: Input/output error'), reads beside it do not."""
+    import qcowpy as api
+    from qcowpy.errors import CorruptedRead
+    theirs, ours = _patched(tmp_path, qemu_img, _zero_flag_in_v2, opts=["-o", "compat=0.10"],
+                            io=["write -P 5 0 128k"])
+    qio = os.path.join(os.path.dirname(qemu_img), "qemu-io")
+
+    def qemu_reads(cmd: str) -> bool:
+        p = subprocess.run([qio, "-r", "-f", "qcow2", "-c", cmd, theirs], capture_output=True, text=True)
+        return "read failed: Input/output error" not in p.stdout + p.stderr
+    with api.open(ours, "r") as dev:
+        for offset, length in ((0, 65536), (65536, 65536), (65536 + 512, 512), (0, 131072), (131072, 4096)):
+            try:
+                data = dev.pread(length, offset)
+                ok = True
+            except CorruptedRead:
+                ok = False
+            assert ok == qemu_reads(f"read {offset} {length}"), (offset, length)
+            if ok and offset < 131072:
+                assert data == b"\x05" * length
