@@ -17,6 +17,16 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 PROG = "qcowpy"
 
 
+def set_prog_from_argv0(argv0: str) -> str:
+    """Take the message prefix from the program's name, as QEMU does: a ``qemu-img`` symlink
+    to qcowpy prints ``qemu-img:``, so scripts and QEMU's reference outputs see the same lines.
+    ``python -m`` runs (argv[0] is a .py file) keep ``qcowpy``."""
+    global PROG
+    name = os.path.basename(argv0 or "")
+    PROG = "qcowpy" if not name or name.endswith(".py") or name == "-c" else name
+    return PROG
+
+
 class CommandFailed(Exception):
     """Raised inside a command to exit with ``code`` after printing ``message`` (if any)."""
 

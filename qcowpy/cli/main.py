@@ -14,7 +14,8 @@ import click
 
 from ..errors import QcowError
 
-from .common import (CONTEXT, PROG, CommandFailed, error_line, open_error, out, size_arg,  # noqa: F401
+from . import common
+from .common import (CONTEXT, CommandFailed, error_line, open_error, out, size_arg,  # noqa: F401
                      warn_if_probed_raw, warn_line)
 
 
@@ -464,13 +465,15 @@ def _usage_message(e: click.UsageError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns (and exits with) qemu-img's status."""
+    if argv is None:
+        common.set_prog_from_argv0(sys.argv[0])
     args = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in args if not a.startswith("-")), None)
     failure_code = 2 if command in _USAGE_COMPARE else 1  # usage errors exit 1 everywhere, as error_exit
     code = 0
     try:
         try:
-            rv = cli.main(args=args, prog_name=PROG, standalone_mode=False)
+            rv = cli.main(args=args, prog_name=common.PROG, standalone_mode=False)
             code = rv if isinstance(rv, int) else 0
         except click.exceptions.Exit as e:
             code = e.exit_code
@@ -479,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                 error_line(f"Command not found: {command}")
             else:
                 error_line(_usage_message(e))
-            sys.stderr.write(f"Try '{PROG} --help' for more information\n")
+            sys.stderr.write(f"Try '{common.PROG} --help' for more information\n")
             code = 1
         except click.Abort:  # click turns KeyboardInterrupt (and EOF on a prompt) into Abort
             code = 130

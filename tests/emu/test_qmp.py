@@ -174,7 +174,7 @@ def test_qemu_orders_shutdown_and_answers_hmp_errors_as_text(tmp_path):
     """The oracle for the two tests above: real QEMU's replies, same requests."""
     import subprocess
     import time
-    from tests.emu.conftest import require_qemu
+    from .conftest import require_qemu
     binary = require_qemu()
     sock = str(tmp_path / "q.sock")
     proc = subprocess.Popen([binary, "-machine", "none", "-nodefaults", "-display", "none",
