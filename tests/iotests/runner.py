@@ -103,6 +103,31 @@ def write_launcher(bindir: Path) -> str:
     return str(path)
 
 
+def write_qemu_wrapper(bindir: Path, qemu: str) -> str:
+    """``qemu-system-x86_64`` as the iotests start it, minus the qtest accelerator.
+
+    The iotests pass ``-accel qtest`` (and 172 ``accel=qtest``); Debian builds QEMU without that
+    accelerator (``-accel help`` lists tcg and kvm) but with the ``-qtest`` protocol, so TCG
+    stands in. The wrapper keeps the binary's name so QEMU's own messages and the tests'
+    ``QEMU_PROG:`` filter still match."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    path = bindir / os.path.basename(qemu)
+    path.write_text("#!/bin/sh\n"
+                    "prev=\n"
+                    "for a in \"$@\"; do\n"
+                    "    shift\n"
+                    "    case \"$prev $a\" in\n"
+                    "        '-accel qtest') a=tcg ;;\n"
+                    "        '-machine accel=qtest') a=accel=tcg ;;\n"
+                    "    esac\n"
+                    "    set -- \"$@\" \"$a\"\n"
+                    "    prev=$a\n"
+                    "done\n"
+                    f"exec {qemu} \"$@\"\n")
+    path.chmod(0o755)
+    return str(path)
+
+
 @dataclass
 class Outcome:
     """What ``check`` said about each test, and the diff of each failure."""
@@ -128,6 +153,7 @@ def run(tests: list[str], qemu_img: str | None = None, jobs: int = 1, timeout: f
         build = Path(tmp)
         (build / "check").symlink_to(iotests / "check")  # "called from the build tree" layout
         env = dict(os.environ, **binaries)
+        env["QEMU_PROG"] = write_qemu_wrapper(build / "qemu-bin", binaries["QEMU_PROG"])
         env["QEMU_IMG_PROG"] = qemu_img or write_launcher(build / "bin")
         env["TEST_DIR"] = str(build / "scratch")
         env.pop("QCOWPY_REQUIRE_QEMU", None)
