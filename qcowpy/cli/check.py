@@ -7,7 +7,7 @@ import click
 
 from ..errors import QcowError
 from . import common
-from .common import CONTEXT, CommandFailed, open_error
+from .common import CONTEXT, CommandFailed, image_name, open_error, parse_objects
 
 
 def _fail(message: str | None, code: int = 1) -> CommandFailed:
@@ -38,6 +38,8 @@ def check(fmt, output, repair, quiet, force_share, cache, image_opts, objects, f
         raise click.UsageError("Expecting one image file name")
     if output not in ("human", "json"):
         raise _fail("--output must be used with human or json as argument.")
+    parse_objects(objects)
+    filename, fmt = image_name(filename, image_opts, fmt)
     if repair is not None and repair not in ("leaks", "all"):
         raise _fail(f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}")
     try:

@@ -37,7 +37,21 @@ class CommandFailed(Exception):
         self.hint = hint
 
 
+#: names the tools opened -> the argument the user gave (an --image-opts string or json: filename)
+_SHOWN_AS: dict[str, str] = {}
+
+
+def reset_names() -> None:
+    """Forget the previous command's argument names (main() runs many commands in tests)."""
+    _SHOWN_AS.clear()
+
+
 def error_line(message: str) -> None:
+    for opened, given in _SHOWN_AS.items():  # qemu-img names the argument as given
+        head = f"Could not open '{opened}'"
+        if message.startswith(head):
+            message = f"Could not open '{given}'" + message[len(head):]
+            break
     for line in message.split("\n"):
         sys.stderr.write(f"{PROG}: {line}\n")
 
@@ -73,6 +87,66 @@ def warn_if_probed_raw(filename: str, fmt: str | None) -> None:
                          "         Automatically detecting the format is dangerous for raw images, write "
                          "operations on block 0 will be restricted.\n"
                          "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+
+
+#: user-creatable object types qemu-img accepts with --object (qcowpy registers them and uses none:
+#: it has no encryption, throttling or TLS, so an image needing one fails at open)
+OBJECT_TYPES = ("secret", "secret_keyring", "throttle-group", "iothread", "tls-creds-anon", "tls-creds-psk",
+                "tls-creds-x509", "tls-cipher-suites", "authz-simple", "authz-list", "authz-listfile", "authz-pam",
+                "memory-backend-file", "memory-backend-ram", "memory-backend-memfd")
+
+
+def parse_objects(objects: tuple[str, ...] | list[str]) -> dict[str, dict]:
+    """``--object TYPE,id=ID,...`` (or ``qom-type=TYPE,...``, or JSON) by id, checked as qemu-img
+    checks them, so scripts that pass secrets or throttle groups keep working."""
+    import json
+    from ..block.spec import parse_image_opts
+    out: dict[str, dict] = {}
+    for text in objects:
+        if text.startswith("{"):
+            try:
+                opts = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise CommandFailed(f"JSON parse error, {e.msg}") from None
+        else:
+            first, _, rest = text.partition(",")
+            opts = parse_image_opts(rest if "=" not in first else text)
+            if "=" not in first:
+                opts["qom-type"] = first
+        qom_type = opts.get("qom-type")
+        if qom_type is None:
+            raise CommandFailed("Parameter 'qom-type' is missing")
+        if qom_type not in OBJECT_TYPES:
+            raise CommandFailed(f"Parameter 'qom-type' does not accept value '{qom_type}'")
+        if "id" not in opts:
+            raise CommandFailed("Parameter 'id' is missing")
+        if opts["id"] in out:
+            raise CommandFailed(f"attempt to add duplicate property '{opts['id']}' to object (type 'container')")
+        out[opts["id"]] = opts
+    return out
+
+
+def image_name(name: str, image_opts: bool, fmt: str | None = None) -> tuple[str, str | None]:
+    """(what to open, format) for a filename argument: with ``--image-opts`` it is an options
+    string (``driver=qcow2,file.filename=x``), turned into the ``json:`` filename every tool
+    opens; a spec that is only a format over a plain file becomes that file and format."""
+    from ..block.spec import is_json_filename, parse_image_opts, parse_json_filename, plain_file
+    import json
+    if image_opts:
+        if fmt:
+            raise CommandFailed("--image-opts and --format are mutually exclusive")
+        opts = parse_image_opts(name)
+    elif is_json_filename(name):
+        try:
+            opts = parse_json_filename(name)
+        except QcowError as e:
+            raise CommandFailed(open_error(name, e)) from None
+    else:
+        return name, fmt
+    simple = plain_file(opts)
+    opened, fmt = (simple[0], simple[1] or fmt) if simple is not None else ("json:" + json.dumps(opts), fmt)
+    _SHOWN_AS[opened] = name
+    return opened, fmt
 
 
 def open_error(filename: str, e: QcowError) -> str:

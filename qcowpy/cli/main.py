@@ -15,8 +15,8 @@ import click
 from ..errors import QcowError
 
 from . import common
-from .common import (CONTEXT, CommandFailed, error_line, open_error, out, size_arg,  # noqa: F401
-                     warn_if_probed_raw, warn_line)
+from .common import (CONTEXT, CommandFailed, error_line, image_name, open_error, out, parse_objects,  # noqa: F401
+                     size_arg, warn_if_probed_raw, warn_line)
 
 
 class QemuGroup(click.Group):
@@ -51,6 +51,7 @@ def create(fmt, options, backing, backing_fmt, unsafe, quiet, objects, args) -> 
     from ..tools import options as optmod
     from ..tools.create import CreateError, CreateRequest, run_create
 
+    parse_objects(objects)
     optstr = optmod.accumulate(options)
     filename = args[0] if args else None
     if optstr and optmod.has_help(optstr):
@@ -97,7 +98,8 @@ def info(fmt, output, backing_chain, force_share, image_opts, objects, filenames
 
     if len(filenames) != 1:
         raise click.UsageError("Expecting one image file name")
-    filename = filenames[0]
+    parse_objects(objects)
+    filename, fmt = image_name(filenames[0], image_opts, fmt)
     check_output(output)
     try:
         infos = collect(filename, fmt, backing_chain, force_share)
@@ -125,7 +127,8 @@ def map_cmd(fmt, output, start_offset, max_length, force_share, image_opts, obje
     length = size_arg("max length", max_length) if max_length is not None else None
     if len(filenames) != 1:
         raise click.UsageError("Expecting one image file name")
-    filename = filenames[0]
+    parse_objects(objects)
+    filename, fmt = image_name(filenames[0], image_opts, fmt)
     check_output(output)
     try:
         dev = open_image(filename, "r", fmt, force_share=force_share)
@@ -162,10 +165,12 @@ def map_cmd(fmt, output, start_offset, max_length, force_share, image_opts, obje
 @click.option("-U", "--force-share", is_flag=True, help="Open read-only without taking the shared write lock (like qemu-img -U).")
 @click.option("-C", "copy_range", is_flag=True, hidden=True)
 @click.option("--target-is-zero", is_flag=True, help="With -n: the target already reads as zeros.")
+@click.option("--image-opts", is_flag=True, help="The sources are option strings (driver=...,file.filename=...).")
+@click.option("--target-image-opts", is_flag=True, help="With -n: the target is an option string.")
 @click.option("--object", "objects", multiple=True, hidden=True)
 @click.argument("filenames", nargs=-1)
 def convert(fmt, out_fmt, options, compress, backing, backing_fmt, progress, no_create, sparse, quiet, unordered,
-            coroutines, cache, src_cache, force_share, copy_range, target_is_zero, objects, filenames) -> None:
+            coroutines, cache, src_cache, force_share, copy_range, target_is_zero, image_opts, target_image_opts, objects, filenames) -> None:
     """Convert FILENAME [FILENAME2 ...] to OUTPUT_FILENAME (several sources are concatenated).
 
     \b
@@ -179,8 +184,11 @@ def convert(fmt, out_fmt, options, compress, backing, backing_fmt, progress, no_
     if optstr and optmod.has_help(optstr):
         out(optmod.help_text(out_fmt or "raw", filenames[-1] if filenames else None))
         return
+    parse_objects(objects)
     if len(filenames) < 2:
         raise CommandFailed("Must specify image file name")
+    if target_image_opts and not no_create:
+        raise CommandFailed("--target-image-opts requires use of -n flag")
     min_sparse = 8 * 512
     if sparse is not None:
         sval = size_arg("buffer size for sparse output", sparse)
@@ -202,7 +210,13 @@ def convert(fmt, out_fmt, options, compress, backing, backing_fmt, progress, no_
         raise CommandFailed(f"Invalid source cache option: {src_cache}")
     if quiet:
         progress = False
-    req = ConvertRequest(sources=list(filenames[:-1]), target=filenames[-1], src_fmt=fmt, out_fmt=out_fmt,
+    opened = [image_name(name, image_opts, fmt) for name in filenames[:-1]]
+    src_fmts = {f for _, f in opened}
+    target, target_fmt = image_name(filenames[-1], target_image_opts)
+    if target_image_opts:
+        out_fmt = target_fmt
+    req = ConvertRequest(sources=[n for n, _ in opened], target=target,
+                         src_fmt=src_fmts.pop() if len(src_fmts) == 1 else None, out_fmt=out_fmt,
                          options=optstr, compress=compress, backing=backing, backing_fmt=backing_fmt,
                          no_create=no_create, min_sparse=min_sparse, cache=cache or "unsafe",
                          target_is_zero=target_is_zero, force_share=force_share)
@@ -236,11 +250,13 @@ def compare(fmt1, fmt2, strict, progress, quiet, src_cache, force_share, image_o
 
     if len(filenames) != 2:
         raise click.UsageError("Expecting two image file names")
+    parse_objects(objects)
+    (name1, fmt1), (name2, fmt2) = image_name(filenames[0], image_opts, fmt1), image_name(filenames[1], image_opts, fmt2)
     if quiet:
         progress = False
     if src_cache is not None and src_cache not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
         raise CommandFailed(f"Invalid source cache option: {src_cache}", code=2)
-    code = run_compare(filenames[0], filenames[1], fmt1, fmt2, strict=strict, quiet=quiet, progress=progress,
+    code = run_compare(name1, name2, fmt1, fmt2, strict=strict, quiet=quiet, progress=progress,
                        force_share=force_share,
                        echo=out, error=error_line)
     if code:
@@ -266,7 +282,9 @@ def resize(fmt, preallocation, shrink, quiet, image_opts, objects, args) -> None
 
     if len(args) != 2:  # the size may look like an option ("-1G"): it is always the last word
         raise click.UsageError("Expecting image file name and size")
-    filename, size = args
+    parse_objects(objects)
+    filename, fmt = image_name(args[0], image_opts, fmt)
+    size = args[1]
     warn_if_probed_raw(filename, fmt)
     try:
         run_resize(filename, size, fmt, preallocation, shrink,
@@ -305,8 +323,10 @@ def commit(fmt, base, drop, progress, quiet, cache, rate, image_opts, objects, f
         raise click.UsageError("Expecting one image file name")
     if cache is not None and cache not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
         raise CommandFailed(f"Invalid cache option: {cache}")
-    warn_if_probed_raw(filenames[0], fmt)
-    run_commit(filenames[0], fmt, base, drop)
+    parse_objects(objects)
+    filename, fmt = image_name(filenames[0], image_opts, fmt)
+    warn_if_probed_raw(filename, fmt)
+    run_commit(filename, fmt, base, drop)
     if not quiet:
         out("Image committed.\n")
 
@@ -327,7 +347,11 @@ def dd(fmt, out_fmt, force_share, image_opts, objects, operands) -> None:
     """
     from ..tools.dd import parse_operands, run_dd
 
-    run_dd(parse_operands(list(operands)), fmt, out_fmt, force_share, warn=error_line)
+    parse_objects(objects)
+    req = parse_operands(list(operands))
+    if image_opts and req.input:
+        req.input, fmt = image_name(req.input, image_opts, fmt)
+    run_dd(req, fmt, out_fmt, force_share, warn=error_line)
 
 
 # ---------------------------------------------------------------------------------------- measure
@@ -353,7 +377,10 @@ def measure(fmt, out_fmt, options, output, size, force_share, image_opts, object
     check_output(output)
     if len(filenames) > 1:
         raise CommandFailed("At most one filename argument is allowed.")
+    parse_objects(objects)
     filename = filenames[0] if filenames else None
+    if filename and image_opts:
+        filename, fmt = image_name(filename, image_opts, fmt)
     if not filename and fmt:
         raise CommandFailed("--image-opts, -f, and -l require a filename argument.")
     nbytes = size_arg("image size", size) if size is not None else None
@@ -394,8 +421,10 @@ def rebase(fmt, backing, backing_fmt, unsafe, progress, quiet, cache, src_cache,
     for what, value in (("cache", cache), ("source cache", src_cache)):
         if value is not None and value not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
             raise CommandFailed(f"Invalid {what} option: {value}")
-    warn_if_probed_raw(filenames[0], fmt)
-    run_rebase(filenames[0], backing, backing_fmt, fmt, unsafe)
+    parse_objects(objects)
+    filename, fmt = image_name(filenames[0], image_opts, fmt)
+    warn_if_probed_raw(filename, fmt)
+    run_rebase(filename, backing, backing_fmt, fmt, unsafe)
 
 
 # ---------------------------------------------------------------------------------------- snapshot
@@ -424,11 +453,13 @@ def snapshot(list_, create_name, apply_name, delete_name, quiet, force_share, im
     if len(filenames) != 1:
         raise click.UsageError("Expecting one image file name")
     action, name = actions[0] if actions else (None, None)
+    parse_objects(objects)
+    filename, _ = image_name(filenames[0], image_opts)
     if action in ("c", "a", "d"):
-        warn_if_probed_raw(filenames[0], None)
+        warn_if_probed_raw(filename, None)
     if action == "a":  # qemu-img's apply opens a probed raw image a second time (its fallback path)
-        warn_if_probed_raw(filenames[0], None)
-    run_snapshot(filenames[0], action, name if isinstance(name, str) else None, force_share, echo=out)
+        warn_if_probed_raw(filename, None)
+    run_snapshot(filename, action, name if isinstance(name, str) else None, force_share, echo=out)
 
 
 # ---------------------------------------------------------------------------------------- emu
@@ -467,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns (and exits with) qemu-img's status."""
     if argv is None:
         common.set_prog_from_argv0(sys.argv[0])
+    common.reset_names()
     args = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in args if not a.startswith("-")), None)
     failure_code = 2 if command in _USAGE_COMPARE else 1  # usage errors exit 1 everywhere, as error_exit

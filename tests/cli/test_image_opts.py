@@ -1,0 +1,84 @@
+"""``json:`` filenames, ``--image-opts`` and ``--object``: qemu-img's output and exit codes side by side."""
+from __future__ import annotations
+
+import filecmp
+
+import pytest
+
+from .helpers import as_qemu, qcowpy as run, qemu, qemu_io
+
+NULL = 'json:{"driver": "null-co", "size": 1048576, "read-zeroes": true}'
+WINDOW = 'json:{"driver": "raw", "offset": 65536, "size": 131072, "file": {"driver": "file", "filename": "d.raw"}}'
+
+SAME_OUTPUT = [
+    ["info", "--image-opts", "driver=qcow2,file.filename=s.qcow2"],
+    ["info", "--image-opts", "file.filename=s.qcow2"],
+    ["info", "--image-opts", "driver=qcow2,file.driver=file,file.filename=s.qcow2"],
+    ["info", "--output=json", "json:{\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", \"filename\": \"s.qcow2\"}}"],
+    ["info", "-U", "--force-share", "json:{\"file.filename\": \"s.qcow2\"}"],
+    ["info", "--image-opts", "-f", "qcow2", "driver=qcow2,file.filename=s.qcow2"],
+    ["info", "--image-opts", "driver=qcow2,file.filename=nope.qcow2"],
+    ["info", 'json:{"driver": "foo"}'],
+    ["info", 'json:{"driver": "qcow2"}'],
+    ["info", "json:" + WINDOW[5:].replace("131072", "1048576000")],
+    ["map", "--output=json", NULL],
+    ["map", "--output=json", WINDOW],
+    ["check", "--image-opts", "driver=qcow2,file.filename=s.qcow2"],
+    ["compare", "--image-opts", "driver=qcow2,file.filename=s.qcow2", "driver=qcow2,file.filename=s.qcow2"],
+    ["compare", "--image-opts", "driver=raw,offset=65536,size=131072,file.filename=d.raw",
+     "driver=raw,offset=65536,size=131072,file.filename=d.raw"],
+    ["compare", "-f", "raw", "d.raw", NULL],
+    ["convert", "--target-image-opts", "s.qcow2", "driver=raw,file.filename=o.raw"],
+    ["snapshot", "-l", "--image-opts", "driver=qcow2,file.filename=s.qcow2"],
+    ["info", "--object", "secret,id=sec0,data=123456", "s.qcow2"],
+    ["info", "--object", "secret,data=x", "s.qcow2"],
+    ["info", "--object", "foo,id=a", "s.qcow2"],
+    ["info", "--object", "secret,id=a,data=x", "--object", "secret,id=a,data=y", "s.qcow2"],
+    ["check", "--object", "throttle-group,id=t0,x-bps-total=1000000", "s.qcow2"],
+]
+
+
+@pytest.fixture
+def images(tmp_path, qemu_img):
+    assert qemu(qemu_img, "create", "-q", "-f", "qcow2", "s.qcow2", "1M", cwd=tmp_path).code == 0
+    qemu_io(qemu_img, tmp_path / "s.qcow2", "write -P 7 0 64k")
+    (tmp_path / "d.raw").write_bytes(bytes(range(256)) * 1024)
+    return tmp_path
+
+
+@pytest.mark.parametrize("args", SAME_OUTPUT, ids=lambda a: " ".join(a)[:60])
+def test_same_output_and_exit_code(images, qemu_img, args):
+    want = qemu(qemu_img, *args, cwd=images)
+    got = run(*args, cwd=images)
+    assert (got.code, got.out, as_qemu(got.err)) == (want.code, want.out, want.err)
+
+
+@pytest.mark.parametrize("src", [WINDOW, NULL, "json:{\"driver\": \"qcow2\", \"file.filename\": \"s.qcow2\"}"],
+                         ids=["raw-window", "null-co", "qcow2-dotted"])
+def test_convert_from_a_json_source_gives_qemu_img_bytes(images, qemu_img, src):
+    want = qemu(qemu_img, "convert", "-O", "raw", src, "a.raw", cwd=images)
+    got = run("convert", "-O", "raw", src, "b.raw", cwd=images)
+    assert (got.code, got.err) == (want.code, want.err) == (0, "")
+    assert filecmp.cmp(images / "a.raw", images / "b.raw", shallow=False)
+
+
+def test_write_through_a_raw_window_lands_at_the_offset(images, qemu_img):
+    """convert -n into a raw window writes inside the window only (qemu-img does the same)."""
+    import shutil
+    shutil.copy(images / "d.raw", images / "e.raw")
+    target = "driver=raw,offset=65536,size=131072,file.filename={}"
+    args = ["convert", "-n", "-f", "raw", "--target-image-opts"]
+    (images / "z.raw").write_bytes(b"\xa5" * 131072)
+    want = qemu(qemu_img, *args, "z.raw", target.format("d.raw"), cwd=images)
+    got = run(*args, "z.raw", target.format("e.raw"), cwd=images)
+    assert (got.code, got.err) == (want.code, want.err) == (0, "")
+    assert (images / "d.raw").read_bytes() == (images / "e.raw").read_bytes()
+
+
+def test_bad_json_fails_like_qemu_img_up_to_the_parser_detail(images, qemu_img):
+    """QEMU's JSON lexer words its complaints its own way; the rest of the line and the exit code match."""
+    want = qemu(qemu_img, "info", "json:{bad", cwd=images)
+    got = run("info", "json:{bad", cwd=images)
+    head = "qemu-img: Could not open 'json:{bad': Could not parse the JSON options: JSON parse error, "
+    assert got.code == want.code == 1
+    assert want.err.startswith(head) and as_qemu(got.err).startswith(head) and got.err.count("\n") == 1
