@@ -124,7 +124,8 @@ def plain_file(opts: dict[str, Any]) -> tuple[str, str | None] | None:
     if not set(opts) <= {"driver", "file"} or opts.get("driver") not in ("qcow2", "raw", None):
         return None
     child = opts.get("file")
-    if isinstance(child, dict) and set(child) <= {"driver", "filename"} and child.get("driver", "file") == "file":
+    if isinstance(child, dict) and set(child) <= {"driver", "filename", "locking"} \
+            and child.get("driver", "file") == "file":  # locking: qcowpy's locks follow -U and QCOWPY_LOCKING
         child = child.get("filename")
     return (str(child), opts.get("driver")) if isinstance(child, str) else None
 
