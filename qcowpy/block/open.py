@@ -9,7 +9,7 @@ from ..qcow2.image import Qcow2Image
 from .device import BlockDevice
 from .qcow2 import Qcow2Device
 from .raw import RawDevice
-from .spec import is_json_filename, open_spec, parse_json_filename
+from .spec import file_protocol_path, is_json_filename, open_spec, parse_json_filename
 
 FORMATS = ("qcow2", "raw")
 MAX_CHAIN_DEPTH = 256
@@ -51,6 +51,7 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
     being stopped by, another process's QEMU-compatible locks (qcowpy/lock.py)."""
     if mode not in ("r", "r+", "rb", "r+b", "rw"):
         raise InvalidArgument(f"Invalid mode '{mode}' (use 'r' or 'r+')")
+    path = file_protocol_path(path)
     if is_json_filename(path):  # json:{...}: a node tree (block/spec.py)
         opts = parse_json_filename(path)
         if format is not None:

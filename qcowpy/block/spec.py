@@ -25,6 +25,18 @@ def is_json_filename(name: str) -> bool:
     return isinstance(name, str) and name.startswith("json:")
 
 
+def file_protocol_path(name: str) -> str:
+    """``file:PATH`` names PATH itself, colons and all (QEMU's file protocol prefix). A relative
+    PATH whose first component has a colon becomes ``./PATH``, as QEMU shows it, so that it is
+    never taken for a protocol again."""
+    if not isinstance(name, str) or not name.startswith("file:"):
+        return name
+    path = name[len("file:"):]
+    if not os.path.isabs(path) and ":" in path.split("/", 1)[0]:
+        path = "./" + path
+    return path
+
+
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
     """``{"file.filename": x}`` -> ``{"file": {"filename": x}}``, merging with nested objects."""
     out: dict[str, Any] = {}

@@ -130,12 +130,16 @@ def image_name(name: str, image_opts: bool, fmt: str | None = None) -> tuple[str
     """(what to open, format) for a filename argument: with ``--image-opts`` it is an options
     string (``driver=qcow2,file.filename=x``), turned into the ``json:`` filename every tool
     opens; a spec that is only a format over a plain file becomes that file and format."""
-    from ..block.spec import is_json_filename, parse_image_opts, parse_json_filename, plain_file
+    from ..block.spec import file_protocol_path, is_json_filename, parse_image_opts, parse_json_filename, plain_file
     import json
     if image_opts:
         if fmt:
             raise CommandFailed("--image-opts and --format are mutually exclusive")
         opts = parse_image_opts(name)
+    elif name.startswith("file:"):
+        opened = file_protocol_path(name)
+        _SHOWN_AS[opened] = name
+        return opened, fmt
     elif is_json_filename(name):
         try:
             opts = parse_json_filename(name)

@@ -64,7 +64,9 @@ def create(fmt, options, backing, backing_fmt, unsafe, quiet, objects, args) -> 
         size = size_arg("image size", args[1])
     if len(args) > 2:
         raise click.UsageError(f"Unexpected argument: {args[2]}")
-    req = CreateRequest(filename, fmt, size, optstr, backing, backing_fmt, unsafe)
+    from ..block.spec import file_protocol_path
+    req = CreateRequest(file_protocol_path(filename), fmt, size, optstr, backing, backing_fmt, unsafe,
+                        shown_as=filename)
     try:
         run_create(req, quiet, echo=lambda line: (out(line + "\n"), sys.stdout.flush()))
     except CreateError as e:

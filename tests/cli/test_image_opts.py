@@ -82,3 +82,20 @@ def test_bad_json_fails_like_qemu_img_up_to_the_parser_detail(images, qemu_img):
     head = "qemu-img: Could not open 'json:{bad': Could not parse the JSON options: JSON parse error, "
     assert got.code == want.code == 1
     assert want.err.startswith(head) and as_qemu(got.err).startswith(head) and got.err.count("\n") == 1
+
+
+def test_file_prefix_names_paths_with_colons_as_qemu_img(tmp_path, qemu_img):
+    """``file:`` takes the rest as the path, colons included; a relative one shows as ``./...``
+    and its backing file resolves next to it (iotest 126)."""
+    results = []
+    for tool, d in (("qemu", tmp_path / "q"), ("ours", tmp_path / "o")):
+        d.mkdir()
+        call = (lambda *a: qemu(qemu_img, *a, cwd=d)) if tool == "qemu" else (lambda *a: run(*a, cwd=d))
+        seq = [call("create", "-f", "qcow2", "file:a:b.qcow2", "64M"),
+               call("create", "-q", "-f", "qcow2", "base.qcow2", "64M"),
+               call("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "file:image:top.qcow2"),
+               call("info", "file:image:top.qcow2"), call("info", "file:nope:x"),
+               call("check", "file:image:top.qcow2"), call("map", "--output=json", "file:a:b.qcow2")]
+        results.append([(r.code, r.out, as_qemu(r.err)) for r in seq]
+                       + [sorted(p.name for p in d.iterdir())])
+    assert results[0] == results[1]
