@@ -24,6 +24,7 @@ from .common import CONTEXT, CommandFailed, image_name, out, parse_objects, size
 @click.option("-t", "cache", metavar="CACHE", help="Output cache mode (default unsafe).")
 @click.option("-T", "src_cache", metavar="SRC_CACHE", help="Accepted for compatibility.")
 @click.option("-U", "--force-share", is_flag=True, help="Open read-only without taking the shared write lock (like qemu-img -U).")
+@click.option("-r", "rate", metavar="RATE_LIMIT", help="Accepted for compatibility (checked, no rate limit).")
 @click.option("-C", "copy_range", is_flag=True, hidden=True)
 @click.option("--target-is-zero", is_flag=True, help="With -n: the target already reads as zeros.")
 @click.option("-l", "snapshot_param", metavar="SNAPSHOT_PARAM",
@@ -34,7 +35,7 @@ from .common import CONTEXT, CommandFailed, image_name, out, parse_objects, size
 @click.option("--object", "objects", multiple=True, hidden=True)
 @click.argument("filenames", nargs=-1)
 def convert(fmt, out_fmt, options, compress, backing, backing_fmt, progress, no_create, sparse, quiet, unordered,
-            coroutines, cache, src_cache, force_share, copy_range, target_is_zero, snapshot_param, salvage, image_opts, target_image_opts, objects, filenames) -> None:
+            coroutines, cache, src_cache, force_share, rate, copy_range, target_is_zero, snapshot_param, salvage, image_opts, target_image_opts, objects, filenames) -> None:
     """Convert FILENAME [FILENAME2 ...] to OUTPUT_FILENAME (several sources are concatenated).
 
     \b
@@ -48,6 +49,8 @@ def convert(fmt, out_fmt, options, compress, backing, backing_fmt, progress, no_
     if optstr and optmod.has_help(optstr):
         out(optmod.help_text(out_fmt or "raw", filenames[-1] if filenames else None))
         return
+    if rate is not None:
+        size_arg("rate limit", rate)
     parse_objects(objects)
     if len(filenames) < 2:
         raise CommandFailed("Must specify image file name")

@@ -35,6 +35,10 @@ SAME_OUTPUT = [
     ["info", "--object", "foo,id=a", "s.qcow2"],
     ["info", "--object", "secret,id=a,data=x", "--object", "secret,id=a,data=y", "s.qcow2"],
     ["check", "--object", "throttle-group,id=t0,x-bps-total=1000000", "s.qcow2"],
+    ["convert", "-r", "1M", "-U", "-O", "raw", "s.qcow2", "r1.raw"],
+    ["convert", "-r", "-5", "-O", "raw", "s.qcow2", "r1.raw"],
+    ["convert", "--force-share", "-T", "none", "-t", "none", "-W", "-m", "4", "-O", "raw", "s.qcow2", "r1.raw"],
+    ["info", "--force-share", "--output=json", "s.qcow2"],
 ]
 
 
