@@ -59,12 +59,40 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
 def parse_json_filename(name: str) -> dict[str, Any]:
     """The options of a ``json:{...}`` filename."""
     try:
-        obj = json.loads(name[len("json:"):])
+        obj = json.loads(_single_quotes_to_double(name[len("json:"):]))
     except json.JSONDecodeError as e:
         raise SpecError(f"Could not parse the JSON options: JSON parse error, {e.msg}") from None
     if not isinstance(obj, dict):
         raise SpecError("Invalid JSON object given")
     return nest(obj)
+
+
+def _single_quotes_to_double(text: str) -> str:
+    """QEMU's JSON parser also takes 'single-quoted' strings (its own extension, used in QEMU's
+    docs and tests): rewrite them as standard strings, leaving double-quoted ones alone."""
+    if "'" not in text:
+        return text
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c not in "'\"":
+            out.append(c)
+            i += 1
+            continue
+        j, body = i + 1, []
+        while j < n and text[j] != c:
+            if text[j] == "\\" and j + 1 < n:
+                body.append(text[j:j + 2])
+                j += 2
+                continue
+            body.append(text[j])
+            j += 1
+        raw = "".join(body)
+        if c == "'":  # \' means a quote; a bare " needs escaping in a standard string
+            raw = raw.replace("\\'", "'").replace('"', '\\"')
+        out.append('"' + raw + '"')
+        i = j + 1
+    return "".join(out)
 
 
 def parse_image_opts(text: str) -> dict[str, Any]:
@@ -152,13 +180,12 @@ def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
         raise SpecError(f"Unknown driver '{driver}'")
     if driver == "null-co":
         return NullDevice(_int(opts, "size", 1 << 30) or 0, _bool(opts, "read-zeroes"))
+    child = opts.get("file")
+    if isinstance(child, dict) and child.get("driver", "file") not in SUPPORTED_DRIVERS:
+        raise SpecError(f"Unknown driver '{child.get('driver')}'")
     path = spec_filename(opts)
     if path is None:
         raise SpecError('A block device must be specified for "file"')
-    child = opts.get("file")
-    if isinstance(child, dict) and child.get("driver", "file") != "file":
-        if child.get("driver") not in SUPPORTED_DRIVERS:
-            raise SpecError(f"Unknown driver '{child.get('driver')}'")
     if not os.path.exists(path):
         raise SpecError(f"Could not open '{path}': No such file or directory")
     if driver in ("file", None) and "file" not in opts:

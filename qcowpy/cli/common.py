@@ -41,9 +41,27 @@ class CommandFailed(Exception):
 _SHOWN_AS: dict[str, str] = {}
 
 
+_SAVED_LOCKING: list[str | None] = []  # QCOWPY_LOCKING before a file.locking=off argument set it
+
+
 def reset_names() -> None:
-    """Forget the previous command's argument names (main() runs many commands in tests)."""
+    """Forget the previous command's argument names and locking override (main() runs many
+    commands in one process in tests)."""
     _SHOWN_AS.clear()
+    while _SAVED_LOCKING:
+        old = _SAVED_LOCKING.pop()
+        if old is None:
+            os.environ.pop("QCOWPY_LOCKING", None)
+        else:
+            os.environ["QCOWPY_LOCKING"] = old
+
+
+def _locking_off(opts: dict) -> None:
+    """``file.locking=off`` in a spec: this command takes no image locks (qcowpy/lock.py)."""
+    child = opts.get("file")
+    if isinstance(child, dict) and str(child.get("locking", "")).lower() in ("off", "false"):
+        _SAVED_LOCKING.append(os.environ.get("QCOWPY_LOCKING"))
+        os.environ["QCOWPY_LOCKING"] = "off"
 
 
 def error_line(message: str) -> None:
@@ -147,6 +165,7 @@ def image_name(name: str, image_opts: bool, fmt: str | None = None) -> tuple[str
             raise CommandFailed(open_error(name, e)) from None
     else:
         return name, fmt
+    _locking_off(opts)
     simple = plain_file(opts)
     opened, fmt = (simple[0], simple[1] or fmt) if simple is not None else ("json:" + json.dumps(opts), fmt)
     _SHOWN_AS[opened] = name

@@ -467,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         error_line(e.strerror or str(e))
         code = failure_code if e.errno != errno.EPIPE else 1
+    common.reset_names()
     if argv is None:
         sys.exit(code)
     return code
