@@ -35,7 +35,11 @@ def probe_format(path: str) -> str:
 
 
 def resolve_backing_path(overlay: str, backing: str) -> str:
-    """A relative backing name is relative to the overlay's directory, as in QEMU."""
+    """A relative backing name is relative to the overlay's directory, as in QEMU; ``file:``
+    and ``json:`` names are taken as QEMU takes them (block/spec.py)."""
+    if is_json_filename(backing):
+        return backing
+    backing = file_protocol_path(backing)
     if ":" in backing.split("/", 1)[0] and not os.path.exists(backing):
         raise UnsupportedFeature(f"Backing file '{backing}' uses a protocol qcowpy does not support")
     if os.path.isabs(backing):

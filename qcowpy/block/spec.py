@@ -170,6 +170,18 @@ def plain_file(opts: dict[str, Any]) -> tuple[str, str | None] | None:
     return (str(child), opts.get("driver")) if isinstance(child, str) else None
 
 
+def canonical_name(name: str) -> str:
+    """The name QEMU gives an opened node: ``file:PATH`` and a ``json:`` spec that is only a
+    format over a plain file are named by that file (as ``info --backing-chain`` lists them)."""
+    if is_json_filename(name):
+        try:
+            simple = plain_file(parse_json_filename(name))
+        except SpecError:
+            return name
+        return simple[0] if simple is not None else name
+    return file_protocol_path(name)
+
+
 def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
               backing_chain: bool = True) -> BlockDevice:
     """Open the node tree ``opts`` describes (already nested); ``backing_chain`` False opens

@@ -138,3 +138,18 @@ def test_file_locking_off_lets_a_write_through_a_held_lock(images, qemu_img):
         assert run("resize", "s.qcow2", "3M", cwd=images).code == 1
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("backing", ["file:{d}/s.qcow2", 'json:{{"driver": "qcow2", "file": {{"driver": "file", "filename": "{d}/s.qcow2"}}}}'],
+                         ids=["file-prefix", "json"])
+def test_create_with_a_file_or_json_backing_name(images, qemu_img, backing):
+    """iotests 228 and backing-file-invalidation: the name is stored as given and opened as QEMU opens it."""
+    name = backing.format(d=images)
+    args = ["create", "-f", "qcow2", "-b", name, "-F", "qcow2"]
+    want = qemu(qemu_img, *args, "a.qcow2", cwd=images)
+    got = run(*args, "b.qcow2", cwd=images)
+    assert (got.code, got.out.replace("b.qcow2", "a.qcow2"), got.err) == (want.code, want.out, want.err)
+    for extra in ([], ["--backing-chain"]):
+        want = qemu(qemu_img, "info", *extra, "a.qcow2", cwd=images)
+        got = run("info", *extra, "b.qcow2", cwd=images)
+        assert (got.code, got.out.replace("b.qcow2", "a.qcow2"), got.err) == (want.code, want.out, want.err)
