@@ -10,6 +10,7 @@ from .device import BlockDevice
 from .nbd import is_nbd_uri, open_nbd
 from .qcow2 import Qcow2Device
 from .raw import RawDevice
+from .spec import file_protocol_path, is_json_filename, open_spec, parse_json_filename
 
 FORMATS = ("qcow2", "raw")
 MAX_CHAIN_DEPTH = 256
@@ -43,7 +44,11 @@ def probe_bytes(head: bytes) -> str:
 
 
 def resolve_backing_path(overlay: str, backing: str) -> str:
-    """A relative backing name is relative to the overlay's directory, as in QEMU."""
+    """A relative backing name is relative to the overlay's directory, as in QEMU; ``file:``
+    and ``json:`` names are taken as QEMU takes them (block/spec.py)."""
+    if is_json_filename(backing):
+        return backing
+    backing = file_protocol_path(backing)
     if ":" in backing.split("/", 1)[0] and not os.path.exists(backing):
         raise UnsupportedFeature(f"Backing file '{backing}' uses a protocol qcowpy does not support")
     if os.path.isabs(backing):
@@ -59,6 +64,12 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
     being stopped by, another process's QEMU-compatible locks (qcowpy/lock.py)."""
     if mode not in ("r", "r+", "rb", "r+b", "rw"):
         raise InvalidArgument(f"Invalid mode '{mode}' (use 'r' or 'r+')")
+    path = file_protocol_path(path)
+    if is_json_filename(path):  # json:{...}: a node tree (block/spec.py)
+        opts = parse_json_filename(path)
+        if format is not None:
+            opts.setdefault("driver", format)
+        return open_spec(opts, mode, force_share, backing)
     writable = "+" in mode or mode == "rw"
     if is_nbd_uri(path):
         return open_nbd(path, writable, format, backing)

@@ -6,7 +6,8 @@ import sys
 import click
 
 from ..errors import QcowError
-from .common import CONTEXT, PROG, CommandFailed, open_error
+from . import common
+from .common import CONTEXT, CommandFailed, image_name, open_error, parse_objects
 
 
 def _fail(message: str | None, code: int = 1) -> CommandFailed:
@@ -37,6 +38,8 @@ def check(fmt, output, repair, quiet, force_share, cache, image_opts, objects, f
         raise click.UsageError("Expecting one image file name")
     if output not in ("human", "json"):
         raise _fail("--output must be used with human or json as argument.")
+    parse_objects(objects)
+    filename, fmt = image_name(filename, image_opts, fmt)
     if repair is not None and repair not in ("leaks", "all"):
         raise _fail(f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}")
     try:
@@ -55,7 +58,7 @@ def check(fmt, output, repair, quiet, force_share, cache, image_opts, objects, f
         lines = list(report.failed_lines or [])
         lines.append(f"Check failed: {report.failed}" if report.failed else "Check failed")
         for line in lines:  # error reports carry the program name, QEMU's hint lines do not
-            sys.stderr.write(f"{line}\n" if isinstance(line, Hint) else f"{PROG}: {line}\n")
+            sys.stderr.write(f"{line}\n" if isinstance(line, Hint) else f"{common.PROG}: {line}\n")
         raise _fail(None)
     sys.stdout.flush()
     if code:

@@ -17,6 +17,16 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 PROG = "qcowpy"
 
 
+def set_prog_from_argv0(argv0: str) -> str:
+    """Take the message prefix from the program's name, as QEMU does: a ``qemu-img`` symlink
+    to qcowpy prints ``qemu-img:``, so scripts and QEMU's reference outputs see the same lines.
+    ``python -m`` runs (argv[0] is a .py file) keep ``qcowpy``."""
+    global PROG
+    name = os.path.basename(argv0 or "")
+    PROG = "qcowpy" if not name or name.endswith(".py") or name == "-c" else name
+    return PROG
+
+
 class CommandFailed(Exception):
     """Raised inside a command to exit with ``code`` after printing ``message`` (if any)."""
 
@@ -27,7 +37,39 @@ class CommandFailed(Exception):
         self.hint = hint
 
 
+#: names the tools opened -> the argument the user gave (an --image-opts string or json: filename)
+_SHOWN_AS: dict[str, str] = {}
+
+
+_SAVED_LOCKING: list[str | None] = []  # QCOWPY_LOCKING before a file.locking=off argument set it
+
+
+def reset_names() -> None:
+    """Forget the previous command's argument names and locking override (main() runs many
+    commands in one process in tests)."""
+    _SHOWN_AS.clear()
+    while _SAVED_LOCKING:
+        old = _SAVED_LOCKING.pop()
+        if old is None:
+            os.environ.pop("QCOWPY_LOCKING", None)
+        else:
+            os.environ["QCOWPY_LOCKING"] = old
+
+
+def _locking_off(opts: dict) -> None:
+    """``file.locking=off`` in a spec: this command takes no image locks (qcowpy/lock.py)."""
+    child = opts.get("file")
+    if isinstance(child, dict) and str(child.get("locking", "")).lower() in ("off", "false"):
+        _SAVED_LOCKING.append(os.environ.get("QCOWPY_LOCKING"))
+        os.environ["QCOWPY_LOCKING"] = "off"
+
+
 def error_line(message: str) -> None:
+    for opened, given in _SHOWN_AS.items():  # qemu-img names the argument as given
+        head = f"Could not open '{opened}'"
+        if message.startswith(head):
+            message = f"Could not open '{given}'" + message[len(head):]
+            break
     for line in message.split("\n"):
         sys.stderr.write(f"{line}\n" if is_hint(line) else f"{PROG}: {line}\n")
 
@@ -63,6 +105,71 @@ def warn_if_probed_raw(filename: str, fmt: str | None) -> None:
                          "         Automatically detecting the format is dangerous for raw images, write "
                          "operations on block 0 will be restricted.\n"
                          "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+
+
+#: user-creatable object types qemu-img accepts with --object (qcowpy registers them and uses none:
+#: it has no encryption, throttling or TLS, so an image needing one fails at open)
+OBJECT_TYPES = ("secret", "secret_keyring", "throttle-group", "iothread", "tls-creds-anon", "tls-creds-psk",
+                "tls-creds-x509", "tls-cipher-suites", "authz-simple", "authz-list", "authz-listfile", "authz-pam",
+                "memory-backend-file", "memory-backend-ram", "memory-backend-memfd")
+
+
+def parse_objects(objects: tuple[str, ...] | list[str]) -> dict[str, dict]:
+    """``--object TYPE,id=ID,...`` (or ``qom-type=TYPE,...``, or JSON) by id, checked as qemu-img
+    checks them, so scripts that pass secrets or throttle groups keep working."""
+    import json
+    from ..block.spec import parse_image_opts
+    out: dict[str, dict] = {}
+    for text in objects:
+        if text.startswith("{"):
+            try:
+                opts = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise CommandFailed(f"JSON parse error, {e.msg}") from None
+        else:
+            first, _, rest = text.partition(",")
+            opts = parse_image_opts(rest if "=" not in first else text)
+            if "=" not in first:
+                opts["qom-type"] = first
+        qom_type = opts.get("qom-type")
+        if qom_type is None:
+            raise CommandFailed("Parameter 'qom-type' is missing")
+        if qom_type not in OBJECT_TYPES:
+            raise CommandFailed(f"Parameter 'qom-type' does not accept value '{qom_type}'")
+        if "id" not in opts:
+            raise CommandFailed("Parameter 'id' is missing")
+        if opts["id"] in out:
+            raise CommandFailed(f"attempt to add duplicate property '{opts['id']}' to object (type 'container')")
+        out[opts["id"]] = opts
+    return out
+
+
+def image_name(name: str, image_opts: bool, fmt: str | None = None) -> tuple[str, str | None]:
+    """(what to open, format) for a filename argument: with ``--image-opts`` it is an options
+    string (``driver=qcow2,file.filename=x``), turned into the ``json:`` filename every tool
+    opens; a spec that is only a format over a plain file becomes that file and format."""
+    from ..block.spec import file_protocol_path, is_json_filename, parse_image_opts, parse_json_filename, plain_file
+    import json
+    if image_opts:
+        if fmt:
+            raise CommandFailed("--image-opts and --format are mutually exclusive")
+        opts = parse_image_opts(name)
+    elif name.startswith("file:"):
+        opened = file_protocol_path(name)
+        _SHOWN_AS[opened] = name
+        return opened, fmt
+    elif is_json_filename(name):
+        try:
+            opts = parse_json_filename(name)
+        except QcowError as e:
+            raise CommandFailed(open_error(name, e)) from None
+    else:
+        return name, fmt
+    _locking_off(opts)
+    simple = plain_file(opts)
+    opened, fmt = (simple[0], simple[1] or fmt) if simple is not None else ("json:" + json.dumps(opts), fmt)
+    _SHOWN_AS[opened] = name
+    return opened, fmt
 
 
 def open_error(filename: str, e: QcowError) -> str:

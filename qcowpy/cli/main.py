@@ -14,8 +14,9 @@ import click
 
 from ..errors import QcowError
 
-from .common import (CONTEXT, PROG, CommandFailed, error_line, open_error, out, size_arg,  # noqa: F401
-                     warn_if_probed_raw, warn_line)
+from . import common
+from .common import (CONTEXT, CommandFailed, error_line, image_name, open_error, out, parse_objects,  # noqa: F401
+                     size_arg, warn_if_probed_raw, warn_line)
 
 
 class QemuGroup(click.Group):
@@ -50,6 +51,7 @@ def create(fmt, options, backing, backing_fmt, unsafe, quiet, objects, args) -> 
     from ..tools import options as optmod
     from ..tools.create import CreateError, CreateRequest, run_create
 
+    parse_objects(objects)
     optstr = optmod.accumulate(options)
     filename = args[0] if args else None
     if optstr and optmod.has_help(optstr):
@@ -62,7 +64,9 @@ def create(fmt, options, backing, backing_fmt, unsafe, quiet, objects, args) -> 
         size = size_arg("image size", args[1])
     if len(args) > 2:
         raise click.UsageError(f"Unexpected argument: {args[2]}")
-    req = CreateRequest(filename, fmt, size, optstr, backing, backing_fmt, unsafe)
+    from ..block.spec import file_protocol_path
+    req = CreateRequest(file_protocol_path(filename), fmt, size, optstr, backing, backing_fmt, unsafe,
+                        shown_as=filename)
     try:
         run_create(req, quiet, echo=lambda line: (out(line + "\n"), sys.stdout.flush()))
     except CreateError as e:
@@ -96,7 +100,8 @@ def info(fmt, output, backing_chain, force_share, image_opts, objects, filenames
 
     if len(filenames) != 1:
         raise click.UsageError("Expecting one image file name")
-    filename = filenames[0]
+    parse_objects(objects)
+    filename, fmt = image_name(filenames[0], image_opts, fmt)
     check_output(output)
     try:
         infos = collect(filename, fmt, backing_chain, force_share)
@@ -124,7 +129,8 @@ def map_cmd(fmt, output, start_offset, max_length, force_share, image_opts, obje
     length = size_arg("max length", max_length) if max_length is not None else None
     if len(filenames) != 1:
         raise click.UsageError("Expecting one image file name")
-    filename = filenames[0]
+    parse_objects(objects)
+    filename, fmt = image_name(filenames[0], image_opts, fmt)
     check_output(output)
     try:
         dev = open_image(filename, "r", fmt, force_share=force_share)
@@ -140,77 +146,6 @@ def map_cmd(fmt, output, start_offset, max_length, force_share, image_opts, obje
         except QcowError as e:
             sys.stdout.flush()
             raise CommandFailed(f"Could not read file metadata: {e}") from None
-
-
-# ---------------------------------------------------------------------------------------- convert
-@cli.command(context_settings=CONTEXT)
-@click.option("-f", "fmt", metavar="FMT", help="Source format (probed when omitted).")
-@click.option("-O", "out_fmt", metavar="OUTPUT_FMT", help="Output format (default raw).")
-@click.option("-o", "options", multiple=True, metavar="OPTIONS", help="Create options for the output.")
-@click.option("-c", "compress", is_flag=True, help="Compress the output (qcow2).")
-@click.option("-B", "backing", metavar="BACKING", help="Backing file of the output.")
-@click.option("-F", "backing_fmt", metavar="BACKING_FMT", help="Format of the -B backing file.")
-@click.option("-p", "progress", is_flag=True, help="Show progress.")
-@click.option("-n", "no_create", is_flag=True, help="The output exists: do not create it.")
-@click.option("-S", "sparse", metavar="SPARSE_SIZE", help="Zero runs this long are not written (default 4k).")
-@click.option("-q", "quiet", is_flag=True, help="Quiet.")
-@click.option("-W", "unordered", is_flag=True, help="Accepted for compatibility (writes are in order).")
-@click.option("-m", "coroutines", metavar="N", help="Accepted for compatibility (1..16).")
-@click.option("-t", "cache", metavar="CACHE", help="Output cache mode (default unsafe).")
-@click.option("-T", "src_cache", metavar="SRC_CACHE", help="Accepted for compatibility.")
-@click.option("-U", "--force-share", is_flag=True, help="Open read-only without taking the shared write lock (like qemu-img -U).")
-@click.option("-C", "copy_range", is_flag=True, hidden=True)
-@click.option("--target-is-zero", is_flag=True, help="With -n: the target already reads as zeros.")
-@click.option("--object", "objects", multiple=True, hidden=True)
-@click.argument("filenames", nargs=-1)
-def convert(fmt, out_fmt, options, compress, backing, backing_fmt, progress, no_create, sparse, quiet, unordered,
-            coroutines, cache, src_cache, force_share, copy_range, target_is_zero, objects, filenames) -> None:
-    """Convert FILENAME [FILENAME2 ...] to OUTPUT_FILENAME (several sources are concatenated).
-
-    \b
-    qcowpy convert [-f fmt] [-O output_fmt] [-o options] [-c] [-B backing] [-p] [-n]
-                   [-S sparse_size] [-q] filename [filename2 ...] output_filename
-    """
-    from ..tools import options as optmod
-    from ..tools.convert import ConvertError, ConvertRequest, run_convert
-
-    optstr = optmod.accumulate(options)
-    if optstr and optmod.has_help(optstr):
-        out(optmod.help_text(out_fmt or "raw", filenames[-1] if filenames else None))
-        return
-    if len(filenames) < 2:
-        raise CommandFailed("Must specify image file name")
-    min_sparse = 8 * 512
-    if sparse is not None:
-        sval = size_arg("buffer size for sparse output", sparse)
-        if sval & 511 or sval > (16 << 20):
-            raise CommandFailed("Invalid buffer size for sparse output specified. Valid sizes are multiples of "
-                                "512 up to 16777216. Select 0 to disable sparse detection (fully allocates "
-                                "output).")
-        min_sparse = sval
-    if coroutines is not None:
-        try:
-            n = int(coroutines)
-        except ValueError:
-            n = 0
-        if not 1 <= n <= 16:
-            raise CommandFailed("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
-    if cache is not None and cache not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
-        raise CommandFailed(f"Invalid cache option: {cache}")
-    if src_cache is not None and src_cache not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
-        raise CommandFailed(f"Invalid source cache option: {src_cache}")
-    if quiet:
-        progress = False
-    req = ConvertRequest(sources=list(filenames[:-1]), target=filenames[-1], src_fmt=fmt, out_fmt=out_fmt,
-                         options=optstr, compress=compress, backing=backing, backing_fmt=backing_fmt,
-                         no_create=no_create, min_sparse=min_sparse, cache=cache or "unsafe",
-                         target_is_zero=target_is_zero, force_share=force_share)
-    try:
-        run_convert(req, progress=progress)
-    except ConvertError as e:
-        raise CommandFailed(str(e), hint=e.hint) from None
-    except QcowError as e:
-        raise CommandFailed(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------- compare
@@ -235,11 +170,13 @@ def compare(fmt1, fmt2, strict, progress, quiet, src_cache, force_share, image_o
 
     if len(filenames) != 2:
         raise click.UsageError("Expecting two image file names")
+    parse_objects(objects)
+    (name1, fmt1), (name2, fmt2) = image_name(filenames[0], image_opts, fmt1), image_name(filenames[1], image_opts, fmt2)
     if quiet:
         progress = False
     if src_cache is not None and src_cache not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
         raise CommandFailed(f"Invalid source cache option: {src_cache}", code=2)
-    code = run_compare(filenames[0], filenames[1], fmt1, fmt2, strict=strict, quiet=quiet, progress=progress,
+    code = run_compare(name1, name2, fmt1, fmt2, strict=strict, quiet=quiet, progress=progress,
                        force_share=force_share,
                        echo=out, error=error_line)
     if code:
@@ -265,7 +202,9 @@ def resize(fmt, preallocation, shrink, quiet, image_opts, objects, args) -> None
 
     if len(args) != 2:  # the size may look like an option ("-1G"): it is always the last word
         raise click.UsageError("Expecting image file name and size")
-    filename, size = args
+    parse_objects(objects)
+    filename, fmt = image_name(args[0], image_opts, fmt)
+    size = args[1]
     warn_if_probed_raw(filename, fmt)
     try:
         run_resize(filename, size, fmt, preallocation, shrink,
@@ -304,8 +243,10 @@ def commit(fmt, base, drop, progress, quiet, cache, rate, image_opts, objects, f
         raise click.UsageError("Expecting one image file name")
     if cache is not None and cache not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
         raise CommandFailed(f"Invalid cache option: {cache}")
-    warn_if_probed_raw(filenames[0], fmt)
-    run_commit(filenames[0], fmt, base, drop)
+    parse_objects(objects)
+    filename, fmt = image_name(filenames[0], image_opts, fmt)
+    warn_if_probed_raw(filename, fmt)
+    run_commit(filename, fmt, base, drop)
     if not quiet:
         out("Image committed.\n")
 
@@ -326,7 +267,11 @@ def dd(fmt, out_fmt, force_share, image_opts, objects, operands) -> None:
     """
     from ..tools.dd import parse_operands, run_dd
 
-    run_dd(parse_operands(list(operands)), fmt, out_fmt, force_share, warn=error_line)
+    parse_objects(objects)
+    req = parse_operands(list(operands))
+    if image_opts and req.input:
+        req.input, fmt = image_name(req.input, image_opts, fmt)
+    run_dd(req, fmt, out_fmt, force_share, warn=error_line)
 
 
 # ---------------------------------------------------------------------------------------- measure
@@ -352,7 +297,10 @@ def measure(fmt, out_fmt, options, output, size, force_share, image_opts, object
     check_output(output)
     if len(filenames) > 1:
         raise CommandFailed("At most one filename argument is allowed.")
+    parse_objects(objects)
     filename = filenames[0] if filenames else None
+    if filename and image_opts:
+        filename, fmt = image_name(filename, image_opts, fmt)
     if not filename and fmt:
         raise CommandFailed("--image-opts, -f, and -l require a filename argument.")
     nbytes = size_arg("image size", size) if size is not None else None
@@ -393,8 +341,10 @@ def rebase(fmt, backing, backing_fmt, unsafe, progress, quiet, cache, src_cache,
     for what, value in (("cache", cache), ("source cache", src_cache)):
         if value is not None and value not in ("none", "writeback", "unsafe", "directsync", "writethrough"):
             raise CommandFailed(f"Invalid {what} option: {value}")
-    warn_if_probed_raw(filenames[0], fmt)
-    run_rebase(filenames[0], backing, backing_fmt, fmt, unsafe)
+    parse_objects(objects)
+    filename, fmt = image_name(filenames[0], image_opts, fmt)
+    warn_if_probed_raw(filename, fmt)
+    run_rebase(filename, backing, backing_fmt, fmt, unsafe)
 
 
 # ---------------------------------------------------------------------------------------- snapshot
@@ -423,11 +373,13 @@ def snapshot(list_, create_name, apply_name, delete_name, quiet, force_share, im
     if len(filenames) != 1:
         raise click.UsageError("Expecting one image file name")
     action, name = actions[0] if actions else (None, None)
+    parse_objects(objects)
+    filename, _ = image_name(filenames[0], image_opts)
     if action in ("c", "a", "d"):
-        warn_if_probed_raw(filenames[0], None)
+        warn_if_probed_raw(filename, None)
     if action == "a":  # qemu-img's apply opens a probed raw image a second time (its fallback path)
-        warn_if_probed_raw(filenames[0], None)
-    run_snapshot(filenames[0], action, name if isinstance(name, str) else None, force_share, echo=out)
+        warn_if_probed_raw(filename, None)
+    run_snapshot(filename, action, name if isinstance(name, str) else None, force_share, echo=out)
 
 
 # ---------------------------------------------------------------------------------------- emu
@@ -443,12 +395,15 @@ def emu(args) -> None:
         raise CommandFailed(None, int(code))
 
 
-from .check import check  # noqa: E402  (the command lives in its own module)
+from .check import check  # noqa: E402  (these commands live in their own modules)
+from .convert import convert  # noqa: E402
 from .nbd import nbd  # noqa: E402
+from .storage_daemon import storage_daemon  # noqa: E402
 
 cli.add_command(check)
+cli.commands = {k: cli.commands[k] for k in ("create", "info", "map")} | {"convert": convert} | {
+    k: v for k, v in cli.commands.items() if k not in ("create", "info", "map")}  # help lists convert after map
 cli.add_command(nbd)
-from .storage_daemon import storage_daemon  # noqa: E402
 cli.add_command(storage_daemon)
 
 
@@ -468,13 +423,16 @@ def _usage_message(e: click.UsageError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns (and exits with) qemu-img's status."""
+    if argv is None:
+        common.set_prog_from_argv0(sys.argv[0])
+    common.reset_names()
     args = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in args if not a.startswith("-")), None)
     failure_code = 2 if command in _USAGE_COMPARE else 1  # usage errors exit 1 everywhere, as error_exit
     code = 0
     try:
         try:
-            rv = cli.main(args=args, prog_name=PROG, standalone_mode=False)
+            rv = cli.main(args=args, prog_name=common.PROG, standalone_mode=False)
             code = rv if isinstance(rv, int) else 0
         except click.exceptions.Exit as e:
             code = e.exit_code
@@ -483,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                 error_line(f"Command not found: {command}")
             else:
                 error_line(_usage_message(e))
-            sys.stderr.write(f"Try '{PROG} --help' for more information\n")
+            sys.stderr.write(f"Try '{common.PROG} --help' for more information\n")
             code = 1
         except click.Abort:  # click turns KeyboardInterrupt (and EOF on a prompt) into Abort
             code = 130
@@ -513,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         error_line(e.strerror or str(e))
         code = failure_code if e.errno != errno.EPIPE else 1
+    common.reset_names()
     if argv is None:
         sys.exit(code)
     return code

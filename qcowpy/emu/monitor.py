@@ -71,7 +71,10 @@ class HumanMonitor:
         }
 
     def execute(self, line: str) -> str:
-        """Run one command line; errors come back as text, like QEMU's monitor prints them."""
+        """Run one command line; errors come back as text, like QEMU's monitor prints them.
+
+        Any exception a command raises becomes an ``Error:`` line: the monitor (and QMP's
+        ``human-monitor-command`` on top of it) keeps serving whatever one command does."""
         try:
             words = shlex.split(line)
         except ValueError as e:
@@ -88,6 +91,8 @@ class HumanMonitor:
             return f"Error: {e}\n"
         except (ValueError, IndexError, LookupError) as e:
             return f"Error: {e}\n" if str(e) else f"{words[0]}: bad arguments\n"
+        except Exception as e:  # noqa: BLE001  a failing command must never take the monitor down
+            return f"Error: {e or type(e).__name__}\n"
 
     # -- commands -----------------------------------------------------------------------------
     def cmd_help(self, args: list[str]) -> str:

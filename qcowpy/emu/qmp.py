@@ -2,7 +2,8 @@
 
 Greeting, then capabilities negotiation (``qmp_capabilities``), then one JSON object per command
 with ``return`` or ``error`` (``{"class": ..., "desc": ...}``) and the request's ``id`` echoed.
-Commands run under the machine lock; ``quit`` emits a ``SHUTDOWN`` event.
+Commands run under the machine lock; a command that fails for any reason answers with an error
+and the server keeps serving. ``quit`` emits ``SHUTDOWN`` before its reply, as QEMU does.
 """
 from __future__ import annotations
 
@@ -106,6 +107,8 @@ class QMPSession:
                     else handler(args)
         except EmuError as e:
             return _err(getattr(e, "qmp_class", "GenericError"), str(e))
+        except Exception as e:  # noqa: BLE001  an unexpected failure is this command's error, not the server's
+            return _err("GenericError", str(e) or type(e).__name__)
         return {"return": {} if ret is None else ret}
 
     def event(self, name: str, data: Optional[dict[str, Any]] = None) -> None:
@@ -231,7 +234,10 @@ class QMPServer:
             except OSError:
                 return
             with conn:
-                self._serve_conn(conn)
+                try:
+                    self._serve_conn(conn)
+                except Exception:  # noqa: BLE001  one broken connection must not stop the listener
+                    continue
 
     def _serve_conn(self, conn: socket.socket) -> None:
         lock = threading.Lock()
@@ -269,10 +275,11 @@ class QMPServer:
                     else:
                         buf = text[end:]
                         resp = session.handle(text[:end])
+                    if session.quit_pending:  # QEMU sends the event before the reply to quit
+                        session.event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
                     if resp is not None:
                         send(resp)
                     if session.quit_pending:
-                        session.event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
                         self.machine.quit_requested.set()
                         return
         except OSError:

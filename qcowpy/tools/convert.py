@@ -49,6 +49,8 @@ class ConvertRequest:
     cache: str = "unsafe"
     target_is_zero: bool = False
     force_share: bool = False
+    load_snapshot: Callable[[BlockDevice], None] | None = None  # -l: make the first source read a snapshot
+    salvage: Callable[[str], None] | None = None  # --salvage: unreadable sectors become zeros, reported here
 
 
 class Progress:
@@ -134,19 +136,42 @@ def _append(runs: list[_Run], r: _Run) -> None:
         runs.append(r)
 
 
-def _read(run: _Run, offset: int, length: int) -> bytes:
-    """Source bytes for target range [offset, offset+length) of ``run`` (zeros past the source end)."""
+def _read(run: _Run, offset: int, length: int, salvage: Callable[[str], None] | None = None) -> bytes:
+    """Source bytes for target range [offset, offset+length) of ``run`` (zeros past the source end).
+
+    With ``salvage`` a failing read is retried sector by sector and the sectors that still fail
+    read as zeros, each reported (qemu-img convert --salvage)."""
     src_off = run.src_offset + (offset - run.start)
     avail = max(0, min(length, run.src.size - src_off))
-    data = run.src.pread(avail, src_off) if avail else b""
+    try:
+        data = run.src.pread(avail, src_off) if avail else b""
+    except (OSError, QcowError):
+        if salvage is None:
+            raise
+        data = b"".join(_salvage_sector(run.src, pos, min(SECTOR, src_off + avail - pos), salvage)
+                        for pos in range(src_off, src_off + avail, SECTOR))
     return data if avail == length else data + bytes(length - avail)
+
+
+SECTOR = 512
+
+
+def _salvage_sector(src: BlockDevice, pos: int, n: int, report: Callable[[str], None]) -> bytes:
+    try:
+        return src.pread(n, pos)
+    except (OSError, QcowError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "Input/output error"
+        report(f"error while reading offset {pos}: {reason}")
+        return bytes(n)
 
 
 _MAX_PENDING_WRITES = 8  # chunks in flight: bounds memory to a few times CHUNK
 
 
 class _Copier:
-    def __init__(self, target: BlockDevice, zero_init: bool, min_sparse: int, progress: Callable[[int], None]):
+    def __init__(self, target: BlockDevice, zero_init: bool, min_sparse: int, progress: Callable[[int], None],
+                 salvage: Callable[[str], None] | None = None):
+        self.salvage = salvage
         self.target = target
         self.zero_init = zero_init
         self.min_sparse = min_sparse
@@ -185,7 +210,7 @@ class _Copier:
         pos = offset
         while pos < end:
             n = min(chunk - pos % chunk, end - pos)
-            buf = _read(run, pos, n)
+            buf = _read(run, pos, n, self.salvage)
             self._write(buf, pos)
             self.done(n)
             pos += n
@@ -210,7 +235,7 @@ class _Copier:
 
 
 def _copy_compressed(runs: list[_Run], target: BlockDevice, total: int, zero_init: bool,
-                     progress: Callable[[int], None]) -> None:
+                     progress: Callable[[int], None], salvage: Callable[[str], None] | None = None) -> None:
     """Whole clusters: all-zero ones are skipped (or zero-written), others written compressed."""
     cs = target.cluster_size or 65536
     idx = 0
@@ -234,7 +259,7 @@ def _copy_compressed(runs: list[_Run], target: BlockDevice, total: int, zero_ini
             a = max(p.start, cstart)
             b = min(p.start + p.length, cend)
             if p.kind == DATA or p.kind == BACKING:
-                buf[a - cstart:b - cstart] = _read(p, a, b - a)
+                buf[a - cstart:b - cstart] = _read(p, a, b - a, salvage)
         if is_zero(memoryview(buf)):
             if not zero_init:
                 target.write_zeroes(cend - cstart, cstart, unmap=True)
@@ -257,6 +282,11 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
                 raise ConvertError(f"Could not open '{name}': {e}") from None
         sizes = [(d.size + 511) & ~511 for d in sources]
         total = sum(sizes)
+        if req.load_snapshot is not None and sources:
+            try:
+                req.load_snapshot(sources[0])
+            except QcowError as e:
+                raise ConvertError(f"Failed to load snapshot: {e}") from None
         out_fmt = req.out_fmt or "raw"
         backing = req.backing
         backing_fmt = req.backing_fmt
@@ -330,11 +360,11 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
                 prog.set(100.0 * done[0] / work)
 
         if req.compress:
-            _copy_compressed(runs, target, total, zero_init, advance)
+            _copy_compressed(runs, target, total, zero_init, advance, req.salvage)
             target.write_compressed(b"", 0)  # qemu-img's last call: end the file on a sector boundary
             target.flush()
         else:
-            copier = _Copier(target, zero_init, req.min_sparse, advance)
+            copier = _Copier(target, zero_init, req.min_sparse, advance, req.salvage)
             try:
                 for r in runs:
                     if r.kind == DATA:

@@ -31,6 +31,7 @@ class CreateRequest:
     backing: str | None = None
     backing_fmt: str | None = None
     no_backing_open: bool = False  # -u
+    shown_as: str | None = None  # the name as the user gave it (``file:x``), for the Formatting line
 
 
 def prepare(req: CreateRequest) -> ParsedOpts:
@@ -131,7 +132,7 @@ def run_create(req: CreateRequest, quiet: bool = False, echo: Callable[[str], No
     """The whole ``qemu-img create``: checks, Formatting line, then the image."""
     opts = prepare(req)
     if not quiet:
-        echo(opts.formatting_line(req.filename))
+        echo(opts.formatting_line(req.shown_as or req.filename))
     kwargs = validate(req.fmt, opts)
     size = int(opts.values["size"])  # type: ignore[call-overload]
     try:

@@ -5,6 +5,7 @@ import os
 
 from ..block.device import BlockDevice
 from ..block.open import open_image, resolve_backing_path
+from ..block.spec import canonical_name
 from ..errors import QcowError
 from ..units import format_size
 from .qjson import QDict, dumps_pretty, qdict_order
@@ -26,7 +27,9 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
         info["cluster-size"] = h.cluster_size
         if h.backing_file:
             info["backing-filename"] = h.backing_file
-            info["full-backing-filename"] = resolve_backing_path(filename, h.backing_file)
+            absolute_file = h.backing_file.startswith("file:") and h.backing_file[5:].startswith("/")
+            info["full-backing-filename"] = h.backing_file if absolute_file else \
+                resolve_backing_path(filename, h.backing_file)  # QEMU keeps an absolute file: name
             if h.backing_format:
                 info["backing-filename-format"] = h.backing_format
         snaps = snapshot_rows(dev)
@@ -100,6 +103,7 @@ def collect(filename: str, fmt: str | None, chain: bool, force_share: bool = Fal
         if not chain:
             break
         name = info.get("full-backing-filename")
+        name = canonical_name(name) if name else name
         fmt = info.get("backing-filename-format")
     return out
 

@@ -142,6 +142,8 @@ class ParsedOpts:
         for d in CREATE_OPTS[self.fmt]:
             if d.name in self.values:
                 v = self.values[d.name]
+                if d.type == "num" and isinstance(v, int) and v >= 1 << 63:
+                    v -= 1 << 64  # QEMU prints numbers as int64 (so "-1" comes back as -1)
                 text = str(v) if d.type in ("size", "num") else _escape(self.raw[d.name])
             elif d.default is not None:
                 text = d.default
@@ -185,13 +187,13 @@ def typed_value(d: OptDesc, value: str) -> object:
     if d.type == "size":
         return parse_option_size(d.name, value)
     if d.type == "num":
-        try:
-            v = int(value, 0) if not value.lstrip().startswith("-") else -1
+        try:  # strtoull, as QEMU parses numbers: "-1" wraps to 2^64 - 1 (then fails range checks)
+            v = int(value.strip(), 0)
         except ValueError:
-            v = -1
-        if v < 0:
-            raise InvalidArgument(f"Parameter '{d.name}' expects a number")
-        return v
+            raise InvalidArgument(f"Parameter '{d.name}' expects a number") from None
+        if not -(1 << 64) < v < (1 << 64):
+            raise InvalidArgument(f"Value '{value}' is too large for parameter '{d.name}'")
+        return v % (1 << 64)
     return value
 
 

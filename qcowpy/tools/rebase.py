@@ -94,14 +94,13 @@ def _copy_differences(dev: BlockDevice, old: BlockDevice | None, new: BlockDevic
         if alloc:
             offset += n
             continue
-        if prefix is not None:
-            asked = n
-            alloc, n = is_allocated_above(old, prefix, offset, n)
-            if not alloc and n:
+        if prefix is not None and offset < old_size:
+            # past the old backing file's end the overlay read zeros whatever the layers below
+            # hold, so only ranges inside it can be skipped as "unchanged since the prefix"
+            alloc, n = is_allocated_above(old, prefix, offset, min(n, old_size - offset))
+            if not alloc:
                 offset += n
                 continue
-            if not n:
-                n = asked
         old_is_zero = offset >= old_size
         if not old_is_zero and offset + n > old_size:
             n = old_size - offset

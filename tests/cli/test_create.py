@@ -17,6 +17,7 @@ IDENTICAL = [
     (["-f", "qcow2", "-o", "cluster_size=4k"], "1M"),
     (["-f", "qcow2", "-o", "compat=v3,lazy_refcounts=on,refcount_bits=64,compression_type=zstd"], "1M"),
     (["-f", "qcow2", "-o", "refcount_bits=1"], "100M"),
+    (["-f", "qcow2", "-o", "refcount_bits=0x10"], "1M"),  # strtoull bases
     (["-f", "qcow2", "-o", "refcount_bits=32,cluster_size=1k"], "3G"),
     (["-f", "qcow2", "-o", "preallocation=metadata"], "10M"),
     (["-f", "qcow2", "-o", "extended_l2=on"], "1G"),
@@ -73,6 +74,9 @@ ERRORS = [
     ["-f", "qcow2", "-o", "cluster_size=1x", "x", "1M"],
     ["-f", "qcow2", "-o", "compat=0.9", "x", "1M"],
     ["-f", "qcow2", "-o", "refcount_bits=3", "x", "1M"],
+    ["-f", "qcow2", "-o", "refcount_bits=-1", "x", "1M"],  # strtoull: wraps, then fails the width check
+    ["-f", "qcow2", "-o", "refcount_bits=1.5", "x", "1M"],
+    ["-f", "qcow2", "-o", "refcount_bits=99999999999999999999999", "x", "1M"],
     ["-f", "qcow2", "-o", "refcount_bits=8,compat=0.10", "x", "1M"],
     ["-f", "qcow2", "-o", "lazy_refcounts=maybe", "x", "1M"],
     ["-f", "qcow2", "-o", "compat=0.10,lazy_refcounts=on", "x", "1M"],

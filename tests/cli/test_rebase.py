@@ -28,6 +28,27 @@ CASES = [
 ]
 
 
+def test_rebase_down_the_chain_keeps_zeros_past_a_shorter_old_backing(tmp_path, qemu_img):
+    """iotest 024's case: the overlay is larger than its backing file, whose own backing file is
+    larger again; past the old backing file's end the overlay read zeros and must keep reading
+    them after rebasing onto the bottom image (qemu-io verifies; qemu-img leaves the same file)."""
+    def make(name, size, *writes, backing=None):
+        extra = ["-b", backing, "-F", "qcow2"] if backing else []
+        assert qemu(qemu_img, "create", "-q", "-f", "qcow2", *extra, name, size, cwd=tmp_path).code == 0
+        if writes:
+            qemu_io(qemu_img, tmp_path / name, *writes)
+    make("base.qcow2", "1M", "write -P 0x11 0 1M")
+    make("mid.qcow2", "384k", "write -P 0x22 64k 64k", backing="base.qcow2")
+    make("top.qcow2", "1M", "write -P 0x33 0 32k", backing="mid.qcow2")
+    shutil.copy(tmp_path / "top.qcow2", tmp_path / "a.qcow2")
+    want = qemu(qemu_img, "rebase", "-b", "base.qcow2", "-F", "qcow2", "a.qcow2", cwd=tmp_path)
+    got = run("rebase", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", cwd=tmp_path)
+    assert (got.code, got.err) == (want.code, want.err) == (0, "")
+    qemu_io(qemu_img, tmp_path / "top.qcow2", "read -P 0x33 0 32k", "read -P 0x11 32k 32k",
+            "read -P 0x22 64k 64k", "read -P 0x11 128k 256k", "read -P 0 384k 640k")
+    assert filecmp.cmp(tmp_path / "a.qcow2", tmp_path / "top.qcow2", shallow=False)
+
+
 @pytest.fixture(params=[[], ["-o", "cluster_size=4k"], ["-o", "extended_l2=on"], ["-o", "compat=0.10"]],
                 ids=["default", "4k", "extl2", "v2"])
 def chain(request, tmp_path, qemu_img):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 
 import pytest
@@ -100,3 +101,98 @@ def test_with_qemu_qmp_client_library(server):
     assert deleted["event"] == "DEVICE_DELETED" and deleted["data"] == {"device": "e", "path": "/machine/peripheral/e"}
     assert shutdown["event"] == "SHUTDOWN" and shutdown["data"]["reason"] == "host-qmp-quit"
     assert server.machine.quit_requested.is_set()
+
+
+
+# ---- a failing command answers with an error and the server keeps serving (issue 14, part 4)
+
+def _negotiated(path):
+    c = Raw(path)
+    c.recv()
+    assert c.send({"execute": "qmp_capabilities"}) == {"return": {}}
+    return c
+
+
+def _until_reply(c):
+    """Lines up to and including the next command reply (events come first)."""
+    lines = [c.recv()]
+    while "return" not in lines[-1] and "error" not in lines[-1]:
+        lines.append(c.recv())
+    return lines
+
+
+def _hmp(line):
+    return {"execute": "human-monitor-command", "arguments": {"command-line": line}}
+
+
+def test_disk_read_after_device_del_answers_with_error_and_keeps_serving(tmp_path, qemu):
+    img = qemu.create(tmp_path / "d.qcow2", "1M")
+    m = create_machine("mini-pc", "64M")
+    m.drive_add(img, format="qcow2", interface="none", id="d0")
+    m.device_add("virtio-blk-pci", {"drive": "d0"}, "vd0")
+    srv = QMPServer(m, str(tmp_path / "qmp.sock")).start()
+    try:
+        c = _negotiated(srv.path)
+        assert "error" not in c.send(_hmp("guest boot"))
+        c.f.write(json.dumps({"execute": "device_del", "arguments": {"id": "vd0"}}).encode() + b"\n")
+        c.f.flush()
+        assert [r.get("event", "reply") for r in _until_reply(c)] == ["DEVICE_DELETED", "reply"]
+        # QEMU answers a failing HMP command with its message as the text (oracle test below)
+        assert c.send(_hmp("guest disk-read 0 0 16")) == {"return": "Error: device needs reset\r\n"}
+        assert c.send({"execute": "query-status"})["return"]["running"] is True
+        c.f.close()
+        c.s.close()
+        c2 = _negotiated(srv.path)  # the listener still accepts connections
+        assert c2.send({"execute": "query-status"})["return"]["status"] == "running"
+    finally:
+        srv.close()
+
+
+def test_unexpected_exception_in_a_command_is_a_generic_error(server, monkeypatch):
+    from qcowpy.emu.qmp import QMPSession
+
+    def boom(self):
+        raise RuntimeError("internal failure")
+    monkeypatch.setattr(QMPSession, "system_reset", boom)  # sessions bind their handlers when created
+    c = _negotiated(server.path)
+    assert c.send({"execute": "system_reset"}) == {"error": {"class": "GenericError", "desc": "internal failure"}}
+    assert c.send({"execute": "query-status"})["return"]["running"] is True
+    assert c.send(_hmp("guest disk-read 0 0 16"))["return"].startswith("Error: ")
+
+
+def test_shutdown_event_comes_before_the_quit_reply(server):
+    c = _negotiated(server.path)
+    c.f.write(b'{"execute": "quit", "id": 7}\n')
+    c.f.flush()
+    first, second = c.recv(), c.recv()
+    assert first["event"] == "SHUTDOWN" and first["data"] == {"guest": False, "reason": "host-qmp-quit"}
+    assert second == {"return": {}, "id": 7}
+    assert server.machine.quit_requested.wait(10)  # set once the reply is out
+
+
+def test_qemu_orders_shutdown_and_answers_hmp_errors_as_text(tmp_path):
+    """The oracle for the two tests above: real QEMU's replies, same requests."""
+    import subprocess
+    import time
+    from .conftest import require_qemu
+    binary = require_qemu()
+    sock = str(tmp_path / "q.sock")
+    proc = subprocess.Popen([binary, "-machine", "none", "-nodefaults", "-display", "none",
+                             "-qmp", f"unix:{sock},server=on,wait=off"])
+    try:
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.05)
+        c = _negotiated(sock)
+        assert c.send(_hmp("device_del nosuch")) == {"return": "Error: Device 'nosuch' not found\r\n"}
+        c.f.write(b'{"execute": "quit", "id": 7}\n')
+        c.f.flush()
+        first, second = c.recv(), c.recv()
+        assert first["event"] == "SHUTDOWN" and first["data"] == {"guest": False, "reason": "host-qmp-quit"}
+        assert second == {"return": {}, "id": 7}
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
