@@ -5,11 +5,8 @@ the snapshot's, so every read sees the snapshot; nothing is written and the imag
 """
 from __future__ import annotations
 
-from ..errors import QcowError
-from ..format.entries import unpack_table
-from ..qcow2 import snapshot as qsnap
+from ..errors import QcowError, SnapshotNotFound
 from .device import BlockDevice
-from .qcow2 import Qcow2Device
 
 
 class SnapshotLoadError(QcowError):
@@ -37,20 +34,15 @@ def load_snapshot_tmp(dev: BlockDevice, snapshot_id: str | None, name: str | Non
     """Make ``dev`` (read-only qcow2) read the snapshot matching id and/or name."""
     if snapshot_id is None and name is None:
         raise SnapshotLoadError("snapshot_id and name are both NULL")
-    if not isinstance(dev, Qcow2Device):
+    if not dev.supports_snapshots:
         raise SnapshotLoadError(f"Block format '{dev.format}' used by device '' does not support temporarily "
                                 "loading internal snapshots")
     if not dev.read_only:
         raise SnapshotLoadError("Device is not readonly")
-    img = dev.image
-    entries, _ = qsnap.read_table(img)
-    match = [e for e in entries if (snapshot_id is None or e.id_str == snapshot_id)
-             and (name is None or e.name == name)]
-    if not match:
-        raise SnapshotLoadError("Can't find snapshot")
-    sn = match[0].sn
-    qsnap._validate_l1(img, sn)  # noqa: SLF001  the same table checks as applying it
-    img.meta.l1 = unpack_table(img.file.pread(sn.l1_size * 8, sn.l1_table_offset)) if sn.l1_size else []
+    try:
+        dev.snapshot_load_tmp(snapshot_id, name)
+    except SnapshotNotFound:
+        raise SnapshotLoadError("Can't find snapshot") from None
 
 
 def load_snapshot_by_id_or_name(dev: BlockDevice, key: str) -> None:

@@ -160,16 +160,13 @@ def open_device(o: ServeOptions) -> BlockDevice:
 
 def _load_snapshot(dev: BlockDevice, sid: str | None, name: str | None, either: bool) -> None:
     """-l: the image shows an internal snapshot, read-only and in memory (qemu's load_tmp)."""
-    from ..errors import SnapshotNotFound
+    from ..block.snapview import load_snapshot_by_id_or_name, load_snapshot_tmp
 
     try:
         if either:
-            try:
-                dev.snapshot_load_tmp(sid, None)
-            except SnapshotNotFound:
-                dev.snapshot_load_tmp(None, name)
+            load_snapshot_by_id_or_name(dev, sid or "")
         else:
-            dev.snapshot_load_tmp(sid, name)
+            load_snapshot_tmp(dev, sid, name)
     except QcowError as e:
         raise CommandFailed(f"Failed to load snapshot: {e}") from None
 
