@@ -17,9 +17,9 @@ def parse_snapshot_param(text: str) -> tuple[str | None, str | None]:
     """``-l snapshot.id=ID,snapshot.name=NAME`` -> (id, name); None when not in that form."""
     if not text.startswith("snapshot."):
         return None, None
-    from .spec import _split_opts
+    from .spec import split_opts
     sid = name = None
-    for item in _split_opts(text):
+    for item in split_opts(text):
         key, eq, value = item.partition("=")
         if key == "snapshot.id" and eq:
             sid = value

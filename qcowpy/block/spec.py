@@ -98,7 +98,7 @@ def _single_quotes_to_double(text: str) -> str:
 def parse_image_opts(text: str) -> dict[str, Any]:
     """QemuOpts syntax as ``--image-opts`` takes it: ``key=value,key=value`` (``,,`` is a comma)."""
     flat: dict[str, Any] = {}
-    for item in _split_opts(text):
+    for item in split_opts(text):
         if not item:
             continue
         key, eq, value = item.partition("=")
@@ -108,7 +108,9 @@ def parse_image_opts(text: str) -> dict[str, Any]:
     return nest(flat)
 
 
-def _split_opts(text: str) -> list[str]:
+def split_opts(text: str) -> list[str]:
+    """QEMU's comma-separated option parts, where ``,,`` is a literal comma (QemuOpts and
+    keyval alike): the one splitter every option parser here uses."""
     items, cur, i = [], [], 0
     while i < len(text):
         if text[i] == ",":

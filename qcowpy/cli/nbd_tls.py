@@ -9,14 +9,10 @@ from __future__ import annotations
 import os
 import ssl
 
+from ..block.spec import split_opts
 from .common import CommandFailed
 
 _FALSE = ("off", "no", "false", "0")
-
-
-def _split(text: str) -> list[str]:
-    """Comma-separated parts, where ",," is a literal comma (QemuOpts syntax)."""
-    return [p.replace("\0", ",") for p in text.replace(",,", "\0").split(",")]
 
 
 def parse_objects(objects: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -24,7 +20,7 @@ def parse_objects(objects: tuple[str, ...]) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for text in objects:
         props: dict[str, str] = {}
-        parts = _split(text)
+        parts = split_opts(text)
         if parts and "=" not in parts[0]:
             props["qom-type"] = parts.pop(0)
         for part in parts:

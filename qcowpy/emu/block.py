@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..block.spec import split_opts
 from .errors import EmuError
 
 INTERFACES = ("virtio", "none")
@@ -44,20 +45,7 @@ def _bool(key: str, value: Any) -> bool:
 def parse_drive_spec(spec: str) -> dict[str, str]:
     """``file=PATH,format=F,if=virtio,...`` into a dict (``,,`` escapes a comma, as in QEMU)."""
     opts: dict[str, str] = {}
-    parts, cur, i = [], "", 0
-    while i < len(spec):
-        c = spec[i]
-        if c == ",":
-            if spec[i + 1:i + 2] == ",":
-                cur += ","
-                i += 2
-                continue
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += c
-        i += 1
-    parts.append(cur)
+    parts = split_opts(spec)
     for p in parts:
         if not p:
             continue

@@ -9,29 +9,12 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from qcowpy.errors import QcowError
+from ..block.spec import split_opts
+from ..errors import QcowError
 
 
 class OptionError(QcowError):
     """An option text that does not parse, or a parameter that is missing or wrong."""
-
-
-def _split(text: str) -> list[str]:
-    parts, cur, i = [], [], 0
-    while i < len(text):
-        c = text[i]
-        if c == ",":
-            if text[i + 1:i + 2] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    parts.append("".join(cur))
-    return parts
 
 
 def parse(text: str, implied: Optional[str] = None) -> dict[str, Any]:
@@ -45,7 +28,7 @@ def parse(text: str, implied: Optional[str] = None) -> dict[str, Any]:
             raise OptionError("JSON option must be an object")
         return value
     out: dict[str, Any] = {}
-    for n, part in enumerate(_split(text)):
+    for n, part in enumerate(split_opts(text)):
         if not part and n == 0 and text == "":
             break
         if "=" not in part:

@@ -57,9 +57,6 @@ class Refcounts:
     # --- reading -------------------------------------------------------------------------
     def block(self, block_index: int) -> Table[bytearray] | None:
         """Refcount block ``block_index`` (cached), or None where the table has none."""
-        return self._block(block_index)
-
-    def _block(self, block_index: int) -> Table[bytearray] | None:
         if block_index >= len(self.table):
             return None
         off = self.table[block_index] & C.REFT_OFFSET_MASK
@@ -72,7 +69,7 @@ class Refcounts:
         return self.cache.get(off)
 
     def get(self, cluster: int) -> int:
-        block = self._block(cluster >> self.per_block_bits)
+        block = self.block(cluster >> self.per_block_bits)
         if block is None:
             return 0
         return get_refcount(block.data, cluster & (self.per_block - 1), self.order)
@@ -80,7 +77,7 @@ class Refcounts:
     # --- changing ------------------------------------------------------------------------
     def change(self, cluster: int, delta: int) -> int:
         bi = cluster >> self.per_block_bits
-        block = self._block(bi)
+        block = self.block(bi)
         if block is None:
             if delta < 0:
                 raise CorruptImage(f"Refcount of cluster {cluster} would drop below zero")
@@ -122,7 +119,7 @@ class Refcounts:
             c = start + run
             bi = c >> self.per_block_bits
             k = min(n - run, ((bi + 1) << self.per_block_bits) - c)
-            block = self._block(bi)
+            block = self.block(bi)
             z = k if block is None else leading_free(block.data, c & (self.per_block - 1), k, self.order)
             run += z
             if z < k:
@@ -157,7 +154,7 @@ class Refcounts:
         while done < n:
             c = start + done
             bi = c >> self.per_block_bits
-            block = self._block(bi)
+            block = self.block(bi)
             if block is None:  # creating the block may take a cluster of the run: one at a time
                 if self.get(c):
                     return done
@@ -212,7 +209,7 @@ class Refcounts:
         last = (offset + length - 1) >> self.cluster_bits
         for cluster in range(first, last + 1):
             bi = cluster >> self.per_block_bits
-            if self._block(bi) is None:
+            if self.block(bi) is None:
                 self._new_block(bi)
                 return "Resource temporarily unavailable"
             if self.get(cluster) == 0:
@@ -235,11 +232,11 @@ class Refcounts:
         while True:
             if bi >= len(self.table):
                 self._grow_table(bi)
-            block = self._block(bi)
+            block = self.block(bi)
             if block is None:
                 start = self._find_free(1)
                 owner = start >> self.per_block_bits
-                if owner != bi and self._block(owner) is None:
+                if owner != bi and self.block(owner) is None:
                     waiting.append((bi, start))
                     bi = owner
                     continue
@@ -247,7 +244,7 @@ class Refcounts:
             if not waiting:
                 return block
             bi, start = waiting.pop()
-            if self._block(bi) is not None:  # created meanwhile (its cluster was never taken)
+            if self.block(bi) is not None:  # created meanwhile (its cluster was never taken)
                 self.free_cluster_index = min(self.free_cluster_index, start)
                 continue
             self._place_block(bi, start)
@@ -306,7 +303,7 @@ class Refcounts:
         """The highest cluster below ``file_size`` with a nonzero refcount (QEMU's
         ``qcow2_get_last_cluster``); -1 if there is none."""
         for cluster in range((file_size + self.cluster_size - 1) // self.cluster_size - 1, -1, -1):
-            block = self._block(cluster >> self.per_block_bits)
+            block = self.block(cluster >> self.per_block_bits)
             if block is None:
                 continue
             if get_refcount(block.data, cluster & (self.per_block - 1), self.order):
@@ -316,7 +313,7 @@ class Refcounts:
     def image_end_cluster(self) -> int:
         """One past the highest cluster with a nonzero refcount (scans the blocks)."""
         for bi in range(len(self.table) - 1, -1, -1):
-            block = self._block(bi)
+            block = self.block(bi)
             if block is None:
                 continue
             for i in range(self.per_block - 1, -1, -1):

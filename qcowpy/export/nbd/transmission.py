@@ -101,14 +101,7 @@ class Connection:
 
     def _writer(self) -> None:
         while (item := self.replies.get()) is not None:
-            parts, cost = item
-            if not self.broken:
-                try:
-                    self.out.send(*parts)
-                except Disconnected:
-                    self.broken = True
-            if cost is not None:
-                self.budget.give(cost)
+            self._send(*item)
 
     def _reply(self, parts: tuple, cost: int | None) -> None:
         """Send one reply record: queued for the writer from workers, directly from the reader (which
@@ -116,7 +109,11 @@ class Connection:
         the request's last record and frees its budget."""
         if threading.get_ident() != self.reader:
             self.replies.put((parts, cost))
-            return
+        else:
+            self._send(parts, cost)
+
+    def _send(self, parts: tuple, cost: int | None) -> None:
+        """Put one reply record on the wire (unless the client is gone) and free its budget."""
         if not self.broken:
             try:
                 self.out.send(*parts)
