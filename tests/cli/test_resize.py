@@ -143,7 +143,7 @@ def test_grow_over_longer_backing_reads_zeros(tmp_path, qemu_img, opts, size, wr
     a, b = image_pair(tmp_path, qemu_img, opts + ["-F", "qcow2", "-b", str(base)], size, writes)
     low = int(json.loads(qemu(qemu_img, "info", "--output=json", b).out)["virtual-size"])
     for step in steps:
-        got = _resize_both(qemu_img, a, b, step)
+        _resize_both(qemu_img, a, b, step)
         assert filecmp.cmp(a, b, shallow=False), f"files differ after 'resize {step}'"
         size_now = int(json.loads(qemu(qemu_img, "info", "--output=json", b).out)["virtual-size"])
         low = min(low, size_now)
