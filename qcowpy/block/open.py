@@ -10,7 +10,7 @@ from .device import BlockDevice
 from .nbd import is_nbd_uri, open_nbd
 from .qcow2 import Qcow2Device
 from .raw import RawDevice
-from .spec import file_protocol_path, is_json_filename, open_spec, parse_json_filename
+from .spec import NullDevice, file_protocol_path, is_json_filename, open_spec, parse_json_filename
 
 FORMATS = ("qcow2", "raw")
 MAX_CHAIN_DEPTH = 256
@@ -33,6 +33,9 @@ def probe_format(path: str) -> str:
     return fmt
 
 
+NULL_FILENAMES = ("null-co://", "null-aio://")
+
+
 def probe_bytes(head: bytes) -> str:
     """The format the first bytes of an image announce: "qcow2", another format's name, or "raw"."""
     if head[:4] == MAGIC:
@@ -46,7 +49,7 @@ def probe_bytes(head: bytes) -> str:
 def resolve_backing_path(overlay: str, backing: str) -> str:
     """A relative backing name is relative to the overlay's directory, as in QEMU; ``file:``
     and ``json:`` names are taken as QEMU takes them (block/spec.py)."""
-    if is_json_filename(backing):
+    if is_json_filename(backing) or backing in NULL_FILENAMES:
         return backing
     backing = file_protocol_path(backing)
     if ":" in backing.split("/", 1)[0] and not os.path.exists(backing):
@@ -70,6 +73,8 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
         if format is not None:
             opts.setdefault("driver", format)
         return open_spec(opts, mode, force_share, backing)
+    if path in NULL_FILENAMES:  # QEMU's null block drivers by filename: a 1 GiB disk of zeros
+        return NullDevice(1 << 30, format="raw")
     writable = "+" in mode or mode == "rw"
     if is_nbd_uri(path):
         return open_nbd(path, writable, format, backing)

@@ -297,9 +297,10 @@ class NullDevice(BlockDevice):
     filename = ""
     read_only = False
 
-    def __init__(self, size: int, read_zeroes: bool = False):
+    def __init__(self, size: int, read_zeroes: bool = False, format: str = "null-co"):
         self._size = size
-        self.read_zeroes = read_zeroes
+        self.read_zeroes = self.holes_read_zero = read_zeroes
+        self.format = format  # "raw" when opened by filename: QEMU probes raw over the protocol
 
     @property
     def size(self) -> int:

@@ -64,7 +64,7 @@ class Qcow2Options:
                 raise InvalidArgument("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
         if self.preallocation not in PREALLOC_MODES:
             raise InvalidArgument(f"Invalid parameter '{self.preallocation}'")
-        if self.backing_file and self.preallocation != "off":
+        if self.backing_file and self.preallocation != "off" and not self.extended_l2:
             raise InvalidArgument("Backing file and preallocation can only be used at the same time if "
                                   "extended_l2 is on")  # QEMU's rule for non-extended-L2 images
         if self.size < 0:
