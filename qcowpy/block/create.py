@@ -50,6 +50,8 @@ def qcow2_options(size: int, **options: Any) -> Qcow2Options:
             opts.backing_file = str(value)
         elif key == "backing_fmt":
             opts.backing_fmt = str(value)
+        elif key == "encrypt":  # a qcow2.create.EncryptSpec (tools/encrypt_opts.py builds it)
+            opts.encrypt = value
         else:
             raise InvalidArgument(f"Invalid parameter '{key.replace('_', '-') if False else key}'")
     return opts

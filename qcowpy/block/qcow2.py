@@ -53,9 +53,10 @@ class Qcow2Device(BlockDevice):
         resize(self.image, size, preallocation=preallocation)
 
     def layer_status(self, offset: int, length: int, max_extents: int | None = None) -> Iterator[LayerStatus]:
+        plain = self.image.crypto is None  # QEMU reports no host offset for encrypted data
         for e in self.image.layer_extents(offset, length, max_extents):
             yield LayerStatus(e.start, e.length, data=e.kind in (DATA, COMPRESSED), zero=e.kind == ZERO,
-                              offset=e.host_offset, filename=self.filename)
+                              offset=e.host_offset if plain else None, filename=self.filename)
 
     def _close_self(self) -> None:
         self.image.close()
@@ -76,7 +77,8 @@ class Qcow2Device(BlockDevice):
             lazy_refcounts=bool(h.compatible_features & C.COMPAT_LAZY_REFCOUNTS), refcount_bits=h.refcount_bits,
             extended_l2=h.extended_l2,
             compression_type="zstd" if h.compression_type == C.COMPRESSION_ZSTD else "zlib",
-            data_file=h.data_file, data_file_raw=bool(h.autoclear_features & C.AUTOCLEAR_DATA_FILE_RAW))
+            data_file=h.data_file, data_file_raw=bool(h.autoclear_features & C.AUTOCLEAR_DATA_FILE_RAW),
+            encrypt=self.image.crypto.info() if self.image.crypto is not None else None)
 
     def allocated_size(self) -> int | None:
         try:
