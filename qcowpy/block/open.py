@@ -1,11 +1,14 @@
 """Open images by path: format probing, backing file resolution and chains."""
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
-from ..crypto.secret import resolve_key
+from ..crypto.secret import SecretError, resolve_key
 from ..errors import FormatError, ImageNotFound, InvalidArgument, QcowError, UnsupportedFeature
 from ..format.constants import MAGIC
+from ..qcow2.encryption import EncryptionError
 from ..qcow2.image import Qcow2Image
 from .device import BlockDevice
 from .nbd import is_nbd_uri, open_nbd
@@ -104,6 +107,15 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
             dev.close()
             raise
     return dev
+
+
+@contextlib.contextmanager
+def key_errors_name(filename: str) -> Iterator[None]:
+    """Secret and passphrase failures name the image as QEMU's open errors do."""
+    try:
+        yield
+    except (SecretError, EncryptionError) as e:
+        raise type(e)(f"Could not open '{filename}': {e}") from None
 
 
 def open_backing(overlay: str, name: str, fmt: str | None, seen: tuple, force_share: bool = False) -> BlockDevice:

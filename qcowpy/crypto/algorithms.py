@@ -61,6 +61,9 @@ def check_supported(alg: str, mode: str) -> None:
                                  "(the cryptography package has no implementation of it)")
     if family == "cast5" and mode not in ("ecb", "cbc", "ctr"):
         raise UnsupportedFeature(f"Unsupported cipher mode {mode}")
+    if mode == "xts" and alg == "aes-192":
+        raise UnsupportedFeature("Cipher 'aes-192' in XTS mode is not supported by qcowpy "
+                                 "(the cryptography package has XTS for 256- and 512-bit keys only)")
 
 
 def _algorithm(alg: str, key: bytes):
