@@ -58,7 +58,8 @@ def check_image(filename: str, fmt: str, fix: int, force_share: bool = False,
         header = parse_header(file.pread(min(file.size(), 1 << MAX_CLUSTER_BITS), 0), file.size())
         # the open-time validation (same errors as any open; the snapshot table is the check's)
         Qcow2Image(file, header, writable=False, check_mode=True)
-        open_crypto(header, file, *resolve_key(filename, secret))
+        key, efmt = resolve_key(filename, secret)
+        open_crypto(header, file, key, encrypt_format=efmt)
         if header.backing_file:  # qemu-img check opens the whole chain first (no BDRV_O_NO_BACKING)
             st = os.stat(filename)
             open_backing(filename, header.backing_file, header.backing_format, ((st.st_dev, st.st_ino),),

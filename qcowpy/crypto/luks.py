@@ -100,7 +100,9 @@ def _cstr(b: bytes) -> str:
 
 
 def _splitkey_sectors(master_key_len: int, stripes: int) -> int:
-    sectors = (master_key_len * stripes + SECTOR_SIZE - 1) // SECTOR_SIZE
+    """Sectors of one slot's key material, rounded to the header's 8 sectors; the product
+    wraps at 32 bits as QEMU computes it, so hostile headers get QEMU's verdicts."""
+    sectors = ((master_key_len * stripes) % (1 << 32) + SECTOR_SIZE - 1) // SECTOR_SIZE
     return (sectors + HEADER_SECTORS - 1) // HEADER_SECTORS * HEADER_SECTORS
 
 
