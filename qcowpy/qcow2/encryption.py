@@ -33,6 +33,7 @@ class ImageCrypto:
         self.luks = luks
         self.area = area  # (offset, length) of the LUKS header area in the file
         self.cipher: SectorCipher | None = None
+        self.password: bytes | None = None  # what unlocked it (amend adds key slots with it)
         self.physical = method != C.CRYPT_AES  # QEMU: sector numbers from host offsets
 
     @property
@@ -40,6 +41,7 @@ class ImageCrypto:
         return FORMATS[self.method]
 
     def unlock(self, password: bytes, file) -> None:
+        self.password = password
         if self.luks is None:
             self.cipher = aes_cipher(password)
         else:
