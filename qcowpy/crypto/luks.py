@@ -375,6 +375,14 @@ def create(opts: CreateOptions, password: bytes, init: Callable[[int], Writer]) 
     return luks
 
 
+def header_area_size(opts: CreateOptions) -> int:
+    """Bytes of the header and eight key slots ``create`` would lay out (the payload offset,
+    as QEMU's qcrypto_block_calculate_payload_offset computes it for measure)."""
+    opts.validate()
+    nkey = key_len(opts.cipher_alg) * (2 if opts.cipher_mode == "xts" else 1)
+    return (HEADER_SECTORS + NUM_SLOTS * _splitkey_sectors(nkey, STRIPES)) * SECTOR_SIZE
+
+
 # ---------------------------------------------------------------------- amending key slots
 @dataclass
 class AmendOptions:

@@ -10,6 +10,17 @@ from ..qcow2.create import EncryptSpec
 _LUKS_ONLY = ("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg", "iter-time")
 
 
+def luks_create_options(values: dict) -> CreateOptions:
+    """The LUKS creation options among ``-o`` values (QEMU's defaults for the rest)."""
+    luks = CreateOptions()
+    for key in _LUKS_ONLY:
+        value = values.get(f"encrypt.{key}")
+        if value is not None:
+            setattr(luks, key.replace("-", "_"), int(value) if key == "iter-time" else str(value))
+    luks.validate()
+    return luks
+
+
 def encrypt_spec(values: dict) -> EncryptSpec | None:
     """The EncryptSpec the ``-o`` values ask for, or None; QEMU's messages for the rest."""
     sub = {k[len("encrypt."):]: v for k, v in values.items() if k.startswith("encrypt.")}
@@ -31,11 +42,7 @@ def encrypt_spec(values: dict) -> EncryptSpec | None:
             if key in sub:
                 raise InvalidArgument(f"Parameter 'encrypt.{key}' is unexpected")
     else:
-        luks = CreateOptions()
-        for key in _LUKS_ONLY:
-            if key in sub:
-                setattr(luks, key.replace("-", "_"), int(sub[key]) if key == "iter-time" else str(sub[key]))
-        luks.validate()
+        luks = luks_create_options(values)
     secret_id = sub.get("key-secret")
     if secret_id is None:
         raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")

@@ -119,3 +119,20 @@ def test_hostile_encryption_metadata(tmp_path, name):
         elif argv[0] == "info":
             assert o.out == q.stdout
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("opts", [
+    "encrypt.format=luks,encrypt.key-secret=s0",
+    "encrypt.format=luks,encrypt.key-secret=s0,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,cluster_size=4k",
+    "encrypt.format=aes,encrypt.key-secret=s0",
+    "encrypt.format=luks",
+    "encrypt.format=luks,encrypt.key-secret=nope",
+    "encrypt.format=luks,encrypt.cipher-alg=foo",
+])
+def test_measure_counts_the_luks_header(opts):
+    """qemu-img measure adds the LUKS header area (rounded to clusters) to both sizes."""
+    qemu_img, _ = tools()
+    argv = ["measure", *secret_arg("x"), "-O", "qcow2", "-o", opts, "--size", "100M"]
+    q = run(qemu_img, *argv, check=False)
+    o = cli(*argv)
+    assert (o.code, o.out, o.err.replace("qcowpy:", "qemu-img:")) == (q.returncode, q.stdout, q.stderr)
