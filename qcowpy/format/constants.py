@@ -76,4 +76,6 @@ L2E_STD_RESERVED_MASK = 0x3F000000000001FE
 COMPRESSED_SECTOR_SIZE = 512
 SUBCLUSTERS_PER_CLUSTER = 32
 SUBCLUSTER_BITS = 5  # log2(SUBCLUSTERS_PER_CLUSTER)
+L2_BITMAP_ALL_ALLOC = (1 << 32) - 1  # extended L2 bitmap: every subcluster allocated
+L2_BITMAP_ALL_ZEROES = L2_BITMAP_ALL_ALLOC << 32  # ... every subcluster reads zeros
 MAX_FILE_OFFSET = (1 << 63) - 1  # host offsets are int64 in QEMU (and in os.pread)

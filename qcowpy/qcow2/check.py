@@ -34,8 +34,6 @@ from .check_snapshots import fix_snapshot_table, load_snapshots
 from .checkbase import (FIX_ERRORS, FIX_LEAKS, CheckAbort, CheckContext, CheckFailed, CheckResult,  # noqa: F401
                         Hint, OnDiskRefcounts, copy_result, write_fields)
 
-_L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
-_L2_BITMAP_ALL_ZEROES = 0xFFFFFFFF << 32
 _CHECK_FRAG_INFO = 2
 
 
@@ -77,7 +75,7 @@ class _Checker(CheckContext):
                         active: bool = True) -> bool:
         if self.extended:
             bitmap = table[2 * i + 1]
-            bitmap = (bitmap | (bitmap << 32)) & _L2_BITMAP_ALL_ZEROES
+            bitmap = (bitmap | (bitmap << 32)) & C.L2_BITMAP_ALL_ZEROES
             table[2 * i], table[2 * i + 1] = 0, bitmap
             data = pack_table([0, bitmap])
             where = l2_offset + 16 * i
@@ -145,7 +143,7 @@ class _Checker(CheckContext):
                                    "allocation bitmap")
                 if offset & (self.cs - 1):
                     res.corruptions += 1
-                    contains_data = bool(bitmap & _L2_BITMAP_ALL_ALLOC) if self.extended else \
+                    contains_data = bool(bitmap & C.L2_BITMAP_ALL_ALLOC) if self.extended else \
                         not entry & C.OFLAG_ZERO
                     if not contains_data:
                         self.msg(res, f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} offset={offset:x}: "
@@ -162,7 +160,7 @@ class _Checker(CheckContext):
                     next_contiguous = offset + self.cs
                 self.inc(res, table_rc, offset, self.cs)
             elif t == "unallocated":
-                if bitmap & _L2_BITMAP_ALL_ALLOC:
+                if bitmap & C.L2_BITMAP_ALL_ALLOC:
                     res.corruptions += 1
                     self.msg(res, "ERROR: Unallocated cluster has non-zero subcluster allocation map")
 

@@ -50,6 +50,7 @@ class Qcow2Image:
         self.cluster_bits = header.cluster_bits
         self.cluster_size = 1 << self.cluster_bits
         self.extended = header.extended_l2
+        self._metadata_prealloc: bool | None = None  # metadata_preallocated(), decided on first use
         self.size = header.size & ~511  # whole sectors, as QEMU (bs->total_sectors)
         self._closed = False
         self._compressed_cache: tuple[int, bytes] | None = None
@@ -132,6 +133,23 @@ class Qcow2Image:
             raise InvalidArgument(f"Range {offset}+{length} is outside the image (size {self.size})")
         if self._closed:
             raise QcowError("Image is closed")
+
+    def metadata_preallocated(self) -> bool:
+        """QEMU's heuristic, decided once per open: far more clusters are in use than the host
+        file has blocks, so data clusters may sit on holes of the file (block status then asks
+        the file system)."""
+        if self._metadata_prealloc is None:
+            with self.lock:
+                cs = self.cluster_size
+                try:
+                    real = self.file.allocated_bytes() // cs
+                except (AttributeError, OSError):  # a test double or a store without block counts
+                    self._metadata_prealloc = False
+                    return False
+                threshold = max(real * 10 // 9, real + 2)
+                end_cluster = -(-self.file.size() // cs)
+                self._metadata_prealloc = self.meta.refcounts.count_used(end_cluster, threshold) >= threshold
+        return self._metadata_prealloc
 
     def layer_extents(self, offset: int, length: int, max_extents: int | None = None) -> list[LayerExtent]:
         """Status of ``[offset, offset+length)`` in this image alone, as maximal runs.

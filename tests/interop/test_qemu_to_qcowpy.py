@@ -267,7 +267,7 @@ def test_qemu_preallocated(qemu, tmp_path, prealloc):
     qemu.create(path, 3 * MiB + 512, preallocation=prealloc, cluster_size=4096)
     qemu.io(path, "write -P 0x9 12345 6789", f"write -z {MiB} 8192")
     assert_reads_like_qemu(qemu, path, tmp_path)
-    assert_map_like_qemu(qemu, path, ignore_recursed_zero=prealloc == "metadata")
+    assert_map_like_qemu(qemu, path)
 
 
 def test_lazy_refcounts_and_zstd_image(qemu, tmp_path):
