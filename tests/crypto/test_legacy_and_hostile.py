@@ -136,3 +136,21 @@ def test_measure_counts_the_luks_header(opts):
     q = run(qemu_img, *argv, check=False)
     o = cli(*argv)
     assert (o.code, o.out, o.err.replace("qcowpy:", "qemu-img:")) == (q.returncode, q.stdout, q.stderr)
+
+
+@pytest.mark.parametrize("alg", ["serpent-256", "twofish-128"])
+def test_ciphers_without_a_library_implementation(tmp_path, alg):
+    """qemu-img makes Serpent and Twofish images; qcowpy describes them exactly (info reads no
+    data) and refuses to unlock them with a clear message instead of a hand-made cipher."""
+    qemu_img, _ = tools()
+    img = tmp_path / "s.qcow2"
+    qemu_create(img, "pw", f"encrypt.format=luks,encrypt.key-secret=s0,{ITER},encrypt.cipher-alg={alg}", "1M")
+    for fmt in ("human", "json"):
+        assert cli("info", f"--output={fmt}", img).out == run(qemu_img, "info", f"--output={fmt}", img).stdout
+    before = img.read_bytes()
+    r = cli("check", *secret_arg("pw"), "--image-opts", spec(img))
+    assert r.code == 1 and r.err == (f"qcowpy: Could not open '{spec(img)}': Cipher algorithm '{alg}' is not "
+                                     "supported by qcowpy (the cryptography package has no implementation of it)\n")
+    with pytest.raises(qcowpy.QcowError, match="not supported by qcowpy"):
+        qcowpy.open(str(img), secret="pw")
+    assert img.read_bytes() == before
