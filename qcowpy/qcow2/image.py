@@ -79,13 +79,13 @@ class Qcow2Image:
         try:
             head = file.pread(min(file.size(), 1 << C.MAX_CLUSTER_BITS), 0)
             header = parse_header(head, file.size())
+            validate_header(header, file.size(), False)  # validate before repairing, as any open does
+            # unlocked before any repair, as in QEMU: a wrong passphrase leaves the file untouched
+            crypto = open_crypto(header, file, secret, no_io, encrypt_format)
             if writable and header.incompatible_features & C.INCOMPAT_DIRTY and \
                     not header.incompatible_features & C.INCOMPAT_CORRUPT:
-                validate_header(header, file.size(), False)  # validate before repairing, as any open does
                 from .check import repair_dirty
                 repair_dirty(file, header)  # QEMU repairs a dirty image opened read-write
-            validate_header(header, file.size(), False)
-            crypto = open_crypto(header, file, secret, no_io, encrypt_format)
             img = cls(file, header, writable, crypto=crypto)
             if writable:
                 img._open_read_write()

@@ -154,3 +154,20 @@ def test_ciphers_without_a_library_implementation(tmp_path, alg):
     with pytest.raises(qcowpy.QcowError, match="not supported by qcowpy"):
         qcowpy.open(str(img), secret="pw")
     assert img.read_bytes() == before
+
+
+def test_wrong_passphrase_leaves_a_dirty_image_unrepaired(tmp_path):
+    """A read-write open repairs a dirty (lazy refcounts) image, but only after the key is
+    found, as in QEMU: with a wrong passphrase nothing is written."""
+    _, qemu_io_exe = tools()
+    img = tmp_path / "d.qcow2"
+    qemu_create(img, "pw", f"encrypt.format=luks,encrypt.key-secret=s0,{ITER},lazy_refcounts=on", "1M")
+    run(qemu_io_exe, *secret_arg("pw"), "--image-opts", spec(img), "-c", "write -P 7 0 64k", "-c", "abort", check=False)
+    assert struct.unpack_from(">Q", img.read_bytes(), 72)[0] & 1  # the dirty bit
+    before = img.read_bytes()
+    with pytest.raises(qcowpy.QcowError, match="Invalid password"):
+        qcowpy.open(str(img), "r+", secret="wrong")
+    assert img.read_bytes() == before
+    with qcowpy.open(str(img), "r+", secret="pw") as dev:  # the right one repairs, then reads
+        assert dev.pread(65536, 0) == b"\x07" * 65536
+    assert qemu_check(img, "pw").returncode == 0
