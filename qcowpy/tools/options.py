@@ -194,6 +194,10 @@ def typed_value(d: OptDesc, value: str) -> object:
         if value in _FALSE:
             return False
         raise InvalidArgument(f"Parameter '{d.name}' expects 'on' or 'off'")
+    if d.type == "onstr":  # a QemuOpts bool the driver then reads as text ("encryption": only "on" means aes)
+        if value not in _TRUE + _FALSE:
+            raise InvalidArgument(f"Parameter '{d.name}' expects 'on' or 'off'")
+        return value
     if d.type == "size":
         return parse_option_size(d.name, value)
     if d.type == "num":

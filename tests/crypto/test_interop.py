@@ -222,6 +222,8 @@ def test_create_option_errors_match_qemu(tmp_path):
         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.cipher-alg=cast5-128",
         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha1",
         "encryption=yes,encrypt.key-secret=s0",
+        "encryption=1",
+        "encryption",
         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.foo=1",
     ]
     for opts in cases:
