@@ -335,3 +335,27 @@ def test_storage_daemon_opens_an_encrypted_image(tmp_path):
     finally:
         daemon.shutdown()
         SECRETS.clear()
+
+
+def test_commit_and_rebase_keep_the_luks_header(tmp_path):
+    """commit empties the overlay cluster by cluster when it is LUKS-encrypted (QEMU's
+    qcow2_make_empty keeps the header area); rebase re-encrypts what it copies."""
+    qemu_img, _ = tools()
+    base = tmp_path / "b.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", base, "1M")
+    top = tmp_path / "t.qcow2"
+    r = cli("create", "-q", "-f", "qcow2", *secret_arg("pw"), "-o",
+            _luks_opts("") + f",backing_file={base},backing_fmt=qcow2", top)
+    assert r.code == 0, r.err
+    qemu_io(top, "pw", "write -P 0x21 0 100k")
+    r = cli("commit", *secret_arg("pw"), "--image-opts", spec(top))
+    assert r.code == 0, r.err
+    run(tools()[1], "-c", "read -P 0x21 0 100k", base)
+    assert qemu_check(top, "pw").returncode == 0
+    qemu_io(top, "pw", "read -P 0x21 0 100k", "write -P 0x22 200k 10k")
+    base2 = tmp_path / "b2.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", base2, "1M")
+    r = cli("rebase", *secret_arg("pw"), "-b", base2, "-F", "qcow2", "--image-opts", spec(top))
+    assert r.code == 0, r.err
+    qemu_io(top, "pw", "read -P 0x21 0 100k", "read -P 0 100k 100k", "read -P 0x22 200k 10k")
+    assert qemu_check(top, "pw").returncode == 0
