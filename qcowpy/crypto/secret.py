@@ -64,13 +64,16 @@ class SecretStore:
         return self._by_id[secret_id]
 
     def passphrase(self, secret_id: str) -> bytes:
-        """As QEMU's qcrypto_secret_lookup_as_utf8: valid UTF-8, cut at the first NUL."""
+        """As QEMU's qcrypto_secret_lookup_as_utf8: valid UTF-8 (glib's check, for which a NUL
+        byte is invalid too)."""
         value = self.lookup(secret_id)
         try:
             value.decode("utf-8")
         except UnicodeDecodeError:
-            raise SecretError(f"Data from secret {secret_id} is not valid UTF-8") from None
-        return value.split(b"\0", 1)[0]
+            value = b"\0"
+        if b"\0" in value:
+            raise SecretError(f"Data from secret {secret_id} is not valid UTF-8")
+        return value
 
 
 #: the process's secret objects (QEMU's object tree, secrets only)

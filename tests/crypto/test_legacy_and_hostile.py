@@ -171,3 +171,16 @@ def test_wrong_passphrase_leaves_a_dirty_image_unrepaired(tmp_path):
     with qcowpy.open(str(img), "r+", secret="pw") as dev:  # the right one repairs, then reads
         assert dev.pread(65536, 0) == b"\x07" * 65536
     assert qemu_check(img, "pw").returncode == 0
+
+
+def test_secret_must_be_utf8_and_stops_at_nul(tmp_path):
+    qemu_img, _ = tools()
+    img = tmp_path / "u.qcow2"
+    qemu_create(img, "ab", f"encrypt.format=luks,encrypt.key-secret=s0,{ITER}", "1M")
+    (tmp_path / "bad").write_bytes(b"\xff\xfe")
+    (tmp_path / "nul").write_bytes(b"ab\0cd")  # QEMU takes the passphrase up to the NUL
+    for name in ("bad", "nul"):
+        argv = ["check", "--object", f"secret,id=s0,file={tmp_path / name}", "--image-opts", spec(img)]
+        q = run(qemu_img, *argv, check=False)
+        o = cli(*argv)
+        assert (o.code, o.err.replace("qcowpy:", "qemu-img:")) == (q.returncode, q.stderr), name
