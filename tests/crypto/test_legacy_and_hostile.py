@@ -178,7 +178,7 @@ def test_secret_must_be_utf8_and_stops_at_nul(tmp_path):
     img = tmp_path / "u.qcow2"
     qemu_create(img, "ab", f"encrypt.format=luks,encrypt.key-secret=s0,{ITER}", "1M")
     (tmp_path / "bad").write_bytes(b"\xff\xfe")
-    (tmp_path / "nul").write_bytes(b"ab\0cd")  # QEMU takes the passphrase up to the NUL
+    (tmp_path / "nul").write_bytes(b"ab\0cd")  # glib calls a NUL byte invalid UTF-8
     for name in ("bad", "nul"):
         argv = ["check", "--object", f"secret,id=s0,file={tmp_path / name}", "--image-opts", spec(img)]
         q = run(qemu_img, *argv, check=False)
