@@ -81,9 +81,16 @@ SECRETS = SecretStore()
 
 
 def passphrase(secret: bytes | str) -> bytes:
-    """A passphrase given directly (library callers): text as UTF-8, cut at NUL as QEMU does."""
+    """A passphrase given directly (library callers): text as UTF-8; QEMU accepts no NUL byte
+    (nor invalid UTF-8) in one, so neither do we."""
     value = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
-    return value.split(b"\0", 1)[0]
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        value = b"\0"
+    if b"\0" in value:
+        raise InvalidArgument("A passphrase must be valid UTF-8 without NUL bytes")
+    return value
 
 
 class KeyAttachments:
