@@ -46,6 +46,15 @@ def load_secret(props: dict) -> bytes:
     return raw
 
 
+def utf8_without_nul(value: bytes) -> bool:
+    """glib's g_utf8_validate with a length, as QEMU checks passphrases: NUL is invalid too."""
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\0" not in value
+
+
 class SecretStore:
     """Secrets by id."""
 
@@ -67,11 +76,7 @@ class SecretStore:
         """As QEMU's qcrypto_secret_lookup_as_utf8: valid UTF-8 (glib's check, for which a NUL
         byte is invalid too)."""
         value = self.lookup(secret_id)
-        try:
-            value.decode("utf-8")
-        except UnicodeDecodeError:
-            value = b"\0"
-        if b"\0" in value:
+        if not utf8_without_nul(value):
             raise SecretError(f"Data from secret {secret_id} is not valid UTF-8")
         return value
 
@@ -84,11 +89,7 @@ def passphrase(secret: bytes | str) -> bytes:
     """A passphrase given directly (library callers): text as UTF-8; QEMU accepts no NUL byte
     (nor invalid UTF-8) in one, so neither do we."""
     value = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
-    try:
-        value.decode("utf-8")
-    except UnicodeDecodeError:
-        value = b"\0"
-    if b"\0" in value:
+    if not utf8_without_nul(value):
         raise InvalidArgument("A passphrase must be valid UTF-8 without NUL bytes")
     return value
 
