@@ -38,7 +38,7 @@ def count_iters(h: Hash, nout: int, iter_time_ms: int, divisor: int = 1, minimum
     QEMU's range errors for counts that do not fit its fields."""
     iters = iters_per_second(h, nout)
     if iter_time_ms and iters > (2**64 - 1) // iter_time_ms:
-        raise QcowError(f"PBKDF iterations {iters} too large to scale")
+        raise QcowError(f"PBKDF iterations {iters} too large to scale: Numerical result out of range")
     iters = iters * iter_time_ms // 1000 // divisor
     if iters > 0xFFFFFFFF:
         raise QcowError(f"PBKDF iterations {iters} larger than {0xFFFFFFFF}: Numerical result out of range")
