@@ -12,6 +12,7 @@ V3_MIN_HEADER_SIZE = 104
 V3_HEADER_SIZE = 112  # what QEMU writes: 104 + compression_type + 7 bytes padding
 
 # Limits QEMU applies so a hostile image costs bounded time and memory.
+INT_MAX = (1 << 31) - 1  # C int limits QEMU applies to counts it keeps in an int
 MAX_L1_SIZE_BYTES = 32 * 1024 * 1024
 MAX_REFTABLE_SIZE_BYTES = 8 * 1024 * 1024
 MAX_SNAPSHOTS = 65536

@@ -535,6 +535,10 @@ def check_file(file: HostFile, header: Header, fix: int = 0,
     the internal errors met on the way. With a fix that leaves no corruption, the dirty and
     corrupt bits are cleared.
     """
+    if fix and header.autoclear_features & ~C.AUTOCLEAR_KNOWN:
+        # opening read-write clears the autoclear bits this writer does not know (the spec; QEMU)
+        header.autoclear_features &= C.AUTOCLEAR_KNOWN
+        write_fields(file, header, "autoclear_features")
     res = CheckResult()
     snapshot_res = CheckResult()  # kept apart, as QEMU does: the refcount repair decisions do not see it
     checker = _Checker(file, header, log or (lambda s: None))
@@ -562,7 +566,6 @@ def check_file(file: HostFile, header: Header, fix: int = 0,
             write_fields(file, header, "incompatible_features")
             file.flush()
     return res
-
 
 
 def repair_dirty(file: HostFile, header: Header, log: Callable[[str], None] | None = None) -> CheckResult:
