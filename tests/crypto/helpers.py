@@ -41,6 +41,16 @@ def run(*argv, check: bool = True) -> subprocess.CompletedProcess:
     return p
 
 
+def run_timed(*argv, attempts: int = 8) -> subprocess.CompletedProcess:
+    """A qemu-img run that measures PBKDF2 speed (LUKS create, measure, amend): retried while
+    it fails with QEMU's random "Unable to get accurate CPU usage"."""
+    for _ in range(attempts):
+        p = run(*argv, check=False)
+        if "Unable to get accurate CPU usage" not in p.stderr:
+            return p
+    raise AssertionError(f"{argv} kept failing: {p.stderr}")
+
+
 def qemu_create(path, password: str, options: str, size: str = "4M", attempts: int = 8) -> None:
     """qemu-img create of an encrypted qcow2, retrying its flaky PBKDF2 timing step."""
     img, _ = tools()

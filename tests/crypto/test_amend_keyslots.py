@@ -7,7 +7,7 @@ import pytest
 import qcowpy
 from qcowpy.crypto.secret import SECRETS
 from qcowpy.tools.encrypt_amend import amend_encryption
-from tests.crypto.helpers import ITER, qemu_check, qemu_create, qemu_io, run, secret_arg, spec, tools
+from tests.crypto.helpers import ITER, qemu_check, qemu_create, qemu_io, run, run_timed, secret_arg, spec, tools
 
 pytestmark = pytest.mark.interop
 
@@ -41,8 +41,8 @@ def test_add_and_erase_keyslots_both_ways(tmp_path, secrets):
         slots = info.format_info().encrypt["slots"]
     assert [s["active"] for s in slots] == [True, True] + [False] * 6
     # QEMU adds slot 5 with a third passphrase; qcowpy opens with it
-    p = run(qemu_img, "amend", *secret_arg("first"), *secret_arg("third", "s2"), "--image-opts", spec(img),
-            "-o", "encrypt.state=active,encrypt.new-secret=s2,encrypt.keyslot=5,encrypt.iter-time=10", check=False)
+    p = run_timed(qemu_img, "amend", *secret_arg("first"), *secret_arg("third", "s2"), "--image-opts", spec(img),
+                  "-o", "encrypt.state=active,encrypt.new-secret=s2,encrypt.keyslot=5,encrypt.iter-time=10")
     assert p.returncode == 0, p.stderr
     with qcowpy.open(str(img), secret="third") as dev:
         assert dev.pread(65536, 0) == b"\x42" * 65536

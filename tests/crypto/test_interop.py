@@ -14,7 +14,8 @@ import pytest
 
 import qcowpy
 from tests.cli.helpers import qcowpy as cli
-from tests.crypto.helpers import ITER, json_name, qemu_check, qemu_create, qemu_io, qemu_raw, run, secret_arg, spec, tools
+from tests.crypto.helpers import (ITER, json_name, qemu_check, qemu_create, qemu_io, qemu_raw, run, run_timed, secret_arg,
+                                  spec, tools)
 
 pytestmark = pytest.mark.interop
 
@@ -227,7 +228,7 @@ def test_create_option_errors_match_qemu(tmp_path):
         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.foo=1",
     ]
     for opts in cases:
-        q = run(qemu_img, "create", "-f", "qcow2", *secret_arg("p"), "-o", opts, tmp_path / "q.qcow2", "1M", check=False)
+        q = run_timed(qemu_img, "create", "-f", "qcow2", *secret_arg("p"), "-o", opts, tmp_path / "q.qcow2", "1M")
         o = cli("create", "-f", "qcow2", *secret_arg("p"), "-o", opts, tmp_path / "o.qcow2", "1M")
         assert o.code == q.returncode == 1, opts
         assert o.out == q.stdout.replace("q.qcow2", "o.qcow2"), opts

@@ -9,7 +9,8 @@ import pytest
 
 import qcowpy
 from tests.cli.helpers import qcowpy as cli
-from tests.crypto.helpers import ITER, qemu_check, qemu_create, qemu_io, qemu_raw, run, secret_arg, spec, tools
+from tests.crypto.helpers import (ITER, qemu_check, qemu_create, qemu_io, qemu_raw, run, run_timed, secret_arg, spec,
+                                  tools)
 
 pytestmark = pytest.mark.interop
 
@@ -133,7 +134,7 @@ def test_measure_counts_the_luks_header(opts):
     """qemu-img measure adds the LUKS header area (rounded to clusters) to both sizes."""
     qemu_img, _ = tools()
     argv = ["measure", *secret_arg("x"), "-O", "qcow2", "-o", opts, "--size", "100M"]
-    q = run(qemu_img, *argv, check=False)
+    q = run_timed(qemu_img, *argv)
     o = cli(*argv)
     assert (o.code, o.out, o.err.replace("qcowpy:", "qemu-img:")) == (q.returncode, q.stdout, q.stderr)
 
