@@ -58,6 +58,7 @@ class FormatInfo:
     compression_type: str
     data_file: str | None
     data_file_raw: bool
+    encrypt: dict | None = None  # QCryptoBlockInfo of an encrypted image ("format", LUKS fields)
 
 
 @dataclass(frozen=True)

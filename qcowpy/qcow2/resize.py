@@ -173,7 +173,7 @@ def make_empty(img: Qcow2Image) -> None:
         h, meta = img.header, img.meta
         l1_clusters = meta.clusters_for(len(meta.l1) * 8)
         if h.version >= 3 and not h.nb_snapshots and directory_location(h) is None and \
-                3 + l1_clusters <= meta.refcounts.per_block:
+                h.crypt_method != C.CRYPT_LUKS and 3 + l1_clusters <= meta.refcounts.per_block:  # LUKS area kept
             img.begin_change()
             meta.rebuild_empty(l1_clusters)
             return
