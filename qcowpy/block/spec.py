@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from ..errors import InvalidArgument, QcowError
 from .device import BlockDevice, LayerStatus
 
-SUPPORTED_DRIVERS = ("qcow2", "raw", "file", "null-co")
+SUPPORTED_DRIVERS = ("qcow2", "raw", "file", "null-co", "rbd")
 
 
 class SpecError(QcowError):
@@ -194,6 +194,11 @@ def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
         raise SpecError(f"Unknown driver '{driver}'")
     if driver == "null-co":
         return NullDevice(_int(opts, "size", 1 << 30) or 0, _bool(opts, "read-zeroes"))
+    if driver == "rbd" or isinstance(opts.get("file"), dict) and opts["file"].get("driver") == "rbd":
+        from .rbdopen import open_rbd_image, rbd_options  # Ceph: block/rbd.py
+        writable = "+" in mode or mode == "rw"
+        return open_rbd_image(rbd_options(opts), writable, None if driver == "rbd" else driver,  # type: ignore[arg-type]
+                              backing_chain, force_share=force_share, bare=driver == "rbd")
     child = opts.get("file")
     if isinstance(child, dict) and child.get("driver", "file") not in SUPPORTED_DRIVERS:
         raise SpecError(f"Unknown driver '{child.get('driver')}'")

@@ -141,6 +141,11 @@ def parse_objects(objects: tuple[str, ...] | list[str]) -> dict[str, dict]:
         if opts["id"] in out:
             raise CommandFailed(f"attempt to add duplicate property '{opts['id']}' to object (type 'container')")
         out[opts["id"]] = opts
+    from ..block.secret import define
+    try:
+        define(out)  # drivers that take a key by id (rbd key-secret) find it there
+    except QcowError as e:
+        raise CommandFailed(str(e)) from None
     return out
 
 

@@ -37,6 +37,20 @@ _RAW = [
     OptDesc("preallocation", "str", "Preallocation mode (allowed values: off, falloc, full)"),
 ]
 CREATE_OPTS = {"qcow2": _QCOW2, "raw": _RAW}
+# What a protocol driver adds to a format's list (QEMU appends the protocol's create options)
+PROTOCOL_OPTS = {
+    "rbd:": [OptDesc("size", "size", "Virtual disk size"), OptDesc("cluster_size", "size", "RBD object size"),
+             OptDesc("password-secret", "str", "ID of secret providing the password")],
+}
+
+
+def create_opts(fmt: str, filename: str | None = None) -> list[OptDesc]:
+    """The create options of ``fmt`` on the protocol ``filename`` names (a local file: none added)."""
+    descs = list(CREATE_OPTS[fmt])
+    for prefix, extra in PROTOCOL_OPTS.items():
+        if filename and filename.startswith(prefix):
+            descs += [d for d in extra if d.name not in {x.name for x in descs}]
+    return descs
 
 # Options QEMU has that qcowpy recognises but does not implement: a clear error, not "Invalid parameter".
 _UNSUPPORTED = {
@@ -132,6 +146,7 @@ class ParsedOpts:
     fmt: str
     raw: dict[str, str]
     values: dict[str, object]
+    filename: str | None = None  # where the image goes: a protocol there adds options
 
     def set(self, name: str, value: object, text: str | None = None) -> None:
         self.values[name] = value
@@ -139,7 +154,7 @@ class ParsedOpts:
 
     def formatting_line(self, filename: str) -> str:
         parts = []
-        for d in CREATE_OPTS[self.fmt]:
+        for d in create_opts(self.fmt, self.filename):
             if d.name in self.values:
                 v = self.values[d.name]
                 if d.type == "num" and isinstance(v, int) and v >= 1 << 63:
@@ -157,13 +172,12 @@ def _escape(s: str) -> str:
     return s.replace(",", ",,")
 
 
-def parse_create_options(fmt: str, text: str | None) -> ParsedOpts:
+def parse_create_options(fmt: str, text: str | None, filename: str | None = None) -> ParsedOpts:
     """Parse and type-check ``-o`` for ``fmt`` with qemu's messages (unknown names, bad values)."""
-    descs = CREATE_OPTS.get(fmt)
-    if descs is None:
+    if fmt not in CREATE_OPTS:
         raise InvalidArgument(f"Unknown file format '{fmt}'")
-    by_name = {d.name: d for d in descs}
-    parsed = ParsedOpts(fmt, {}, {})
+    by_name = {d.name: d for d in create_opts(fmt, filename)}
+    parsed = ParsedOpts(fmt, {}, {}, filename)
     for name, value in split_options(text or ""):
         d = by_name.get(name)
         if d is None:
