@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import threading
 from ctypes import byref, c_int, c_uint64, c_void_p
 from typing import Any, Callable, Iterator
@@ -369,8 +370,7 @@ class RbdDevice(BlockDevice):
         if r < 0:
             raise L.fail("error listing snapshots", r)
         try:
-            return [Snapshot(0, 0, arr[i].name.decode("utf-8", "replace"), arr[i].name.decode("utf-8", "replace"),
-                             vm_state_size=arr[i].size) for i in range(r)]
+            return [_snapshot(arr[i].name.decode("utf-8", "replace"), arr[i].size) for i in range(r)]
         finally:
             if r > 0:
                 lib.rbd_snap_list_end(arr)
@@ -384,7 +384,7 @@ class RbdDevice(BlockDevice):
         r = self.lib.rbd_snap_create(self.image, _b(name))
         if r < 0:
             raise L.RbdError(f"{r} ({os.strerror(-r)})", -r)
-        return Snapshot(0, 0, name, name, vm_state_size=self.size)
+        return _snapshot(name, self.size)
 
     def snapshot_apply(self, key: str) -> None:
         self._writable()
@@ -415,6 +415,12 @@ class RbdDevice(BlockDevice):
                 self.image = c_void_p()
         if getattr(self, "conn", None) is not None:
             self.conn.close()
+
+
+def _snapshot(name: str, size: int) -> Snapshot:
+    """An RBD snapshot as QEMU's rbd driver describes it: name and id alike, the image size as VM
+    state size, no date, no clock, and an instruction count of 0 (not "none")."""
+    return Snapshot(0, 0, name, name, vm_state_size=size, extra_data=struct.pack(">QQQ", size, 0, 0))
 
 
 def create_rbd(loc: RbdLocation, size: int, object_size: int | None = None, secret: SecretLookup | None = None) -> None:

@@ -71,6 +71,7 @@ osd crush chooseleaf type = 0
 osd objectstore = memstore
 memstore device bytes = 4294967296
 osd op num shards = 1
+osd client watch timeout = 5
 osd op num threads per shard = 2
 run dir = {r}/run
 admin socket = {r}/run/$name.asok
