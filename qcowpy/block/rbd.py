@@ -16,6 +16,7 @@ as QEMU reports it: objects that exist are data, the others zero.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 import threading
@@ -144,6 +145,7 @@ class RbdDevice(BlockDevice):
         if loc.snapshot is not None and not read_only:
             raise ReadOnlyError("rbd snapshots are read-only")
         self.read_only = read_only
+        self.broken: L.RbdError | None = None  # the timeout that ended this device's use
         self.lock = threading.Lock()
         try:
             self.conn = Connection(loc, cache, secret)
@@ -229,7 +231,7 @@ class RbdDevice(BlockDevice):
             self._check(fn(self.image, pos, n, base + pos - offset, c.handle), c)
             return c
 
-        L.run_all(submit, self._pieces(offset, len(view)), WINDOW)
+        self._run(submit, self._pieces(offset, len(view)))
 
     def write_zeroes(self, length: int, offset: int, unmap: bool = False) -> None:
         """librbd's write-zeroes: with ``unmap`` whole objects are removed (reading as holes),
@@ -245,7 +247,7 @@ class RbdDevice(BlockDevice):
             self._check(self.lib.rbd_aio_write_zeroes(self.image, pos, n, c.handle, flags, 0), c)
             return c
 
-        L.run_all(submit, list(range(offset, offset + length, step)), WINDOW)
+        self._run(submit, list(range(offset, offset + length, step)))
 
     def discard(self, length: int, offset: int) -> None:
         self._writable()
@@ -257,17 +259,32 @@ class RbdDevice(BlockDevice):
             self._check(self.lib.rbd_aio_discard(self.image, pos, min(step, offset + length - pos), c.handle), c)
             return c
 
-        L.run_all(submit, list(range(offset, offset + length, step)), WINDOW)
+        self._run(submit, list(range(offset, offset + length, step)))
 
     def flush(self) -> None:
         """Every write acknowledged before is on the OSDs when this returns."""
         if self.read_only or not self.image:
             return
-        c = L.Completion("error flushing")
-        self._check(self.lib.rbd_aio_flush(self.image, c.handle), c)
-        r = c.wait()
-        if r < 0:
-            raise L.fail("error flushing", r)
+
+        def submit(_: object) -> L.Completion:
+            c = L.Completion("error flushing")
+            self._check(self.lib.rbd_aio_flush(self.image, c.handle), c)
+            return c
+
+        self._run(submit, [None])
+
+    def _run(self, submit: Callable[[Any], L.Completion], items: list) -> None:
+        """Requests through librbd. Once one has timed out (the cluster stopped answering within
+        rados_osd_op_timeout) the device fails every later request at once with the same error,
+        so a command ends after one timeout instead of one per request it had queued."""
+        if self.broken is not None:
+            raise L.RbdError(str(self.broken), self.broken.errno)
+        try:
+            L.run_all(submit, items, WINDOW)
+        except L.RbdError as e:
+            if e.errno == errno.ETIMEDOUT:
+                self.broken = e
+            raise
 
     def _check(self, r: int, c: L.Completion) -> None:
         """A request librbd refused at submission: release its completion and fail."""
@@ -407,6 +424,9 @@ class RbdDevice(BlockDevice):
             raise ReadOnlyError(f"'{self.filename}' is opened read-only")
 
     def _close_self(self) -> None:
+        if self.broken is not None:  # the cluster stopped answering: closing would wait again
+            self._abandon()
+            return
         if self.image:
             try:
                 self.flush()
@@ -415,6 +435,23 @@ class RbdDevice(BlockDevice):
                 self.image = c_void_p()
         if getattr(self, "conn", None) is not None:
             self.conn.close()
+
+    def _abandon(self) -> None:
+        """Close in a background thread, waiting a moment only: rbd_close releases the exclusive
+        lock with requests that would each time out again. A process that exits drops the
+        session; the cluster frees the lock when its watch expires."""
+        image, conn = self.image, getattr(self, "conn", None)
+        self.image = c_void_p()
+
+        def close() -> None:
+            if image:
+                self.lib.rbd_close(image)
+            if conn is not None:
+                conn.close()
+
+        t = threading.Thread(target=close, name="rbd-close", daemon=True)
+        t.start()
+        t.join(1.0)
 
 
 def _snapshot(name: str, size: int) -> Snapshot:
