@@ -167,38 +167,82 @@ def address(view: memoryview) -> int:
 
 
 # ---------------------------------------------------------------- asynchronous requests
-class Completion:
-    """One librbd request in flight; :meth:`wait` blocks (GIL released) and returns its result."""
+COMPLETE_CB = CFUNCTYPE(None, c_void_p, c_void_p)  # rbd_callback_t(rbd_completion_t, void *arg)
+ETIMEDOUT = 110
+_inflight: dict[int, "Completion"] = {}  # token -> request, until it completes (or is released)
+_inflight_lock = threading.Lock()
+_tokens = iter(range(1, 1 << 62))
 
-    __slots__ = ("handle", "keep", "what")
+
+@COMPLETE_CB
+def _on_complete(handle, arg) -> None:
+    """librbd's completion callback (one of its threads): record the result, wake the waiter; an
+    abandoned request (its waiter gave up) is released here, and its buffer with it."""
+    with _inflight_lock:
+        c = _inflight.get(arg or 0)
+        if c is None:
+            return
+        c.ret = _lib.rbd_aio_get_return_value(handle) if _lib is not None else -5
+        c.event.set()
+        if c.abandoned:
+            del _inflight[arg]
+            _lib.rbd_aio_release(handle)  # type: ignore[union-attr]
+            c.keep = None
+
+
+class Completion:
+    """One librbd request in flight. :meth:`wait` returns its result; with a time limit a request
+    that has not completed by then is abandoned (-ETIMEDOUT): librbd keeps its buffer alive and
+    releases it when the request ends, whenever that is."""
+
+    __slots__ = ("handle", "keep", "what", "token", "event", "ret", "abandoned")
 
     def __init__(self, what: str, keep: object = None):
         self.handle = c_void_p()
         self.keep = keep  # the buffer librbd reads from or writes into, alive until completion
         self.what = what
-        r = lib().rbd_aio_create_completion(None, None, byref(self.handle))
+        self.event = threading.Event()
+        self.ret = 0
+        self.abandoned = False
+        self.token = next(_tokens)
+        r = lib().rbd_aio_create_completion(c_void_p(self.token), ctypes.cast(_on_complete, c_void_p),
+                                            byref(self.handle))
         if r < 0:
             raise fail("rbd aio completion", r)
+        with _inflight_lock:
+            _inflight[self.token] = self
 
-    def wait(self) -> int:
-        L = lib()
-        L.rbd_aio_wait_for_complete(self.handle)
-        ret = L.rbd_aio_get_return_value(self.handle)
-        L.rbd_aio_release(self.handle)
-        self.handle = None
+    def cancel(self) -> None:
+        """The request was refused at submission: no callback will come."""
+        with _inflight_lock:
+            _inflight.pop(self.token, None)
+        lib().rbd_aio_release(self.handle)
         self.keep = None
-        return ret
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self.event.wait(timeout):
+            with _inflight_lock:
+                if not self.event.is_set():
+                    self.abandoned = True
+                    return -ETIMEDOUT
+        with _inflight_lock:
+            _inflight.pop(self.token, None)
+        lib().rbd_aio_release(self.handle)
+        self.keep = None
+        return self.ret
 
 
-def run_all(submit: Callable[[object], Completion | None], items: list, window: int) -> None:
+def run_all(submit: Callable[[object], Completion | None], items: list, window: int,
+            timeout: float | None = None) -> None:
     """Submit ``items`` with at most ``window`` requests in flight; wait for every one and raise
-    the first failure (as RbdError naming the request) after all have finished."""
+    the first failure (as RbdError naming the request) after all have finished. ``timeout``
+    bounds the wait for each request (counted from when its wait begins)."""
     inflight: list[Completion] = []
     first: RbdError | None = None
 
     def reap(c: Completion) -> None:
         nonlocal first
-        r = c.wait()
+        r = c.wait(timeout if first is None or first.errno != ETIMEDOUT else 0)
         if r < 0 and first is None:
             first = fail(c.what, r)
 
@@ -206,6 +250,8 @@ def run_all(submit: Callable[[object], Completion | None], items: list, window: 
         for item in items:
             if len(inflight) >= window:
                 reap(inflight.pop(0))
+                if first is not None:
+                    break
             c = submit(item)
             if c is not None:
                 inflight.append(c)

@@ -75,6 +75,7 @@ class Connection:
                 if not exists.value:
                     raise RbdNotFound(f"namespace '{loc.namespace}' does not exist", 2)
             lib.rados_ioctx_set_namespace(self.ioctx, _b(loc.namespace or ""))
+            self.wait_limit = self._wait_limit()
         except BaseException:
             self.close()
             raise
@@ -112,6 +113,18 @@ class Connection:
             current = buf.value if lib.rados_conf_get(self.cluster, _b(key), buf, 64) == 0 else b""
             if current in (b"", b"0", b"300", b"0.000000", b"300.000000"):
                 lib.rados_conf_set(self.cluster, _b(key), _b(default_timeout()))
+
+    def _wait_limit(self) -> float | None:
+        """How long to wait for one request: the OSD op timeout in force and a little more (an op
+        queued inside librbd, e.g. behind an object-map update, can outlive the OSD timeout)."""
+        buf = ctypes.create_string_buffer(64)
+        if self.lib.rados_conf_get(self.cluster, b"rados_osd_op_timeout", buf, 64) != 0:
+            return None
+        try:
+            value = float(buf.value or b"0")
+        except ValueError:
+            return None
+        return value + 2.0 if value > 0 else None
 
     def close(self) -> None:
         if self.ioctx:
@@ -280,7 +293,7 @@ class RbdDevice(BlockDevice):
         if self.broken is not None:
             raise L.RbdError(str(self.broken), self.broken.errno)
         try:
-            L.run_all(submit, items, WINDOW)
+            L.run_all(submit, items, WINDOW, self.conn.wait_limit)
         except L.RbdError as e:
             if e.errno == errno.ETIMEDOUT:
                 self.broken = e
@@ -289,8 +302,7 @@ class RbdDevice(BlockDevice):
     def _check(self, r: int, c: L.Completion) -> None:
         """A request librbd refused at submission: release its completion and fail."""
         if r < 0:
-            self.lib.rbd_aio_release(c.handle)
-            c.handle = None
+            c.cancel()
             raise L.fail(c.what, r)
 
     def truncate(self, size: int, preallocation: str = "off") -> None:
