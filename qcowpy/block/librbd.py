@@ -8,7 +8,8 @@ stable for a decade; binding the ~35 functions qcowpy uses keeps rbd support to 
 library that any CPython can load, and lets the driver issue asynchronous requests and wait on
 them with the GIL released (ctypes drops it around every foreign call).
 
-Nothing here is imported until an ``rbd:`` image is opened, so qcowpy installs and runs
+``QCOWPY_LIBRBD``/``QCOWPY_LIBRADOS`` name other builds of the libraries. Nothing is loaded
+until an ``rbd:`` image is opened, so qcowpy installs and runs
 without Ceph; :func:`lib` raises :class:`RbdUnavailable` (one line) when librbd is missing.
 """
 from __future__ import annotations
@@ -122,8 +123,8 @@ def lib() -> Lib:
     with _lib_lock:
         if _lib is None:
             try:
-                rados = ctypes.CDLL("librados.so.2")
-                rbd = ctypes.CDLL("librbd.so.1")
+                rados = ctypes.CDLL(os.environ.get("QCOWPY_LIBRADOS", "librados.so.2"))
+                rbd = ctypes.CDLL(os.environ.get("QCOWPY_LIBRBD", "librbd.so.1"))
                 _lib = Lib(rados, rbd)
             except (OSError, AttributeError) as e:
                 raise RbdUnavailable("rbd support needs Ceph's client libraries librbd.so.1 and librados.so.2 "

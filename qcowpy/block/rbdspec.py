@@ -141,6 +141,11 @@ def from_options(opts: dict[str, Any]) -> RbdLocation:
     servers = opts.get("server") or []
     if isinstance(servers, dict):  # --image-opts server.0.host=...: nest() gives {"0": {...}}
         servers = [servers[k] for k in sorted(servers, key=lambda k: int(k) if str(k).isdigit() else 0)]
+    for i, srv in enumerate(servers):
+        if not isinstance(srv, dict) or "host" not in srv:
+            raise InvalidArgument(f"Parameter 'server.{i}.host' is missing")
+        if "port" not in srv:
+            raise InvalidArgument(f"Parameter 'server.{i}.port' is missing")
     acr = opts.get("auth-client-required")
     if isinstance(acr, dict):
         acr = [acr[k] for k in sorted(acr)]
@@ -156,7 +161,7 @@ def from_options(opts: dict[str, Any]) -> RbdLocation:
                        user=None if opts.get("user") is None else str(opts["user"]),
                        key_secret=opts.get("key-secret") or opts.get("password-secret"),
                        auth_client_required=acr,
-                       servers=[(str(s["host"]), str(s.get("port", "6789"))) for s in servers])
+                       servers=[(str(s["host"]), str(s["port"])) for s in servers])
 
 
 def mon_host(loc: RbdLocation) -> str | None:

@@ -48,12 +48,21 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
             sub = out.setdefault(head, {})
             if not isinstance(sub, dict):
                 raise SpecError(f"Value for parameter {head} was already given")
-            sub.update(nest({rest: value}))
+            _merge(sub, nest({rest: value}))
         elif isinstance(value, dict) and isinstance(out.get(head), dict):
-            out[head].update(value)
+            _merge(out[head], value)
         else:
             out[head] = value
     return out
+
+
+def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    """Deep update: ``server.0.host`` and ``server.0.port`` both land in ``server["0"]``."""
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def parse_json_filename(name: str) -> dict[str, Any]:

@@ -206,11 +206,16 @@ def main(argv: list[str]) -> int:
         c = Cluster(root).start()
         print(c.conf)
         return 0
-    for pid in _pids(root):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    pids = _pids(root)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+            time.sleep(0.1)
     return 0
 
 
