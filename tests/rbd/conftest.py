@@ -60,7 +60,24 @@ def env() -> dict[str, str]:
     return e
 
 
-def qcowpy(*args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+def qcowpy(*args: str, check: bool = True, **_: object) -> subprocess.CompletedProcess:
+    """``qcowpy args...`` in this process (a subprocess costs a second of start-up on a busy
+    machine); failures that must be compared byte for byte with qemu-img's use qcowpy_proc,
+    which also sees what librados itself writes to the stderr file descriptor."""
+    import contextlib
+    import io
+
+    from qcowpy.cli.main import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    p = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        pytest.fail(f"qcowpy {' '.join(map(str, args))} exited {code}:\n{p.stdout}{p.stderr}")
+    return p
+
+
+def qcowpy_proc(*args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     p = subprocess.run([sys.executable, "-m", "qcowpy", *map(str, args)], capture_output=True, text=True,
                        timeout=timeout, env=env(), **kw)
     if check and p.returncode != 0:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from qcowpy.block.rbdspec import parse_filename
-from tests.rbd.conftest import qcowpy, qemu_img, qemu_io, same_errors
+from tests.rbd.conftest import qcowpy, qcowpy_proc, qemu_img, qemu_io, same_errors
 
 
 def _pattern_image(ceph, image: str, size: str = "64M") -> str:
@@ -54,7 +54,7 @@ def test_open_errors_match_qemu(ceph, image):
                  f"rbd:rbd/nons/{image}:conf={conf}", f"rbd:rbd/{image}@nosnap:conf={conf}",
                  f"rbd:rbd/{image}:conf={conf}:not_a_ceph_option=1", f"rbd:rbd/{image}:conf={conf}:novalue",
                  "rbd:rbd", f"rbd:rbd/{image}:conf=/nonexistent.conf"):
-        same_errors(qcowpy("info", name, check=False), qemu_img("info", name, check=False))
+        same_errors(qcowpy_proc("info", name, check=False), qemu_img("info", name, check=False))
 
 
 def test_cluster_down_fails_in_bounded_time(ceph, image):
@@ -66,7 +66,7 @@ def test_cluster_down_fails_in_bounded_time(ceph, image):
         port = s.getsockname()[1]
     name = f"rbd:rbd/{image}:mon_host=127.0.0.1\\:{port}:auth_supported=none:client_mount_timeout=2"
     t = time.monotonic()
-    ours = qcowpy("info", name, check=False, timeout=60)
+    ours = qcowpy_proc("info", name, check=False, timeout=60)
     assert time.monotonic() - t < 30
     same_errors(ours, qemu_img("info", name, check=False))
     assert ours.stderr.count("\n") == 1 and "error connecting: Connection timed out" in ours.stderr
@@ -81,7 +81,7 @@ def test_create_options_and_errors_match_qemu(ceph, image):
         assert (info["order"], info["size"]) == (16, 10 << 20)
     for opts, name in (("cluster_size=64k", image), ("cluster_size=1000", image + "x"),
                        ("cluster_size=1k", image + "x")):
-        ours = qcowpy("create", "-f", "raw", "-o", opts, ceph.name(name), "1M", check=False)
+        ours = qcowpy_proc("create", "-f", "raw", "-o", opts, ceph.name(name), "1M", check=False)
         theirs = qemu_img("create", "-f", "raw", "-o", opts, ceph.name(name), "1M", check=False)
         assert ours.stdout == theirs.stdout
         same_errors(ours, theirs)
@@ -95,7 +95,7 @@ def test_map_and_compare_match_qemu(ceph, image, tmp_path):
     qemu_img("convert", "-O", "raw", name, raw)
     assert qcowpy("compare", name, raw).stdout == "Images are identical.\n"
     qemu_io(name, "write -P 0x44 30M 512")
-    ours, theirs = qcowpy("compare", name, raw, check=False), qemu_img("compare", name, raw, check=False)
+    ours, theirs = qcowpy_proc("compare", name, raw, check=False), qemu_img("compare", name, raw, check=False)
     assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout) == (1, theirs.stdout)
 
 
@@ -137,7 +137,7 @@ def test_resize_matches_qemu(ceph, image):
     qemu_img("create", "-f", "raw", name, "8M")
     assert qcowpy("resize", name, "+4M").stdout == "Image resized.\n"
     assert json.loads(ceph.rbd("info", "--format=json", image).stdout)["size"] == 12 << 20
-    same_errors(qcowpy("resize", name, "4M", check=False), qemu_img("resize", name, "4M", check=False))
+    same_errors(qcowpy_proc("resize", name, "4M", check=False), qemu_img("resize", name, "4M", check=False))
     qcowpy("resize", "--shrink", name, "4M")
     assert json.loads(qemu_img("info", "--output=json", name).stdout)["virtual-size"] == 4 << 20
 
@@ -154,7 +154,7 @@ def test_snapshots_both_ways(ceph, image):
     qemu_io(name, "read -P 0x11 0 64k")
     # a snapshot opens read-only: reading it works, writing it fails as in qemu-img
     assert qcowpy("compare", f"rbd:rbd/{image}@s1:conf={ceph.conf}", name).returncode == 0
-    same_errors(qcowpy("resize", f"rbd:rbd/{image}@s1:conf={ceph.conf}", "+1M", check=False),
+    same_errors(qcowpy_proc("resize", f"rbd:rbd/{image}@s1:conf={ceph.conf}", "+1M", check=False),
                 qemu_img("resize", f"rbd:rbd/{image}@s1:conf={ceph.conf}", "+1M", check=False))
     qcowpy("snapshot", "-d", "s1", name)
     qemu_img("snapshot", "-d", "s2", name)
@@ -220,4 +220,4 @@ def test_key_secret_and_image_opts(ceph, image, spelling):
         args = ["--image-opts", opts + ",user=admin"]
     assert qcowpy("info", *args).stdout == qemu_img("info", *args).stdout
     missing = ["--image-opts", opts + ",key-secret=nosuch"]
-    same_errors(qcowpy("info", *missing, check=False), qemu_img("info", *missing, check=False))
+    same_errors(qcowpy_proc("info", *missing, check=False), qemu_img("info", *missing, check=False))
