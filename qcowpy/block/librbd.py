@@ -261,3 +261,14 @@ def run_all(submit: Callable[[object], Completion | None], items: list, window: 
             reap(c)
     if first is not None:
         raise first
+
+
+def wait_all(completions: list[Completion], timeout: float | None = None) -> None:
+    """Wait for requests submitted earlier (all of them) and raise the first failure."""
+    first: RbdError | None = None
+    for c in completions:
+        r = c.wait(timeout if first is None or first.errno != ETIMEDOUT else 0)
+        if r < 0 and first is None:
+            first = fail(c.what, r)
+    if first is not None:
+        raise first

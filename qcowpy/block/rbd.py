@@ -31,6 +31,7 @@ from .rbdspec import RbdLocation, from_options, is_rbd_name, mon_host, parse_fil
 
 PIECE = 1 << 20  # bytes per asynchronous request
 WINDOW = 16  # requests in flight per call
+READ_AHEAD_MAX = 16 << 20  # a sequential reader's next run is fetched ahead up to this size
 _STOP = -9000  # returned by the diff-iterate callback to end the walk early (QEMU uses the same value)
 _TIMEOUT_KEYS = ("client_mount_timeout", "rados_mon_op_timeout", "rados_osd_op_timeout")
 
@@ -159,6 +160,8 @@ class RbdDevice(BlockDevice):
             raise ReadOnlyError("rbd snapshots are read-only")
         self.read_only = read_only
         self.broken: L.RbdError | None = None  # the timeout that ended this device's use
+        self._ahead: tuple[int, bytearray, list] | None = None  # read-ahead: offset, buffer, requests
+        self._last_end = -1
         self.lock = threading.Lock()
         try:
             self.conn = Connection(loc, cache, secret)
@@ -224,7 +227,37 @@ class RbdDevice(BlockDevice):
     def preadinto(self, buf: bytearray | memoryview, offset: int) -> None:
         view = memoryview(buf).cast("B")
         self.check_range(offset, len(view))
-        self._data_io(self.lib.rbd_aio_read, view, offset, "reading")
+        if not self.read_only:
+            self._data_io(self.lib.rbd_aio_read, view, offset, "reading")
+            return
+        with self.lock:
+            ahead, self._ahead = self._ahead, None
+            sequential = offset == self._last_end
+            self._last_end = offset + len(view)
+        if ahead is not None and (ahead[0], len(ahead[1])) == (offset, len(view)):
+            self._run(lambda c: L.wait_all(c, self.conn.wait_limit), [ahead[2]], direct=True)
+            view[:] = ahead[1]
+        else:
+            if ahead is not None:  # not what was read next: let it finish, unused
+                self._run(lambda c: L.wait_all(c, self.conn.wait_limit), [ahead[2]], direct=True)
+            self._data_io(self.lib.rbd_aio_read, view, offset, "reading")
+        if sequential and offset + 2 * len(view) <= self.size and len(view) <= READ_AHEAD_MAX:
+            self._read_ahead(offset + len(view), len(view))
+
+    def _read_ahead(self, offset: int, length: int) -> None:
+        """Start reading the next run of a sequential reader (a read-only device: nothing can
+        make what is fetched stale through this handle), so its next call finds the data here
+        while the caller works on this one (convert out of rbd writes it out meanwhile)."""
+        buf = bytearray(length)
+        view = memoryview(buf)
+        base = L.address(view)
+        completions = []
+        for pos, n in self._pieces(offset, length):
+            c = L.Completion(f"error while reading at byte {pos}", view)
+            self._check(self.lib.rbd_aio_read(self.image, pos, n, base + pos - offset, c.handle), c)
+            completions.append(c)
+        with self.lock:
+            self._ahead = (offset, buf, completions)
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data).cast("B")
@@ -286,14 +319,17 @@ class RbdDevice(BlockDevice):
 
         self._run(submit, [None])
 
-    def _run(self, submit: Callable[[Any], L.Completion], items: list) -> None:
+    def _run(self, submit: Callable[[Any], Any], items: list, direct: bool = False) -> None:
         """Requests through librbd. Once one has timed out (the cluster stopped answering within
         rados_osd_op_timeout) the device fails every later request at once with the same error,
         so a command ends after one timeout instead of one per request it had queued."""
         if self.broken is not None:
             raise L.RbdError(str(self.broken), self.broken.errno)
         try:
-            L.run_all(submit, items, WINDOW, self.conn.wait_limit)
+            if direct:  # ``submit`` does the whole job on the one item
+                submit(items[0])
+            else:
+                L.run_all(submit, items, WINDOW, self.conn.wait_limit)
         except L.RbdError as e:
             if e.errno == errno.ETIMEDOUT:
                 self.broken = e
@@ -436,6 +472,12 @@ class RbdDevice(BlockDevice):
             raise ReadOnlyError(f"'{self.filename}' is opened read-only")
 
     def _close_self(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and self.broken is None:
+            try:
+                L.wait_all(ahead[2], self.conn.wait_limit)
+            except L.RbdError:
+                pass  # nobody asked for these bytes
         if self.broken is not None:  # the cluster stopped answering: closing would wait again
             self._abandon()
             return

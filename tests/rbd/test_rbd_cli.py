@@ -187,7 +187,7 @@ def test_qcow2_on_rbd_both_ways(ceph, image, tmp_path):
     assert qemu_img("compare", ceph.name(image + "c"), local).returncode == 0
 
 
-def test_api_block_device(ceph, image):
+def test_api_block_device(ceph, image, tmp_path):
     """pread/pwrite/write_zeroes/discard/flush/block_status through qcowpy.open, against qemu-io."""
     import qcowpy as api
     name = ceph.name(image)
@@ -205,6 +205,17 @@ def test_api_block_device(ceph, image):
     theirs = [(e["start"], e["length"], e["data"], e["zero"]) for e in
               json.loads(qemu_img("map", "--output=json", name).stdout)]
     assert ext == theirs
+    # a sequential reader is served from read-ahead: the same bytes as qemu-img reads, also when
+    # the pattern breaks (a jump, a different length) and at the end of the image
+    raw = tmp_path / "all.raw"
+    qemu_img("convert", "-O", "raw", name, raw)
+    want = raw.read_bytes()
+    with api.open(name) as dev:
+        got = [dev.pread(3 << 20, off) for off in range(0, 30 << 20, 3 << 20)]
+        assert b"".join(got) == want[:30 << 20]
+        assert dev.pread(1 << 20, 5 << 20) == want[5 << 20:6 << 20]
+        assert dev.pread(2 << 20, 6 << 20) == want[6 << 20:8 << 20]
+        assert dev.pread(2 << 20, 30 << 20) == want[30 << 20:]
 
 
 @pytest.mark.parametrize("spelling", ["secret", "opts"])
