@@ -442,13 +442,13 @@ class RbdDevice(BlockDevice):
 
     def snapshot_create(self, name: str) -> Snapshot:
         self._writable()
-        if not name:
-            raise L.RbdError("Invalid argument", 22)
-        if len(name.encode()) >= 128:
-            raise L.RbdError("Numerical result out of range", 34)
-        r = self.lib.rbd_snap_create(self.image, _b(name))
-        if r < 0:
-            raise L.RbdError(f"{r} ({os.strerror(-r)})", -r)
+        r = -errno.EINVAL if not name else -errno.ERANGE if len(name.encode()) >= 128 else \
+            self.lib.rbd_snap_create(self.image, _b(name))
+        if r < 0:  # qemu-img's words: the errno as a number, and (from librbd) what failed first
+            err = L.RbdError(f"{r} ({os.strerror(-r)})", -r)
+            if name and len(name.encode()) < 128:
+                err.report = f"failed to create snap: {os.strerror(-r)}"  # type: ignore[attr-defined]
+            raise err
         return _snapshot(name, self.size)
 
     def snapshot_apply(self, key: str) -> None:
@@ -463,6 +463,8 @@ class RbdDevice(BlockDevice):
     def snapshot_delete(self, key: str) -> None:
         self._writable()
         r = self.lib.rbd_snap_remove(self.image, _b(key))
+        if r == -errno.ENOENT:
+            raise SnapshotNotFound(key)
         if r < 0:
             raise L.fail("Failed to remove the snapshot", r)
 

@@ -156,6 +156,8 @@ def test_snapshots_both_ways(ceph, image):
     assert qcowpy("compare", f"rbd:rbd/{image}@s1:conf={ceph.conf}", name).returncode == 0
     same_errors(qcowpy_proc("resize", f"rbd:rbd/{image}@s1:conf={ceph.conf}", "+1M", check=False),
                 qemu_img("resize", f"rbd:rbd/{image}@s1:conf={ceph.conf}", "+1M", check=False))
+    for args in (["-c", "s1"], ["-c", ""], ["-d", "nosuch"], ["-a", "nosuch"]):
+        same_errors(qcowpy_proc("snapshot", *args, name, check=False), qemu_img("snapshot", *args, name, check=False))
     qcowpy("snapshot", "-d", "s1", name)
     qemu_img("snapshot", "-d", "s2", name)
     assert json.loads(ceph.rbd("snap", "ls", "--format=json", image).stdout) == []
