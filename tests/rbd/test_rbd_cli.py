@@ -234,3 +234,18 @@ def test_key_secret_and_image_opts(ceph, image, spelling):
     assert qcowpy("info", *args).stdout == qemu_img("info", *args).stdout
     missing = ["--image-opts", opts + ",key-secret=nosuch"]
     same_errors(qcowpy_proc("info", *missing, check=False), qemu_img("info", *missing, check=False))
+
+
+def test_local_overlay_on_rbd_backing_and_commit(ceph, image, tmp_path):
+    """A local qcow2 overlay whose backing file is an rbd image (a cloud's golden image): the chain
+    reads and maps as in qemu-img, and commit writes the overlay's data into the rbd image."""
+    base = _pattern_image(ceph, image, "16M")
+    ov = tmp_path / "ov.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", ov)
+    qemu_io(str(ov), "write -P 0x3c 1M 64k", fmt="qcow2")
+    for out in ("human", "json"):
+        assert qcowpy("info", "--backing-chain", f"--output={out}", ov).stdout == \
+            qemu_img("info", "--backing-chain", f"--output={out}", ov).stdout
+        assert qcowpy("map", f"--output={out}", ov).stdout == qemu_img("map", f"--output={out}", ov).stdout
+    assert qcowpy("commit", ov).stdout == "Image committed.\n"
+    qemu_io(base, "read -P 0x3c 1M 64k", "read -P 0x11 0 64k")
