@@ -1,7 +1,8 @@
 """A throw-away one-node Ceph cluster on 127.0.0.1 for tests, benchmarks and the docs' session.
 
 One monitor and one OSD (``osd objectstore = memstore``: objects live in the OSD's memory),
-``auth none``, pools of size 1, everything under one directory. Starts in a few seconds with
+cephx authentication (the ``client.admin`` keyring is named in ceph.conf, so clients that read it
+authenticate; ``auth="none"`` turns it off), pools of size 1, everything under one directory. Starts in a few seconds with
 Debian's ceph-mon/ceph-osd/ceph-common; every wait is bounded. As a script::
 
     python tests/rbd/cluster.py start DIR     # prints the ceph.conf path; daemons keep running
@@ -19,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-TOOLS = ("ceph-mon", "ceph-osd", "ceph", "rbd", "monmaptool")
+TOOLS = ("ceph-mon", "ceph-osd", "ceph", "rbd", "monmaptool", "ceph-authtool")
 POOL = "rbd"
 
 
@@ -36,8 +37,9 @@ def _free_port() -> int:
 class Cluster:
     """The daemons' processes and the configuration file clients use (``conf``)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, auth: str = "cephx"):
         self.root = Path(root)
+        self.auth = auth  # "cephx" (keys, as production clusters) or "none"
         self.conf = self.root / "ceph.conf"
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = 0
@@ -55,11 +57,10 @@ mon host = v2:127.0.0.1:{self.port}
 mon initial members = a
 public addr = 127.0.0.1
 ms bind msgr1 = false
-auth cluster required = none
-auth service required = none
-auth client required = none
-auth supported = none
-keyring = /dev/null
+auth cluster required = {self.auth}
+auth service required = {self.auth}
+auth client required = {self.auth}
+keyring = {r}/$name.keyring
 osd pool default size = 1
 osd pool default min size = 1
 mon allow pool size one = true
@@ -83,6 +84,25 @@ client mount timeout = 20
 rados mon op timeout = 20
 rados osd op timeout = 20
 """)
+
+    def _make_keys(self) -> None:
+        """mon. and client.admin keys (the monitor's keyring holds both); the OSD makes its own."""
+        mon, admin = self.root / "mon.a.keyring", self.root / "client.admin.keyring"
+        tool = ["ceph-authtool", "--create-keyring"]
+        subprocess.run([*tool, str(mon), "--gen-key", "-n", "mon.", "--cap", "mon", "allow *"],
+                       check=True, capture_output=True, timeout=30)
+        subprocess.run([*tool, str(admin), "--gen-key", "-n", "client.admin", "--cap", "mon", "allow *",
+                        "--cap", "osd", "allow *", "--cap", "mgr", "allow *"], check=True, capture_output=True,
+                       timeout=30)
+        subprocess.run(["ceph-authtool", str(mon), "--import-keyring", str(admin)], check=True,
+                       capture_output=True, timeout=30)
+
+    def admin_key(self) -> str:
+        """client.admin's key (base64), as a secret object would carry it."""
+        for line in (self.root / "client.admin.keyring").read_text().splitlines():
+            if line.strip().startswith("key = "):
+                return line.split("=", 1)[1].strip()
+        raise RuntimeError("no key in client.admin.keyring")
 
     def ceph(self, *args: str, timeout: float = 30) -> str:
         p = subprocess.run(["ceph", "-c", str(self.conf), "--connect-timeout", "15", *args],
@@ -113,14 +133,19 @@ rados osd op timeout = 20
         """Make and start the cluster and the ``rbd`` pool; RuntimeError if it is not up in ``timeout``."""
         deadline = time.monotonic() + timeout
         self.write_conf()
+        self._make_keys()
         monmap = self.root / "monmap"
         subprocess.run(["monmaptool", "--create", "--addv", "a", f"[v2:127.0.0.1:{self.port}]", "--fsid",
                         self.fsid, str(monmap)], check=True, capture_output=True, timeout=30)
-        subprocess.run(["ceph-mon", "-c", str(self.conf), "--mkfs", "-i", "a", "--monmap", str(monmap)],
-                       check=True, capture_output=True, timeout=30)
+        subprocess.run(["ceph-mon", "-c", str(self.conf), "--mkfs", "-i", "a", "--monmap", str(monmap),
+                        "--keyring", str(self.root / "mon.a.keyring")], check=True, capture_output=True, timeout=30)
         self.start_mon()
         osd_uuid = str(uuid.uuid4())
         self._retry(lambda: self.ceph("osd", "new", osd_uuid), deadline)
+        osd_key = self.root / "osd.0.keyring"
+        subprocess.run(["ceph-authtool", "--create-keyring", str(osd_key), "--gen-key", "-n", "osd.0"],
+                       check=True, capture_output=True, timeout=30)
+        self.ceph("auth", "add", "osd.0", "osd", "allow *", "mon", "allow profile osd", "-i", str(osd_key))
         subprocess.run(["ceph-osd", "-c", str(self.conf), "-i", "0", "--mkfs", "--osd-uuid", osd_uuid],
                        check=True, capture_output=True, timeout=30)
         self.start_osd()

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from qcowpy.block.rbdspec import parse_filename
 from tests.rbd.conftest import qcowpy, qcowpy_proc, qemu_img, qemu_io, same_errors
 
@@ -220,20 +218,25 @@ def test_api_block_device(ceph, image, tmp_path):
         assert dev.pread(2 << 20, 30 << 20) == want[30 << 20:]
 
 
-@pytest.mark.parametrize("spelling", ["secret", "opts"])
-def test_key_secret_and_image_opts(ceph, image, spelling):
-    """--object secret,... with key-secret (auth none ignores the key, but it must be accepted and
-    looked up as in qemu-img), and a missing secret id fails as in qemu-img."""
+def test_cephx_key_from_secret_object_and_keyring(ceph, image, tmp_path):
+    """The cluster uses cephx: with a configuration that has no keyring, the key comes from
+    --object secret (key-secret) or a keyring option in the name; a missing, wrong or unknown
+    key fails as in qemu-img."""
     qemu_img("create", "-f", "raw", ceph.name(image), "1M")
-    opts = f"driver=rbd,pool=rbd,image={image},conf={ceph.conf}"
-    if spelling == "secret":
-        args = ["--object", "secret,id=sec0,data=QVFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQT09,format=base64",
-                "--image-opts", opts + ",key-secret=sec0"]
-    else:
-        args = ["--image-opts", opts + ",user=admin"]
-    assert qcowpy("info", *args).stdout == qemu_img("info", *args).stdout
-    missing = ["--image-opts", opts + ",key-secret=nosuch"]
-    same_errors(qcowpy_proc("info", *missing, check=False), qemu_img("info", *missing, check=False))
+    nokey = tmp_path / "nokey.conf"
+    nokey.write_text("".join(line if not line.startswith("keyring") else "keyring = /dev/null\n"
+                             for line in ceph.conf.read_text().splitlines(keepends=True)))
+    opts = f"driver=rbd,pool=rbd,image={image},conf={nokey},user=admin"
+    good = ["--object", f"secret,id=sec0,data={ceph.admin_key()},format=base64", "--image-opts",
+            opts + ",key-secret=sec0"]
+    for out in ("human", "json"):
+        assert qcowpy("info", f"--output={out}", *good).stdout == qemu_img("info", f"--output={out}", *good).stdout
+    name = f"rbd:rbd/{image}:conf={nokey}:id=admin:keyring={ceph.root}/client.admin.keyring"
+    assert qcowpy("info", name).stdout == qemu_img("info", name).stdout
+    for args in (["--image-opts", opts],
+                 ["--object", "secret,id=sec0,data=QUFBQQ==,format=base64", "--image-opts", opts + ",key-secret=sec0"],
+                 ["--image-opts", opts + ",key-secret=nosuch"]):
+        same_errors(qcowpy_proc("info", *args, check=False), qemu_img("info", *args, check=False))
 
 
 def test_local_overlay_on_rbd_backing_and_commit(ceph, image, tmp_path):
