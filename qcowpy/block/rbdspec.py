@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidArgument
+from ..qdict import qdict_order
 
 PREFIX = "rbd:"
 
-#: the keys of an rbd node in the order QEMU prints a QDict holding them (tdb_hash buckets)
-_QDICT_ORDER = ("pool", "image", "conf", "snapshot", "driver", "namespace", "server", "user")
 #: BlockdevOptionsRbd members (besides driver); encrypt is refused where it is used
 NODE_KEYS = frozenset({"pool", "namespace", "image", "snapshot", "conf", "user", "key-secret",
                        "auth-client-required", "server", "encrypt", "filename", "password-secret",
@@ -49,11 +48,12 @@ class RbdLocation:
     def display_name(self, fmt: str | None = "raw") -> str:
         """The ``json:`` name QEMU gives the opened node (bdrv_refresh_filename): the strong
         runtime options only, so Ceph options from the filename do not appear."""
-        node: dict[str, Any] = {"pool": self.pool, "image": self.image, "conf": self.conf,
-                                "snapshot": self.snapshot, "driver": "rbd", "namespace": self.namespace,
-                                "server": [{"host": h, "port": p} for h, p in self.servers] or None,
-                                "user": self.user}
-        node = {k: node[k] for k in _QDICT_ORDER if node[k] is not None}
+        node: dict[str, Any] = {"pool": self.pool, "namespace": self.namespace, "image": self.image,
+                                "conf": self.conf, "snapshot": self.snapshot, "user": self.user}
+        for i, (host, port) in enumerate(self.servers):  # QEMU keeps a node's options flat
+            node[f"server.{i}.host"], node[f"server.{i}.port"] = host, port
+        node["driver"] = "rbd"
+        node = qdict_order({k: v for k, v in node.items() if v is not None})
         top = {"driver": fmt, "file": node} if fmt else node
         return "json:" + json.dumps(top)
 

@@ -38,7 +38,9 @@ def test_info_human_and_json_match_qemu(ceph, image):
     spellings = [[name], ["-f", "raw", name],
                  ["--image-opts", f"driver=rbd,pool=rbd,image={image},conf={conf}"],
                  ["--image-opts", f"driver=raw,file.driver=rbd,file.pool=rbd,file.image={image},file.conf={conf}"],
-                 [f'json:{{"driver": "rbd", "pool": "rbd", "image": "{image}", "conf": "{conf}"}}']]
+                 [f'json:{{"driver": "rbd", "pool": "rbd", "image": "{image}", "conf": "{conf}"}}'],
+                 ["--image-opts", f"driver=rbd,pool=rbd,image={image},conf={conf},server.0.host=127.0.0.1,"
+                                  f"server.0.port={ceph.port},user=admin"]]
     for args in spellings:
         for out in ("human", "json"):
             assert qcowpy("info", f"--output={out}", *args).stdout == \
