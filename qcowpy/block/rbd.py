@@ -156,8 +156,6 @@ class RbdDevice(BlockDevice):
         self.filename = name or loc.display_name(None)
         self.display_name = loc.display_name("raw" if fmt_name == "raw" else None)
         self.node_name = loc.display_name(None)  # the protocol node, as map's File column names it
-        if loc.snapshot is not None and not read_only:
-            raise ReadOnlyError("rbd snapshots are read-only")
         self.read_only = read_only
         self.broken: L.RbdError | None = None  # the timeout that ended this device's use
         self._ahead: tuple[int, bytearray, list] | None = None  # read-ahead: offset, buffer, requests
@@ -169,13 +167,15 @@ class RbdDevice(BlockDevice):
             raise _not_found_aware(e) from None
         self.lib = self.conn.lib
         self.image = c_void_p()
-        opener = self.lib.rbd_open_read_only if read_only else self.lib.rbd_open
+        opener = self.lib.rbd_open_read_only if read_only or loc.snapshot is not None else self.lib.rbd_open
         r = opener(self.conn.ioctx, _b(loc.image), byref(self.image), _b(loc.snapshot))
         if r < 0:
             self.image = c_void_p()
             self.conn.close()
             raise _not_found_aware(L.fail(f"error reading header from {loc.image}", r))
         try:
+            if loc.snapshot is not None and not read_only:  # QEMU checks once the snapshot is open
+                raise ReadOnlyError("rbd snapshots are read-only")
             info = L.ImageInfo()
             r = self.lib.rbd_stat(self.image, byref(info), ctypes.sizeof(info))
             if r < 0:
