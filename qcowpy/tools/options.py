@@ -45,10 +45,13 @@ PROTOCOL_OPTS = {
 
 
 def create_opts(fmt: str, filename: str | None = None) -> list[OptDesc]:
-    """The create options of ``fmt`` on the protocol ``filename`` names (a local file: none added)."""
+    """The create options of ``fmt`` on the protocol ``filename`` names (a local file: none added).
+    raw's ``preallocation`` is the file protocol's option in QEMU, so another protocol drops it."""
     descs = list(CREATE_OPTS[fmt])
     for prefix, extra in PROTOCOL_OPTS.items():
         if filename and filename.startswith(prefix):
+            if fmt == "raw":
+                descs = [d for d in descs if d.name != "preallocation"]
             descs += [d for d in extra if d.name not in {x.name for x in descs}]
     return descs
 
@@ -121,9 +124,9 @@ def has_help(text: str | None) -> bool:
 
 def help_text(fmt: str, filename: str | None) -> str:
     """What ``-o help`` prints (the options qcowpy implements for ``fmt``)."""
-    descs = CREATE_OPTS.get(fmt)
-    if descs is None:
+    if fmt not in CREATE_OPTS:
         raise InvalidArgument(f"Unknown file format '{fmt}'")
+    descs = create_opts(fmt, filename)
     lines = ["Supported options:" if filename else f"Supported {fmt} options:"]
     entries = []
     for d in descs:

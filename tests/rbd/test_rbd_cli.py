@@ -80,7 +80,7 @@ def test_create_options_and_errors_match_qemu(ceph, image):
         info = json.loads(ceph.rbd("info", "--format=json", img).stdout)
         assert (info["order"], info["size"]) == (16, 10 << 20)
     for opts, name in (("cluster_size=64k", image), ("cluster_size=1000", image + "x"),
-                       ("cluster_size=1k", image + "x")):
+                       ("cluster_size=1k", image + "x"), ("preallocation=full", image + "x")):
         ours = qcowpy_proc("create", "-f", "raw", "-o", opts, ceph.name(name), "1M", check=False)
         theirs = qemu_img("create", "-f", "raw", "-o", opts, ceph.name(name), "1M", check=False)
         assert ours.stdout == theirs.stdout
