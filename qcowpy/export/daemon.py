@@ -125,6 +125,13 @@ class Daemon:
                 child_name = None
             dev = self._open(filename, driver, read_only, encrypt)
             node = BlockNode(name, driver, dev, filename, child_name)
+        elif driver == "rbd":  # Ceph RBD: BlockdevOptionsRbd (pool, image, conf, user, ...), block/rbd.py
+            from qcowpy.block.spec import open_spec
+            try:
+                dev = open_spec({"driver": "rbd", **opts}, "r" if read_only else "r+")
+            except QcowError as e:
+                raise OptionError(str(e)) from None
+            node = BlockNode(name, "rbd", dev, dev.display_name, None)
         else:
             raise OptionError(f"Parameter 'driver' does not accept value '{driver}'")
         with self.lock:
