@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..block.device import BlockDevice
 from ..errors import QcowError
+from ..export.nbd.listen import ListenError, tcp_listener, unix_listener
 from .common import CommandFailed
 
 SOCKET_ACTIVATION_FD = 3
@@ -103,39 +104,17 @@ def _backlog(o: ServeOptions) -> int:
 
 
 def _unix_listener(path: str, backlog: int) -> socket.socket:
-    """Bound and listening under a temporary name, then renamed into place: a client that waits for
-    the socket file to appear never finds it refusing connections. Like qemu-nbd, a stale socket
-    file at ``path`` is replaced."""
-    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        ls.bind(tmp)
-        ls.listen(backlog)
-        os.rename(tmp, path)
-    except OSError as e:
-        ls.close()
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise CommandFailed(f"Failed to bind socket to {path}: {e.strerror}") from None
-    return ls
+        return unix_listener(path, backlog)
+    except ListenError as e:
+        raise CommandFailed(str(e)) from None
 
 
 def _tcp_listener(host: str, port: str) -> socket.socket:
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise CommandFailed(f"address resolution failed for {host}:{port}: {e.strerror}") from None
-    err: OSError | None = None
-    for family, kind, proto, _, addr in infos:
-        ls = socket.socket(family, kind, proto)
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            ls.bind(addr)
-            return ls
-        except OSError as e:
-            ls.close()
-            err = e
-    raise CommandFailed(f"Failed to bind socket: {err.strerror if err else 'no address'}")
+        return tcp_listener(host, port)
+    except ListenError as e:
+        raise CommandFailed(str(e)) from None
 
 
 def open_device(o: ServeOptions) -> BlockDevice:
