@@ -89,6 +89,12 @@ def test_hostile_front_end_is_disconnected(served, qemu, name):
     img, sock, d = served
     fe = FrontEnd(sock)
     HOSTILE_SETUP[name](fe)
+    _dropped_but_serving(fe, d, sock, img, qemu)
+    qemu.io(img, "read -P 0 1M 15M")
+
+
+def _dropped_but_serving(fe: FrontEnd, d, sock: str, img: str, qemu) -> None:
+    """The back-end hung up on ``fe``, serves a new front-end, stops cleanly, and the image is intact."""
     assert fe.closed()
     fe.close()
     assert d.proc.poll() is None
@@ -96,7 +102,7 @@ def test_hostile_front_end_is_disconnected(served, qemu, name):
     code, err = d.terminate()
     assert code == 0, err
     qemu.assert_clean(img)
-    qemu.io(img, "read -P 0x11 0 1M", "read -P 0 1M 15M")
+    qemu.io(img, "read -P 0x11 0 1M")
 
 
 HOSTILE_GUEST = {
@@ -188,11 +194,4 @@ def test_unsealable_memfd_shrunk_under_a_request_drops_only_the_front_end(served
     # header and status in the part cut off (reading the header there is what raised SIGBUS
     # before the guard: the daemon died with -7)
     fe.chain(0, [], raw=[(0x300000, 16, 0x1, 1), (0x1F0000, 4096, 0x2 | 0x1, 2), (0x301000, 1, 0x2, 0)])
-    assert fe.closed()
-    fe.close()
-    assert d.proc.poll() is None
-    _still_serves(sock)
-    code, err = d.terminate()
-    assert code == 0, err
-    qemu.assert_clean(img)
-    qemu.io(img, "read -P 0x11 0 1M")
+    _dropped_but_serving(fe, d, sock, img, qemu)
