@@ -6,6 +6,7 @@ default, as in QEMU) clients must present a certificate signed by that CA.
 """
 from __future__ import annotations
 
+import os
 import ssl
 
 from ..block.spec import split_opts
@@ -43,6 +44,21 @@ def server_context(objects: tuple[str, ...], creds_id: str) -> ssl.SSLContext:
         return x509_server_context(props)
     except CredsError as e:
         raise CommandFailed(str(e)) from None
+
+
+def client_dir(objects: tuple[str, ...], creds_id: str) -> str:
+    """-L with --tls-creds: the directory of a client endpoint's credentials (ca-cert.pem, and
+    client-cert.pem/client-key.pem when the server checks clients)."""
+    props = parse_objects(objects).get(creds_id)
+    if props is None or props["qom-type"] != "tls-creds-x509":
+        raise CommandFailed(f"Failed to get TLS creds: No TLS credentials with id '{creds_id}'")
+    if props.get("endpoint", "client") != "client":
+        raise CommandFailed("Failed to get TLS creds: Expected TLS credentials for a client endpoint")
+    d = props.get("dir", "")
+    ca = os.path.join(d, "ca-cert.pem")
+    if not os.access(ca, os.R_OK):
+        raise CommandFailed(f"Unable to access credentials {ca}: No such file or directory")
+    return d
 
 
 def authz(objects: tuple[str, ...], authz_id: str):
