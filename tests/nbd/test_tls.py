@@ -157,3 +157,50 @@ def test_qcowpy_client_over_tls(tls_server, certs, tmp_path, server):
     anon = run(*qcowpy_argv("info", f"nbds://localhost:{port}/?tls-certificates={certs / 'anon'}"),
                env=child_env(), check=False)
     assert anon.returncode == 1 and "Traceback" not in anon.stderr
+
+
+@pytest.mark.parametrize("hostname", [(), ("--tls-hostname", "localhost")], ids=["bind-address", "tls-hostname"])
+def test_list_over_tls_like_qemu_nbd(tls_server, certs, hostname):
+    port = tls_server("qcowpy")
+    creds = ["--object", f"tls-creds-x509,id=c0,dir={certs / 'cli'},endpoint=client", "--tls-creds", "c0"]
+    where = ["-b", "127.0.0.1" if not hostname else "localhost", "-p", str(port)]
+    ours = subprocess.run(qcowpy_argv("nbd", "-L", *where, *creds, *hostname), capture_output=True, text=True,
+                          env=child_env(), timeout=60)
+    theirs = run(tool("qemu-nbd"), "-L", *where, *creds, *hostname, check=False, timeout=60)
+    assert ours.returncode == theirs.returncode == 0, (ours.stderr, theirs.stderr)
+    assert ours.stdout == theirs.stdout and "export: ''" in ours.stdout
+
+
+def test_storage_daemon_nbd_server_with_tls_like_qsd(qemu, certs, tmp_path):
+    """--object tls-creds-x509 + --nbd-server ...,tls-creds=ID: TLS clients get the export, others not."""
+    import sys
+    results = []
+    for kind in ("qsd", "ours"):
+        img = tmp_path / f"{kind}.qcow2"
+        qemu.create(img, "16M")
+        port = free_port()
+        args = ["--object", f"tls-creds-x509,id=tls0,dir={certs / 'srv'},endpoint=server",
+                "--blockdev", f"driver=qcow2,node-name=n,file.driver=file,file.filename={img}",
+                "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={port},tls-creds=tls0",
+                "--export", "type=nbd,id=e,node-name=n,name="]
+        argv = ["qemu-storage-daemon", *args] if kind == "qsd" else \
+            [sys.executable, "-m", "qcowpy.cli.main", "storage-daemon", *args]
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=child_env())
+        try:
+            wait_for_port(port, proc)
+            p = _nbdinfo(port, certs / "cli")
+            assert p.returncode == 0, p.stderr
+            info = json.loads(p.stdout)
+            for e in info["exports"]:
+                e.pop("uri")
+            results.append(info)
+            plain = _nbdinfo(port, None, tls=False)
+            assert plain.returncode != 0
+            results.append(plain.stderr.split(": ", 1)[1])
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        qemu.assert_clean(img)
+    assert results[0]["TLS"] is True
+    assert results[0] == results[2] and results[1] == results[3]
