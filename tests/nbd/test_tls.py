@@ -73,19 +73,23 @@ def _nbdinfo(port: int, certdir, tls: bool = True) -> subprocess.CompletedProces
     return run(tool("nbdinfo"), "--json", uri, check=False)
 
 
+def _tls_view(port: int, certs) -> list:
+    """[nbdinfo --json over TLS less the URIs, the error a client without TLS gets]."""
+    p = _nbdinfo(port, certs / "cli")
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    for e in info["exports"]:
+        e.pop("uri")
+    plain = _nbdinfo(port, None, tls=False)  # a client without TLS is refused the export
+    assert plain.returncode != 0
+    return [info, plain.stderr.split(": ", 1)[1]]
+
+
 def test_tls_clients_see_what_qemu_nbd_shows(tls_server, certs):
     ours, theirs = tls_server("qcowpy"), tls_server("qemu-nbd")
     results = []
     for port in (ours, theirs):
-        p = _nbdinfo(port, certs / "cli")
-        assert p.returncode == 0, p.stderr
-        info = json.loads(p.stdout)
-        for e in info["exports"]:
-            e.pop("uri")
-        results.append(info)
-        plain = _nbdinfo(port, None, tls=False)  # a client without TLS is refused the export
-        assert plain.returncode != 0
-        results.append(plain.stderr.split(": ", 1)[1])
+        results += _tls_view(port, certs)
         nocert = _nbdinfo(port, certs / "anon")  # verify-peer (the default) wants a client certificate
         assert nocert.returncode != 0
     assert results[0]["TLS"] is True
@@ -188,15 +192,7 @@ def test_storage_daemon_nbd_server_with_tls_like_qsd(qemu, certs, tmp_path):
         proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=child_env())
         try:
             wait_for_port(port, proc)
-            p = _nbdinfo(port, certs / "cli")
-            assert p.returncode == 0, p.stderr
-            info = json.loads(p.stdout)
-            for e in info["exports"]:
-                e.pop("uri")
-            results.append(info)
-            plain = _nbdinfo(port, None, tls=False)
-            assert plain.returncode != 0
-            results.append(plain.stderr.split(": ", 1)[1])
+            results += _tls_view(port, certs)
         finally:
             proc.terminate()
             proc.communicate(timeout=30)
