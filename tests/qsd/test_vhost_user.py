@@ -88,7 +88,10 @@ HOSTILE_SETUP = {
 def test_hostile_front_end_is_disconnected(served, qemu, name):
     img, sock, d = served
     fe = FrontEnd(sock)
-    HOSTILE_SETUP[name](fe)
+    try:
+        HOSTILE_SETUP[name](fe)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the back-end hung up before the front-end had sent everything: what we want
     _dropped_but_serving(fe, d, sock, img, qemu)
     qemu.io(img, "read -P 0 1M 15M")
 
