@@ -140,6 +140,14 @@ def _qmp_script(q: QMP, d) -> list:
     out.append(norm(q.call("block-export-add", {"type": "nbd", "id": "again", "node-name": "n", "name": ""})))
     info = _listing(sock)[0]
     out.append((info["export-name"], info["can_multi_conn"], info["is_read_only"]))
+    for execute, args in (("object-add", {"qom-type": "iothread", "id": "io1"}),
+                          ("object-add", {"qom-type": "iothread", "id": "io1"}),
+                          ("object-add", {"qom-type": "secret", "id": "s1"}),
+                          ("object-add", {"qom-type": "secret", "id": "s1", "data": "pw"}),
+                          ("object-add", {"qom-type": "bogus", "id": "b"}),
+                          ("object-del", {"id": "io1"}),
+                          ("object-del", {"id": "nope"})):
+        out.append(norm(q.call(execute, args)))
     out.append(norm(q.cmd("quit")))
     # BLOCK_EXPORT_DELETED comes when the export is gone (QSD may send it after the reply): by now
     out.append({"id": "x"} in [e["data"] for e in q.events if e["event"] == "BLOCK_EXPORT_DELETED"])
