@@ -36,7 +36,20 @@ MAX_IO = 32 << 20  # libfuse caps requests far below this; anything larger is re
 _mounted: set[str] = set()
 
 
+def _prefer_libfuse3() -> None:
+    """mfusepy loads libfuse 2 when both are installed (it looks for ``libfuse`` first), and libfuse
+    2 has no ``lseek`` callback: SEEK_DATA/SEEK_HOLE would silently fall back to the kernel's
+    "all data" answer. Point it at libfuse3 unless the user chose a library."""
+    if os.environ.get("FUSE_LIBRARY_PATH"):
+        return
+    from ctypes.util import find_library
+    path = find_library("fuse3")
+    if path:
+        os.environ["FUSE_LIBRARY_PATH"] = path
+
+
 def _ops_class() -> Any:
+    _prefer_libfuse3()
     try:
         import mfusepy
     except (ImportError, OSError) as e:  # OSError: libfuse3 itself is missing
