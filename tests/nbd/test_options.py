@@ -177,3 +177,14 @@ def test_bitmap_option_on_a_real_bitmap(start_server, qemu, tmp_path):
         assert p.stderr == "qcowpy: Bitmap 'b' cannot be read: this build does not read bitmap data yet\n"
     assert "dirty" in want  # the oracle saw the writes
     assert not os.path.exists(tmp_path / "s")
+
+
+def test_trace_is_accepted_and_ignored(start_server, qemu, tmp_path):
+    """-T PATTERN (qemu-nbd's trace events) is accepted; qcowpy has no trace events, it just serves."""
+    img = tmp_path / "a.raw"
+    qemu.create(img, "1M", fmt="raw")
+    srv = start_server("qcowpy", img, "-f", "raw", "-T", "nbd_*", "-T", "enable=nbd_negotiate*")
+    p = subprocess.run([tool("nbdinfo"), "--size", srv.uri], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == str(1 << 20), p.stderr
+    assert srv.wait_exit() == 0
+    assert srv.proc.stderr.read() == ""
