@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
+from typing import Any, Callable
 
 from .errors import ImageNotFound, QcowError, ReadOnlyError
 
@@ -135,6 +137,21 @@ class HostFile:
                 self.fd = -1
 
 
+#: name prefix ("rbd:") -> opener taking HostFile's arguments and returning an object with its
+#: methods: the block layer's protocol drivers register here, so the qcow2 engine opens and
+#: creates images stored on them exactly as it does local files (open_host_file below)
+PROTOCOLS: dict[str, Callable[..., Any]] = {}
+
+
+def open_host_file(path: str, writable: bool = False, create: bool = False, cache: str = "writeback",
+                   lock: bool = True, force_share: bool = False) -> Any:
+    """A HostFile for ``path``, or the registered protocol's equivalent for a protocol name."""
+    for prefix, opener in PROTOCOLS.items():
+        if path.startswith(prefix):
+            return opener(path, writable=writable, create=create, cache=cache, force_share=force_share)
+    return HostFile(path, writable=writable, create=create, cache=cache, lock=lock, force_share=force_share)
+
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = None
@@ -164,3 +181,24 @@ def zero_fill(buf: memoryview) -> None:
         k = min(n - pos, len(_ZEROS))
         buf[pos:pos + k] = _ZEROS[:k]
         pos += k
+
+
+def data_or_hole(fd: int, pos: int, size: int, device_end: int) -> tuple[bool, int]:
+    """(is data, end of the run) at ``pos``; past the file's ``size`` (the tail of its last
+    sector, up to ``device_end``) reads as a hole, as QEMU's file driver reports it."""
+    if pos >= size:
+        return False, device_end
+    try:
+        data = os.lseek(fd, pos, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # only a hole remains up to EOF
+            return False, device_end
+        return True, size
+    if data > pos:
+        return False, data
+    try:
+        hole = os.lseek(fd, pos, os.SEEK_HOLE)
+    except OSError:
+        hole = size
+    return True, min(hole, size)
+

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from ..errors import InvalidArgument, QcowError
 from .device import BlockDevice, LayerStatus, status_at
 
-SUPPORTED_DRIVERS = ("qcow2", "raw", "file", "null-co")
+SUPPORTED_DRIVERS = ("qcow2", "raw", "file", "null-co", "rbd")
 
 
 class SpecError(QcowError):
@@ -48,12 +48,21 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
             sub = out.setdefault(head, {})
             if not isinstance(sub, dict):
                 raise SpecError(f"Value for parameter {head} was already given")
-            sub.update(nest({rest: value}))
+            _merge(sub, nest({rest: value}))
         elif isinstance(value, dict) and isinstance(out.get(head), dict):
-            out[head].update(value)
+            _merge(out[head], value)
         else:
             out[head] = value
     return out
+
+
+def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    """Deep update: ``server.0.host`` and ``server.0.port`` both land in ``server["0"]``."""
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def parse_json_filename(name: str) -> dict[str, Any]:
@@ -185,7 +194,7 @@ def canonical_name(name: str) -> str:
 
 
 def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
-              backing_chain: bool = True) -> BlockDevice:
+              backing_chain: bool = True, no_io: bool = False) -> BlockDevice:
     """Open the node tree ``opts`` describes (already nested); ``backing_chain`` False opens
     the top node alone, as ``open_image(backing=False)`` does."""
     from .open import open_image, probe_format  # open.py hooks in here: import lazily
@@ -194,6 +203,11 @@ def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
         raise SpecError(f"Unknown driver '{driver}'")
     if driver == "null-co":
         return NullDevice(_int(opts, "size", 1 << 30) or 0, _bool(opts, "read-zeroes"))
+    if driver == "rbd" or isinstance(opts.get("file"), dict) and opts["file"].get("driver") == "rbd":
+        from .rbdopen import open_rbd_image, rbd_options  # Ceph: block/rbd.py
+        writable = "+" in mode or mode == "rw"
+        return open_rbd_image(rbd_options(opts), writable, None if driver == "rbd" else driver,  # type: ignore[arg-type]
+                              backing_chain, force_share=force_share, bare=driver == "rbd")
     child = opts.get("file")
     if isinstance(child, dict) and child.get("driver", "file") not in SUPPORTED_DRIVERS:
         raise SpecError(f"Unknown driver '{child.get('driver')}'")
@@ -208,7 +222,9 @@ def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
     if fmt == "raw" and ("offset" in opts or "size" in opts):
         return _raw_window(open_image(path, mode, "raw", force_share=force_share), opts)
     backing = opts.get("backing", ...)
-    dev = open_image(path, mode, fmt, backing=backing_chain and backing is ..., force_share=force_share)
+    encrypt = opts.get("encrypt") if isinstance(opts.get("encrypt"), dict) else None  # encrypt.key-secret=ID
+    dev = open_image(path, mode, fmt, backing=backing_chain and backing is ..., force_share=force_share,
+                     encrypt=encrypt, no_io=no_io)
     if backing_chain and isinstance(backing, (dict, str)) and fmt == "qcow2":
         try:
             below = open_spec(backing if isinstance(backing, dict) else {"file": backing}, "r", force_share)
@@ -311,9 +327,10 @@ class NullDevice(BlockDevice):
     filename = ""
     read_only = False
 
-    def __init__(self, size: int, read_zeroes: bool = False):
+    def __init__(self, size: int, read_zeroes: bool = False, format: str = "null-co"):
         self._size = size
-        self.read_zeroes = read_zeroes
+        self.read_zeroes = self.holes_read_zero = read_zeroes
+        self.format = format  # "raw" when opened by filename: QEMU probes raw over the protocol
 
     @property
     def size(self) -> int:

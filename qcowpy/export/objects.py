@@ -2,16 +2,17 @@
 
 The daemon uses three: ``tls-creds-x509`` (the NBD server's TLS, loaded and checked when created,
 as QEMU does), ``authz-simple`` (``tls-authz``) and ``iothread`` (accepted: every export runs on
-its own threads). ``secret`` is checked and kept (nothing here decrypts yet). Other types QEMU
+its own threads). ``secret`` goes into the process's secret store (crypto/secret.py), where
+``encrypt.key-secret=ID`` and rbd's ``key-secret=ID`` find it. Other types QEMU
 knows are refused with its wording for an unknown type. Messages are QSD's.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 from typing import Any
 
+from ..crypto.secret import SECRETS, load_secret
+from ..errors import QcowError
 from .daemon import Daemon
 from .keyval import OptionError, no_more, take, take_bool, take_int
 from .nbd.tls import CredsError, x509_server_context
@@ -42,6 +43,8 @@ def object_add(daemon: Daemon, opts: dict[str, Any]) -> None:
         if oid in daemon.objects:
             raise OptionError(f"attempt to add duplicate property '{oid}' to object (type 'container')")
         daemon.objects[oid] = obj
+    if qom_type == "secret":  # what encrypt.key-secret= and rbd's key-secret= look up
+        SECRETS.add(str(oid), obj["data"])
 
 
 def object_del(daemon: Daemon, oid: str) -> None:
@@ -52,30 +55,13 @@ def object_del(daemon: Daemon, oid: str) -> None:
 
 
 def _secret(opts: dict[str, Any]) -> bytes:
-    data, path = take(opts, "data"), take(opts, "file")
-    fmt = take(opts, "format", default="raw")
-    for key in ("keyid", "iv"):
+    try:
+        value = load_secret(opts)
+    except QcowError as e:
+        raise OptionError(str(e)) from None
+    for key in ("data", "file", "format", "keyid", "iv"):
         opts.pop(key, None)
-    if fmt not in ("raw", "base64"):
-        raise OptionError(f"Parameter 'format' does not accept value '{fmt}'")
-    if data is not None and path is not None:
-        raise OptionError("'file' and 'data' are mutually exclusive")
-    if data is None and path is None:
-        raise OptionError("Either 'file' or 'data' must be provided")
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError as e:
-            raise OptionError(f"Unable to read {path}: Failed to open file “{path}”: {e.strerror}") from None
-    else:
-        raw = str(data).encode()
-    if fmt == "base64":
-        try:
-            raw = base64.b64decode(raw, validate=True)
-        except binascii.Error:
-            raise OptionError("Unable to decode base64 data") from None
-    return raw
+    return value
 
 
 def _x509(opts: dict[str, Any], obj: dict[str, Any]) -> None:

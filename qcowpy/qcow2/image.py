@@ -16,10 +16,11 @@ from ..format import constants as C
 from ..format.entries import ClusterType, compressed_descriptor, l2_offset, make_compressed_entry
 from ..format.entries import cluster_type as std_cluster_type
 from ..format.header import Header, parse_header
-from ..hostfile import HostFile, zero_fill
+from ..hostfile import HostFile, open_host_file, zero_fill
 from . import codec
 from .extl2 import ExtendedL2Writes
 from .mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, LayerExtent, layer_extents
+from .encryption import ImageCrypto, open_crypto
 from .metadata import Metadata
 from .opencheck import l1_entries_for, validate_contents, validate_header
 
@@ -40,7 +41,7 @@ class Qcow2Image:
     """A qcow2 image file. Thread-safe: every public method holds the image lock."""
 
     def __init__(self, file: HostFile, header: Header, writable: bool, l2_cache_tables: int | None = None,
-                 check_mode: bool = False):
+                 check_mode: bool = False, crypto: ImageCrypto | None = None):
         # check_mode: open as qemu-img check does, leaving the snapshot table to the check itself
         self._check_mode = check_mode
         self.header = header
@@ -49,6 +50,7 @@ class Qcow2Image:
         self.cluster_bits = header.cluster_bits
         self.cluster_size = 1 << self.cluster_bits
         self.extended = header.extended_l2
+        self._metadata_prealloc: bool | None = None  # metadata_preallocated(), decided on first use
         self.size = header.size & ~511  # whole sectors, as QEMU (bs->total_sectors)
         self._closed = False
         self._compressed_cache: tuple[int, bytes] | None = None
@@ -59,6 +61,7 @@ class Qcow2Image:
         self.subcluster_size = self.meta.cluster_size // C.SUBCLUSTERS_PER_CLUSTER if self.extended \
             else self.cluster_size
         self._ext = ExtendedL2Writes(self) if self.extended else None
+        self.crypto = crypto  # encryption.ImageCrypto: every data cluster goes through it
 
     @property
     def writable(self) -> bool:
@@ -67,17 +70,23 @@ class Qcow2Image:
     # ------------------------------------------------------------------ opening / closing
     @classmethod
     def open(cls, path: str, writable: bool = False, cache: str = "writeback",
-             force_share: bool = False) -> "Qcow2Image":
-        file = HostFile(path, writable=writable, cache=cache, force_share=force_share)
+             force_share: bool = False, secret: bytes | None = None, no_io: bool = False,
+             encrypt_format: str | None = None) -> "Qcow2Image":
+        """``secret`` unlocks an encrypted image; ``no_io`` opens one without it, for its
+        header only (as qemu-img info does); ``encrypt_format`` is the format the caller
+        expects (QEMU's ``encrypt.format`` open option)."""
+        file = open_host_file(path, writable=writable, cache=cache, force_share=force_share)
         try:
             head = file.pread(min(file.size(), 1 << C.MAX_CLUSTER_BITS), 0)
             header = parse_header(head, file.size())
+            validate_header(header, file.size(), False)  # validate before repairing, as any open does
+            # unlocked before any repair, as in QEMU: a wrong passphrase leaves the file untouched
+            crypto = open_crypto(header, file, secret, no_io, encrypt_format)
             if writable and header.incompatible_features & C.INCOMPAT_DIRTY and \
                     not header.incompatible_features & C.INCOMPAT_CORRUPT:
-                validate_header(header, file.size(), False)  # validate before repairing, as any open does
                 from .check import repair_dirty
                 repair_dirty(file, header)  # QEMU repairs a dirty image opened read-write
-            img = cls(file, header, writable)
+            img = cls(file, header, writable, crypto=crypto)
             if writable:
                 img._open_read_write()
             return img
@@ -125,6 +134,23 @@ class Qcow2Image:
         if self._closed:
             raise QcowError("Image is closed")
 
+    def metadata_preallocated(self) -> bool:
+        """QEMU's heuristic, decided once per open: far more clusters are in use than the host
+        file has blocks, so data clusters may sit on holes of the file (block status then asks
+        the file system)."""
+        if self._metadata_prealloc is None:
+            with self.lock:
+                cs = self.cluster_size
+                try:
+                    real = self.file.allocated_bytes() // cs
+                except (AttributeError, OSError):  # a test double or a store without block counts
+                    self._metadata_prealloc = False
+                    return False
+                threshold = max(real * 10 // 9, real + 2)
+                end_cluster = -(-self.file.size() // cs)
+                self._metadata_prealloc = self.meta.refcounts.count_used(end_cluster, threshold) >= threshold
+        return self._metadata_prealloc
+
     def layer_extents(self, offset: int, length: int, max_extents: int | None = None) -> list[LayerExtent]:
         """Status of ``[offset, offset+length)`` in this image alone, as maximal runs.
 
@@ -144,7 +170,7 @@ class Qcow2Image:
         with self.lock:
             self.check_range(offset, length)
             exts = self.layer_extents(offset, length)
-            if len(exts) == 1 and exts[0].kind == DATA:  # one contiguous host run: no copy at all
+            if len(exts) == 1 and exts[0].kind == DATA and self.crypto is None:  # one host run: no copy at all
                 return self.file.pread(length, exts[0].host_offset)  # type: ignore[arg-type]
             buf = bytearray(length)
             self._read_extents(memoryview(buf), exts, zeroed=True)
@@ -156,7 +182,7 @@ class Qcow2Image:
         with self.lock:
             self.check_range(offset, len(view))
             exts = self.layer_extents(offset, len(view))
-            if len(exts) == 1 and exts[0].kind == DATA:
+            if len(exts) == 1 and exts[0].kind == DATA and self.crypto is None:
                 self.file.preadinto(view, exts[0].host_offset)  # type: ignore[arg-type]
             else:
                 self._read_extents(view, exts, zeroed=False)
@@ -166,7 +192,7 @@ class Qcow2Image:
         for ext in exts:
             dst = view[pos:pos + ext.length]
             if ext.kind == DATA:
-                self.file.preadinto(dst, ext.host_offset)  # type: ignore[arg-type]
+                self.read_data(dst, ext.host_offset, ext.start)  # type: ignore[arg-type]
             elif ext.kind == UNALLOCATED and self.backing is not None:
                 self._read_backing_into(dst, ext.start)
             elif ext.kind == COMPRESSED:
@@ -180,6 +206,20 @@ class Qcow2Image:
             elif not zeroed:  # ZERO, or UNALLOCATED without a backing file
                 zero_fill(dst)
             pos += ext.length
+
+    def read_data(self, dst: memoryview, host: int, guest: int) -> None:
+        """Guest data stored at ``host`` into ``dst`` (decrypted on encrypted images)."""
+        if self.crypto is None:
+            self.file.preadinto(dst, host)
+        else:
+            self.crypto.read_into(self.file, dst, host, guest)
+
+    def write_data(self, data, host: int, guest: int) -> None:
+        """Store guest data (whole sectors on encrypted images) at ``host``."""
+        if self.crypto is None:
+            self.file.pwrite(data, host)
+        else:
+            self.file.pwrite(self.crypto.encrypt(data, host, guest), host)
 
     def _read_backing_into(self, dst: memoryview, offset: int) -> None:
         """Backing data, zeros past the end of a shorter backing file."""
@@ -225,6 +265,8 @@ class Qcow2Image:
             if not len(mv):
                 return
             self.begin_change()
+            if self.crypto is not None and (offset | len(mv)) % 512:
+                mv, offset = self._whole_sectors(mv, offset)
             if self._ext is not None:
                 self._ext.pwrite(mv, offset)
                 return
@@ -235,6 +277,15 @@ class Qcow2Image:
                 # One run per L2 table: clusters written in place, or a batch of new clusters.
                 span_end = min(end, ((pos >> span_bits) + 1) << span_bits)
                 pos = self._write_span(mv, offset, pos, span_end)
+
+    def _whole_sectors(self, mv: memoryview, offset: int) -> tuple[memoryview, int]:
+        """Encryption works on 512-byte sectors (QEMU's request alignment): widen the write
+        with the current contents of the sectors it cuts."""
+        a = offset & ~511
+        b = min(self.size, (offset + len(mv) + 511) & ~511)
+        buf = bytearray(self.pread(b - a, a))
+        buf[offset - a:offset - a + len(mv)] = mv
+        return memoryview(buf), a
 
     def _write_span(self, mv: memoryview, base: int, pos: int, span_end: int) -> int:
         l1_index = pos >> (self.cluster_bits + self.meta.l2_bits)
@@ -263,7 +314,7 @@ class Qcow2Image:
                 if not (_owned_data(nentry) and l2_offset(nentry) == host - (pos - cstart) + (nidx - idx) * cs):
                     break
                 n = min(span_end - pos, n + cs)
-            self.file.pwrite(mv[pos - base:pos - base + n], host)
+            self.write_data(mv[pos - base:pos - base + n], host, pos)
             pos += n
         return pos
 
@@ -298,7 +349,7 @@ class Qcow2Image:
         meta = self.meta
         meta.writable_l2(l1_index)  # like QEMU: the L2 table is allocated before the data clusters
         host = meta.refcounts.alloc_clusters(nclusters)
-        self.file.pwrite(buf, host)
+        self.write_data(buf, host, first)
         # The run lies in one L2 table: fetch it once (allocation may have evicted it) and set
         # the entries together; the table marks itself dirty.
         l2 = meta.writable_l2(l1_index)
@@ -343,8 +394,9 @@ class Qcow2Image:
 
     def write_zeroes(self, length: int, offset: int, unmap: bool = False) -> None:
         """Make a range read as zeros, allocating like QEMU: on v3 a cluster becomes a zero cluster
-        when the request covers it or the rest of it already reads as zeros; otherwise (and always
-        on v2) explicit zeros are written."""
+        when the request covers it or the rest of it already reads as zeros (on v2 without a
+        backing file it is unallocated instead, QEMU's discard fallback); otherwise (and always on
+        v2 with a backing file) explicit zeros are written."""
         with self.lock:
             self.require_writable()
             self.check_range(offset, length)
@@ -362,7 +414,8 @@ class Qcow2Image:
                 cend = min(cstart + cs, self.size)
                 n = min(end, cend) - pos
                 whole = pos == cstart and pos + n == cend
-                if self.header.version >= 3 and (whole or self.reads_zero(cstart, cend, pos, pos + n)):
+                if (self.header.version >= 3 or self.backing is None) and \
+                        (whole or self.reads_zero(cstart, cend, pos, pos + n)):
                     self._zero_cluster(cstart, unmap)
                 else:  # as QEMU's fallback: explicit zeros, even where the range reads zero
                     self.pwrite(bytes(n), pos)
@@ -394,13 +447,14 @@ class Qcow2Image:
     def _zero_cluster(self, cstart: int, unmap: bool) -> None:
         entry = self.meta.l2_entry(cstart)[0]
         t = std_cluster_type(entry)
-        if not unmap and entry & C.OFLAG_COPIED and t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+        plain = C.OFLAG_ZERO if self.header.version >= 3 else 0  # v2: no zero flag, unallocated
+        if plain and not unmap and entry & C.OFLAG_COPIED and t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
             new = entry | C.OFLAG_ZERO  # keep the preallocated host cluster
         else:
-            new = C.OFLAG_ZERO
+            new = plain
         if new != entry:
             old = self.meta.set_l2_entry(cstart, new)[0]
-            if new == C.OFLAG_ZERO:
+            if new == plain:
                 self.meta.free_entry_later(old)
 
     def discard(self, length: int, offset: int) -> None:

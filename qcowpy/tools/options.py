@@ -20,7 +20,18 @@ class OptDesc:
     default: str | None = None
 
 
-_QCOW2 = [
+_ENCRYPT = [  # QEMU's qcow2 create options for encryption (block/qcow2.c, crypto/block-luks.c)
+    OptDesc("encryption", "onstr", "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"),
+    OptDesc("encrypt.format", "str", "Encrypt the image, format choices: 'aes', 'luks'"),
+    OptDesc("encrypt.key-secret", "str", "ID of secret providing qcow AES key or LUKS passphrase"),
+    OptDesc("encrypt.cipher-alg", "str", "Name of encryption cipher algorithm"),
+    OptDesc("encrypt.cipher-mode", "str", "Name of encryption cipher mode"),
+    OptDesc("encrypt.ivgen-alg", "str", "Name of IV generator algorithm"),
+    OptDesc("encrypt.ivgen-hash-alg", "str", "Name of IV generator hash algorithm"),
+    OptDesc("encrypt.hash-alg", "str", "Name of encryption hash algorithm"),
+    OptDesc("encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds"),
+]
+_QCOW2 = _ENCRYPT + [
     OptDesc("cluster_size", "size", "qcow2 cluster size", "65536"),
     OptDesc("extended_l2", "bool", "Extended L2 tables", "off"),
     OptDesc("preallocation", "str", "Preallocation mode (allowed values: off, metadata, falloc, full)"),
@@ -37,10 +48,26 @@ _RAW = [
     OptDesc("preallocation", "str", "Preallocation mode (allowed values: off, falloc, full)"),
 ]
 CREATE_OPTS = {"qcow2": _QCOW2, "raw": _RAW}
+# What a protocol driver adds to a format's list (QEMU appends the protocol's create options)
+PROTOCOL_OPTS = {
+    "rbd:": [OptDesc("size", "size", "Virtual disk size"), OptDesc("cluster_size", "size", "RBD object size"),
+             OptDesc("password-secret", "str", "ID of secret providing the password")],
+}
+
+
+def create_opts(fmt: str, filename: str | None = None) -> list[OptDesc]:
+    """The create options of ``fmt`` on the protocol ``filename`` names (a local file: none added).
+    raw's ``preallocation`` is the file protocol's option in QEMU, so another protocol drops it."""
+    descs = list(CREATE_OPTS[fmt])
+    for prefix, extra in PROTOCOL_OPTS.items():
+        if filename and filename.startswith(prefix):
+            if fmt == "raw":
+                descs = [d for d in descs if d.name != "preallocation"]
+            descs += [d for d in extra if d.name not in {x.name for x in descs}]
+    return descs
 
 # Options QEMU has that qcowpy recognises but does not implement: a clear error, not "Invalid parameter".
 _UNSUPPORTED = {
-    "encryption": "Encrypted images", "encrypt.format": "Encrypted images", "encrypt.key-secret": "Encrypted images",
     "data_file": "External data files", "data_file_raw": "External data files",
     "nocow": "The 'nocow' option", "extent_size_hint": "The 'extent_size_hint' option",
 }
@@ -107,13 +134,13 @@ def has_help(text: str | None) -> bool:
 
 def help_text(fmt: str, filename: str | None) -> str:
     """What ``-o help`` prints (the options qcowpy implements for ``fmt``)."""
-    descs = CREATE_OPTS.get(fmt)
-    if descs is None:
+    if fmt not in CREATE_OPTS:
         raise InvalidArgument(f"Unknown file format '{fmt}'")
+    descs = create_opts(fmt, filename)
     lines = ["Supported options:" if filename else f"Supported {fmt} options:"]
     entries = []
     for d in descs:
-        kind = {"str": "str", "bool": "bool (on/off)", "size": "size", "num": "num"}[d.type]
+        kind = {"str": "str", "bool": "bool (on/off)", "onstr": "bool (on/off)", "size": "size", "num": "num"}[d.type]
         s = f"  {d.name}=<{kind}>"
         if len(s) < 24:
             s += " " * (24 - len(s))
@@ -132,6 +159,7 @@ class ParsedOpts:
     fmt: str
     raw: dict[str, str]
     values: dict[str, object]
+    filename: str | None = None  # where the image goes: a protocol there adds options
 
     def set(self, name: str, value: object, text: str | None = None) -> None:
         self.values[name] = value
@@ -139,7 +167,7 @@ class ParsedOpts:
 
     def formatting_line(self, filename: str) -> str:
         parts = []
-        for d in CREATE_OPTS[self.fmt]:
+        for d in create_opts(self.fmt, self.filename):
             if d.name in self.values:
                 v = self.values[d.name]
                 if d.type == "num" and isinstance(v, int) and v >= 1 << 63:
@@ -157,13 +185,12 @@ def _escape(s: str) -> str:
     return s.replace(",", ",,")
 
 
-def parse_create_options(fmt: str, text: str | None) -> ParsedOpts:
+def parse_create_options(fmt: str, text: str | None, filename: str | None = None) -> ParsedOpts:
     """Parse and type-check ``-o`` for ``fmt`` with qemu's messages (unknown names, bad values)."""
-    descs = CREATE_OPTS.get(fmt)
-    if descs is None:
+    if fmt not in CREATE_OPTS:
         raise InvalidArgument(f"Unknown file format '{fmt}'")
-    by_name = {d.name: d for d in descs}
-    parsed = ParsedOpts(fmt, {}, {})
+    by_name = {d.name: d for d in create_opts(fmt, filename)}
+    parsed = ParsedOpts(fmt, {}, {}, filename)
     for name, value in split_options(text or ""):
         d = by_name.get(name)
         if d is None:
@@ -184,6 +211,10 @@ def typed_value(d: OptDesc, value: str) -> object:
         if value in _FALSE:
             return False
         raise InvalidArgument(f"Parameter '{d.name}' expects 'on' or 'off'")
+    if d.type == "onstr":  # a QemuOpts bool the driver then reads as text ("encryption": only "on" means aes)
+        if value not in _TRUE + _FALSE:
+            raise InvalidArgument(f"Parameter '{d.name}' expects 'on' or 'off'")
+        return value
     if d.type == "size":
         return parse_option_size(d.name, value)
     if d.type == "num":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..block.open import open_image
+from ..block.open import key_errors_name, open_image
 from ..errors import QcowError
 from ..units import INT64_MAX, parse_option_size
 
@@ -36,7 +36,13 @@ def run_resize(filename: str, size: str, fmt: str | None = None, preallocation: 
         n = parse_option_size("size", text)
     except QcowError as e:
         raise ResizeError(str(e), getattr(e, "hint", None)) from None
-    dev = open_image(filename, "r+", fmt)
+    with key_errors_name(filename):
+        try:
+            dev = open_image(filename, "r+", fmt)
+        except QcowError as e:
+            if filename.startswith("rbd:") and not str(e).startswith("Could not open"):  # the driver's own words
+                raise QcowError(f"Could not open '{filename}': {e}") from None
+            raise
     try:
         current = (dev.size + 511) & ~511  # the block layer counts whole sectors (raw files)
         total = current + relative * n if relative else n
