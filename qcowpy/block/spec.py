@@ -12,7 +12,7 @@ import os
 from typing import Any, Iterator
 
 from ..errors import InvalidArgument, QcowError
-from .device import BlockDevice, LayerStatus
+from .device import BlockDevice, LayerStatus, status_at
 
 SUPPORTED_DRIVERS = ("qcow2", "raw", "file", "null-co", "rbd")
 
@@ -302,6 +302,20 @@ class WindowDevice(BlockDevice):
 
     def _close_self(self) -> None:
         self.inner.close()
+
+
+class ChainWindow(WindowDevice):
+    """A window of a whole device chain (qemu-nbd ``-o``): block status answers for the chain, so
+    bytes a backing file supplies are data, never holes that read as zeros."""
+
+    def layer_status(self, offset: int, length: int, max_extents: int | None = None) -> Iterator[LayerStatus]:
+        self.check_range(offset, length)
+        pos, end, n = offset, offset + length, 0
+        while pos < end and (max_extents is None or n < max_extents):
+            e = status_at(self.inner, self.offset + pos, end - pos)
+            yield LayerStatus(pos, e.length, e.data or not e.zero, e.zero)
+            pos += e.length
+            n += 1
 
 
 class NullDevice(BlockDevice):
