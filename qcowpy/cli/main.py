@@ -395,11 +395,13 @@ def emu(args) -> None:
         raise CommandFailed(None, int(code))
 
 
-from .check import check  # noqa: E402  (these commands live in their own modules)
+from .bench import bench  # noqa: E402  (these commands live in their own modules)
+from .check import check  # noqa: E402
 from .convert import convert  # noqa: E402
 from .nbd import nbd  # noqa: E402
 from .storage_daemon import storage_daemon  # noqa: E402
 
+cli.add_command(bench)
 cli.add_command(check)
 cli.commands = {k: cli.commands[k] for k in ("create", "info", "map")} | {"convert": convert} | {
     k: v for k, v in cli.commands.items() if k not in ("create", "info", "map")}  # help lists convert after map
