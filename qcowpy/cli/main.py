@@ -27,7 +27,7 @@ class QemuGroup(click.Group):
 
 
 @click.group(cls=QemuGroup, context_settings=CONTEXT)
-@click.version_option(package_name="qcowpy", prog_name="qcowpy", message="%(prog)s version %(version)s")
+@click.version_option(None, "-V", "--version", package_name="qcowpy", prog_name="qcowpy", message="%(prog)s version %(version)s")
 def cli() -> None:
     """qcowpy: a qemu-img compatible qcow2/raw image tool."""
 
