@@ -36,7 +36,7 @@ _RAW = [
     OptDesc("size", "size", "Virtual disk size"),
     OptDesc("preallocation", "str", "Preallocation mode (allowed values: off, falloc, full)"),
 ]
-CREATE_OPTS = {"qcow2": _QCOW2, "raw": _RAW}
+CREATE_OPTS = {"qcow2": _QCOW2, "raw": _RAW, "file": _RAW}  # -f file: the protocol as the format
 
 # Options QEMU has that qcowpy recognises but does not implement: a clear error, not "Invalid parameter".
 _UNSUPPORTED = {

@@ -115,7 +115,7 @@ def _qcowpy_create_options(fmt: str) -> list[str]:
     return re.findall(r"^  ([\w.-]+)=", qcowpy("create", "-f", fmt, "-o", "help", "x").out, re.M)
 
 
-@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+@pytest.mark.parametrize("fmt", ["qcow2", "raw", "file"])
 def test_creation_options_as_both_list_them(qemu_img, tmp_path, fmt):
     section = f"create-options.{fmt}"
     assert _qemu_create_options(qemu_img, tmp_path, fmt) == [r.key for r in rows_of(section)]
