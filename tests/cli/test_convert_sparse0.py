@@ -1,6 +1,6 @@
 """``convert -S 0``: qemu-img writes every range, zeros included, as data (``-c``: every cluster
 compressed), so the target is fully allocated. Both tools convert the same sources; the targets
-must map alike (qemu-img map), read alike (qemu-img compare) and check clean."""
+must map alike (qemu-img map), read alike (qemu-img compare), check clean and be the same file."""
 from __future__ import annotations
 
 import json
@@ -42,6 +42,7 @@ def test_sparse_zero_fully_allocates_as_qemu_img(tmp_path, qemu_img, args, chain
     assert qemu(qemu_img, "compare", theirs, ours).code == 0
     if "raw" not in args:
         assert qemu(qemu_img, "check", ours).code == 0
+    assert ours.read_bytes() == theirs.read_bytes()  # the same file, layout included
 
 
 def test_sparse_zero_into_existing_target(tmp_path, qemu_img):
