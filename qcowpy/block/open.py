@@ -10,7 +10,8 @@ from .device import BlockDevice
 from .nbd import is_nbd_uri, open_nbd
 from .qcow2 import Qcow2Device
 from .raw import RawDevice
-from .spec import file_protocol_path, is_json_filename, open_spec, parse_json_filename
+from .spec import (file_protocol_path, is_json_filename, is_null_filename, open_null_filename, open_spec,
+                   parse_json_filename)
 
 FORMATS = ("qcow2", "raw")
 MAX_CHAIN_DEPTH = 256
@@ -46,7 +47,7 @@ def probe_bytes(head: bytes) -> str:
 def resolve_backing_path(overlay: str, backing: str) -> str:
     """A relative backing name is relative to the overlay's directory, as in QEMU; ``file:``
     and ``json:`` names are taken as QEMU takes them (block/spec.py)."""
-    if is_json_filename(backing):
+    if is_json_filename(backing) or is_null_filename(backing):
         return backing
     backing = file_protocol_path(backing)
     if ":" in backing.split("/", 1)[0] and not os.path.exists(backing):
@@ -71,6 +72,8 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
             opts.setdefault("driver", format)
         return open_spec(opts, mode, force_share, backing)
     writable = "+" in mode or mode == "rw"
+    if is_null_filename(path):
+        return open_null_filename(path, format)
     if is_nbd_uri(path):
         return open_nbd(path, writable, format, backing)
     fmt = format or probe_format(path)

@@ -184,6 +184,28 @@ def canonical_name(name: str) -> str:
     return file_protocol_path(name)
 
 
+#: QEMU's null drivers' protocol names: ``null-co://`` names a null disk as a filename would
+NULL_PROTOCOLS = ("null-co", "null-aio")
+
+
+def is_null_filename(name: str) -> bool:
+    return name.partition(":")[0] in NULL_PROTOCOLS and ":" in name
+
+
+def open_null_filename(name: str, fmt: str | None) -> BlockDevice:
+    """``null-co://`` (or ``null-aio://``): a 1 GiB null disk under the raw format, as QEMU
+    opens it (a backing file of ``null-co://`` is how QEMU's tests give an image a zero backing)."""
+    proto = name.partition(":")[0]
+    if name != f"{proto}://":
+        raise SpecError(f"The only allowed filename for this driver is '{proto}://'")
+    if fmt not in (None, "raw", proto):
+        raise SpecError(f"Image is not in {fmt} format")
+    dev = NullDevice(1 << 30)
+    dev.format, dev.filename = "raw", name
+    dev.has_image_info = False  # QEMU's null driver has no get_info: info shows no dirty-flag
+    return dev
+
+
 def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
               backing_chain: bool = True) -> BlockDevice:
     """Open the node tree ``opts`` describes (already nested); ``backing_chain`` False opens
