@@ -178,3 +178,28 @@ def test_every_qcowpy_command_is_listed():
     for name in cli.commands:
         assert name in COMMANDS or name in others, f"qcowpy {name} is in neither table of docs/parity.toml"
     assert not set(others) & set(COMMANDS)
+
+
+@pytest.mark.parametrize("section", COMMANDS)
+def test_qcowpy_takes_long_option_prefixes_as_getopt_long(section, tmp_path):
+    """``--X`` abbreviates the one long option starting with X, as qemu-img's getopt_long takes it
+    (the qemu-img side is probed above); an ambiguous or unknown prefix is refused."""
+    if section not in cli.commands:
+        return
+    every, _ = _params(cli.commands[section])
+    longs = [o for o in every | HELP if o.startswith("--")]
+    extra = ["a", "b"] if section == "resize" else []  # resize takes its last word as the size
+    for c in string.ascii_lowercase:
+        r = qcowpy(section, f"--{c}", *extra, cwd=tmp_path)
+        assert "Traceback" not in r.err
+        accepted = f"unrecognized option '--{c}'" not in r.err
+        assert accepted == (sum(o.startswith(f"--{c}") for o in longs) == 1), f"{section} --{c}: {r.err}"
+
+
+def test_prefixes_keep_option_values():
+    from qcowpy.cli.common import expand_long_prefixes
+    bench = cli.commands["bench"]
+    assert expand_long_prefixes(bench, ["--flush=8", "--pat", "0xab", "-o", "--no", "-wo", "--no", "--no", "x"]) == \
+        ["--flush-interval=8", "--pattern", "0xab", "-o", "--no", "-wo", "--no", "--no-drain", "x"]
+    assert expand_long_prefixes(bench, ["--", "--no"]) == ["--", "--no"]
+    assert expand_long_prefixes(bench, ["--f", "--bogus"]) == ["--f", "--bogus"]  # ambiguous, unknown
