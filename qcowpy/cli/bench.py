@@ -15,7 +15,7 @@ from .common import CONTEXT, CommandFailed, image_name, open_error, out, size_ar
 
 INT_MAX = (1 << 31) - 1
 
-#: qemu-img's -t values (bdrv_parse_cache_mode); the ones that bypass the host page cache
+#: qemu-img's -t values (bdrv_parse_cache_mode), and those that ask for O_DIRECT (cache.direct=on)
 CACHE_MODES = ("none", "off", "directsync", "writeback", "unsafe", "writethrough")
 DIRECT_MODES = ("none", "off", "directsync")
 #: qemu-img's -i values (bdrv_parse_aio, with io_uring built in as Debian's qemu-img has it)
@@ -65,8 +65,10 @@ CHECKS = {
 
 
 def _checked(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> object:
-    """The checked value of the option's last occurrence (getopt keeps the last)."""
-    return ctx.meta.get(_CHECKED, {}).get(param.name)
+    """The checked value of the option's last occurrence (getopt keeps the last); every -i value,
+    since -i native sets a flag a later -i threads does not clear (bdrv_parse_aio)."""
+    seen = ctx.meta.get(_CHECKED, {}).get(param.name, [])
+    return tuple(seen) if param.name == "aio" else (seen[-1] if seen else None)
 
 
 _CHECKED = "qcowpy.bench.checked"
@@ -87,7 +89,7 @@ class ArgvOrderCommand(click.Command):
             if param.name in CHECKS:
                 i = seen.get(param.name, 0)
                 seen[param.name] = i + 1
-                checked[param.name] = CHECKS[param.name](opts[param.name][i])
+                checked.setdefault(param.name, []).append(CHECKS[param.name](opts[param.name][i]))
         return super().parse_args(ctx, args)
 
 
@@ -159,7 +161,7 @@ def bench(count, depth, fmt, flush_interval, aio, image_opts, native, no_drain, 
     except QcowError as e:
         raise CommandFailed(open_error(given, e)) from None
     with dev:
-        if (native or aio == "native") and cache not in DIRECT_MODES and not is_nbd_uri(filename):
+        if (native or "native" in aio) and cache not in DIRECT_MODES and not is_nbd_uri(filename):
             raise CommandFailed(f"Could not open '{given}': aio=native was specified, but it requires "
                                 "cache.direct=on, which was not specified.")
         for line in header_lines(spec):

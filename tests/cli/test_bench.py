@@ -43,7 +43,8 @@ BAD = [
     ["--image-opts", "-f", "qcow2"],
     ["-f", "bogus"],
     ["-c", "abc", "-d", "x"], ["-d", "x", "-c", "abc"], ["-i", "foo", "-t", "bogus"],
-    ["-t", "bogus", "-c", "x"],
+    ["-t", "bogus", "-c", "x"], ["-i", "native", "-i", "threads"], ["-n", "-t", "none", "-t", "writeback"],
+    ["-c", "5", "-c", "x"], ["-c", "x", "-c", "5"],
 ]
 
 
