@@ -184,30 +184,8 @@ def canonical_name(name: str) -> str:
     return file_protocol_path(name)
 
 
-#: QEMU's null drivers' protocol names: ``null-co://`` names a null disk as a filename would
-NULL_PROTOCOLS = ("null-co", "null-aio")
-
-
-def is_null_filename(name: str) -> bool:
-    return name.partition(":")[0] in NULL_PROTOCOLS and ":" in name
-
-
-def open_null_filename(name: str, fmt: str | None) -> BlockDevice:
-    """``null-co://`` (or ``null-aio://``): a 1 GiB null disk under the raw format, as QEMU
-    opens it (a backing file of ``null-co://`` is how QEMU's tests give an image a zero backing)."""
-    proto = name.partition(":")[0]
-    if name != f"{proto}://":
-        raise SpecError(f"The only allowed filename for this driver is '{proto}://'")
-    if fmt not in (None, "raw", proto):
-        raise SpecError(f"Image is not in {fmt} format")
-    dev = NullDevice(1 << 30)
-    dev.format, dev.filename = "raw", name
-    dev.has_image_info = False  # QEMU's null driver has no get_info: info shows no dirty-flag
-    return dev
-
-
 def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
-              backing_chain: bool = True) -> BlockDevice:
+              backing_chain: bool = True, no_io: bool = False) -> BlockDevice:
     """Open the node tree ``opts`` describes (already nested); ``backing_chain`` False opens
     the top node alone, as ``open_image(backing=False)`` does."""
     from .open import open_image, probe_format  # open.py hooks in here: import lazily
@@ -230,7 +208,9 @@ def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
     if fmt == "raw" and ("offset" in opts or "size" in opts):
         return _raw_window(open_image(path, mode, "raw", force_share=force_share), opts)
     backing = opts.get("backing", ...)
-    dev = open_image(path, mode, fmt, backing=backing_chain and backing is ..., force_share=force_share)
+    encrypt = opts.get("encrypt") if isinstance(opts.get("encrypt"), dict) else None  # encrypt.key-secret=ID
+    dev = open_image(path, mode, fmt, backing=backing_chain and backing is ..., force_share=force_share,
+                     encrypt=encrypt, no_io=no_io)
     if backing_chain and isinstance(backing, (dict, str)) and fmt == "qcow2":
         try:
             below = open_spec(backing if isinstance(backing, dict) else {"file": backing}, "r", force_share)
@@ -319,9 +299,10 @@ class NullDevice(BlockDevice):
     filename = ""
     read_only = False
 
-    def __init__(self, size: int, read_zeroes: bool = False):
+    def __init__(self, size: int, read_zeroes: bool = False, format: str = "null-co"):
         self._size = size
-        self.read_zeroes = read_zeroes
+        self.read_zeroes = self.holes_read_zero = read_zeroes
+        self.format = format  # "raw" when opened by filename: QEMU probes raw over the protocol
 
     @property
     def size(self) -> int:

@@ -25,6 +25,8 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
     info["virtual-size"] = dev.size
     if h is not None:
         info["cluster-size"] = h.cluster_size
+        if h.encrypt is not None:
+            info["encrypted"] = True
         if h.backing_file:
             info["backing-filename"] = h.backing_file
             absolute_file = h.backing_file.startswith("file:") and h.backing_file[5:].startswith("/")
@@ -48,12 +50,22 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
             data["lazy-refcounts"] = h.lazy_refcounts
             data["corrupt"] = h.corrupt
             data["refcount-bits"] = h.refcount_bits
+        if h.encrypt is not None:
+            data["encrypt"] = _encrypt_info(h.encrypt)
         data["compression-type"] = h.compression_type
         spec = QDict()
         spec["type"] = "qcow2"
         spec["data"] = data
         info["format-specific"] = spec
     return info
+
+
+def _encrypt_info(enc: dict) -> QDict:
+    """QCryptoBlockInfo as QDicts (so human and JSON output order their keys as QEMU does)."""
+    out = QDict()
+    for k, v in enc.items():
+        out[k] = [QDict(s) for s in v] if k == "slots" else v
+    return out
 
 
 def snapshot_rows(dev: BlockDevice) -> list:
@@ -94,7 +106,7 @@ def collect(filename: str, fmt: str | None, chain: bool, force_share: bool = Fal
         if ident is not None:
             seen.add(ident)
         try:
-            dev = open_image(name, "r", fmt, backing=False, force_share=force_share)
+            dev = open_image(name, "r", fmt, backing=False, force_share=force_share, no_io=True)
         except QcowError as e:
             raise QcowError(f"Could not open '{name}': {e}") from None
         with dev:
