@@ -163,3 +163,21 @@ def format_size(value: int) -> str:
 def _c_g3(x: float) -> str:
     """printf("%0.3g")."""
     return "%0.3g" % x
+
+
+_STRTOUL = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX](?=[0-9a-fA-F])[0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+
+
+def strtoul(text: str) -> int | None:
+    """QEMU's ``qemu_strtoul(text, NULL, 0, &res)``: C's ``strtoul`` in base 0 (``0x`` hex,
+    leading ``0`` octal, leading blanks, a sign; ``-N`` wraps modulo 2**64) with nothing left
+    over. None where QEMU returns an error (no digits, trailing text, overflow)."""
+    m = _STRTOUL.fullmatch(text)
+    if not m:
+        return None
+    sign, digits = m.groups()
+    base = 16 if digits[:2].lower() == "0x" else 8 if digits.startswith("0") else 10
+    value = int(digits, base)
+    if value > UINT64_MAX:
+        return None
+    return (-value) % (1 << 64) if sign == "-" else value

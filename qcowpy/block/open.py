@@ -85,8 +85,15 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
         if format is not None:
             opts.setdefault("driver", format)
         return open_spec(opts, mode, force_share, backing, no_io=no_io)
-    if path in NULL_FILENAMES:  # QEMU's null block drivers by filename: a 1 GiB disk of zeros
-        return NullDevice(1 << 30, format="raw")
+    proto = path.partition(":")[0]
+    if f"{proto}://" in NULL_FILENAMES:  # QEMU's null block drivers by filename: a 1 GiB disk of zeros
+        if path != f"{proto}://":
+            raise InvalidArgument(f"The only allowed filename for this driver is '{proto}://'")
+        if format not in (None, "raw"):
+            raise FormatError(f"Image is not in {format} format")
+        dev = NullDevice(1 << 30, format="raw")
+        dev.has_image_info = False  # QEMU's null driver has no get_info: info shows no dirty-flag
+        return dev
     writable = "+" in mode or mode == "rw"
     if is_nbd_uri(path):
         return open_nbd(path, writable, format, backing)

@@ -207,3 +207,37 @@ def image_name(name: str, image_opts: bool, fmt: str | None = None) -> tuple[str
 
 def open_error(filename: str, e: QcowError) -> str:
     return f"Could not open '{filename}': {e}"  # qemu-img prefixes even the driver's own "Could not open"
+
+
+def expand_long_prefixes(command, args: list[str]) -> list[str]:
+    """getopt_long's abbreviations, which every QEMU tool accepts: ``--flush=8`` means
+    ``--flush-interval=8`` when exactly one long option of the command starts with ``--flush``
+    (an ambiguous or unknown prefix is left for the parser to refuse). Option values are
+    skipped, so ``-o --x`` keeps its value."""
+    import click
+    takes_value: dict[str, bool] = {"--help": False, "-h": False}
+    for p in getattr(command, "params", []):
+        if isinstance(p, click.Option):
+            for o in p.opts + p.secondary_opts:
+                takes_value[o] = not (p.is_flag or p.count)
+    longs = [o for o in takes_value if o.startswith("--")]
+    out: list[str] = []
+    value_next = False
+    for i, a in enumerate(args):
+        if value_next:
+            value_next = False
+        elif a == "--":
+            return out + args[i:]
+        elif a.startswith("--"):
+            name, eq, val = a.partition("=")
+            hits = [o for o in longs if o.startswith(name)] if name not in takes_value else [name]
+            if len(hits) == 1:
+                a = hits[0] + eq + val
+                value_next = takes_value[hits[0]] and not eq
+        elif a.startswith("-") and len(a) > 1:
+            for j, c in enumerate(a[1:], 1):  # a cluster of short options; one that takes a value ends it
+                if takes_value.get("-" + c):
+                    value_next = j == len(a) - 1
+                    break
+        out.append(a)
+    return out

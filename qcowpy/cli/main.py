@@ -27,7 +27,7 @@ class QemuGroup(click.Group):
 
 
 @click.group(cls=QemuGroup, context_settings=CONTEXT)
-@click.version_option(package_name="qcowpy", prog_name="qcowpy", message="%(prog)s version %(version)s")
+@click.version_option(None, "-V", "--version", package_name="qcowpy", prog_name="qcowpy", message="%(prog)s version %(version)s")
 def cli() -> None:
     """qcowpy: a qemu-img compatible qcow2/raw image tool."""
 
@@ -200,6 +200,9 @@ def resize(fmt, preallocation, shrink, quiet, image_opts, objects, args) -> None
     """
     from ..tools.resize import ResizeError, run_resize
 
+    for word in args[:-1]:  # qemu-img takes the last word as the size first; the rest are getopt's
+        if word.startswith("-") and word != "-":
+            raise click.NoSuchOption(word)
     if len(args) != 2:  # the size may look like an option ("-1G"): it is always the last word
         raise click.UsageError("Expecting image file name and size")
     parse_objects(objects)
@@ -395,11 +398,13 @@ def emu(args) -> None:
         raise CommandFailed(None, int(code))
 
 
-from .check import check  # noqa: E402  (these commands live in their own modules)
+from .bench import bench  # noqa: E402  (these commands live in their own modules)
+from .check import check  # noqa: E402
 from .convert import convert  # noqa: E402
 from .nbd import nbd  # noqa: E402
 from .storage_daemon import storage_daemon  # noqa: E402
 
+cli.add_command(bench)
 cli.add_command(check)
 cli.commands = {k: cli.commands[k] for k in ("create", "info", "map")} | {"convert": convert} | {
     k: v for k, v in cli.commands.items() if k not in ("create", "info", "map")}  # help lists convert after map
@@ -411,9 +416,10 @@ cli.add_command(storage_daemon)
 _USAGE_COMPARE = {"compare"}  # commands whose non-usage failures exit 2
 
 
-def _usage_message(e: click.UsageError) -> str:
-    if isinstance(e, click.NoSuchOption):
-        return f"unrecognized option '{e.option_name}'"
+def _usage_message(e: click.UsageError, args: list[str] = ()) -> str:
+    if isinstance(e, click.NoSuchOption):  # named as typed, value included, as getopt's argv word
+        word = next((a for a in args if a.startswith(e.option_name + "=")), e.option_name)
+        return f"unrecognized option '{word}'"
     if isinstance(e, click.BadOptionUsage) and "requires an argument" in e.message:
         return f"missing argument for option '{e.option_name}'"
     if isinstance(e, click.BadArgumentUsage) and e.message.startswith("Got unexpected extra argument"):
@@ -431,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     failure_code = 2 if command in _USAGE_COMPARE else 1  # usage errors exit 1 everywhere, as error_exit
     code = 0
     try:
+        if command in cli.commands and command != "emu":  # emu parses QEMU's own syntax
+            at = args.index(command) + 1
+            args = args[:at] + common.expand_long_prefixes(cli.commands[command], args[at:])
         try:
             rv = cli.main(args=args, prog_name=common.PROG, standalone_mode=False)
             code = rv if isinstance(rv, int) else 0
@@ -440,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             if "No such command" in e.format_message():
                 error_line(f"Command not found: {command}")
             else:
-                error_line(_usage_message(e))
+                error_line(_usage_message(e, args))
             sys.stderr.write(f"Try '{common.PROG} --help' for more information\n")
             code = 1
         except click.Abort:  # click turns KeyboardInterrupt (and EOF on a prompt) into Abort

@@ -13,6 +13,14 @@ from .options import ParsedOpts, parse_create_options, refcount_bits_error
 
 _VERSIONS = {"v2": "0.10", "0.10": "0.10", "v3": "1.1", "1.1": "1.1"}
 _PREALLOC = {"qcow2": ("off", "metadata", "falloc", "full"), "raw": ("off", "falloc", "full")}
+#: formats whose image is the bare file: raw, and QEMU's file protocol named as a format (-f file)
+_BARE = ("raw", "file")
+#: every value QEMU's PreallocMode knows (a raw file refuses the others' meaning, not their name)
+_PREALLOC_MODES = ("off", "metadata", "falloc", "full")
+
+
+class _LateRefusal(InvalidArgument):
+    """Refused by QEMU's file driver after it has created (emptied) the file."""
 
 
 class CreateError(QcowError):
@@ -44,11 +52,11 @@ def prepare(req: CreateRequest) -> ParsedOpts:
     elif req.size is not None:
         raise InvalidArgument("The image size must be specified only once")
     if req.backing is not None:
-        if req.fmt == "raw":
+        if req.fmt in _BARE:
             raise InvalidArgument(f"Backing file not supported for file format '{req.fmt}'")
         opts.set("backing_file", req.backing)
     if req.backing_fmt is not None:
-        if req.fmt == "raw":
+        if req.fmt in _BARE:
             raise InvalidArgument(f"Backing file format not supported for file format '{req.fmt}'")
         opts.set("backing_fmt", req.backing_fmt)
     backing_file = opts.values.get("backing_file")
@@ -81,9 +89,11 @@ def validate(fmt: str, opts: ParsedOpts) -> dict:
     v = opts.values
     prealloc = str(v.get("preallocation", "off"))
     size = int(v["size"])  # type: ignore[call-overload]
-    if fmt == "raw":
+    if fmt in _BARE:  # file-posix's words
+        if prealloc not in _PREALLOC_MODES:
+            raise InvalidArgument(f"invalid parameter value: {prealloc}")
         if prealloc not in _PREALLOC["raw"]:
-            raise InvalidArgument(f"Parameter 'preallocation' does not accept value '{prealloc}'")
+            raise _LateRefusal(f"Unsupported preallocation mode: {prealloc}")
         out = {"preallocation": prealloc} if "preallocation" in v else {}
         out.update({k: v[k] for k in ("cluster_size", "password-secret") if k in v})  # rbd: object size, key
         return out
@@ -139,7 +149,11 @@ def run_create(req: CreateRequest, quiet: bool = False, echo: Callable[[str], No
     opts = prepare(req)
     if not quiet:
         echo(opts.formatting_line(req.shown_as or req.filename))
-    kwargs = validate(req.fmt, opts)
+    try:
+        kwargs = validate(req.fmt, opts)
+    except _LateRefusal:
+        create_image(req.filename, 0, "raw")
+        raise
     size = int(opts.values["size"])  # type: ignore[call-overload]
     try:
         if req.fmt == "qcow2":
@@ -147,7 +161,7 @@ def run_create(req: CreateRequest, quiet: bool = False, echo: Callable[[str], No
             opts_ = qcow2_options(size, **kwargs)
             create_qcow2(req.filename, opts_)
         else:
-            create_image(req.filename, size, req.fmt, **kwargs)
+            create_image(req.filename, size, "raw" if req.fmt == "file" else req.fmt, **kwargs)
     except QcowError as e:
         msg = str(e)
         prefix = f"Could not open '{req.filename}': "

@@ -19,7 +19,7 @@ from .options import ParsedOpts, parse_create_options, refcount_bits_error
 from .qjson import QDict, dumps_pretty
 
 # formats QEMU knows but cannot measure; anything else is an unknown format to qemu-img
-_NO_MEASURE = ("vmdk", "vdi", "vpc", "vhdx", "qed", "qcow", "parallels", "vvfat", "bochs", "cloop", "dmg")
+_NO_MEASURE = ("vmdk", "vdi", "vpc", "vhdx", "qed", "qcow", "parallels", "vvfat", "bochs", "cloop", "dmg", "file")
 
 
 class MeasureError(QcowError):

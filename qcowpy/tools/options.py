@@ -47,7 +47,7 @@ _RAW = [
     OptDesc("size", "size", "Virtual disk size"),
     OptDesc("preallocation", "str", "Preallocation mode (allowed values: off, falloc, full)"),
 ]
-CREATE_OPTS = {"qcow2": _QCOW2, "raw": _RAW}
+CREATE_OPTS = {"qcow2": _QCOW2, "raw": _RAW, "file": _RAW}  # -f file: the protocol as the format
 # What a protocol driver adds to a format's list (QEMU appends the protocol's create options)
 PROTOCOL_OPTS = {
     "rbd:": [OptDesc("size", "size", "Virtual disk size"), OptDesc("cluster_size", "size", "RBD object size"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from hypothesis import given, strategies as st
 
 from qcowpy.units import SizeError, cvtnum, format_size, parse_option_size, parse_size, strtosz
 
@@ -95,3 +96,35 @@ def test_hex_suffix_warning_matches_qemu_img(qemu_img, tmp_path):
     want = qemu(qemu_img, *args, cwd=tmp_path)
     got = qcowpy(*args, cwd=tmp_path)
     assert as_qemu(got.err) == want.err and got.out == want.out
+
+
+def _libc_strtoul(text: str):
+    """qemu_strtoul(text, NULL, 0): libc's strtoul, an error when nothing or something extra is left."""
+    import ctypes
+    import ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.strtoul.restype = ctypes.c_ulong
+    libc.strtoul.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_int]
+    raw = text.encode()
+    buf = ctypes.create_string_buffer(raw)
+    end = ctypes.c_char_p()
+    ctypes.set_errno(0)
+    value = libc.strtoul(buf, ctypes.byref(end), 0)
+    consumed = ctypes.cast(end, ctypes.c_void_p).value - ctypes.addressof(buf)
+    if ctypes.get_errno() or consumed == 0 or consumed != len(raw):
+        return None
+    return value
+
+
+@pytest.mark.parametrize("text", ["5", " 5", "\t+7", "010", "08", "0x10", "0X1f", "0x", "0xg", "", "-", "+", "5x",
+                                  "-1", "-0", "0", "00", "18446744073709551615", "18446744073709551616",
+                                  "-18446744073709551615", "0x10000000000000000", " ", "1 ", "0b1", "09"])
+def test_strtoul_is_libc_strtoul(text):
+    from qcowpy.units import strtoul
+    assert strtoul(text) == _libc_strtoul(text)
+
+
+@given(st.text(alphabet="0123456789abcdefxX+- \t", max_size=24))
+def test_strtoul_is_libc_strtoul_random(text):
+    from qcowpy.units import strtoul
+    assert strtoul(text) == _libc_strtoul(text)
