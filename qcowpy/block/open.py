@@ -57,11 +57,13 @@ def resolve_backing_path(overlay: str, backing: str) -> str:
 
 
 def open_image(path: str, mode: str = "r", format: str | None = None, backing: bool = True,
-               cache: str = "writeback", _seen: tuple = (), force_share: bool = False) -> BlockDevice:
+               cache: str = "writeback", _seen: tuple = (), force_share: bool = False,
+               data_file: str | None = None) -> BlockDevice:
     """Open ``path`` (and, unless ``backing`` is False, its whole backing chain read-only).
 
     ``force_share`` (qemu-img's ``-U``) opens read-only images without conflicting with, or
-    being stopped by, another process's QEMU-compatible locks (qcowpy/lock.py)."""
+    being stopped by, another process's QEMU-compatible locks (qcowpy/lock.py). ``data_file``
+    overrides a qcow2 image's external data file (QEMU's ``data-file`` option)."""
     if mode not in ("r", "r+", "rb", "r+b", "rw"):
         raise InvalidArgument(f"Invalid mode '{mode}' (use 'r' or 'r+')")
     path = file_protocol_path(path)
@@ -87,7 +89,8 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
         raise QcowError(f"Backing file chain is deeper than {MAX_CHAIN_DEPTH} images")
     if fmt == "raw":
         return RawDevice(path, read_only=not writable, cache=cache, force_share=force_share)
-    dev = Qcow2Device(Qcow2Image.open(path, writable=writable, cache=cache, force_share=force_share), path)
+    dev = Qcow2Device(Qcow2Image.open(path, writable=writable, cache=cache, force_share=force_share,
+                                      data_file=data_file), path)
     info = dev.format_info()
     name = info.backing_file
     if backing and name:

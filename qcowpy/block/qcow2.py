@@ -53,9 +53,15 @@ class Qcow2Device(BlockDevice):
         resize(self.image, size, preallocation=preallocation)
 
     def layer_status(self, offset: int, length: int, max_extents: int | None = None) -> Iterator[LayerStatus]:
+        name = self.data_filename
         for e in self.image.layer_extents(offset, length, max_extents):
             yield LayerStatus(e.start, e.length, data=e.kind in (DATA, COMPRESSED), zero=e.kind == ZERO,
-                              offset=e.host_offset, filename=self.filename)
+                              offset=e.host_offset, filename=name)
+
+    @property
+    def data_filename(self) -> str:
+        """The file that holds the guest data: the external data file, or this image."""
+        return self.image.data.path if self.image.external_data else self.filename
 
     def _close_self(self) -> None:
         self.image.close()

@@ -54,6 +54,8 @@ class Metadata:
             self.file, self.cluster_size, l2_cache_tables or cache_tables(self.cluster_size),
             unpack_table, pack_table, ACTIVE_L2, depends_on=self.refcounts.cache)
         self.pending_frees: list[tuple[int, int]] = []
+        # With an external data file, data clusters carry no references (QEMU counts none).
+        self.external_data = bool(header.incompatible_features & C.INCOMPAT_DATA_FILE)
         self.signaled_corruption = False  # a corruption event was reported (QEMU reports one per image)
 
     # ------------------------------------------------------------------ the crash-safety order
@@ -88,6 +90,8 @@ class Metadata:
 
     def free_entry_later(self, entry: int) -> None:
         """Release what a standard L2 entry (or an extended entry's first word) referenced."""
+        if self.external_data:
+            return
         t = std_cluster_type(entry)
         if t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
             self.free_later(l2_offset(entry), self.cluster_size)

@@ -11,7 +11,8 @@ from ..format.bitmaps import directory_location
 from .image import MAX_RUN_BYTES, Qcow2Image, l1_entries_for
 
 
-def resize(img: Qcow2Image, new_size: int, exact_l1: bool = True, preallocation: str = "off") -> None:
+def resize(img: Qcow2Image, new_size: int, exact_l1: bool = True, preallocation: str = "off",
+           exact_data: bool = False) -> None:
     """Change the virtual size as QEMU's ``qcow2_co_truncate`` does.
 
     Growing widens the L1 table (exactly, when asked) and, with ``preallocation``, maps the
@@ -40,8 +41,12 @@ def resize(img: Qcow2Image, new_size: int, exact_l1: bool = True, preallocation:
                 meta.grow_l1(need, exact=exact_l1)
                 meta.sync()  # QEMU frees the old L1 at once: preallocation may reuse it
         img.size = new_size
+        if new_size > old_size and preallocation == "off" and h.autoclear_features & C.AUTOCLEAR_DATA_FILE_RAW:
+            preallocation = "metadata"  # QEMU: a raw data file stays mapped 1:1 as it grows
         if new_size > old_size and preallocation != "off":
             preallocate(img, preallocation, start=old_size)
+        elif new_size > old_size and img.external_data and (exact_data or img.data.size() < new_size):
+            img.data.truncate(new_size)  # QEMU forwards the resize to the data file
         meta.sync()
         meta.update_header(size=new_size)
         img.file.flush()
@@ -66,25 +71,25 @@ def preallocate(img: Qcow2Image, mode: str, start: int = 0) -> None:
                 if last == first:
                     break
                 n = (last - first + cs - 1) // cs
-                host = meta.refcounts.alloc_clusters(n)
+                host = img.alloc_data(first, n)
                 used = min(last, img.size) - first
                 # The file reaches the clusters before any L2 entry names them: a crash must not
                 # leave entries past the end of the file (which no repair could fix).
                 if mode == "falloc":
-                    img.file.allocate(host, used)
+                    img.data.allocate(host, used)
                 elif mode == "full":
                     for off in range(0, used, MAX_RUN_BYTES):
-                        img.file.pwrite(bytes(min(MAX_RUN_BYTES, used - off)), host + off)
-                elif img.file.size() < host + used:
-                    img.file.truncate(host + used)
+                        img.data.pwrite(bytes(min(MAX_RUN_BYTES, used - off)), host + off)
+                elif img.data.size() < host + used:
+                    img.data.truncate(host + used)
                 for i in range(n):  # extended: host cluster reserved, subclusters read as before
                     meta.set_l2_entry(first + i * cs, (host + i * cs) | C.OFLAG_COPIED)
                 end_needed = max(end_needed, host + used)
                 first = last
             pos = span_end
         meta.sync()
-        if img.file.size() < end_needed:
-            img.file.truncate(end_needed)
+        if img.data.size() < end_needed:
+            img.data.truncate(end_needed)
 
 
 def _unmapped_run(img: Qcow2Image, first: int, span_end: int) -> tuple[int, int]:

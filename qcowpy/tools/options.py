@@ -29,6 +29,8 @@ _QCOW2 = [
     OptDesc("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
     OptDesc("backing_file", "str", "File name of a base image"),
     OptDesc("backing_fmt", "str", "Image format of the base image"),
+    OptDesc("data_file", "str", "File name of an external data file"),
+    OptDesc("data_file_raw", "bool", "The external data file must stay valid as a raw image"),
     OptDesc("lazy_refcounts", "bool", "Postpone refcount updates", "off"),
     OptDesc("refcount_bits", "num", "Width of a reference count entry in bits", "16"),
 ]
@@ -41,7 +43,6 @@ CREATE_OPTS = {"qcow2": _QCOW2, "raw": _RAW}
 # Options QEMU has that qcowpy recognises but does not implement: a clear error, not "Invalid parameter".
 _UNSUPPORTED = {
     "encryption": "Encrypted images", "encrypt.format": "Encrypted images", "encrypt.key-secret": "Encrypted images",
-    "data_file": "External data files", "data_file_raw": "External data files",
     "nocow": "The 'nocow' option", "extent_size_hint": "The 'extent_size_hint' option",
 }
 
