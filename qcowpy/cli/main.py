@@ -395,6 +395,7 @@ def emu(args) -> None:
         raise CommandFailed(None, int(code))
 
 
+from .amend import amend  # noqa: E402
 from .check import check  # noqa: E402  (these commands live in their own modules)
 from .convert import convert  # noqa: E402
 from .nbd import nbd  # noqa: E402
@@ -405,6 +406,7 @@ cli.commands = {k: cli.commands[k] for k in ("create", "info", "map")} | {"conve
     k: v for k, v in cli.commands.items() if k not in ("create", "info", "map")}  # help lists convert after map
 cli.add_command(nbd)
 cli.add_command(storage_daemon)
+cli.add_command(amend)
 
 
 # ---------------------------------------------------------------------------------------- entry point

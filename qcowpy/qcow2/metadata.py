@@ -146,6 +146,18 @@ class Metadata:
         self.rewrite_header(h)
         self.file.flush()
 
+    def switch_refcounts(self, order: int, table_offset: int, table_clusters: int) -> None:
+        """Point the header at another refcount structure of another entry width (amend's
+        refcount_bits): the table and its blocks are on disk; one header write (bytes 48..99)
+        switches offset, size and width together, between barriers; then start over from it."""
+        self.sync()
+        self.update_header(refcount_table_offset=table_offset, refcount_table_clusters=table_clusters,
+                           refcount_order=order)
+        self.file.flush()
+        self.refcounts = Refcounts(self.file, self.cluster_bits, order, table_offset, table_clusters,
+                                   self._reftable_moved, cache_tables(self.cluster_size) // 2)
+        self.l2cache.depends_on = self.refcounts.cache
+
     def _reftable_moved(self, offset: int, clusters: int) -> None:
         self.update_header(refcount_table_offset=offset, refcount_table_clusters=clusters)
 

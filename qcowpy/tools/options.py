@@ -112,6 +112,15 @@ def help_text(fmt: str, filename: str | None) -> str:
     if descs is None:
         raise InvalidArgument(f"Unknown file format '{fmt}'")
     lines = ["Supported options:" if filename else f"Supported {fmt} options:"]
+    lines += format_help_entries(descs)
+    if not filename:
+        lines += ["", "The protocol level may support further options.",
+                  "Specify the target filename to include those options."]
+    return "\n".join(lines) + "\n"
+
+
+def format_help_entries(descs: list[OptDesc]) -> list[str]:
+    """QEMU's qemu_opts_print_help lines, sorted by name."""
     entries = []
     for d in descs:
         kind = {"str": "str", "bool": "bool (on/off)", "size": "size", "num": "num"}[d.type]
@@ -119,11 +128,7 @@ def help_text(fmt: str, filename: str | None) -> str:
         if len(s) < 24:
             s += " " * (24 - len(s))
         entries.append(f"{s} - {d.help}")
-    lines += sorted(entries)
-    if not filename:
-        lines += ["", "The protocol level may support further options.",
-                  "Specify the target filename to include those options."]
-    return "\n".join(lines) + "\n"
+    return sorted(entries)
 
 
 @dataclass
