@@ -19,7 +19,7 @@ from ..format import constants as C
 from ..format.entries import ClusterType, l1_offset, pack_table
 from ..format.entries import cluster_type as std_cluster_type
 from ..format.header import feature_table_bytes
-from ..format.refcount import entries_per_block, set_refcount
+from ..format.refcount import decode_block, encode_block, entries_per_block
 from .image import Qcow2Image
 
 Status = Callable[[int, int], None]  # (done, total) of the current operation
@@ -125,8 +125,8 @@ def expand_zero_clusters(img: Qcow2Image, status: Status) -> None:
     cs = img.cluster_size
     total = len(meta.l1)
     for i in range(total):
-        status(i, total)
         if not l1_offset(meta.l1[i]):
+            status(i + 1, total)  # QEMU counts every L1 entry it has visited
             continue
         table = meta.l2_table(i)
         assert table is not None
@@ -149,7 +149,7 @@ def expand_zero_clusters(img: Qcow2Image, status: Status) -> None:
             meta.sync()  # refcount, then the zeros, before the entry names the cluster
             meta.set_l2_entry(guest, new)
         meta.sync()
-    status(total, total)
+        status(i + 1, total)
 
 
 def change_refcount_order(img: Qcow2Image, order: int, status: Status) -> None:
@@ -167,15 +167,31 @@ def change_refcount_order(img: Qcow2Image, order: int, status: Status) -> None:
     def covered() -> int:
         return len(rc.table) * rc.per_block
 
+    def values(bi: int) -> list[int] | None:
+        """Old refcounts of the clusters new block ``bi`` describes (None: no old block there)."""
+        c0, c1 = bi * new_per_block, min((bi + 1) * new_per_block, covered())
+        out: list[int] = []
+        found = False
+        for ob in range(c0 // rc.per_block, -(-c1 // rc.per_block)):
+            block = rc.block(ob) if ob < len(rc.table) and rc.table[ob] & C.REFT_OFFSET_MASK else None
+            lo, hi = max(c0, ob * rc.per_block), min(c1, (ob + 1) * rc.per_block)
+            if block is None:
+                out += [0] * (hi - lo)
+                continue
+            found = True
+            vals = decode_block(bytes(block.data), rc.order, rc.per_block)
+            out += vals[lo - ob * rc.per_block:hi - ob * rc.per_block]
+        return out if found else None
+
     def block_used(bi: int) -> bool:
-        for c in range(bi * new_per_block, min((bi + 1) * new_per_block, covered())):
-            v = rc.get(c)
-            if v:
-                if new_bits < 64 and v >> new_bits:
-                    raise AmendError(f"Cannot decrease refcount entry width to {new_bits} bits: Cluster at offset "
-                                     f"{c << img.cluster_bits:#x} has a refcount of {v}")
-                return True
-        return False
+        vals = values(bi)
+        if not vals:
+            return False
+        for k, v in enumerate(vals):
+            if v and new_bits < 64 and v >> new_bits:
+                raise AmendError(f"Cannot decrease refcount entry width to {new_bits} bits: Cluster at offset "
+                                 f"{(bi * new_per_block + k) << img.cluster_bits:#x} has a refcount of {v}")
+        return any(vals)
 
     new_table: list[int] = []
     table_offset = 0
@@ -209,12 +225,7 @@ def change_refcount_order(img: Qcow2Image, order: int, status: Status) -> None:
     for bi, off in enumerate(new_table):
         if not off:
             continue
-        block = bytearray(cs)
-        for k, c in enumerate(range(bi * new_per_block, min((bi + 1) * new_per_block, covered()))):
-            v = rc.get(c)
-            if v:
-                set_refcount(block, k, order, v)
-        img.file.pwrite(block, off)
+        img.file.pwrite(encode_block(values(bi) or [], order, cs), off)
     img.file.pwrite(pack_table(new_table), table_offset)
     rc.flush()
     meta.sync()
