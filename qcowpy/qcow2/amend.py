@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..errors import QcowError, UnsupportedFeature
+from ..errors import CorruptImage, QcowError, UnsupportedFeature
 from ..format import constants as C
-from ..format.entries import ClusterType, l1_offset, pack_table
+from ..format.entries import ClusterType, l1_offset, pack_table, unpack_table
 from ..format.entries import cluster_type as std_cluster_type
 from ..format.header import feature_table_bytes
 from ..format.refcount import decode_block, encode_block, entries_per_block
@@ -97,8 +97,6 @@ def downgrade(img: Qcow2Image, status: Status) -> None:
     if h.incompatible_features & ~C.INCOMPAT_COMPRESSION:
         raise AmendError("Cannot downgrade an image with incompatible features "
                          f"0x{h.incompatible_features & ~C.INCOMPAT_COMPRESSION:x} set")
-    if h.nb_snapshots:
-        raise UnsupportedFeature("qcowpy cannot yet downgrade images with internal snapshots")
     expand_zero_clusters(img, status)
     ctype, incompat = h.compression_type, h.incompatible_features
     if incompat & C.INCOMPAT_COMPRESSION:
@@ -118,38 +116,77 @@ def _has_compressed(img: Qcow2Image) -> bool:
 
 
 def expand_zero_clusters(img: Qcow2Image, status: Status) -> None:
-    """QEMU's qcow2_expand_zero_clusters for the active L1 table: a zero cluster with no host
-    cluster becomes unallocated (no backing file) or a new zero-filled cluster; one with a host
-    cluster has it zero-filled and loses the flag. Data reach the disk before the entries."""
+    """QEMU's qcow2_expand_zero_clusters: in the active L1 table, then in every snapshot's, a
+    zero cluster with no host cluster becomes unallocated (no backing file) or a new
+    zero-filled cluster (counted as often as its L2 table is shared); one with a host cluster
+    has it zero-filled and loses the flag. Tables are changed in place, shared or not, as QEMU
+    does. Each new cluster's refcount and zeros reach the disk before the entry naming it."""
+    from .snapshot import read_table
+    meta = img.meta
+    l1s: list[tuple[list[int], bool]] = [(meta.l1, True)]
+    if img.header.nb_snapshots:
+        for e in read_table(img)[0]:
+            raw = img.file.pread(e.sn.l1_size * 8, e.sn.l1_table_offset) if e.sn.l1_size else b""
+            l1s.append((unpack_table(raw), False))
+    total = sum(len(l1) for l1, _ in l1s)
+    visited = 0
+    for l1, active in l1s:
+        for i in range(len(l1)):
+            l2_off = l1_offset(l1[i])
+            if l2_off:
+                _expand_l2(img, l2_off, i if active else None)
+            visited += 1
+            status(visited, total)
+
+
+def _expand_l2(img: Qcow2Image, l2_off: int, active_index: int | None) -> None:
     meta = img.meta
     cs = img.cluster_size
-    total = len(meta.l1)
-    for i in range(total):
-        if not l1_offset(meta.l1[i]):
-            status(i + 1, total)  # QEMU counts every L1 entry it has visited
-            continue
-        table = meta.l2_table(i)
+    if l2_off & (cs - 1):
+        raise CorruptImage(f"L2 table offset {l2_off:#x} unaligned")
+    shared = meta.refcounts.get(l2_off >> img.cluster_bits)
+    if active_index is not None:
+        table = meta.l2_table(active_index)
         assert table is not None
-        base = i << (img.cluster_bits + meta.l2_bits)
-        for j, entry in enumerate(list(table.data)):
-            t = std_cluster_type(entry)
-            if t not in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
-                continue
-            guest = base + j * cs
-            if t == ClusterType.ZERO_PLAIN and img.backing is None:
-                meta.set_l2_entry(guest, 0)
-                continue
-            if t == ClusterType.ZERO_PLAIN:
+        entries = list(table.data)
+    else:
+        entries = unpack_table(img.file.pread(cs, l2_off))
+    changed = False
+    for j, entry in enumerate(list(entries)):
+        t = std_cluster_type(entry)
+        if t not in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
+            continue
+        old_host = entry & C.L2E_OFFSET_MASK
+        # A preallocated zero cluster that other tables still use (a snapshot's) must not be
+        # zero-filled in place: QEMU 7.2 does, which corrupts the snapshot and leaves an
+        # OFLAG_COPIED error; it gets a cluster of its own here instead.
+        foreign = t == ClusterType.ZERO_ALLOC and meta.refcounts.get(old_host >> img.cluster_bits) > shared
+        if t == ClusterType.ZERO_PLAIN and img.backing is None:
+            new = 0
+        else:
+            if t == ClusterType.ZERO_PLAIN or foreign:
                 host = meta.refcounts.alloc_clusters(1)
-                new = host | C.OFLAG_COPIED
+                if shared > 1:
+                    meta.refcounts.change(host >> img.cluster_bits, shared - 1)
             else:
-                host = entry & C.L2E_OFFSET_MASK
-                new = (entry & ~C.OFLAG_ZERO)
+                host = old_host
             img.data.pwrite(bytes(cs), host)
-            meta.sync()  # refcount, then the zeros, before the entry names the cluster
-            meta.set_l2_entry(guest, new)
+            meta.sync()  # the refcount, then the zeros, before the entry names the cluster
+            new = host | C.OFLAG_COPIED if shared == 1 else host
+            if foreign:
+                for _ in range(shared):  # each sharer's reference to the old cluster goes
+                    meta.free_later(old_host, cs)
+        if active_index is not None:
+            meta.l2_table(active_index)[j] = new  # type: ignore[index]  # fetched again: sync may evict
+        else:
+            entries[j] = new
+            changed = True
+    if active_index is not None:
         meta.sync()
-        status(i + 1, total)
+    elif changed:
+        meta.file.flush()
+        meta.write_inactive_l2(l2_off, entries)
+        meta.file.flush()
 
 
 def change_refcount_order(img: Qcow2Image, order: int, status: Status) -> None:

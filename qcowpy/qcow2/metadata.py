@@ -18,7 +18,7 @@ from ..format.entries import ClusterType, compressed_descriptor, l1_offset, l2_o
 from ..format.entries import cluster_type as std_cluster_type
 from ..format.header import Header, field_patch, pack_header_cluster
 from .cache import Table, TableCache
-from .overlap import ACTIVE_L1, ACTIVE_L2, ALL, INACTIVE_L1, MAIN_HEADER, OverlapGuard, write_metadata
+from .overlap import ACTIVE_L1, ACTIVE_L2, ALL, INACTIVE_L1, INACTIVE_L2, MAIN_HEADER, OverlapGuard, write_metadata
 from ..format.refcount import set_refcount
 from .refcount import Refcounts
 
@@ -218,6 +218,12 @@ class Metadata:
     def write_l1_entries(self, first: int, end: int) -> None:
         """Write the in-memory L1 entries [first, end) in place."""
         write_metadata(self.file, ACTIVE_L1, pack_table(self.l1[first:end]), self.header.l1_table_offset + 8 * first)
+
+    def write_inactive_l2(self, offset: int, entries: list[int]) -> None:
+        """Write a snapshot's L2 table in place (amend's zero-cluster expansion, as QEMU's
+        expand_zero_clusters_in_l1 does); a copy in the cache is dropped first."""
+        self.l2cache.discard(offset)
+        write_metadata(self.file, INACTIVE_L2 | ACTIVE_L2, pack_table(entries), offset)
 
     def write_l1_table(self, entries: list[int], offset: int | None = None) -> None:
         """Write a whole L1 table in place: the active one (default), or a snapshot's at ``offset``."""

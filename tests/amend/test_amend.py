@@ -123,3 +123,50 @@ def test_refcount_bits_round_trip_with_snapshots_and_compression(qemu, tmp_path,
         assert qemu.to_raw("a.qcow2", "after.raw") == before
     p = qemu.img("convert", "-l", "s1", "-O", "raw", "a.qcow2", "snap.raw")
     assert p.returncode == 0
+
+
+@pytest.mark.parametrize("backing", [False, True])
+def test_downgrade_with_snapshots_matches_qemu_img(qemu, qemu_img, tmp_path, monkeypatch, backing):
+    """Zero clusters in tables the snapshot shares and in the snapshot's own tables are
+    expanded as QEMU does (in place, new clusters counted once per sharer); the image is
+    prepared once and copied, so both sides start from the same bytes (snapshot dates included)."""
+    import shutil
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    _prepare(qemu, ours, "", "4G", ("write -z 0 64k", "write -z 1G 64k", "write -z 2G 64k", "write -P 5 3G 64k"),
+             backing)
+    monkeypatch.chdir(ours)
+    qemu.img("snapshot", "-c", "foo", "a.qcow2")
+    qemu.io("a.qcow2", "write -z 64k 64k", "write -P 1 1G 4k", "write -z -u 1G 64k", "write -z 3G 4k")
+    shutil.copytree(ours, theirs)
+    before = qemu.to_raw("a.qcow2", str(tmp_path / "before.raw"))
+    a = run_qcowpy("amend", "-p", "-o", "compat=0.10", "a.qcow2")
+    monkeypatch.chdir(theirs)
+    b = run_qemu(qemu_img, "amend", "-p", "-o", "compat=0.10", "a.qcow2")
+    assert (a.code, a.out.replace("\r\n", "\n").replace("\r", "\n"), as_qemu(a.err)) == (b.code, b.out, b.err)
+    assert (ours / "a.qcow2").read_bytes() == (theirs / "a.qcow2").read_bytes()
+    monkeypatch.chdir(ours)
+    qemu.assert_clean("a.qcow2")
+    assert qemu.to_raw("a.qcow2", str(tmp_path / "after.raw")) == before
+
+
+def test_downgrade_does_not_zero_a_cluster_a_snapshot_uses(qemu, tmp_path, monkeypatch):
+    """A preallocated zero cluster whose host cluster the snapshot still reads: QEMU 7.2
+    zero-fills it in place (the snapshot then reads zeros and check reports OFLAG_COPIED);
+    qcowpy gives the active layer a new zero cluster, so both the disk and the snapshot keep
+    their contents and the image checks clean."""
+    d = tmp_path / "x"
+    _prepare(qemu, d, "", "4M", ("write -P 5 1M 64k",), backing=True)
+    monkeypatch.chdir(d)
+    qemu.img("snapshot", "-c", "foo", "a.qcow2")
+    qemu.io("a.qcow2", "write -z 1M 64k")  # keeps the shared host cluster: ZERO_ALLOC
+    disk = qemu.to_raw("a.qcow2", "disk.raw")
+    snap = qemu.img("convert", "-l", "foo", "-O", "raw", "a.qcow2", "snap.raw")
+    assert snap.returncode == 0
+    snap_before = (d / "snap.raw").read_bytes()
+    assert snap_before[1 << 20:(1 << 20) + 65536] == b"\x05" * 65536
+    r = run_qcowpy("amend", "-o", "compat=0.10", "a.qcow2")
+    assert r.code == 0, r.err
+    qemu.assert_clean("a.qcow2")
+    assert qemu.to_raw("a.qcow2", "after.raw") == disk
+    assert qemu.img("convert", "-l", "foo", "-O", "raw", "a.qcow2", "snap2.raw").returncode == 0
+    assert (d / "snap2.raw").read_bytes() == snap_before
