@@ -230,16 +230,24 @@ def change_refcount_order(img: Qcow2Image, order: int, status: Status) -> None:
                                  f"{(bi * new_per_block + k) << img.cluster_bits:#x} has a refcount of {v}")
         return any(vals)
 
+    def walk_status(index: int, total: int) -> None:
+        """QEMU's walk_over_reftable progress: one step per old refcount-table entry, walks
+        counted as they come (a walk more than expected makes the figure go back, as in QEMU)."""
+        n = len(rc.table)
+        for r in range(n):
+            status(index * n + r, total * n)
+        status((index + 1) * n, total * n)
+
     new_table: list[int] = []
     table_offset = 0
     table_size = 0
     walks = 0
     while True:
         allocated = False
+        walk_status(walks, max(walks + 2, 3))
         walks += 1
         bi = 0
         while bi * new_per_block < covered():
-            status(walks, walks + 2)
             if block_used(bi):
                 if bi >= len(new_table):
                     size = -(-(bi + 1) // entries_per_cluster) * entries_per_cluster
@@ -259,6 +267,7 @@ def change_refcount_order(img: Qcow2Image, order: int, status: Status) -> None:
         table_size = len(new_table)
         table_offset = rc.alloc_clusters(meta.clusters_for(table_size * 8))
     # the new blocks, then the new table (all in clusters the old structure counts as used)
+    walk_status(walks, walks + 1)
     for bi, off in enumerate(new_table):
         if not off:
             continue
@@ -275,7 +284,6 @@ def change_refcount_order(img: Qcow2Image, order: int, status: Status) -> None:
             meta.refcounts.free(off, cs)
     meta.refcounts.free(old_offset, old_clusters * cs)
     meta.sync()
-    status(walks + 2, walks + 2)
 
 
 def set_data_file(img: Qcow2Image, name: str | None, raw: bool) -> None:

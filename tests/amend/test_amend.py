@@ -170,3 +170,21 @@ def test_downgrade_does_not_zero_a_cluster_a_snapshot_uses(qemu, tmp_path, monke
     assert qemu.to_raw("a.qcow2", "after.raw") == disk
     assert qemu.img("convert", "-l", "foo", "-O", "raw", "a.qcow2", "snap2.raw").returncode == 0
     assert (d / "snap2.raw").read_bytes() == snap_before
+
+
+def test_refcount_width_progress_and_walks_match_qemu_img(qemu, qemu_img, tmp_path, monkeypatch):
+    """iotest 112's "multiple walks" case: the first new refcount block is exactly full, so the
+    allocation walk runs once more; progress goes back (66.67% -> 50.00%) as in QEMU, and the
+    file is byte-identical."""
+    outs = []
+    for side, tool in (("ours", lambda *a: run_qcowpy(*a)), ("theirs", lambda *a: run_qemu(qemu_img, *a))):
+        d = tmp_path / side
+        _prepare(qemu, d, "refcount_bits=1,cluster_size=512", "64k", (f"write 0 {58 * 512}",))
+        monkeypatch.chdir(d)
+        r = tool("amend", "-o", "refcount_bits=64", "-p", "a.qcow2")
+        assert r.code == 0, r.err
+        outs.append(r.out.replace("\r\n", "\n").replace("\r", "\n"))
+        qemu.assert_clean("a.qcow2")
+    assert outs[0] == outs[1]
+    assert "(66.67/100%)\n    (50.00/100%)" in outs[0]
+    assert (tmp_path / "ours" / "a.qcow2").read_bytes() == (tmp_path / "theirs" / "a.qcow2").read_bytes()
