@@ -56,6 +56,7 @@ class Metadata:
         self.pending_frees: list[tuple[int, int]] = []
         # With an external data file, data clusters carry no references (QEMU counts none).
         self.external_data = bool(header.incompatible_features & C.INCOMPAT_DATA_FILE)
+        self.data_punches: list[int] = []  # data-file clusters to discard (see punching_freed)
         self.signaled_corruption = False  # a corruption event was reported (QEMU reports one per image)
 
     # ------------------------------------------------------------------ the crash-safety order
@@ -91,6 +92,11 @@ class Metadata:
     def free_entry_later(self, entry: int) -> None:
         """Release what a standard L2 entry (or an extended entry's first word) referenced."""
         if self.external_data:
+            # nothing is counted; inside punching_freed the data-file cluster is discarded (QEMU
+            # passes ALWAYS/SNAPSHOT frees down to the data file)
+            if self.refcounts.freed is not None and (entry == C.OFLAG_COPIED or std_cluster_type(entry) in (
+                    ClusterType.NORMAL, ClusterType.ZERO_ALLOC)):
+                self.data_punches.append(l2_offset(entry))
             return
         t = std_cluster_type(entry)
         if t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
@@ -106,14 +112,20 @@ class Metadata:
         at its end (QEMU's discard passthrough for QCOW2_DISCARD_ALWAYS/SNAPSHOT frees); those
         allocated again meanwhile are left alone."""
         self.refcounts.freed = []
+        self.data_punches = []
         try:
             yield
             self.sync()
             cs = self.cluster_size
             for start, n in _runs(c for c in sorted(set(self.refcounts.freed)) if not self.refcounts.get(c)):
                 self.file.punch(start * cs, n * cs)
+            data = self.guard.companion
+            if data is not None:  # the L2 entries that named them are on disk (sync above)
+                for start, n in _runs(iter(sorted({o >> self.cluster_bits for o in self.data_punches}))):
+                    data.punch(start * cs, n * cs)
         finally:
             self.refcounts.freed = None
+            self.data_punches = []
 
     # ------------------------------------------------------------------ the header
     def update_header(self, **fields: int) -> None:

@@ -11,8 +11,7 @@ from ..format.bitmaps import directory_location
 from .image import MAX_RUN_BYTES, Qcow2Image, l1_entries_for
 
 
-def resize(img: Qcow2Image, new_size: int, exact_l1: bool = True, preallocation: str = "off",
-           exact_data: bool = False) -> None:
+def resize(img: Qcow2Image, new_size: int, exact_l1: bool = True, preallocation: str = "off") -> None:
     """Change the virtual size as QEMU's ``qcow2_co_truncate`` does.
 
     Growing widens the L1 table (exactly, when asked) and, with ``preallocation``, maps the
@@ -45,8 +44,8 @@ def resize(img: Qcow2Image, new_size: int, exact_l1: bool = True, preallocation:
             preallocation = "metadata"  # QEMU: a raw data file stays mapped 1:1 as it grows
         if new_size > old_size and preallocation != "off":
             preallocate(img, preallocation, start=old_size)
-        elif new_size > old_size and img.external_data and (exact_data or img.data.size() < new_size):
-            img.data.truncate(new_size)  # QEMU forwards the resize to the data file
+        elif img.external_data and img.data.size() != new_size:
+            img.data.truncate(new_size)  # QEMU forwards the resize (shrinking too) to the data file
         meta.sync()
         meta.update_header(size=new_size)
         img.file.flush()
@@ -149,7 +148,7 @@ def make_empty(img: Qcow2Image) -> None:
         h, meta = img.header, img.meta
         l1_clusters = meta.clusters_for(len(meta.l1) * 8)
         if h.version >= 3 and not h.nb_snapshots and directory_location(h) is None and \
-                3 + l1_clusters <= meta.refcounts.per_block:
+                3 + l1_clusters <= meta.refcounts.per_block and not img.external_data:
             img.begin_change()
             meta.rebuild_empty(l1_clusters)
             return

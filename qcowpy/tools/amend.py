@@ -194,7 +194,7 @@ def _amend(dev, opts: dict[str, object], force: bool, report: Callable[[float], 
             raise AmendError("Cannot amend the backing file", "You can use 'qemu-img rebase' instead.\n")
     engine.set_lazy_refcounts(img, lazy, new_version)
     if new_size:
-        resize(img, (new_size + 511) & ~511 if new_size % 512 else new_size, exact_data=True)
+        resize(img, (new_size + 511) & ~511 if new_size % 512 else new_size)
     if new_version < old_version:
         engine.downgrade(img, progress.start("downgrade"))
     report(100.0)

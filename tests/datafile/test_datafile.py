@@ -258,3 +258,40 @@ def test_convert_to_and_from_data_file_images(qemu, qemu_img, here):
     a = run_qcowpy("convert", "-c", "-O", "qcow2", "-o", "data_file=c1.raw", "src.qcow2", "c1.qcow2")
     b = run_qemu(qemu_img, "convert", "-c", "-O", "qcow2", "-o", "data_file=c2.raw", "src.qcow2", "c2.qcow2")
     assert (a.code, as_qemu(a.err)) == (b.code, b.err)
+
+
+@pytest.mark.parametrize("args", [("resize", "--shrink", "s.qcow2", "1M"), ("resize", "s.qcow2", "+3M"),
+                                  ("resize", "--preallocation=full", "s.qcow2", "+1M"),
+                                  ("resize", "--preallocation=metadata", "s.qcow2", "+1M")])
+def test_resize_matches_qemu_img(qemu_img, tmp_path, args):
+    """The data file follows the size (QEMU forwards the truncate, shrinking included)."""
+    for side in ("ours", "theirs"):
+        d = tmp_path / side
+        d.mkdir()
+        run_qemu(qemu_img, "create", "-q", "-f", "qcow2", "-o", "data_file=s.raw", "s.qcow2", "4M", cwd=d)
+        run_qemu(qemu_img.replace("qemu-img", "qemu-io"), "-c", "write -P 2 0 4M", "s.qcow2", cwd=d)
+    a = run_qcowpy(*args, cwd=tmp_path / "ours")
+    b = run_qemu(qemu_img, *args, cwd=tmp_path / "theirs")
+    assert (a.code, a.out, as_qemu(a.err)) == (b.code, b.out, b.err)
+    assert _files(tmp_path / "ours") == _files(tmp_path / "theirs")
+
+
+def test_commit_of_a_data_file_overlay_matches_qemu_img(qemu_img, tmp_path):
+    """Emptying the committed overlay discards its data-file clusters, as QEMU's SNAPSHOT-type
+    frees are passed down to the data file."""
+    io = qemu_img.replace("qemu-img", "qemu-io")
+    for side in ("ours", "theirs"):
+        d = tmp_path / side
+        d.mkdir()
+        run_qemu(qemu_img, "create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=d)
+        run_qemu(io, "-c", "write -P 1 0 4M", "base.qcow2", cwd=d)
+        run_qemu(qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "-o",
+                 "data_file=top.raw", "top.qcow2", cwd=d)
+        run_qemu(io, "-c", "write -P 2 0 128k", "-c", "write -z 1M 64k", "-c", "write -P 3 2M 64k", "top.qcow2",
+                 cwd=d)
+    a = run_qcowpy("commit", "top.qcow2", cwd=tmp_path / "ours")
+    b = run_qemu(qemu_img, "commit", "top.qcow2", cwd=tmp_path / "theirs")
+    assert (a.code, a.out, as_qemu(a.err)) == (b.code, b.out, b.err)
+    for name in ("top.qcow2", "top.raw"):
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes(), name
+    assert run_qemu(qemu_img, "compare", "base.qcow2", "../theirs/base.qcow2", cwd=tmp_path / "ours").code == 0
