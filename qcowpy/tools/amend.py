@@ -48,6 +48,7 @@ class AmendContext:
     options: dict[str, object]
     force: bool
     status: Callable[[int, int], None] = field(default=lambda done, total: None)
+    device: object = None  # the BlockDevice (LUKS's tools/encrypt_amend.amend_encryption takes it)
 
 
 def _encrypt_not_supported(ctx: AmendContext) -> None:
@@ -59,7 +60,8 @@ def _encrypt_not_supported(ctx: AmendContext) -> None:
     raise AmendError("qcowpy cannot amend LUKS keyslots")
 
 
-# prefix -> handler; the LUKS code replaces the "encrypt." entry
+# prefix -> handler; the LUKS code replaces the "encrypt." entry, e.g.
+#   AMEND_HANDLERS["encrypt."] = lambda ctx: amend_encryption(ctx.device, ctx.options, ctx.force)
 AMEND_HANDLERS: dict[str, Callable[[AmendContext], None]] = {"encrypt.": _encrypt_not_supported}
 
 
@@ -182,7 +184,7 @@ def _amend(dev, opts: dict[str, object], force: bool, report: Callable[[float], 
     if new_version > old_version:
         engine.upgrade(img, progress.start("upgrade"))
     for prefix in handlers:
-        AMEND_HANDLERS[prefix](AmendContext(img, opts, force, progress.start(prefix)))
+        AMEND_HANDLERS[prefix](AmendContext(img, opts, force, progress.start(prefix), dev))
     if refcount_bits != h.refcount_bits:
         if new_version < 3 and refcount_bits != 16:
             raise AmendError("Refcount widths other than 16 bits require compatibility level 1.1 or above "
