@@ -62,6 +62,10 @@ def qcow2_options(size: int, **options: Any) -> Qcow2Options:
             opts.backing_fmt = str(value)
         elif key == "encrypt":  # a qcow2.create.EncryptSpec (tools/encrypt_opts.py builds it)
             opts.encrypt = value
+        elif key == "data_file":
+            opts.data_file = str(value)
+        elif key == "data_file_raw":
+            opts.data_file_raw = _bool(key, value)
         else:
             raise InvalidArgument(f"Invalid parameter '{key.replace('_', '-') if False else key}'")
     return opts

@@ -69,14 +69,16 @@ def resolve_backing_path(overlay: str, backing: str) -> str:
 
 def open_image(path: str, mode: str = "r", format: str | None = None, backing: bool = True,
                cache: str = "writeback", _seen: tuple = (), force_share: bool = False,
-               secret: bytes | str | None = None, no_io: bool = False, encrypt: dict | None = None) -> BlockDevice:
+               secret: bytes | str | None = None, no_io: bool = False, encrypt: dict | None = None,
+               data_file: str | None = None) -> BlockDevice:
     """Open ``path`` (and, unless ``backing`` is False, its whole backing chain read-only).
 
     ``force_share`` (qemu-img's ``-U``) opens read-only images without conflicting with, or
     being stopped by, another process's QEMU-compatible locks (qcowpy/lock.py).
     ``secret`` is the passphrase of an encrypted image (LUKS, or the legacy AES key);
     ``encrypt`` the ``encrypt.*`` node options naming a ``--object secret`` instead; ``no_io``
-    opens an encrypted image without its key, for its header only (qemu-img info)."""
+    opens an encrypted image without its key, for its header only (qemu-img info). ``data_file``
+    overrides a qcow2 image's external data file (QEMU's ``data-file`` option)."""
     if mode not in ("r", "r+", "rb", "r+b", "rw"):
         raise InvalidArgument(f"Invalid mode '{mode}' (use 'r' or 'r+')")
     path = file_protocol_path(path)
@@ -115,7 +117,7 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
         return RawDevice(path, read_only=not writable, cache=cache, force_share=force_share)
     key, efmt = resolve_key(path, secret, encrypt, no_io)
     dev = Qcow2Device(Qcow2Image.open(path, writable=writable, cache=cache, force_share=force_share,
-                                      secret=key, no_io=no_io, encrypt_format=efmt), path)
+                                      secret=key, no_io=no_io, encrypt_format=efmt, data_file=data_file), path)
     info = dev.format_info()
     name = info.backing_file
     if backing and name:

@@ -59,25 +59,31 @@ class Qcow2Device(BlockDevice):
     def layer_status(self, offset: int, length: int, max_extents: int | None = None) -> Iterator[LayerStatus]:
         plain = self.image.crypto is None  # QEMU reports no host offset for encrypted data
         # (nor looks through it at the host file's holes: no BDRV_BLOCK_RECURSE when encrypted)
-        prealloc = plain and self.image.metadata_preallocated() and hasattr(self.image.file, "fd")
+        prealloc = plain and self.image.metadata_preallocated() and hasattr(self.image.data, "fd")
+        name = self.data_filename
         for e in self.image.layer_extents(offset, length, max_extents):
             if prealloc and e.kind == DATA and e.host_offset is not None:
                 yield from self._host_holes(e.start, e.length, e.host_offset)
                 continue
             yield LayerStatus(e.start, e.length, data=e.kind in (DATA, COMPRESSED), zero=e.kind == ZERO,
-                              offset=e.host_offset if plain else None, filename=self.filename)
+                              offset=e.host_offset if plain else None, filename=name)
+
+    @property
+    def data_filename(self) -> str:
+        """The file that holds the guest data: the external data file, or this image."""
+        return self.image.data.path if self.image.external_data else self.filename
 
     def _host_holes(self, start: int, length: int, host: int) -> Iterator[LayerStatus]:
         """Data clusters of a metadata-preallocated image that sit on holes of the host file read
-        as zeros: say so (QEMU's BDRV_BLOCK_RECURSE into the file driver)."""
-        f = self.image.file
+        as zeros: say so (QEMU's BDRV_BLOCK_RECURSE into the file driver, or the data file)."""
+        f = self.image.data
         end, file_size = start + length, f.size()
         pos = start
         while pos < end:
             h = host + pos - start
             is_data, run_end = data_or_hole(f.fd, h, file_size, h + end - pos)
             n = min(run_end - h, end - pos)
-            yield LayerStatus(pos, n, data=True, zero=not is_data, offset=h, filename=self.filename)
+            yield LayerStatus(pos, n, data=True, zero=not is_data, offset=h, filename=self.data_filename)
             pos += n
 
     def _close_self(self) -> None:

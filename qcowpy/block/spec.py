@@ -223,8 +223,12 @@ def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
         return _raw_window(open_image(path, mode, "raw", force_share=force_share), opts)
     backing = opts.get("backing", ...)
     encrypt = opts.get("encrypt") if isinstance(opts.get("encrypt"), dict) else None  # encrypt.key-secret=ID
+    data_file = opts.get("data-file")  # the external data file, overriding the header's name
+    if isinstance(data_file, dict):
+        data_file = spec_filename({"file": data_file})
+    extra = {"data_file": str(data_file)} if data_file else {}
     dev = open_image(path, mode, fmt, backing=backing_chain and backing is ..., force_share=force_share,
-                     encrypt=encrypt, no_io=no_io)
+                     encrypt=encrypt, no_io=no_io, **extra)
     if backing_chain and isinstance(backing, (dict, str)) and fmt == "qcow2":
         try:
             below = open_spec(backing if isinstance(backing, dict) else {"file": backing}, "r", force_share)

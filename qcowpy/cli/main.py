@@ -398,6 +398,7 @@ def emu(args) -> None:
         raise CommandFailed(None, int(code))
 
 
+from .amend import amend  # noqa: E402
 from .bench import bench  # noqa: E402  (these commands live in their own modules)
 from .check import check  # noqa: E402
 from .convert import convert  # noqa: E402
@@ -410,6 +411,7 @@ cli.commands = {k: cli.commands[k] for k in ("create", "info", "map")} | {"conve
     k: v for k, v in cli.commands.items() if k not in ("create", "info", "map")}  # help lists convert after map
 cli.add_command(nbd)
 cli.add_command(storage_daemon)
+cli.add_command(amend)
 
 
 # ---------------------------------------------------------------------------------------- entry point

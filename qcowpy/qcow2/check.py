@@ -64,11 +64,18 @@ class _Checker(CheckContext):
             table[k] = v + 1
 
     # ---------------------------------------------------------------- L1 / L2
+    @property
+    def external_data(self) -> bool:
+        """Data clusters live in an external data file: they carry no refcounts (as in QEMU)."""
+        return bool(self.h.incompatible_features & C.INCOMPAT_DATA_FILE)
+
     def _cluster_type(self, entry: int) -> str:
         if entry & C.OFLAG_COMPRESSED:
             return "compressed"
         if entry & C.OFLAG_ZERO and not self.extended:
             return "zero_alloc" if entry & C.L2E_OFFSET_MASK else "zero_plain"
+        if not entry & C.L2E_OFFSET_MASK and entry & C.OFLAG_COPIED and self.external_data:
+            return "normal"  # offset 0 in the data file (guest cluster 0)
         return "normal" if entry & C.L2E_OFFSET_MASK else "unallocated"
 
     def _fix_l2_by_zero(self, res: CheckResult, l2_offset: int, table: list[int], i: int,
@@ -124,6 +131,10 @@ class _Checker(CheckContext):
                                    "compressed clusters")
                     entry &= ~C.OFLAG_COPIED
                     res.corruptions += 1
+                if self.external_data:
+                    self.msg(res, f"ERROR compressed cluster {i} with data file, entry={entry:#x}")
+                    res.corruptions += 1
+                    continue
                 if bitmap:
                     self.msg(res, f"ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, "
                                    f"entry={entry:#x}")
@@ -158,7 +169,8 @@ class _Checker(CheckContext):
                     if next_contiguous and offset != next_contiguous:
                         res.fragmented_clusters += 1
                     next_contiguous = offset + self.cs
-                self.inc(res, table_rc, offset, self.cs)
+                if not self.external_data:
+                    self.inc(res, table_rc, offset, self.cs)
             elif t == "unallocated":
                 if bitmap & C.L2_BITMAP_ALL_ALLOC:
                     res.corruptions += 1
@@ -271,6 +283,9 @@ class _Checker(CheckContext):
                 res.corruptions += 1
                 continue
             self.check_l1(res, table_rc, sn.l1_table_offset, sn.l1_size, 0, fix, active=False)
+        if self.external_data and h.nb_snapshots:
+            self.msg(res, f"ERROR {h.nb_snapshots} snapshots in image with data file")
+            res.corruptions += 1
         self.inc(res, table_rc, h.snapshots_offset, self.snapshots_size)
         self.inc(res, table_rc, h.refcount_table_offset, len(self.ondisk.reftable) * 8)
         self.check_bitmaps(res, table_rc)
@@ -453,12 +468,15 @@ class _Checker(CheckContext):
             for j in range(self.l2_entries):
                 e = table[j * step]
                 # only allocated clusters (normal, zero_alloc) have a refcount to agree with
-                if not e & C.L2E_OFFSET_MASK or e & C.OFLAG_COMPRESSED:
+                if self._cluster_type(e) not in ("normal", "zero_alloc"):
                     continue
-                try:
-                    rc = self.ondisk.get((e & C.L2E_OFFSET_MASK) >> self.cbits)
-                except CheckAbort:
-                    continue
+                if self.external_data:
+                    rc = 1  # data-file clusters always count as referenced once (QEMU)
+                else:
+                    try:
+                        rc = self.ondisk.get((e & C.L2E_OFFSET_MASK) >> self.cbits)
+                    except CheckAbort:
+                        continue
                 if (rc == 1) != bool(e & C.OFLAG_COPIED):
                     res.corruptions += 1
                     self.msg(res, f"{word} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}")

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..crypto.luks import CreateOptions as LuksCreateOptions
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, UnsupportedFeature
 from ..format import constants as C
 from ..format.header import Header, feature_table_bytes, pack_header
 from ..format.refcount import set_refcount
-from ..hostfile import open_host_file
+from ..hostfile import HostFile, open_host_file
 from .encryption import set_up
 from .image import Qcow2Image
 from .resize import preallocate, resize
@@ -36,6 +36,8 @@ class Qcow2Options:
     backing_file: str | None = None
     backing_fmt: str | None = None
     encrypt: "EncryptSpec | None" = None  # encrypt the new image (set up last, as QEMU does)
+    data_file: str | None = None  # external data file (created, or truncated, here)
+    data_file_raw: bool = False
 
     @property
     def version(self) -> int:
@@ -74,6 +76,15 @@ class Qcow2Options:
             raise InvalidArgument("Image size must be a non-negative number")
         if self.backing_fmt and not self.backing_file:
             raise InvalidArgument("Backing format cannot be used without backing file")
+        if self.data_file_raw and not self.data_file:
+            raise InvalidArgument("data-file-raw requires data-file")
+        if self.data_file_raw and self.backing_file:
+            raise InvalidArgument("Backing file and data-file-raw cannot be used at the same time")
+        if self.data_file and self.version < 3:
+            raise InvalidArgument("External data files are only supported with compatibility level 1.1 "
+                                  "and above (use version=v3 or greater)")
+        if self.data_file and self.extended_l2:
+            raise UnsupportedFeature("qcowpy does not support extended L2 entries with an external data file")
 
 
 @dataclass
@@ -107,6 +118,12 @@ def create_qcow2(path: str, opts: Qcow2Options) -> None:
     if opts.version == 3 and cs > 4096:
         h.set_extension(C.EXT_FEATURE_TABLE, feature_table_bytes())
     h.backing_file = opts.backing_file or None
+    if opts.data_file:
+        h.incompatible_features |= C.INCOMPAT_DATA_FILE
+        h.set_extension(C.EXT_DATA_FILE, opts.data_file.encode("utf-8", "surrogateescape"))
+        if opts.data_file_raw:
+            h.autoclear_features |= C.AUTOCLEAR_DATA_FILE_RAW
+        HostFile(opts.data_file, writable=True, create=True).close()  # as QEMU: a new, empty file
     head = pack_header(h)
     reftable = (2 * cs).to_bytes(8, "big")
     block = bytearray(cs)
@@ -117,9 +134,13 @@ def create_qcow2(path: str, opts: Qcow2Options) -> None:
         f.pwrite(head + bytes(cs - len(head)) + reftable + bytes(cs - 8) + block, 0)
     finally:
         f.close()
-    with Qcow2Image.open(path, writable=True) as img:
-        resize(img, size, exact_l1=True)
-        if opts.preallocation != "off":
-            preallocate(img, opts.preallocation)
+    with Qcow2Image.open(path, writable=True, data_file=opts.data_file) as img:
+        prealloc = "metadata" if opts.data_file_raw and opts.preallocation == "off" else opts.preallocation
+        if img.external_data:  # QEMU's truncate: the data file follows the size (and preallocation)
+            resize(img, size, exact_l1=True, preallocation=prealloc)
+        else:
+            resize(img, size, exact_l1=True)
+            if prealloc != "off":
+                preallocate(img, prealloc)
         if opts.encrypt is not None:
             set_up(img, opts.encrypt.format, opts.encrypt.passphrase, opts.encrypt.luks)

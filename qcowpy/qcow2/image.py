@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-from ..errors import CorruptImage, InvalidArgument, QcowError, ReadOnlyError
+from ..errors import CorruptImage, InvalidArgument, QcowError, ReadOnlyError, UnsupportedFeature
 from ..format import constants as C
 from ..format.entries import ClusterType, compressed_descriptor, l2_offset, make_compressed_entry
 from ..format.entries import cluster_type as std_cluster_type
@@ -41,7 +41,7 @@ class Qcow2Image:
     """A qcow2 image file. Thread-safe: every public method holds the image lock."""
 
     def __init__(self, file: HostFile, header: Header, writable: bool, l2_cache_tables: int | None = None,
-                 check_mode: bool = False, crypto: ImageCrypto | None = None):
+                 check_mode: bool = False, crypto: ImageCrypto | None = None, data: HostFile | None = None):
         # check_mode: open as qemu-img check does, leaving the snapshot table to the check itself
         self._check_mode = check_mode
         self.header = header
@@ -58,6 +58,11 @@ class Qcow2Image:
         validate_contents(header, file, check_mode)
         self.meta = Metadata(file, header, writable, l2_cache_tables)
         self.file = self.meta.file  # every write goes through the metadata owner's overlap guard
+        # Guest data lives in ``data``: the external data file (incompatible bit 2), or this file.
+        self.external_data = bool(header.incompatible_features & C.INCOMPAT_DATA_FILE)
+        self.data = data if data is not None else self.file
+        if data is not None:
+            self.meta.guard.companion = data  # every barrier makes the data durable too
         self.subcluster_size = self.meta.cluster_size // C.SUBCLUSTERS_PER_CLUSTER if self.extended \
             else self.cluster_size
         self._ext = ExtendedL2Writes(self) if self.extended else None
@@ -71,11 +76,13 @@ class Qcow2Image:
     @classmethod
     def open(cls, path: str, writable: bool = False, cache: str = "writeback",
              force_share: bool = False, secret: bytes | None = None, no_io: bool = False,
-             encrypt_format: str | None = None) -> "Qcow2Image":
+             encrypt_format: str | None = None, data_file: str | None = None) -> "Qcow2Image":
         """``secret`` unlocks an encrypted image; ``no_io`` opens one without it, for its
         header only (as qemu-img info does); ``encrypt_format`` is the format the caller
-        expects (QEMU's ``encrypt.format`` open option)."""
+        expects (QEMU's ``encrypt.format`` open option); ``data_file`` overrides the external
+        data file the header names (QEMU's ``data-file`` option)."""
         file = open_host_file(path, writable=writable, cache=cache, force_share=force_share)
+        data: HostFile | None = None
         try:
             head = file.pread(min(file.size(), 1 << C.MAX_CLUSTER_BITS), 0)
             header = parse_header(head, file.size())
@@ -86,11 +93,14 @@ class Qcow2Image:
                     not header.incompatible_features & C.INCOMPAT_CORRUPT:
                 from .check import repair_dirty
                 repair_dirty(file, header)  # QEMU repairs a dirty image opened read-write
-            img = cls(file, header, writable, crypto=crypto)
+            data = open_data_file(header, data_file, writable, cache, force_share)
+            img = cls(file, header, writable, crypto=crypto, data=data)
             if writable:
                 img._open_read_write()
             return img
         except BaseException:
+            if data is not None:
+                data.close()
             file.close()
             raise
 
@@ -119,7 +129,11 @@ class Qcow2Image:
                         self.meta.set_incompatible(self.header.incompatible_features & ~C.INCOMPAT_DIRTY)
             finally:
                 self._closed = True
-                self.file.close()
+                try:
+                    if self.data is not self.file:
+                        self.data.close()
+                finally:
+                    self.file.close()
 
     def __enter__(self) -> "Qcow2Image":
         return self
@@ -171,7 +185,7 @@ class Qcow2Image:
             self.check_range(offset, length)
             exts = self.layer_extents(offset, length)
             if len(exts) == 1 and exts[0].kind == DATA and self.crypto is None:  # one host run: no copy at all
-                return self.file.pread(length, exts[0].host_offset)  # type: ignore[arg-type]
+                return self.data.pread(length, exts[0].host_offset)  # type: ignore[arg-type]
             buf = bytearray(length)
             self._read_extents(memoryview(buf), exts, zeroed=True)
             return bytes(buf)
@@ -183,7 +197,7 @@ class Qcow2Image:
             self.check_range(offset, len(view))
             exts = self.layer_extents(offset, len(view))
             if len(exts) == 1 and exts[0].kind == DATA and self.crypto is None:
-                self.file.preadinto(view, exts[0].host_offset)  # type: ignore[arg-type]
+                self.data.preadinto(view, exts[0].host_offset)  # type: ignore[arg-type]
             else:
                 self._read_extents(view, exts, zeroed=False)
 
@@ -210,16 +224,16 @@ class Qcow2Image:
     def read_data(self, dst: memoryview, host: int, guest: int) -> None:
         """Guest data stored at ``host`` into ``dst`` (decrypted on encrypted images)."""
         if self.crypto is None:
-            self.file.preadinto(dst, host)
+            self.data.preadinto(dst, host)
         else:
-            self.crypto.read_into(self.file, dst, host, guest)
+            self.crypto.read_into(self.data, dst, host, guest)
 
     def write_data(self, data, host: int, guest: int) -> None:
         """Store guest data (whole sectors on encrypted images) at ``host``."""
         if self.crypto is None:
-            self.file.pwrite(data, host)
+            self.data.pwrite(data, host)
         else:
-            self.file.pwrite(self.crypto.encrypt(data, host, guest), host)
+            self.data.pwrite(self.crypto.encrypt(data, host, guest), host)
 
     def _read_backing_into(self, dst: memoryview, offset: int) -> None:
         """Backing data, zeros past the end of a shorter backing file."""
@@ -304,14 +318,14 @@ class Qcow2Image:
             cstart = pos & ~(cs - 1)
             idx = (pos >> self.cluster_bits) & mask
             entry = table[idx] if table is not None else 0
-            if not _owned_data(entry):
+            if not _owned_data(entry, self.external_data):
                 break
             n = min(span_end, cstart + cs) - pos
             host = l2_offset(entry) + (pos - cstart)
             while pos + n < span_end:  # extend across physically contiguous owned clusters
                 nidx = idx + (n + pos - cstart) // cs
                 nentry = table[nidx]  # type: ignore[index]
-                if not (_owned_data(nentry) and l2_offset(nentry) == host - (pos - cstart) + (nidx - idx) * cs):
+                if not (_owned_data(nentry, self.external_data) and l2_offset(nentry) == host - (pos - cstart) + (nidx - idx) * cs):
                     break
                 n = min(span_end - pos, n + cs)
             self.write_data(mv[pos - base:pos - base + n], host, pos)
@@ -329,7 +343,7 @@ class Qcow2Image:
         run_end = first
         while run_end < span_end:
             entry = table[(run_end >> self.cluster_bits) & mask] if table is not None else 0
-            if _owned_data(entry):
+            if _owned_data(entry, self.external_data):
                 break
             run_end += cs
             if run_end - first >= MAX_RUN_BYTES:
@@ -348,7 +362,7 @@ class Qcow2Image:
             buf[pos - first:wend - first] = mv[pos - base:wend - base]
         meta = self.meta
         meta.writable_l2(l1_index)  # like QEMU: the L2 table is allocated before the data clusters
-        host = meta.refcounts.alloc_clusters(nclusters)
+        host = self.alloc_data(first, nclusters)
         self.write_data(buf, host, first)
         # The run lies in one L2 table: fetch it once (allocation may have evicted it) and set
         # the entries together; the table marks itself dirty.
@@ -360,6 +374,14 @@ class Qcow2Image:
             if old:
                 meta.free_entry_later(old)  # may sync everything before dropping the old references
         return wend
+
+    def alloc_data(self, guest: int, nclusters: int) -> int:
+        """Host offset for ``nclusters`` new data clusters at guest offset ``guest``: with an
+        external data file the guest offset itself (QEMU keeps them 1:1 and counts no
+        references for them), otherwise newly allocated clusters of this file."""
+        if self.external_data:
+            return guest
+        return self.meta.refcounts.alloc_clusters(nclusters)
 
     def write_compressed(self, data: bytes, offset: int) -> None:
         """Write one whole cluster compressed (the last cluster may be short: zero-padded).
@@ -374,6 +396,8 @@ class Qcow2Image:
                 if fsize % 512:
                     self.file.truncate((fsize + 511) & ~511)
                 return
+            if self.external_data:  # QEMU: -ENOTSUP
+                raise UnsupportedFeature("Operation not supported")
             cs = self.cluster_size
             if offset % cs or len(data) > cs or (len(data) < cs and offset + len(data) != self.size):
                 raise InvalidArgument("Compressed writes must cover exactly one cluster")
@@ -416,6 +440,8 @@ class Qcow2Image:
                 whole = pos == cstart and pos + n == cend
                 if (self.header.version >= 3 or self.backing is None) and \
                         (whole or self.reads_zero(cstart, cend, pos, pos + n)):
+                    if self.header.autoclear_features & C.AUTOCLEAR_DATA_FILE_RAW:
+                        self.data.pwrite(bytes(n), pos)  # the raw data file stays a readable raw image
                     self._zero_cluster(cstart, unmap)
                 else:  # as QEMU's fallback: explicit zeros, even where the range reads zero
                     self.pwrite(bytes(n), pos)
@@ -448,7 +474,8 @@ class Qcow2Image:
         entry = self.meta.l2_entry(cstart)[0]
         t = std_cluster_type(entry)
         plain = C.OFLAG_ZERO if self.header.version >= 3 else 0  # v2: no zero flag, unallocated
-        if plain and not unmap and entry & C.OFLAG_COPIED and t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+        if plain and not unmap and entry & C.OFLAG_COPIED and (t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) or
+                                                               _owned_data(entry, self.external_data)):
             new = entry | C.OFLAG_ZERO  # keep the preallocated host cluster
         else:
             new = plain
@@ -494,6 +521,24 @@ class Qcow2Image:
                 self.meta.sync()
 
 
-def _owned_data(entry: int) -> bool:
-    """A normal cluster this image alone references: written in place."""
-    return bool(entry & C.OFLAG_COPIED) and std_cluster_type(entry) == ClusterType.NORMAL
+def _owned_data(entry: int, external: bool = False) -> bool:
+    """A normal cluster this image alone references: written in place (with an external data
+    file, ``COPIED`` at host offset 0 is guest cluster 0's data, as QEMU reads it)."""
+    return bool(entry & C.OFLAG_COPIED) and (std_cluster_type(entry) == ClusterType.NORMAL or
+                                             (external and entry == C.OFLAG_COPIED))
+
+
+def open_data_file(header: Header, name: str | None, writable: bool, cache: str,
+                   force_share: bool) -> HostFile | None:
+    """The external data file an image needs (QEMU's rules: the ``data-file`` option wins over
+    the header's name, which is opened as given, relative to the working directory)."""
+    if not header.incompatible_features & C.INCOMPAT_DATA_FILE:
+        if name:
+            raise InvalidArgument("'data-file' can only be set for images with an external data file")
+        if header.autoclear_features & C.AUTOCLEAR_DATA_FILE_RAW:
+            raise InvalidArgument("data-file-raw requires a data file")
+        return None
+    name = name or header.data_file
+    if not name:
+        raise InvalidArgument("'data-file' is required for this image")
+    return HostFile(name, writable=writable, cache=cache, force_share=force_share)

@@ -105,6 +105,8 @@ def _raw_runs(meta: Metadata, pos: int, end: int) -> Iterator[tuple[str, int, in
                 runs = [(ClusterType.UNALLOCATED, idx, stop - idx, 0)]
             elif meta.extended:
                 runs = _extended_runs(meta, table.data, idx, stop, 64)
+            elif meta.external_data and l1_index == 0 and idx == 0 and table.data[0] == C.OFLAG_COPIED:
+                runs = [(ClusterType.NORMAL, 0, 1, 0)]  # guest cluster 0 at data-file offset 0
             else:
                 runs = l2_runs(table.data, idx, stop, cbits, 64)
             for t, first, count, host in runs:
@@ -116,13 +118,26 @@ def _raw_runs(meta: Metadata, pos: int, end: int) -> Iterator[tuple[str, int, in
                                              f"{meta.l1[l1_index] & C.L1E_OFFSET_MASK:#x}, L2 index: {index:#x})",
                                        base + (first << ubits))
                 rstart = base + (first << ubits)
+                if meta.external_data:
+                    _check_external(meta, t, rstart, host, (first << ubits) >> cbits)
                 a = max(pos, rstart)
                 if t in _ZERO_TYPES and meta.header.version < 3:
                     _v2_zero_entry(meta, l1_index, (a - base) >> ubits, a)
                 yield _KIND[t], a, min(span_end, rstart + (count << ubits)), \
-                    host + (a - rstart) if host else None
+                    host + (a - rstart) if host or (meta.external_data and t == ClusterType.NORMAL) else None
                 idx = first + count
         pos = span_end
+
+
+def _check_external(meta: Metadata, t: int, guest: int, host: int, l2_index: int) -> None:
+    """QEMU's rules for images with an external data file: no compressed clusters, and every
+    data cluster at the host offset equal to its guest offset."""
+    if t == ClusterType.COMPRESSED:
+        raise CorruptImage(f"Compressed cluster entry found in image with external data file "
+                           f"(L2 index: {l2_index:#x})")
+    if t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and host != guest:
+        raise CorruptImage(f"External data file host cluster offset {host:#x} does not match guest cluster "
+                           f"offset: {guest:#x}, L2 index: {l2_index:#x})")
 
 
 def _extended_runs(meta: Metadata, table: list[int], start: int, stop: int,

@@ -18,7 +18,7 @@ from ..format.entries import ClusterType, compressed_descriptor, l1_offset, l2_o
 from ..format.entries import cluster_type as std_cluster_type
 from ..format.header import Header, field_patch, pack_header_cluster
 from .cache import Table, TableCache
-from .overlap import ACTIVE_L1, ACTIVE_L2, ALL, INACTIVE_L1, MAIN_HEADER, OverlapGuard, write_metadata
+from .overlap import ACTIVE_L1, ACTIVE_L2, ALL, INACTIVE_L1, INACTIVE_L2, MAIN_HEADER, OverlapGuard, write_metadata
 from ..format.refcount import set_refcount
 from .refcount import Refcounts
 
@@ -54,6 +54,9 @@ class Metadata:
             self.file, self.cluster_size, l2_cache_tables or cache_tables(self.cluster_size),
             unpack_table, pack_table, ACTIVE_L2, depends_on=self.refcounts.cache)
         self.pending_frees: list[tuple[int, int]] = []
+        # With an external data file, data clusters carry no references (QEMU counts none).
+        self.external_data = bool(header.incompatible_features & C.INCOMPAT_DATA_FILE)
+        self.data_punches: list[int] = []  # data-file clusters to discard (see punching_freed)
         self.signaled_corruption = False  # a corruption event was reported (QEMU reports one per image)
 
     # ------------------------------------------------------------------ the crash-safety order
@@ -88,6 +91,13 @@ class Metadata:
 
     def free_entry_later(self, entry: int) -> None:
         """Release what a standard L2 entry (or an extended entry's first word) referenced."""
+        if self.external_data:
+            # nothing is counted; inside punching_freed the data-file cluster is discarded (QEMU
+            # passes ALWAYS/SNAPSHOT frees down to the data file)
+            if self.refcounts.freed is not None and (entry == C.OFLAG_COPIED or std_cluster_type(entry) in (
+                    ClusterType.NORMAL, ClusterType.ZERO_ALLOC)):
+                self.data_punches.append(l2_offset(entry))
+            return
         t = std_cluster_type(entry)
         if t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
             self.free_later(l2_offset(entry), self.cluster_size)
@@ -102,14 +112,20 @@ class Metadata:
         at its end (QEMU's discard passthrough for QCOW2_DISCARD_ALWAYS/SNAPSHOT frees); those
         allocated again meanwhile are left alone."""
         self.refcounts.freed = []
+        self.data_punches = []
         try:
             yield
             self.sync()
             cs = self.cluster_size
             for start, n in _runs(c for c in sorted(set(self.refcounts.freed)) if not self.refcounts.get(c)):
                 self.file.punch(start * cs, n * cs)
+            data = self.guard.companion
+            if data is not None:  # the L2 entries that named them are on disk (sync above)
+                for start, n in _runs(iter(sorted({o >> self.cluster_bits for o in self.data_punches}))):
+                    data.punch(start * cs, n * cs)
         finally:
             self.refcounts.freed = None
+            self.data_punches = []
 
     # ------------------------------------------------------------------ the header
     def mark_corrupt(self, event: str) -> str:
@@ -161,6 +177,18 @@ class Metadata:
         self.sync()
         self.rewrite_header(h)
         self.file.flush()
+
+    def switch_refcounts(self, order: int, table_offset: int, table_clusters: int) -> None:
+        """Point the header at another refcount structure of another entry width (amend's
+        refcount_bits): the table and its blocks are on disk; one header write (bytes 48..99)
+        switches offset, size and width together, between barriers; then start over from it."""
+        self.sync()
+        self.update_header(refcount_table_offset=table_offset, refcount_table_clusters=table_clusters,
+                           refcount_order=order)
+        self.file.flush()
+        self.refcounts = Refcounts(self.file, self.cluster_bits, order, table_offset, table_clusters,
+                                   self._reftable_moved, cache_tables(self.cluster_size) // 2)
+        self.l2cache.depends_on = self.refcounts.cache
 
     def _reftable_moved(self, offset: int, clusters: int) -> None:
         self.update_header(refcount_table_offset=offset, refcount_table_clusters=clusters)
@@ -222,6 +250,12 @@ class Metadata:
     def write_l1_entries(self, first: int, end: int) -> None:
         """Write the in-memory L1 entries [first, end) in place."""
         write_metadata(self.file, ACTIVE_L1, pack_table(self.l1[first:end]), self.header.l1_table_offset + 8 * first)
+
+    def write_inactive_l2(self, offset: int, entries: list[int]) -> None:
+        """Write a snapshot's L2 table in place (amend's zero-cluster expansion, as QEMU's
+        expand_zero_clusters_in_l1 does); a copy in the cache is dropped first."""
+        self.l2cache.discard(offset)
+        write_metadata(self.file, INACTIVE_L2 | ACTIVE_L2, pack_table(entries), offset)
 
     def write_l1_table(self, entries: list[int], offset: int | None = None) -> None:
         """Write a whole L1 table in place: the active one (default), or a snapshot's at ``offset``."""

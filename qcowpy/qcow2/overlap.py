@@ -149,6 +149,13 @@ class OverlapGuard:
         self._pending = 0
         self._snapshots: tuple[int, list[tuple[int, int]]] | None = None
         self.tripped: str | None = None
+        self.companion = None  # an external data file: flushed at every barrier of this file
+
+    def flush(self) -> None:
+        """The barrier: the external data file's writes are durable too before anything after it."""
+        if self.companion is not None:
+            self.companion.flush()
+        self._file.flush()
 
     def __getattr__(self, name):
         return getattr(self._file, name)

@@ -42,11 +42,15 @@ def resize(img: Qcow2Image, new_size: int, exact_l1: bool = True, preallocation:
                 meta.grow_l1(need, exact=exact_l1)
                 meta.sync()  # QEMU frees the old L1 at once: preallocation may reuse it
         img.size = new_size
+        if new_size > old_size and preallocation == "off" and h.autoclear_features & C.AUTOCLEAR_DATA_FILE_RAW:
+            preallocation = "metadata"  # QEMU: a raw data file stays mapped 1:1 as it grows
         # falloc/full: the grown file reads zeros, so the new clusters are data (QEMU truncates
         # the file with BDRV_REQ_ZERO_WRITE and needs no zero clusters then)
         zero_file = zero_new and preallocation in ("falloc", "full")
         if new_size > old_size and preallocation != "off":
             preallocate(img, preallocation, start=old_size, data=zero_file)
+        elif img.external_data and img.data.size() != new_size:
+            img.data.truncate(new_size)  # QEMU forwards the resize (shrinking too) to the data file
         if zero_new and not zero_file and new_size > old_size:
             _zero_new_area(img, old_size, new_size)
         meta.sync()
@@ -77,19 +81,19 @@ def preallocate(img: Qcow2Image, mode: str, start: int = 0, data: bool = False) 
                 # the cluster the old end falls in keeps its head, as QEMU's copy-on-write gives it
                 # (the backing file's bytes, with extended L2 the subclusters keep reading them)
                 head = img.pread(start - first, first) if first < start and (data or not img.extended) else b""
-                host = meta.refcounts.alloc_clusters(n)
+                host = img.alloc_data(first, n)
                 used = min(last, img.size) - first
                 # The file reaches the clusters before any L2 entry names them: a crash must not
                 # leave entries past the end of the file (which no repair could fix).
                 if mode == "falloc":
-                    img.file.allocate(host, used)
+                    img.data.allocate(host, used)
                 elif mode == "full":
                     for off in range(0, used, MAX_RUN_BYTES):
-                        img.file.pwrite(bytes(min(MAX_RUN_BYTES, used - off)), host + off)
-                elif img.file.size() < host + used:
-                    img.file.truncate(host + used)
+                        img.data.pwrite(bytes(min(MAX_RUN_BYTES, used - off)), host + off)
+                elif img.data.size() < host + used:
+                    img.data.truncate(host + used)
                 if head:
-                    img.file.pwrite(head, host)
+                    img.write_data(head, host, first)  # encrypted like any guest data
                 for i in range(n):  # extended: host cluster reserved, subclusters read as before
                     guest = first + i * cs
                     bitmap = C.L2_BITMAP_ALL_ALLOC if data else meta.l2_entry(guest)[1]
@@ -98,8 +102,8 @@ def preallocate(img: Qcow2Image, mode: str, start: int = 0, data: bool = False) 
                 first = last
             pos = span_end
         meta.sync()
-        if img.file.size() < end_needed:
-            img.file.truncate(end_needed)
+        if img.data.size() < end_needed:
+            img.data.truncate(end_needed)
 
 
 def _zero_new_area(img: Qcow2Image, old_size: int, new_size: int) -> None:
@@ -173,7 +177,8 @@ def make_empty(img: Qcow2Image) -> None:
         h, meta = img.header, img.meta
         l1_clusters = meta.clusters_for(len(meta.l1) * 8)
         if h.version >= 3 and not h.nb_snapshots and directory_location(h) is None and \
-                h.crypt_method != C.CRYPT_LUKS and 3 + l1_clusters <= meta.refcounts.per_block:  # LUKS area kept
+                h.crypt_method != C.CRYPT_LUKS and 3 + l1_clusters <= meta.refcounts.per_block and \
+                not img.external_data:  # the LUKS area and the data file are kept
             img.begin_change()
             meta.rebuild_empty(l1_clusters)
             return

@@ -98,12 +98,16 @@ def _prepare(img) -> None:
 
 def list_snapshots(img) -> list[Entry]:
     with img.lock:
+        if img.external_data:  # QEMU: no snapshots with a data file (-ENOTSUP, listed as none)
+            return []
         return read_table(img)[0]
 
 
 def create(img, name: str, date: float | None = None) -> Entry:
     """``qemu-img snapshot -c NAME``: a snapshot of the current disk state (no VM state)."""
     with img.lock:
+        if img.external_data:
+            raise SnapshotCreateFailed(95, "Operation not supported")
         _prepare(img)
         entries, size = read_table(img)
         if len(entries) >= C.MAX_SNAPSHOTS:
@@ -132,7 +136,7 @@ def delete(img, key: str) -> None:
         _prepare(img)
         entries, size = read_table(img)
         i = _find(entries, key, by_id=False)  # qemu-img -d looks names up (bdrv_snapshot_find)
-        if i < 0:
+        if i < 0 or img.external_data:
             raise SnapshotNotFound("snapshot not found")
         sn = entries[i].sn
         _validate_l1(img, sn)
@@ -145,6 +149,8 @@ def delete(img, key: str) -> None:
 def apply(img, key: str) -> None:
     """``qemu-img snapshot -a``: make the active disk the snapshot's again (its size included)."""
     with img.lock:
+        if img.external_data:
+            raise QcowError("Operation not supported")
         _prepare(img)
         entries, _ = read_table(img)
         i = _find(entries, key)
@@ -172,7 +178,7 @@ def load_tmp(img, snapshot_id: str | None, name: str | None) -> None:
         raise QcowError("Cannot load a snapshot temporarily into an image opened read-write")
     with img.lock:
         entries, _ = read_table(img)
-        found = [e for e in entries
+        found = [e for e in entries if not img.external_data
                  if (snapshot_id is None or e.id_str == snapshot_id) and (name is None or e.name == name)]
         if not found:
             raise SnapshotNotFound("Can't find snapshot")

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 from ..kernels import is_zero, zero_runs
 from ..block.device import BlockDevice, Extent
 from ..block.open import open_image
-from ..errors import CorruptedRead, QcowError
+from ..errors import CorruptedRead, QcowError, UnsupportedFeature
 from ..block.create import create_image, create_qcow2, qcow2_options
 from .create import validate
 from .options import parse_create_options
@@ -270,7 +270,10 @@ def _copy_compressed(runs: list[_Run], target: BlockDevice, total: int, zero_ini
             if not zero_init:
                 target.write_zeroes(cend - cstart, cstart, unmap=True)
         else:
-            target.write_compressed(bytes(buf), cstart)
+            try:
+                target.write_compressed(bytes(buf), cstart)
+            except UnsupportedFeature as e:  # e.g. a target with an external data file (QEMU: -ENOTSUP)
+                raise ConvertError(f"error while writing at byte {cstart}: {e}") from None
         progress(cend - cstart)
 
 

@@ -126,6 +126,13 @@ def validate(fmt: str, opts: ParsedOpts) -> dict:
     rb_error = refcount_bits_error(int(v.get("refcount_bits", 16)), version, "version=v3")  # type: ignore[call-overload]
     if rb_error:
         raise InvalidArgument(rb_error)
+    if v.get("data_file_raw") and not v.get("data_file"):
+        raise InvalidArgument("data-file-raw requires data-file")
+    if v.get("data_file_raw") and v.get("backing_file"):
+        raise InvalidArgument("Backing file and data-file-raw cannot be used at the same time")
+    if v.get("data_file") and version < 3:
+        raise InvalidArgument("External data files are only supported with compatibility level 1.1 and above "
+                              "(use version=v3 or greater)")
     if version < 3 and ctype != "zlib":
         raise InvalidArgument("Non-zlib compression type is only supported with compatibility level 1.1 and above "
                               "(use version=v3 or greater)")
@@ -136,7 +143,7 @@ def validate(fmt: str, opts: ParsedOpts) -> dict:
         raise InvalidArgument("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
     out: dict = {}
     for key in ("cluster_size", "compat", "refcount_bits", "compression_type", "lazy_refcounts", "extended_l2",
-                "preallocation", "backing_file", "backing_fmt"):
+                "preallocation", "backing_file", "backing_fmt", "data_file", "data_file_raw"):
         if key in v:
             out[key] = v[key]
     if spec is not None:

@@ -58,7 +58,8 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
             data["compat"] = "1.1"
             if h.data_file:
                 data["data-file"] = h.data_file
-                data["data-file-raw"] = h.data_file_raw
+            if h.data_file or getattr(getattr(dev, "image", None), "external_data", False):
+                data["data-file-raw"] = h.data_file_raw  # even when the header names no file, as QEMU
             data["extended-l2"] = h.extended_l2
             data["lazy-refcounts"] = h.lazy_refcounts
             data["corrupt"] = h.corrupt

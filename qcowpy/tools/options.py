@@ -40,6 +40,8 @@ _QCOW2 = _ENCRYPT + [
     OptDesc("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
     OptDesc("backing_file", "str", "File name of a base image"),
     OptDesc("backing_fmt", "str", "Image format of the base image"),
+    OptDesc("data_file", "str", "File name of an external data file"),
+    OptDesc("data_file_raw", "bool", "The external data file must stay valid as a raw image"),
     OptDesc("lazy_refcounts", "bool", "Postpone refcount updates", "off"),
     OptDesc("refcount_bits", "num", "Width of a reference count entry in bits", "16"),
 ]
@@ -68,7 +70,6 @@ def create_opts(fmt: str, filename: str | None = None) -> list[OptDesc]:
 
 # Options QEMU has that qcowpy recognises but does not implement: a clear error, not "Invalid parameter".
 _UNSUPPORTED = {
-    "data_file": "External data files", "data_file_raw": "External data files",
     "nocow": "The 'nocow' option", "extent_size_hint": "The 'extent_size_hint' option",
 }
 
@@ -138,6 +139,15 @@ def help_text(fmt: str, filename: str | None) -> str:
         raise InvalidArgument(f"Unknown file format '{fmt}'")
     descs = create_opts(fmt, filename)
     lines = ["Supported options:" if filename else f"Supported {fmt} options:"]
+    lines += format_help_entries(descs)
+    if not filename:
+        lines += ["", "The protocol level may support further options.",
+                  "Specify the target filename to include those options."]
+    return "\n".join(lines) + "\n"
+
+
+def format_help_entries(descs: list[OptDesc]) -> list[str]:
+    """QEMU's qemu_opts_print_help lines, sorted by name."""
     entries = []
     for d in descs:
         kind = {"str": "str", "bool": "bool (on/off)", "onstr": "bool (on/off)", "size": "size", "num": "num"}[d.type]
@@ -145,11 +155,7 @@ def help_text(fmt: str, filename: str | None) -> str:
         if len(s) < 24:
             s += " " * (24 - len(s))
         entries.append(f"{s} - {d.help}")
-    lines += sorted(entries)
-    if not filename:
-        lines += ["", "The protocol level may support further options.",
-                  "Specify the target filename to include those options."]
-    return "\n".join(lines) + "\n"
+    return sorted(entries)
 
 
 @dataclass
