@@ -399,12 +399,14 @@ from .check import check  # noqa: E402  (these commands live in their own module
 from .convert import convert  # noqa: E402
 from .nbd import nbd  # noqa: E402
 from .storage_daemon import storage_daemon  # noqa: E402
+from .bitmap import bitmap  # noqa: E402
 
 cli.add_command(check)
 cli.commands = {k: cli.commands[k] for k in ("create", "info", "map")} | {"convert": convert} | {
     k: v for k, v in cli.commands.items() if k not in ("create", "info", "map")}  # help lists convert after map
 cli.add_command(nbd)
 cli.add_command(storage_daemon)
+cli.add_command(bitmap)
 
 
 # ---------------------------------------------------------------------------------------- entry point

@@ -18,6 +18,7 @@ from ..format.entries import cluster_type as std_cluster_type
 from ..format.header import Header, parse_header
 from ..hostfile import HostFile, zero_fill
 from . import codec
+from .bitmaps import Bitmaps
 from .extl2 import ExtendedL2Writes
 from .mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, LayerExtent, layer_extents
 from .metadata import Metadata
@@ -59,6 +60,7 @@ class Qcow2Image:
         self.subcluster_size = self.meta.cluster_size // C.SUBCLUSTERS_PER_CLUSTER if self.extended \
             else self.cluster_size
         self._ext = ExtendedL2Writes(self) if self.extended else None
+        self.bitmaps = Bitmaps(self.meta, self.size)  # persistent dirty bitmaps (qcow2/bitmaps.py)
 
     @property
     def writable(self) -> bool:
@@ -93,9 +95,15 @@ class Qcow2Image:
         if h.incompatible_features & C.INCOMPAT_DIRTY:
             raise CorruptImage("qcow2: Image is dirty (lazy refcounts were not written back); "
                                "repair it with 'qemu-img check -r all' before opening it read/write")
-        if h.autoclear_features & ~C.AUTOCLEAR_KNOWN:
-            # The spec: a writer that does not know an autoclear bit clears it on opening.
+        stale_bitmaps = not h.autoclear_features & C.AUTOCLEAR_BITMAPS and \
+            h.find_extension(C.EXT_BITMAPS) is not None
+        if h.autoclear_features & ~C.AUTOCLEAR_KNOWN or stale_bitmaps:
+            # The spec: a writer that does not know an autoclear bit clears it on opening; and
+            # bitmaps whose autoclear bit a program without bitmap support cleared are dropped
+            # (their clusters leak until check -r), as QEMU does.
             h.autoclear_features &= C.AUTOCLEAR_KNOWN
+            if stale_bitmaps:
+                h.set_extension(C.EXT_BITMAPS, None)
             self.meta.rewrite_header()
             self.file.flush()
 
@@ -105,6 +113,7 @@ class Qcow2Image:
                 return
             try:
                 if self.writable:
+                    self.bitmaps.store()
                     self.meta.sync()
                     if self.header.incompatible_features & C.INCOMPAT_DIRTY:
                         self.meta.set_incompatible(self.header.incompatible_features & ~C.INCOMPAT_DIRTY)
@@ -215,6 +224,7 @@ class Qcow2Image:
         """Before any modification: writable, header bits first, no stale decompressed cluster."""
         self.require_writable()
         self.meta.before_change()
+        self.bitmaps.activate()
         self._compressed_cache = None
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -225,6 +235,7 @@ class Qcow2Image:
             if not len(mv):
                 return
             self.begin_change()
+            self.bitmaps.mark(offset, len(mv))
             if self._ext is not None:
                 self._ext.pwrite(mv, offset)
                 return
@@ -328,6 +339,7 @@ class Qcow2Image:
                 raise InvalidArgument("Compressed writes must cover exactly one cluster")
             self.check_range(offset, len(data))
             self.begin_change()
+            self.bitmaps.mark(offset, len(data))
             if len(data) < cs:
                 data = bytes(data) + bytes(cs - len(data))
             comp = codec.compress(bytes(data), self.header.compression_type, cs)
@@ -351,6 +363,7 @@ class Qcow2Image:
             if not length:
                 return
             self.begin_change()
+            self.bitmaps.mark(offset, length)
             if self._ext is not None:
                 self._ext.write_zeroes(length, offset, unmap)
                 return
@@ -413,6 +426,8 @@ class Qcow2Image:
         with self.lock:
             self.require_writable()
             self.check_range(offset, length)
+            if length:  # QEMU marks the whole request, whatever it could discard
+                self.bitmaps.mark(offset, length)
             cs = self.cluster_size
             start = (offset + cs - 1) & ~(cs - 1)
             end = offset + length if offset + length == self.size else (offset + length) & ~(cs - 1)

@@ -25,9 +25,7 @@ def resize(img: Qcow2Image, new_size: int, exact_l1: bool = True, preallocation:
             raise InvalidArgument("The new size must be a multiple of 512")
         if h.nb_snapshots and h.version < 3:
             raise UnsupportedFeature("Can't resize a v2 image which has snapshots")
-        if directory_location(h) is not None:
-            raise UnsupportedFeature("Cannot resize qcow2 with persistent bitmaps "
-                                     "(qcowpy does not update bitmaps)")
+        img.bitmaps.check_resizable()
         old_size = img.size
         if new_size < old_size:
             if preallocation != "off":
@@ -40,6 +38,7 @@ def resize(img: Qcow2Image, new_size: int, exact_l1: bool = True, preallocation:
                 meta.grow_l1(need, exact=exact_l1)
                 meta.sync()  # QEMU frees the old L1 at once: preallocation may reuse it
         img.size = new_size
+        img.bitmaps.resize(new_size)
         if new_size > old_size and preallocation != "off":
             preallocate(img, preallocation, start=old_size)
         meta.sync()

@@ -48,12 +48,27 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
             data["lazy-refcounts"] = h.lazy_refcounts
             data["corrupt"] = h.corrupt
             data["refcount-bits"] = h.refcount_bits
+            bitmaps = bitmap_rows(dev)
+            if bitmaps:
+                data["bitmaps"] = bitmaps
         data["compression-type"] = h.compression_type
         spec = QDict()
         spec["type"] = "qcow2"
         spec["data"] = data
         info["format-specific"] = spec
     return info
+
+
+def bitmap_rows(dev: BlockDevice) -> list:
+    """qemu-img's Qcow2BitmapInfo list: flags (in-use, auto), name, granularity."""
+    out = []
+    for bm in dev.bitmaps():
+        d = QDict()
+        d["name"] = bm.name.decode("utf-8", "surrogateescape")
+        d["granularity"] = 1 << bm.granularity_bits
+        d["flags"] = [f for f, on in (("in-use", bm.in_use), ("auto", bm.enabled)) if on]
+        out.append(d)
+    return out
 
 
 def snapshot_rows(dev: BlockDevice) -> list:
