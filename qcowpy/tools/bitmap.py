@@ -7,8 +7,11 @@ in qemu-img.
 """
 from __future__ import annotations
 
+from typing import Callable
+
+from ..block.device import BlockDevice
 from ..block.open import open_image
-from ..errors import QcowError
+from ..errors import QcowError, with_hint
 
 
 def run_bitmap(filename: str, fmt: str | None, name: str, actions: list[tuple[str, str | None]],
@@ -39,3 +42,37 @@ def run_bitmap(filename: str, fmt: str | None, name: str, actions: list[tuple[st
         finally:
             if src is not None:
                 src.close()
+
+
+def check_copyable(src: BlockDevice, skip_broken: bool) -> None:
+    """qemu-img convert --bitmaps' check of its single source (convert_check_bitmaps)."""
+    if not src.supports_bitmaps:
+        raise QcowError("Source lacks bitmap support")
+    for bm in src.bitmaps():
+        if bm.in_use and not skip_broken:
+            raise QcowError(with_hint(f"Cannot copy inconsistent bitmap '{_name(bm.name)}'",
+                                      "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it"))
+
+
+def copy_bitmaps(src: BlockDevice, dst: BlockDevice, skip_broken: bool, warn: Callable[[str], None]) -> None:
+    """Add each of the source's persistent bitmaps to ``dst`` (same granularity and enabled
+    state) and merge the source's bits into it (convert_copy_bitmaps); inconsistent ones are
+    skipped with a warning (``--skip-broken-bitmaps``)."""
+    for bm in src.bitmaps():
+        name = _name(bm.name)
+        if skip_broken and bm.in_use:
+            warn(f"Skipping inconsistent bitmap '{name}'")
+            continue
+        try:
+            dst.bitmap_op("add", bm.name, granularity=1 << bm.granularity_bits, disabled=not bm.enabled)
+        except QcowError as e:
+            raise QcowError(f"Failed to create bitmap {name}: {e}") from None
+        try:
+            dst.bitmap_op("merge", bm.name, source=src, source_name=bm.name)
+        except QcowError as e:
+            dst.bitmap_op("remove", bm.name)
+            raise QcowError(f"Failed to populate bitmap {name}: {e}") from None
+
+
+def _name(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
