@@ -91,6 +91,7 @@ class BlockDevice(ABC):
     backing: "BlockDevice | None" = None
     display_name: str | None = None  # how QEMU names the image when it differs from the path (nbd URIs)
     has_image_info = True  # False where QEMU's driver has no get_info (info then omits dirty-flag)
+    holes_read_zero = True  # False for a protocol whose holes QEMU does not call zero (nbd: no backing support)
 
     @property
     @abstractmethod
@@ -248,6 +249,8 @@ def status_at(top: BlockDevice, offset: int, length: int) -> Extent:
             return Extent(offset, length, depth, True, st.zero, st.data, st.offset,
                           st.filename if st.offset is not None else None)
         below = dev.backing
+        if below is None and not dev.holes_read_zero:
+            return Extent(offset, length, depth, False, False, False)
         if below is None or offset >= below.size:
             # nothing below answers: zeros, at this depth (with a reserved host offset if any)
             return Extent(offset, length, depth, False, True, False, st.offset,

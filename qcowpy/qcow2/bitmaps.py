@@ -271,7 +271,10 @@ class Bitmaps:
         old_loc = B.directory_location(meta.header)
         freed: list[tuple[int, int]] = []
         entries: list[B.DirectoryEntry] = []
-        for bm in self.items:
+        # QEMU's order: the directory's bitmaps as they were, then the new ones newest first (its
+        # list of in-memory bitmaps is built by inserting at the head)
+        order = [b for b in self.items if b.entry is not None] + [b for b in reversed(self.items) if b.entry is None]
+        for bm in order:
             if bm.inconsistent:
                 assert bm.entry is not None
                 entries.append(bm.entry)
@@ -325,11 +328,11 @@ class Bitmaps:
 
     def _clusters_of(self, e: B.DirectoryEntry) -> list[tuple[int, int]]:
         """(offset, length) of an on-disk bitmap's table and data clusters."""
-        cs = self.meta.cluster_size
+        cs, end = self.meta.cluster_size, self.meta.file.size()
         out = [(t & B.TABLE_OFFSET_MASK, cs) for t in self._table(e)
                if t & B.TABLE_OFFSET_MASK and B.table_entry_valid(t, cs)]
         out.append((e.table_offset, self.meta.clusters_for(e.table_size * 8) * cs))
-        return out
+        return [(off, n) for off, n in out if off < end]  # nothing past the end of the file is counted
 
 
 def merge_bits(dst: bytearray, dst_bits: int, src: bytes, src_bits: int, size: int) -> bytearray:

@@ -48,7 +48,7 @@ def check_copyable(src: BlockDevice, skip_broken: bool) -> None:
     """qemu-img convert --bitmaps' check of its single source (convert_check_bitmaps)."""
     if not src.supports_bitmaps:
         raise QcowError("Source lacks bitmap support")
-    for bm in src.bitmaps():
+    for bm in reversed(src.bitmaps()):  # QEMU walks a bitmap list built by inserting at the head
         if bm.in_use and not skip_broken:
             raise QcowError(with_hint(f"Cannot copy inconsistent bitmap '{_name(bm.name)}'",
                                       "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it"))
@@ -57,8 +57,9 @@ def check_copyable(src: BlockDevice, skip_broken: bool) -> None:
 def copy_bitmaps(src: BlockDevice, dst: BlockDevice, skip_broken: bool, warn: Callable[[str], None]) -> None:
     """Add each of the source's persistent bitmaps to ``dst`` (same granularity and enabled
     state) and merge the source's bits into it (convert_copy_bitmaps); inconsistent ones are
-    skipped with a warning (``--skip-broken-bitmaps``)."""
-    for bm in src.bitmaps():
+    skipped with a warning (``--skip-broken-bitmaps``). Added newest-first, the target stores
+    them in the source's order, as QEMU does."""
+    for bm in reversed(src.bitmaps()):
         name = _name(bm.name)
         if skip_broken and bm.in_use:
             warn(f"Skipping inconsistent bitmap '{name}'")
