@@ -96,6 +96,8 @@ class Qcow2Device(BlockDevice):
         return sn.create(self.image, name).sn
 
     def snapshot_apply(self, key: str) -> None:
+        if self.image.bitmaps.items:  # as QEMU's bdrv_snapshot_goto (-EBUSY)
+            raise BitmapError("Device has active dirty bitmaps")
         sn.apply(self.image, key)
 
     def snapshot_delete(self, key: str) -> None:

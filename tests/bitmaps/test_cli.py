@@ -231,3 +231,17 @@ def test_info_lists_bitmaps_like_qemu_img(images):
             assert got.code == want.returncode == 0
             assert re.sub(r"disk size: .*|\"actual-size\": \d+", "", got.out) == \
                 re.sub(r"disk size: .*|\"actual-size\": \d+", "", want.stdout)
+
+
+@pytest.mark.parametrize("args", [["-a", "s1"], ["-a", "nope"], ["-d", "s1"], ["-c", "s2"]], ids=" ".join)
+def test_snapshot_operations_with_bitmaps(tmp_path, args):
+    """qemu-img refuses to apply a snapshot while the image has bitmaps (block/snapshot.c:
+    "Device has active dirty bitmaps"); creating and deleting leave the bitmaps as they are."""
+    img = tmp_path / "s.qcow2"
+    assert Q.img("create", "-q", "-f", "qcow2", img, "16M").returncode == 0
+    assert Q.img("bitmap", "--add", "-g", "4k", img, "b").returncode == 0
+    Q.io(img, "write 0 64k")
+    assert Q.img("snapshot", "-c", "s1", img).returncode == 0
+    Q.io(img, "write 1M 64k")
+    (tmp_path / "w").mkdir()
+    _side_by_side(tmp_path / "w", img, ["snapshot", *args, "IMG"])
