@@ -48,7 +48,8 @@ def _fail(message: str) -> CommandFailed:
 @click.option("-o", "--offset", metavar="OFFSET", help="Not supported (removed from later qemu-nbd).")
 @click.option("-c", "--connect", "device", metavar="DEV", help="Not supported (kernel NBD client).")
 @click.option("-d", "--disconnect", is_flag=True, help="Not supported (kernel NBD client).")
-@click.option("-B", "--bitmap", "bitmaps", multiple=True, metavar="NAME", help="Not supported (dirty bitmaps).")
+@click.option("-B", "--bitmap", "bitmaps", multiple=True, metavar="NAME",
+              help="Expose a persistent dirty bitmap (as the qemu:dirty-bitmap:NAME context).")
 @click.option("-L", "--list", "list_mode", is_flag=True, help="Not supported (list a server's exports).")
 @click.option("--image-opts", "image_opts", is_flag=True, help="Not supported.")
 @click.option("--aio", metavar="MODE", help="threads (the only mode).")
@@ -143,8 +144,6 @@ def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persiste
         raise _fail("Kernel /dev/nbdN support not available")
     if image_opts:
         raise _fail("--image-opts is not supported")
-    if bitmaps:
-        raise _fail(f"Bitmap '{bitmaps[0]}' is not found")
     snapshot_key = None
     if load_snapshot is not None:
         snapshot_key = parse_snapshot_param(load_snapshot)
@@ -159,7 +158,7 @@ def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persiste
         export_name=export_name or "", description=description, allocation_depth=allocation_depth,
         shared=nshared, persistent=persistent, sockpath=sockpath,
         bind=bind, port=port, activation=bool(activation), tls=tls, authz=tls_check, fork=fork_process, pid_file=pid_file,
-        verbose=verbose, snapshot_key=snapshot_key)
+        verbose=verbose, snapshot_key=snapshot_key, bitmaps=tuple(bitmaps))
     if not snapshot and not read_only:
         warn_if_probed_raw(filename, fmt)
     serve(opts)

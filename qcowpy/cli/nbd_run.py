@@ -43,6 +43,7 @@ class ServeOptions:
     pid_file: str | None
     verbose: bool
     snapshot_key: tuple[str | None, str | None, bool] | None = None  # -l: (id, name, id-or-name)
+    bitmaps: tuple[str, ...] = ()  # -B: persistent bitmaps exported as qemu:dirty-bitmap:NAME
 
 
 def serve(o: ServeOptions) -> None:
@@ -60,10 +61,12 @@ def serve(o: ServeOptions) -> None:
         _cleanup_socket(o, listener)
         raise
     try:
+        # qemu-nbd collects -B names by prepending: the last one given is context 2
+        bitmaps = tuple((name, _bitmap_holder(dev, name, o.read_only)) for name in reversed(o.bitmaps))
         exp = Export(dev, o.export_name, o.description, read_only=o.read_only or dev.read_only,
                      allocation_depth=o.allocation_depth, discard=o.discard, detect_zeroes=o.detect_zeroes,
                      multi_conn=o.shared != 1, writethrough=o.writethrough,
-                     guard_block0=o.fmt is None and not o.snapshot and dev.format == "raw")
+                     guard_block0=o.fmt is None and not o.snapshot and dev.format == "raw", bitmaps=bitmaps)
         server = NbdServer([exp], [listener], shared=o.shared, persistent=o.persistent, tls=o.tls,
                            authz=o.authz)  # type: ignore[arg-type]
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -80,6 +83,21 @@ def serve(o: ServeOptions) -> None:
             pass
         dev.close()
         _cleanup_socket(o, listener)
+
+
+def _bitmap_holder(dev: BlockDevice, name: str, read_only: bool) -> BlockDevice:
+    """The image of the chain that has persistent bitmap ``name``, checked as qemu-nbd checks it."""
+    raw = name.encode("utf-8", "surrogateescape")
+    for layer in dev.chain:
+        found = [b for b in layer.bitmaps() if b.name == raw]
+        if not found:
+            continue
+        if read_only and not layer.read_only and found[0].enabled:
+            raise CommandFailed(f"Enabled bitmap '{name}' incompatible with readonly export")
+        if found[0].in_use:  # (qemu-nbd prints no hint here)
+            raise CommandFailed(f"Bitmap '{name}' is inconsistent and cannot be used")
+        return layer
+    raise CommandFailed(f"Bitmap '{name}' is not found")
 
 
 def listen(o: ServeOptions) -> socket.socket:

@@ -8,6 +8,8 @@ from ...block.device import BlockDevice, status_at
 from ...block import nbdproto as P
 
 META_IDS = {P.CONTEXT_BASE_ALLOCATION: 0, P.CONTEXT_ALLOCATION_DEPTH: 1}  # ids as qemu-nbd numbers them
+DIRTY_BITMAP = "qemu:dirty-bitmap:"  # + name: a persistent bitmap's dirty ranges (qemu-nbd -B), ids 2, 3, ...
+STATE_DIRTY = 1
 MAX_EXTENTS = 1 << 14  # block status answers at most this many runs (the client asks again for the rest)
 
 
@@ -31,6 +33,7 @@ class Export:
     multi_conn: bool = False
     writethrough: bool = False
     guard_block0: bool = False  # the format was probed as raw: refuse writes that would change that
+    bitmaps: tuple = ()  # ((name, device in the chain that holds it), ...): qemu-nbd -B
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -56,7 +59,13 @@ class Export:
         names = [P.CONTEXT_BASE_ALLOCATION]
         if self.allocation_depth:
             names.append(P.CONTEXT_ALLOCATION_DEPTH)
-        return names
+        return names + [DIRTY_BITMAP + name for name, _ in self.bitmaps]
+
+    def meta_id(self, context: str) -> int:
+        """The context id qemu-nbd would give ``context``."""
+        if context in META_IDS:
+            return META_IDS[context]
+        return 2 + [DIRTY_BITMAP + name for name, _ in self.bitmaps].index(context)
 
     def match_contexts(self, query: str, listing: bool) -> list[str]:
         """Contexts a query names: exact names; when listing, also a bare namespace ("base:", "qemu:")."""
@@ -69,8 +78,12 @@ class Export:
     def status(self, offset: int, length: int, contexts: list[str], one: bool) -> dict[str, list[tuple[int, int]]]:
         """(length, flags) runs per context over ``offset``..``offset+length``, merged where equal."""
         out: dict[str, list[tuple[int, int]]] = {c: [] for c in contexts}
-        for ext in _runs(self.device, offset, length, 1 if one else MAX_EXTENTS):
-            for c in contexts:
+        for name, holder in self.bitmaps:
+            if DIRTY_BITMAP + name in out:
+                out[DIRTY_BITMAP + name] = _dirty_runs(holder, name, offset, length, one)
+        plain = [c for c in contexts if not c.startswith(DIRTY_BITMAP)]
+        for ext in _runs(self.device, offset, length, 1 if one else MAX_EXTENTS) if plain else ():
+            for c in plain:
                 if c == P.CONTEXT_BASE_ALLOCATION:
                     value = (0 if ext.data else P.STATE_HOLE) | (P.STATE_ZERO if ext.zero else 0)
                 else:
@@ -81,6 +94,23 @@ class Export:
                 else:
                     runs.append((ext.length, value))
         return out
+
+
+def _dirty_runs(dev: BlockDevice, name: str, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
+    """(length, flags) runs of the bitmap over the range: STATE_DIRTY where a write marked it."""
+    out: list[tuple[int, int]] = []
+    pos, end = offset, offset + length
+    for a, n in dev.bitmap_dirty(name.encode("utf-8", "surrogateescape")):
+        a, b = max(a, pos), min(a + n, end)
+        if a >= b:
+            continue
+        if a > pos:
+            out.append((a - pos, 0))
+        out.append((b - a, STATE_DIRTY))
+        pos = b
+    if pos < end:
+        out.append((end - pos, 0))
+    return out[:1] if one else out[:MAX_EXTENTS]
 
 
 def _runs(dev: BlockDevice, offset: int, length: int, limit: int) -> Iterator:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from ...block import nbdproto as P
 from .authz import Authz
-from .export import META_IDS, Export
+from .export import Export
 from ...block.nbdwire import Disconnected, drain, recv_exact
 
 log = logging.getLogger("qcowpy.nbd")
@@ -118,7 +118,7 @@ class Negotiation:
     def session(self, exp: Export) -> Session:
         contexts: dict[int, str] = {}
         if self.meta is not None and self.meta[0] == exp.name:
-            contexts = {META_IDS[c]: c for c in self.meta[1]}
+            contexts = {exp.meta_id(c): c for c in self.meta[1]}
         return Session(self.sock, exp, self.structured, contexts)
 
     def info(self, opt: int, data: bytes) -> Session | None:
@@ -197,7 +197,7 @@ class Negotiation:
         for q in queries:
             chosen += [c for c in exp.match_contexts(q, listing) if c not in chosen]
         for c in chosen:
-            self.reply(opt, P.REP_META_CONTEXT, _U32.pack(0 if listing else META_IDS[c]) + c.encode())
+            self.reply(opt, P.REP_META_CONTEXT, _U32.pack(0 if listing else exp.meta_id(c)) + c.encode())
         self.reply(opt, P.REP_ACK)
         if not listing:
             self.meta = (exp.name, chosen)
