@@ -113,8 +113,10 @@ class Qcow2Image:
                 return
             try:
                 if self.writable:
-                    self.bitmaps.store()
-                    self.meta.sync()
+                    try:
+                        self.bitmaps.store()  # a failure leaves them in_use (inconsistent), as in QEMU
+                    finally:
+                        self.meta.sync()
                     if self.header.incompatible_features & C.INCOMPAT_DIRTY:
                         self.meta.set_incompatible(self.header.incompatible_features & ~C.INCOMPAT_DIRTY)
             finally:

@@ -253,3 +253,66 @@ def test_emulator_guest_writes_are_marked(tmp_path):
     model = Model(size, {"b": (512, True), "d": (65536, False)})
     model.write(0x8000, 0x10000)
     model.assert_qemu_agrees(p)
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("QCOWPY_BITMAP_SEEDS", "4"))))
+def test_random_sessions_of_writes_and_bitmap_operations(tmp_path, seed):
+    """Several open/close sessions of random writes, zero writes, discards and bitmap operations
+    (add, remove, clear, enable, disable, merge) through the API, against a model of every
+    bitmap's granularity, enabled state, dirty granules and directory order (QEMU's: kept
+    entries in place, each session's new bitmaps newest first); QEMU must read it all back."""
+    rng = random.Random(seed)
+    size = rng.choice([8, 20, 33]) * MiB + rng.choice([0, 512])
+    cs = rng.choice([4096, 65536])
+    p = tmp_path / "a.qcow2"
+    assert Q.img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}", p, size).returncode == 0
+    order: list[str] = []
+    model = Model(size, {})
+    counter = 0
+    for _session in range(4):
+        new: list[str] = []
+        with qcowpy.open(str(p), "r+") as d:
+            for _ in range(25):
+                op = rng.choice(["write", "write", "zero", "discard", "add", "add", "remove", "clear", "toggle", "merge"])
+                names = list(model.bitmaps)
+                if op in ("write", "zero", "discard"):
+                    off = rng.randrange(0, size - 1)
+                    n = min(size - off, rng.choice([1, 512, 5000, 70000, MiB]))
+                    if op == "write":
+                        d.pwrite(b"\x5a" * n, off)
+                    elif op == "zero":
+                        d.write_zeroes(n, off)
+                    else:
+                        d.discard(n, off)
+                    model.write(off, n)
+                elif op == "add":
+                    counter += 1
+                    name, gran = f"bm{counter}", rng.choice([512, 4096, 65536, MiB])
+                    disabled = rng.random() < 0.3
+                    d.bitmap_op("add", name.encode(), granularity=gran, disabled=disabled)
+                    model.bitmaps[name] = (gran, not disabled)
+                    model.dirty[name] = set()
+                    new.append(name)
+                elif names and op == "remove":
+                    name = rng.choice(names)
+                    d.bitmap_op("remove", name.encode())
+                    del model.bitmaps[name], model.dirty[name]
+                    (new if name in new else order).remove(name)
+                elif names and op == "clear":
+                    name = rng.choice(names)
+                    d.bitmap_op("clear", name.encode())
+                    model.dirty[name] = set()
+                elif names and op == "toggle":
+                    name = rng.choice(names)
+                    gran, enabled = model.bitmaps[name]
+                    d.bitmap_op("disable" if enabled else "enable", name.encode())
+                    model.bitmaps[name] = (gran, not enabled)
+                elif names and op == "merge":
+                    dst, src = rng.choice(names), rng.choice(names)
+                    d.bitmap_op("merge", dst.encode(), source_name=src.encode())
+                    gd, gs = model.bitmaps[dst][0], model.bitmaps[src][0]
+                    for g in list(model.dirty[src]):
+                        model.dirty[dst] |= Q.granules(g * gs, min(size, (g + 1) * gs) - g * gs, gd)
+        order += list(reversed(new))
+        assert [b["name"] for b in Q.bitmaps(p)] == order
+    model.assert_qemu_agrees(p)
