@@ -222,7 +222,8 @@ class Bitmaps:
         if sum(B.entry_size(len(b.name)) for b in self.items) + B.entry_size(len(name)) > B.MAX_DIRECTORY_SIZE:
             raise BitmapError(prefix + "Not enough space in the bitmap directory")
         self.activate()
-        bm = Bitmap(name, gran.bit_length() - 1, not disabled, False, None, bytearray(B.data_bytes(self.size, gran.bit_length() - 1)))
+        gbits = gran.bit_length() - 1
+        bm = Bitmap(name, gbits, not disabled, False, None, bytearray(B.data_bytes(self.size, gbits)))
         self.items.append(bm)
         self.active = True
         return bm
