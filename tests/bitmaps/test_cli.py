@@ -245,3 +245,14 @@ def test_snapshot_operations_with_bitmaps(tmp_path, args):
     Q.io(img, "write 1M 64k")
     (tmp_path / "w").mkdir()
     _side_by_side(tmp_path / "w", img, ["snapshot", *args, "IMG"])
+
+
+@pytest.mark.parametrize("target", ["same-name", "bigger"])
+def test_convert_bitmaps_into_existing_targets(tmp_path, images, target):
+    """convert -n --bitmaps: a bitmap the target already has, or a target of another size, fails
+    as in qemu-img (Failed to create / Failed to populate, the half-made bitmap removed)."""
+    src = tmp_path / "t.qcow2"
+    assert Q.img("create", "-q", "-f", "qcow2", src, "64M" if target == "same-name" else "128M").returncode == 0
+    if target == "same-name":
+        assert Q.img("bitmap", "--add", src, "z").returncode == 0
+    _side_by_side(tmp_path, src, ["convert", "-n", "--bitmaps", "-O", "qcow2", images["base"], "IMG"])
