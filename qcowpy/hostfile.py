@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 
 from .errors import ImageNotFound, QcowError, ReadOnlyError
@@ -164,3 +165,24 @@ def zero_fill(buf: memoryview) -> None:
         k = min(n - pos, len(_ZEROS))
         buf[pos:pos + k] = _ZEROS[:k]
         pos += k
+
+
+def data_or_hole(fd: int, pos: int, size: int, device_end: int) -> tuple[bool, int]:
+    """(is data, end of the run) at ``pos``; past the file's ``size`` (the tail of its last
+    sector, up to ``device_end``) reads as a hole, as QEMU's file driver reports it."""
+    if pos >= size:
+        return False, device_end
+    try:
+        data = os.lseek(fd, pos, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # only a hole remains up to EOF
+            return False, device_end
+        return True, size
+    if data > pos:
+        return False, data
+    try:
+        hole = os.lseek(fd, pos, os.SEEK_HOLE)
+    except OSError:
+        hole = size
+    return True, min(hole, size)
+

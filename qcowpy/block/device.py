@@ -269,11 +269,16 @@ def is_allocated(dev: BlockDevice, offset: int, length: int) -> tuple[bool, int]
 def is_allocated_above(top: BlockDevice | None, base: BlockDevice | None, offset: int,
                        length: int) -> tuple[bool, int]:
     """QEMU's bdrv_is_allocated_above(top, base): allocated in any layer from ``top`` down to,
-    not including, ``base``; the run is cut where any layer's status changes (or it ends)."""
+    not including, ``base``; the run is cut where any layer's status changes (or it ends).
+
+    A layer below ``top`` that ends before ``offset`` counts as allocated there: its synthesized
+    zeros hide everything further down (QEMU's common_block_status_above)."""
     n = length
     dev = top
     while dev is not None and dev is not base:
         if offset >= dev.size:
+            if dev is not top:
+                return True, n
             dev = dev.backing
             continue
         alloc, run = is_allocated(dev, offset, min(n, dev.size - offset))

@@ -5,6 +5,7 @@ from typing import Iterator
 
 from ..format import bitmaps as B
 from ..format import constants as C
+from ..hostfile import data_or_hole
 from ..qcow2 import snapshot as sn
 from ..qcow2.bitmaps import BitmapError
 from ..qcow2.image import COMPRESSED, DATA, ZERO, Qcow2Image
@@ -51,12 +52,32 @@ class Qcow2Device(BlockDevice):
         self.image.flush()
 
     def truncate(self, size: int, preallocation: str = "off") -> None:
-        resize(self.image, size, preallocation=preallocation)
+        # QEMU's bdrv_co_truncate: a backing file longer than the old end would show through
+        old = self.image.size
+        zero_new = size > old and self.backing is not None and self.backing.size > old
+        resize(self.image, size, preallocation=preallocation, zero_new=zero_new)
 
     def layer_status(self, offset: int, length: int, max_extents: int | None = None) -> Iterator[LayerStatus]:
+        prealloc = self.image.metadata_preallocated() and hasattr(self.image.file, "fd")
         for e in self.image.layer_extents(offset, length, max_extents):
+            if prealloc and e.kind == DATA and e.host_offset is not None:
+                yield from self._host_holes(e.start, e.length, e.host_offset)
+                continue
             yield LayerStatus(e.start, e.length, data=e.kind in (DATA, COMPRESSED), zero=e.kind == ZERO,
                               offset=e.host_offset, filename=self.filename)
+
+    def _host_holes(self, start: int, length: int, host: int) -> Iterator[LayerStatus]:
+        """Data clusters of a metadata-preallocated image that sit on holes of the host file read
+        as zeros: say so (QEMU's BDRV_BLOCK_RECURSE into the file driver)."""
+        f = self.image.file
+        end, file_size = start + length, f.size()
+        pos = start
+        while pos < end:
+            h = host + pos - start
+            is_data, run_end = data_or_hole(f.fd, h, file_size, h + end - pos)
+            n = min(run_end - h, end - pos)
+            yield LayerStatus(pos, n, data=True, zero=not is_data, offset=h, filename=self.filename)
+            pos += n
 
     def _close_self(self) -> None:
         self.image.close()

@@ -1,12 +1,10 @@
 """The raw format: guest bytes are the file's bytes; holes in a sparse file read as zeros."""
 from __future__ import annotations
 
-import errno
-import os
 from typing import Iterator
 
 from ..errors import ReadOnlyError, UnsupportedFeature
-from ..hostfile import HostFile
+from ..hostfile import HostFile, data_or_hole
 from .device import BlockDevice, LayerStatus
 
 
@@ -83,7 +81,7 @@ class RawDevice(BlockDevice):
         end = offset + length
         pos = offset
         while pos < end:
-            is_data, run_end = _data_or_hole(self.file.fd, pos, self._size, self.size)
+            is_data, run_end = data_or_hole(self.file.fd, pos, self._size, self.size)
             run_end = min(run_end, end)
             yield LayerStatus(pos, run_end - pos, data=is_data, zero=not is_data, offset=pos, filename=self.filename)
             pos = run_end
@@ -100,24 +98,3 @@ class RawDevice(BlockDevice):
 
     def _close_self(self) -> None:
         self.file.close()
-
-
-def _data_or_hole(fd: int, pos: int, size: int, device_end: int) -> tuple[bool, int]:
-    """(is data, end of the run) at ``pos``; past the file's ``size`` (the tail of its last
-    sector, up to ``device_end``) reads as a hole, as QEMU's file driver reports it."""
-    if pos >= size:
-        return False, device_end
-    try:
-        data = os.lseek(fd, pos, os.SEEK_DATA)
-    except OSError as e:
-        if e.errno == errno.ENXIO:  # only a hole remains up to EOF
-            return False, device_end
-        return True, size
-    if data > pos:
-        return False, data
-    try:
-        hole = os.lseek(fd, pos, os.SEEK_HOLE)
-    except OSError:
-        hole = size
-    return True, min(hole, size)
-

@@ -12,6 +12,7 @@ V3_MIN_HEADER_SIZE = 104
 V3_HEADER_SIZE = 112  # what QEMU writes: 104 + compression_type + 7 bytes padding
 
 # Limits QEMU applies so a hostile image costs bounded time and memory.
+INT_MAX = (1 << 31) - 1  # C int limits QEMU applies to counts it keeps in an int
 MAX_L1_SIZE_BYTES = 32 * 1024 * 1024
 MAX_REFTABLE_SIZE_BYTES = 8 * 1024 * 1024
 MAX_SNAPSHOTS = 65536
@@ -76,4 +77,6 @@ L2E_STD_RESERVED_MASK = 0x3F000000000001FE
 COMPRESSED_SECTOR_SIZE = 512
 SUBCLUSTERS_PER_CLUSTER = 32
 SUBCLUSTER_BITS = 5  # log2(SUBCLUSTERS_PER_CLUSTER)
+L2_BITMAP_ALL_ALLOC = (1 << 32) - 1  # extended L2 bitmap: every subcluster allocated
+L2_BITMAP_ALL_ZEROES = L2_BITMAP_ALL_ALLOC << 32  # ... every subcluster reads zeros
 MAX_FILE_OFFSET = (1 << 63) - 1  # host offsets are int64 in QEMU (and in os.pread)

@@ -57,22 +57,21 @@ class Header:
         return bool(self.incompatible_features & C.INCOMPAT_EXTL2)
 
     def find_extension(self, ext_type: int) -> Extension | None:
+        """The extension of this type; of several, the last (QEMU reads them in order, so the
+        last one it reads wins)."""
+        found = None
         for ext in self.extensions:
             if ext.type == ext_type:
-                return ext
-        return None
+                found = ext
+        return found
 
     def set_extension(self, ext_type: int, data: bytes | None) -> None:
-        """Replace (or with None remove) the extension of this type, keeping the order of the rest."""
-        for i, ext in enumerate(self.extensions):
-            if ext.type == ext_type:
-                if data is None:
-                    del self.extensions[i]
-                else:
-                    self.extensions[i] = Extension(ext_type, data)
-                return
+        """Replace (or with None remove) the extension of this type — every copy of it — keeping
+        the order of the rest."""
+        first = next((i for i, e in enumerate(self.extensions) if e.type == ext_type), None)
+        self.extensions = [e for e in self.extensions if e.type != ext_type]
         if data is not None:
-            self.extensions.append(Extension(ext_type, data))
+            self.extensions.insert(len(self.extensions) if first is None else first, Extension(ext_type, data))
 
     @property
     def backing_format(self) -> str | None:
@@ -129,27 +128,33 @@ def feature_table_bytes() -> bytes:
     return bytes(out)
 
 
-def parse_feature_table(data: bytes) -> dict[tuple[int, int], str]:
-    names = {}
-    for i in range(0, len(data) - 47, 48):
-        ftype, bit, raw = struct.unpack_from(">BB46s", data, i)
-        names[(ftype, bit)] = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-    return names
+def parse_feature_table(data: bytes) -> list[tuple[int, int, str]]:
+    """(type, bit, name) entries in table order, up to the first without a name; a short last
+    entry counts as zero-padded, as QEMU reads the extension into a zeroed buffer."""
+    entries = []
+    for i in range(0, len(data), 48):
+        ftype, bit, raw = struct.unpack(">BB46s", data[i:i + 48].ljust(48, b"\0"))
+        name = raw.split(b"\0", 1)[0]
+        if not name:
+            break
+        entries.append((ftype, bit, name.decode("utf-8", "replace")))
+    return entries
 
 
 def unknown_incompatible_message(header: Header) -> str | None:
-    """Name the unknown incompatible bits the way QEMU does, using the image's own feature table."""
+    """Name the unknown incompatible bits the way QEMU does: the image's own feature table names
+    them in table order, the bits it does not name follow as one hexadecimal mask."""
     unknown = header.incompatible_features & ~C.INCOMPAT_KNOWN
     if not unknown:
         return None
-    table = {}
     ext = header.find_extension(C.EXT_FEATURE_TABLE)
-    if ext:
-        table = parse_feature_table(ext.data)
     parts = []
-    for bit in range(64):
-        if unknown & (1 << bit):
-            parts.append(table.get((0, bit), f"Unknown incompatible feature: {1 << bit:x}"))
+    for ftype, bit, name in parse_feature_table(ext.data) if ext else []:
+        if ftype == 0 and bit < 64 and unknown & (1 << bit):
+            parts.append(name)
+            unknown &= ~(1 << bit)
+    if unknown:
+        parts.append(f"Unknown incompatible feature: {unknown:x}")
     return "Unsupported qcow2 feature(s): " + ", ".join(parts)
 
 
@@ -240,8 +245,10 @@ _KNOWN_ORDER = (C.EXT_BACKING_FORMAT, C.EXT_DATA_FILE, C.EXT_FDE, C.EXT_FEATURE_
 
 
 def _canonical_order(exts: list[Extension]) -> list[Extension]:
-    """QEMU writes the known extensions in a fixed order, then the unknown ones as it found them."""
-    known = sorted((e for e in exts if e.type in _KNOWN_ORDER), key=lambda e: _KNOWN_ORDER.index(e.type))
+    """QEMU writes the known extensions in a fixed order, each once (the last copy it read), then
+    the unknown ones as it found them."""
+    last = {e.type: e for e in exts if e.type in _KNOWN_ORDER}
+    known = sorted(last.values(), key=lambda e: _KNOWN_ORDER.index(e.type))
     return known + [e for e in exts if e.type not in _KNOWN_ORDER]
 
 

@@ -21,7 +21,9 @@ they are, and only ``remove`` (or ``convert --skip-broken-bitmaps``) gets rid of
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Iterator
 
 from ..errors import CorruptImage, QcowError, UnsupportedFeature, with_hint
 from ..format import bitmaps as B
@@ -65,7 +67,8 @@ class Bitmaps:
         self.node_name = node_name
         self.items: list[Bitmap] = []
         self.active = False  # in_use set on disk and data in memory: store at close
-        self._dropped: list[B.DirectoryEntry] = []  # removed bitmaps whose clusters are still referenced
+        self._dropped: list[B.DirectoryEntry] = []
+        self._quiet = 0  # > 0 inside unmarked()  # removed bitmaps whose clusters are still referenced
         for e in self.disk_entries():
             if any(b.name == e.name for b in self.items):
                 raise CorruptImage(f"Bitmap already exists: {e.name.decode('utf-8', 'replace')}")
@@ -165,9 +168,19 @@ class Bitmaps:
         write_metadata(self.meta.file, BITMAP_DIRECTORY, raw, offset)
         self.meta.file.flush()
 
+    @contextmanager
+    def unmarked(self) -> Iterator[None]:
+        """Writes inside the block are the driver's own (QEMU's resize zeroing a grown area):
+        they set no bits."""
+        self._quiet += 1
+        try:
+            yield
+        finally:
+            self._quiet -= 1
+
     def mark(self, offset: int, length: int) -> None:
         """A write, zeroing or discard of [offset, offset+length): set the enabled bitmaps' bits."""
-        if not length or not self.items:
+        if not length or not self.items or self._quiet:
             return
         self.activate()
         for bm in self.items:

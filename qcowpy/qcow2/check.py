@@ -33,8 +33,6 @@ from .check_snapshots import fix_snapshot_table, load_snapshots
 from .checkbase import (FIX_ERRORS, FIX_LEAKS, CheckAbort, CheckContext, CheckFailed, CheckResult,  # noqa: F401
                         Hint, OnDiskRefcounts, copy_result, write_fields)
 
-_L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
-_L2_BITMAP_ALL_ZEROES = 0xFFFFFFFF << 32
 _CHECK_FRAG_INFO = 2
 
 
@@ -76,7 +74,7 @@ class _Checker(CheckContext):
                         active: bool = True) -> bool:
         if self.extended:
             bitmap = table[2 * i + 1]
-            bitmap = (bitmap | (bitmap << 32)) & _L2_BITMAP_ALL_ZEROES
+            bitmap = (bitmap | (bitmap << 32)) & C.L2_BITMAP_ALL_ZEROES
             table[2 * i], table[2 * i + 1] = 0, bitmap
             data = pack_table([0, bitmap])
             where = l2_offset + 16 * i
@@ -144,7 +142,7 @@ class _Checker(CheckContext):
                                    "allocation bitmap")
                 if offset & (self.cs - 1):
                     res.corruptions += 1
-                    contains_data = bool(bitmap & _L2_BITMAP_ALL_ALLOC) if self.extended else \
+                    contains_data = bool(bitmap & C.L2_BITMAP_ALL_ALLOC) if self.extended else \
                         not entry & C.OFLAG_ZERO
                     if not contains_data:
                         self.msg(res, f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} offset={offset:x}: "
@@ -161,7 +159,7 @@ class _Checker(CheckContext):
                     next_contiguous = offset + self.cs
                 self.inc(res, table_rc, offset, self.cs)
             elif t == "unallocated":
-                if bitmap & _L2_BITMAP_ALL_ALLOC:
+                if bitmap & C.L2_BITMAP_ALL_ALLOC:
                     res.corruptions += 1
                     self.msg(res, "ERROR: Unallocated cluster has non-zero subcluster allocation map")
 
@@ -534,6 +532,10 @@ def check_file(file: HostFile, header: Header, fix: int = 0,
     the internal errors met on the way. With a fix that leaves no corruption, the dirty and
     corrupt bits are cleared.
     """
+    if fix and header.autoclear_features & ~C.AUTOCLEAR_KNOWN:
+        # opening read-write clears the autoclear bits this writer does not know (the spec; QEMU)
+        header.autoclear_features &= C.AUTOCLEAR_KNOWN
+        write_fields(file, header, "autoclear_features")
     res = CheckResult()
     snapshot_res = CheckResult()  # kept apart, as QEMU does: the refcount repair decisions do not see it
     checker = _Checker(file, header, log or (lambda s: None))
@@ -561,7 +563,6 @@ def check_file(file: HostFile, header: Header, fix: int = 0,
             write_fields(file, header, "incompatible_features")
             file.flush()
     return res
-
 
 
 def repair_dirty(file: HostFile, header: Header, log: Callable[[str], None] | None = None) -> CheckResult:

@@ -85,7 +85,7 @@ def _read_entries(ck: CheckContext, res: CheckResult, sn_off: int, n: int, repai
                            f"({e.extra_len} > {MAX_EXTRA_DATA})")
             dropped += 1
         table_length += SN_FIXED.size + len(e.sn.extra_data) + len(e.id_b) + len(e.name_b)
-        if table_length > _SN_MAX_TABLE or e.end > 0x7FFFFFFF:
+        if table_length > _SN_MAX_TABLE or e.end > C.INT_MAX:
             if not repair:
                 res.check_errors += 1
                 raise CheckAbort("File too large", (

@@ -21,8 +21,6 @@ from .overlap import Layout, find_overlap, overlap_message
 FIX_LEAKS = 1
 FIX_ERRORS = 2
 
-_L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
-_L2_BITMAP_ALL_ZEROES = 0xFFFFFFFF << 32
 _CHECK_FRAG_INFO = 2
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from ..format import constants as C
 from ..format.entries import l2_offset
 
-ALL_ALLOC = (1 << 32) - 1
-ALL_ZEROES = ALL_ALLOC << 32
+ALL_ALLOC = C.L2_BITMAP_ALL_ALLOC
+ALL_ZEROES = C.L2_BITMAP_ALL_ZEROES
 
 
 def _mask(s0: int, s1: int) -> int:

@@ -50,6 +50,7 @@ class Qcow2Image:
         self.cluster_bits = header.cluster_bits
         self.cluster_size = 1 << self.cluster_bits
         self.extended = header.extended_l2
+        self._metadata_prealloc: bool | None = None  # metadata_preallocated(), decided on first use
         self.size = header.size & ~511  # whole sectors, as QEMU (bs->total_sectors)
         self._closed = False
         self._compressed_cache: tuple[int, bytes] | None = None
@@ -135,6 +136,23 @@ class Qcow2Image:
             raise InvalidArgument(f"Range {offset}+{length} is outside the image (size {self.size})")
         if self._closed:
             raise QcowError("Image is closed")
+
+    def metadata_preallocated(self) -> bool:
+        """QEMU's heuristic, decided once per open: far more clusters are in use than the host
+        file has blocks, so data clusters may sit on holes of the file (block status then asks
+        the file system)."""
+        if self._metadata_prealloc is None:
+            with self.lock:
+                cs = self.cluster_size
+                try:
+                    real = self.file.allocated_bytes() // cs
+                except (AttributeError, OSError):  # a test double or a store without block counts
+                    self._metadata_prealloc = False
+                    return False
+                threshold = max(real * 10 // 9, real + 2)
+                end_cluster = -(-self.file.size() // cs)
+                self._metadata_prealloc = self.meta.refcounts.count_used(end_cluster, threshold) >= threshold
+        return self._metadata_prealloc
 
     def layer_extents(self, offset: int, length: int, max_extents: int | None = None) -> list[LayerExtent]:
         """Status of ``[offset, offset+length)`` in this image alone, as maximal runs.
@@ -357,8 +375,9 @@ class Qcow2Image:
 
     def write_zeroes(self, length: int, offset: int, unmap: bool = False) -> None:
         """Make a range read as zeros, allocating like QEMU: on v3 a cluster becomes a zero cluster
-        when the request covers it or the rest of it already reads as zeros; otherwise (and always
-        on v2) explicit zeros are written."""
+        when the request covers it or the rest of it already reads as zeros (on v2 without a
+        backing file it is unallocated instead, QEMU's discard fallback); otherwise (and always on
+        v2 with a backing file) explicit zeros are written."""
         with self.lock:
             self.require_writable()
             self.check_range(offset, length)
@@ -377,7 +396,8 @@ class Qcow2Image:
                 cend = min(cstart + cs, self.size)
                 n = min(end, cend) - pos
                 whole = pos == cstart and pos + n == cend
-                if self.header.version >= 3 and (whole or self.reads_zero(cstart, cend, pos, pos + n)):
+                if (self.header.version >= 3 or self.backing is None) and \
+                        (whole or self.reads_zero(cstart, cend, pos, pos + n)):
                     self._zero_cluster(cstart, unmap)
                 else:  # as QEMU's fallback: explicit zeros, even where the range reads zero
                     self.pwrite(bytes(n), pos)
@@ -409,13 +429,14 @@ class Qcow2Image:
     def _zero_cluster(self, cstart: int, unmap: bool) -> None:
         entry = self.meta.l2_entry(cstart)[0]
         t = std_cluster_type(entry)
-        if not unmap and entry & C.OFLAG_COPIED and t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+        plain = C.OFLAG_ZERO if self.header.version >= 3 else 0  # v2: no zero flag, unallocated
+        if plain and not unmap and entry & C.OFLAG_COPIED and t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
             new = entry | C.OFLAG_ZERO  # keep the preallocated host cluster
         else:
-            new = C.OFLAG_ZERO
+            new = plain
         if new != entry:
             old = self.meta.set_l2_entry(cstart, new)[0]
-            if new == C.OFLAG_ZERO:
+            if new == plain:
                 self.meta.free_entry_later(old)
 
     def discard(self, length: int, offset: int) -> None:

@@ -34,7 +34,10 @@ def validate_header(h: Header, fsize: int, check_mode: bool) -> None:
         _check_table(h.snapshots_offset, h.nb_snapshots, SNAPSHOT_FIXED.size,
                      SNAPSHOT_FIXED.size * C.MAX_SNAPSHOTS, cs, None, "Snapshot table", check_mode)
     _check_table(h.l1_table_offset, h.l1_size, 8, C.MAX_L1_SIZE_BYTES, cs, fsize, "Active L1 table", check_mode)
-    if h.l1_size < l1_entries_for(h, h.size):
+    need = l1_entries_for(h, h.size)
+    if need > C.INT_MAX:
+        raise UnsupportedFeature("Image is too big")
+    if h.l1_size < need:
         raise CorruptImage("L1 table is too small")
     _validate_extensions(h)
 
@@ -55,10 +58,10 @@ def validate_contents(h: Header, file, check_mode: bool) -> None:
 
 
 def _validate_extensions(h: Header) -> None:
-    fmt = h.find_extension(C.EXT_BACKING_FORMAT)
-    if fmt is not None and len(fmt.data) > MAX_BACKING_FORMAT:
-        raise CorruptImage(f"ERROR: ext_backing_format: len={len(fmt.data)} too large "
-                           f"(>={MAX_BACKING_FORMAT + 1})")
+    for fmt in h.extensions:  # each copy, as QEMU reads them one by one
+        if fmt.type == C.EXT_BACKING_FORMAT and len(fmt.data) > MAX_BACKING_FORMAT:
+            raise CorruptImage(f"ERROR: ext_backing_format: len={len(fmt.data)} too large "
+                               f"(>={MAX_BACKING_FORMAT + 1})")
     msg = B.extension_error(h, h.cluster_size)
     if msg:
         raise CorruptImage(msg)

@@ -14,7 +14,7 @@ from typing import Callable
 from ..errors import CorruptImage, QcowError, RefcountOverflow
 from ..format import constants as C
 from ..format.entries import pack_table, unpack_table
-from ..format.refcount import (entries_per_block, get_refcount, leading_free, max_refcount, set_refcount,
+from ..format.refcount import (decode_block, entries_per_block, get_refcount, leading_free, max_refcount, set_refcount,
                                set_refcounts)
 from ..hostfile import HostFile
 from .cache import Table, TableCache
@@ -309,6 +309,19 @@ class Refcounts:
             if get_refcount(block.data, cluster & (self.per_block - 1), self.order):
                 return cluster
         return -1
+
+    def count_used(self, end_cluster: int, limit: int) -> int:
+        """How many of the clusters below ``end_cluster`` have a nonzero refcount, counting no
+        further than ``limit`` (QEMU's metadata-preallocation heuristic stops there too)."""
+        count = 0
+        for bi in range((end_cluster + self.per_block - 1) >> self.per_block_bits):
+            if count >= limit:
+                break
+            block = self.block(bi)
+            if block is not None:
+                n = min(self.per_block, end_cluster - (bi << self.per_block_bits))
+                count += sum(1 for r in decode_block(block.data, self.order, n) if r)
+        return min(count, limit)
 
     def image_end_cluster(self) -> int:
         """One past the highest cluster with a nonzero refcount (scans the blocks)."""

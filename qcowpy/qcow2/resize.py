@@ -11,11 +11,13 @@ from ..format.bitmaps import directory_location
 from .image import MAX_RUN_BYTES, Qcow2Image, l1_entries_for
 
 
-def resize(img: Qcow2Image, new_size: int, exact_l1: bool = True, preallocation: str = "off") -> None:
+def resize(img: Qcow2Image, new_size: int, exact_l1: bool = True, preallocation: str = "off",
+           zero_new: bool = False) -> None:
     """Change the virtual size as QEMU's ``qcow2_co_truncate`` does.
 
     Growing widens the L1 table (exactly, when asked) and, with ``preallocation``, maps the
-    new area. Shrinking drops every cluster past the new end (the entries become unallocated),
+    new area; ``zero_new`` (the block layer asks for it when a backing file reaches past the old
+    end) makes the new area read as zeros instead of the backing file's bytes. Shrinking drops every cluster past the new end (the entries become unallocated),
     frees the L2 tables past it, drops refcount blocks left describing nothing, and cuts the
     file after the last cluster still in use."""
     with img.lock:
@@ -39,16 +41,23 @@ def resize(img: Qcow2Image, new_size: int, exact_l1: bool = True, preallocation:
                 meta.sync()  # QEMU frees the old L1 at once: preallocation may reuse it
         img.size = new_size
         img.bitmaps.resize(new_size)
+        # falloc/full: the grown file reads zeros, so the new clusters are data (QEMU truncates
+        # the file with BDRV_REQ_ZERO_WRITE and needs no zero clusters then)
+        zero_file = zero_new and preallocation in ("falloc", "full")
         if new_size > old_size and preallocation != "off":
-            preallocate(img, preallocation, start=old_size)
+            preallocate(img, preallocation, start=old_size, data=zero_file)
+        if zero_new and not zero_file and new_size > old_size:
+            with img.bitmaps.unmarked():  # QEMU zeroes inside the driver: no dirty bits
+                _zero_new_area(img, old_size, new_size)
         meta.sync()
         meta.update_header(size=new_size)
         img.file.flush()
 
 
-def preallocate(img: Qcow2Image, mode: str, start: int = 0) -> None:
+def preallocate(img: Qcow2Image, mode: str, start: int = 0, data: bool = False) -> None:
     """Map every unmapped cluster from ``start`` on to a host cluster (metadata), reserving
-    (falloc) or zero-filling (full) the data, as ``-o preallocation=`` does."""
+    (falloc) or zero-filling (full) the data, as ``-o preallocation=`` does. ``data`` marks the
+    subclusters of extended L2 entries allocated (the new file area is known to read zeros)."""
     with img.lock:
         img.require_writable()
         meta = img.meta
@@ -65,6 +74,9 @@ def preallocate(img: Qcow2Image, mode: str, start: int = 0) -> None:
                 if last == first:
                     break
                 n = (last - first + cs - 1) // cs
+                # the cluster the old end falls in keeps its head, as QEMU's copy-on-write gives it
+                # (the backing file's bytes, with extended L2 the subclusters keep reading them)
+                head = img.pread(start - first, first) if first < start and not img.extended else b""
                 host = meta.refcounts.alloc_clusters(n)
                 used = min(last, img.size) - first
                 # The file reaches the clusters before any L2 entry names them: a crash must not
@@ -76,14 +88,32 @@ def preallocate(img: Qcow2Image, mode: str, start: int = 0) -> None:
                         img.file.pwrite(bytes(min(MAX_RUN_BYTES, used - off)), host + off)
                 elif img.file.size() < host + used:
                     img.file.truncate(host + used)
+                if head:
+                    img.file.pwrite(head, host)
                 for i in range(n):  # extended: host cluster reserved, subclusters read as before
-                    meta.set_l2_entry(first + i * cs, (host + i * cs) | C.OFLAG_COPIED)
+                    guest = first + i * cs
+                    bitmap = C.L2_BITMAP_ALL_ALLOC if data else meta.l2_entry(guest)[1]
+                    meta.set_l2_entry(guest, (host + i * cs) | C.OFLAG_COPIED, bitmap)
                 end_needed = max(end_needed, host + used)
                 first = last
             pos = span_end
         meta.sync()
         if img.file.size() < end_needed:
             img.file.truncate(end_needed)
+
+
+def _zero_new_area(img: Qcow2Image, old_size: int, new_size: int) -> None:
+    """Zero clusters from the first whole (sub)cluster on, explicit zeros for the head of the
+    cluster the old end fell in: the grown area must not show the backing file (QEMU's
+    BDRV_REQ_ZERO_WRITE truncate). v2 has no zero clusters, so QEMU fails there, and so do we."""
+    unit = img.subcluster_size
+    zero_start = -(-old_size // unit) * unit
+    if new_size > zero_start:
+        if img.header.version < 3:
+            raise UnsupportedFeature("Failed to zero out new clusters: Operation not supported")
+        img.write_zeroes(new_size - zero_start, zero_start)
+    if zero_start > old_size:
+        img.pwrite(bytes(min(zero_start, new_size) - old_size), old_size)
 
 
 def _unmapped_run(img: Qcow2Image, first: int, span_end: int) -> tuple[int, int]:

@@ -204,9 +204,13 @@ class _Copier:
                 self._pool.shutdown(wait=True, cancel_futures=True)
 
     def zero(self, offset: int, length: int) -> None:
+        if not self.min_sparse:  # -S 0: the target is fully allocated, zeros written as data
+            for pos in range(offset, offset + length, CHUNK):
+                self._pwrite(bytes(min(CHUNK, offset + length - pos)), pos)
+            return
         if self.zero_init or not length:
             return
-        self.target.write_zeroes(length, offset, unmap=self.min_sparse > 0)
+        self.target.write_zeroes(length, offset, unmap=True)
 
     def data(self, run: _Run, offset: int, length: int) -> None:
         end = offset + length
@@ -239,8 +243,10 @@ class _Copier:
 
 
 def _copy_compressed(runs: list[_Run], target: BlockDevice, total: int, zero_init: bool,
-                     progress: Callable[[int], None], salvage: Callable[[str], None] | None = None) -> None:
-    """Whole clusters: all-zero ones are skipped (or zero-written), others written compressed."""
+                     progress: Callable[[int], None], salvage: Callable[[str], None] | None = None,
+                     allocate_all: bool = False) -> None:
+    """Whole clusters: all-zero ones are skipped (or zero-written), others written compressed;
+    ``allocate_all`` (``-S 0``) compresses the all-zero ones too, as qemu-img does."""
     cs = target.cluster_size or 65536
     idx = 0
     for cstart in range(0, total, cs):
@@ -254,7 +260,7 @@ def _copy_compressed(runs: list[_Run], target: BlockDevice, total: int, zero_ini
             j += 1
         if all(p.kind == BACKING for p in pieces):
             continue
-        if all(p.kind == ZERO for p in pieces):
+        if all(p.kind == ZERO for p in pieces) and not allocate_all:
             if not zero_init:
                 target.write_zeroes(cend - cstart, cstart, unmap=True)
             continue
@@ -264,7 +270,7 @@ def _copy_compressed(runs: list[_Run], target: BlockDevice, total: int, zero_ini
             b = min(p.start + p.length, cend)
             if p.kind == DATA or p.kind == BACKING:
                 buf[a - cstart:b - cstart] = _read(p, a, b - a, salvage)
-        if is_zero(memoryview(buf)):
+        if is_zero(memoryview(buf)) and not allocate_all:
             if not zero_init:
                 target.write_zeroes(cend - cstart, cstart, unmap=True)
         else:
@@ -370,7 +376,7 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
                 prog.set(100.0 * done[0] / work)
 
         if req.compress:
-            _copy_compressed(runs, target, total, zero_init, advance, req.salvage)
+            _copy_compressed(runs, target, total, zero_init, advance, req.salvage, allocate_all=not req.min_sparse)
             target.write_compressed(b"", 0)  # qemu-img's last call: end the file on a sector boundary
             target.flush()
         else:

@@ -194,6 +194,13 @@ def dirty_lazy_killed(p):
     return p
 
 
+def clean_unknown_autoclear_bit(p):
+    # iotest 036: a writer that does not know an autoclear bit clears it when it opens the image
+    I.create(p, "4M", "write -P 1 0 64k")
+    I.flip64(p, 88, set_bits=1 << 63)
+    return p
+
+
 SCENARIOS = [f for name, f in sorted(globals().items())
              if callable(f) and name.split("_")[0] in ("clean", "leak", "corrupt", "dirty")]
 
@@ -272,3 +279,16 @@ def test_copied_flag_repair_passes_the_overlap_check(qemu_tools, tmp_path):
     assert "overlaps with active L2 table" in ours.err
     assert I.header(b).incompatible_features & C.INCOMPAT_CORRUPT
     assert I.u64(b, l1) == I.u64(a, l1) == l1 | C.OFLAG_COPIED  # the L1 entry was not rewritten
+
+
+@pytest.mark.parametrize("mode", ["leaks", "all"])
+def test_repair_clears_unknown_autoclear_bits(qemu_tools, tmp_path, mode):
+    """check -r opens the image read-write, which clears autoclear bits the writer does not know:
+    the header is then byte-identical to qemu-img's."""
+    src = clean_unknown_autoclear_bit(str(tmp_path / "src.qcow2"))
+    a, b = str(tmp_path / "qemu.qcow2"), str(tmp_path / "ours.qcow2")
+    shutil.copy(src, a)
+    shutil.copy(src, b)
+    _same(qcowpy_cli("check", "-r", mode, b), qemu_img("check", "-r", mode, a), f"check -r {mode}")
+    assert I.header(b).autoclear_features == 0
+    assert I.peek(a, 0, 512) == I.peek(b, 0, 512)

@@ -10,6 +10,7 @@ another order), and pass qemu-img check.
 from __future__ import annotations
 
 import filecmp
+import json
 import shutil
 
 import pytest
@@ -81,3 +82,33 @@ def test_commit_errors_match(tmp_path, qemu_img, args, setup):
     got = run("commit", *args, "img", cwd=tmp_path / "b")
     assert (got.code, got.out, as_qemu(got.err)) == (want.code, want.out, want.err)
     assert (tmp_path / "a" / "img").read_bytes() == (tmp_path / "b" / "img").read_bytes()
+
+
+@pytest.mark.parametrize("args", [["-b", "base.qcow2"], []], ids=["-b base", "default"])
+def test_commit_past_a_short_middle_image(tmp_path, qemu_img, args):
+    """Past the end of a short middle image the top reads zeros, not the base's bytes: QEMU counts
+    those zeros as allocated in the short layer (iotest 274), so committing into the base writes
+    them there, and the base then reads like the top did."""
+    for side in ("a", "b"):
+        d = tmp_path / side
+        d.mkdir()
+        assert qemu(qemu_img, "create", "-q", "-f", "qcow2", d / "base.qcow2", "4M").code == 0
+        qemu_io(qemu_img, d / "base.qcow2", "write -P 1 0 4M")
+        assert qemu(qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2", "1M",
+                    cwd=d).code == 0
+        qemu_io(qemu_img, d / "mid.qcow2", "write -P 2 512k 64k")
+        assert qemu(qemu_img, "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2", "4M",
+                    cwd=d).code == 0
+        qemu_io(qemu_img, d / "top.qcow2", "write -P 3 3M 64k")
+    before = tmp_path / "before.raw"
+    assert qemu(qemu_img, "convert", "-O", "raw", tmp_path / "a" / "top.qcow2", before).code == 0
+    want = qemu(qemu_img, "commit", *args, "top.qcow2", cwd=tmp_path / "a")
+    got = run("commit", *args, "top.qcow2", cwd=tmp_path / "b")
+    assert (got.code, got.out, as_qemu(got.err)) == (want.code, want.out, want.err) and want.code == 0
+    target = "base.qcow2" if args else "mid.qcow2"
+    maps = [qemu(qemu_img, "map", "--output=json", "-U", tmp_path / s / target).out for s in ("a", "b")]
+    strip = [[{k: v for k, v in e.items() if k != "offset"} for e in json.loads(m)] for m in maps]
+    assert strip[0] == strip[1]
+    view = qemu(qemu_img, "compare", "-f", "qcow2", "-F", "raw", tmp_path / "b" / target, before)
+    assert view.code == 0, view.out + view.err
+    assert qemu(qemu_img, "check", tmp_path / "b" / target).code == 0

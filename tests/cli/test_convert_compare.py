@@ -38,7 +38,10 @@ def _clean(qemu_img, d, name, fmt="qcow2"):
                                   ["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2"],
                                   ["-O", "qcow2", "-o", "cluster_size=4k,refcount_bits=64"],
                                   ["-O", "qcow2", "-o", "cluster_size=2M"], ["-O", "qcow2", "-S", "64k"],
-                                  ["-c", "-O", "qcow2", "-o", "cluster_size=512"]],
+                                  ["-c", "-O", "qcow2", "-o", "cluster_size=512"],
+                                  # -S 0: fully allocated, zeros as data (and compressed) (iotests 122, 150)
+                                  ["-O", "qcow2", "-S", "0"], ["-c", "-O", "qcow2", "-S", "0"],
+                                  ["-O", "qcow2", "-o", "compat=0.10"]],
                          ids=lambda a: " ".join(a) or "default")
 def test_convert_identical_to_qemu_img(src, qemu_img, args):
     """Same bytes as qemu-img's own output (allocation order, sparseness and compression included)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import filecmp
 import shutil
+import subprocess
 
 import pytest
 
@@ -106,3 +107,39 @@ def test_resize_probed_raw_warns_like_qemu(tmp_path, qemu_img):
     want, got = qemu(qemu_img, "resize", a, "8k"), run("resize", b, "8k")
     assert (got.code, got.out, as_qemu(got.err).replace(str(b), str(a))) == (want.code, want.out, want.err)
     assert "probing guessed raw" in got.err and a.read_bytes() == b.read_bytes()
+
+
+# (overlay create options, overlay size, qemu-io writes to the overlay, resize steps): the backing
+# file (1M of 0x11) reaches past the overlay's end, so growing must zero the new area.
+BACKED = [
+    (["-o", "compat=1.1"], "300k", [], ["900k", "+2M"]),
+    (["-o", "compat=1.1"], "1M", ["write -P 0x22 0 1M"], ["--shrink 520k", "567k"]),  # iotest 292
+    (["-o", "compat=1.1,extended_l2=on"], "300k", ["write -P 0x22 0 100k"], ["900k"]),
+    (["-o", "compat=1.1,cluster_size=4k"], "10k", [], ["--preallocation=metadata 700k"]),
+    (["-o", "compat=0.10"], "1M", ["write -P 0x22 0 1M"], ["--shrink 520k", "567k"]),
+    (["-o", "compat=0.10"], "512k", [], ["1M"]),  # v2 has no zero clusters: QEMU refuses
+]
+
+
+@pytest.mark.parametrize("opts,size,writes,steps", BACKED, ids=[" ".join(o + [s] + st) for o, s, _, st in BACKED])
+def test_grow_over_longer_backing_reads_zeros(tmp_path, qemu_img, opts, size, writes, steps):
+    """QEMU's truncate zero-fills the new area when the backing file reaches past the old end;
+    the grown tail must read zeros, not the backing file's bytes, and the files match qemu-img's."""
+    import json
+    base = tmp_path / "base.qcow2"
+    assert qemu(qemu_img, "create", "-q", "-f", "qcow2", base, "1M").code == 0
+    qemu_io(qemu_img, base, "write -P 0x11 0 1M")
+    a, b = image_pair(tmp_path, qemu_img, opts + ["-F", "qcow2", "-b", str(base)], size, writes)
+    low = int(json.loads(qemu(qemu_img, "info", "--output=json", b).out)["virtual-size"])
+    for step in steps:
+        _resize_both(qemu_img, a, b, step)
+        assert filecmp.cmp(a, b, shallow=False), f"files differ after 'resize {step}'"
+        size_now = int(json.loads(qemu(qemu_img, "info", "--output=json", b).out)["virtual-size"])
+        low = min(low, size_now)
+    tail = size_now - low
+    if tail:  # everything past the smallest size the image had reads as zeros
+        read = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"read -P 0 {low} {tail}", str(b)],
+                              capture_output=True, text=True)
+        assert "verification failed" not in read.stdout and read.returncode == 0, read.stdout
+    check = qemu(qemu_img, "check", b)
+    assert check.code == 0, check.out + check.err

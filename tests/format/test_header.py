@@ -10,7 +10,8 @@ import pytest
 import qcowpy
 from qcowpy.errors import CorruptImage, FormatError, QcowError, UnsupportedFeature
 from qcowpy.format import constants as C
-from qcowpy.format.header import Extension, Header, pack_header, parse_feature_table, parse_header
+from qcowpy.format.header import (Extension, Header, pack_header, parse_feature_table, parse_header,
+                                  unknown_incompatible_message)
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -103,7 +104,7 @@ def test_header_round_trip_against_qemu(qemu, tmp_path, case):
     # the feature name table, when QEMU writes one, names exactly the features qcowpy knows
     ft = h.find_extension(C.EXT_FEATURE_TABLE)
     if ft is not None:
-        assert parse_feature_table(ft.data) == {(t, b): n for t, b, n in C.FEATURE_NAMES}
+        assert parse_feature_table(ft.data) == list(C.FEATURE_NAMES)
 
 
 def test_v2_and_v3_pack_parse_pure():
@@ -269,3 +270,27 @@ def test_backing_name_out_of_cluster_is_refused():
     struct.pack_into(">QI", buf, 8, 500, 100)  # name crosses the end of the 512-byte cluster
     with pytest.raises(CorruptImage):
         parse_header(bytes(buf))
+
+
+def _entry(ftype: int, bit: int, name: str) -> bytes:
+    return bytes([ftype, bit]) + name.encode().ljust(46, b"\0")
+
+
+@pytest.mark.parametrize("table,bits,want", [
+    (None, [63], "Unknown incompatible feature: 8000000000000000"),
+    (bytes([0, 63]) + b"Test feature", [63], "Test feature"),  # a short entry reads zero-padded
+    (bytes([0, 63]) + b"Test feature", [61, 62, 63], "Test feature, Unknown incompatible feature: 6000000000000000"),
+    (_entry(0, 61, "test1") + _entry(0, 62, "test2"), [61, 62, 63],
+     "test1, test2, Unknown incompatible feature: 8000000000000000"),
+    (_entry(1, 61, "test1") + _entry(0, 62, "test2") + _entry(2, 63, "test3") + _entry(0, 60, "test4"), [61, 62, 63],
+     "test2, Unknown incompatible feature: a000000000000000"),  # only incompatible entries name bits
+    (_entry(0, 61, "a") + bytes(48) + _entry(0, 62, "b"), [61, 62], "a, Unknown incompatible feature: 4000000000000000"),
+])
+def test_unsupported_feature_message_like_qemu(table, bits, want):
+    """QEMU's report_unsupported_feature (iotest 036): the image's table names bits in table order,
+    stopping at the first nameless entry; the rest are one hexadecimal mask."""
+    h = Header(version=3, cluster_bits=16, size=1 << 20)
+    h.incompatible_features = sum(1 << b for b in bits)
+    if table is not None:
+        h.set_extension(C.EXT_FEATURE_TABLE, table)
+    assert unknown_incompatible_message(h) == "Unsupported qcow2 feature(s): " + want

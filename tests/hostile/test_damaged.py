@@ -101,6 +101,10 @@ REFUSED_AT_OPEN: dict[str, tuple[Callable[[bytearray], None], list]] = {
     "snapshot_extra_data_too_large": (lambda b: struct.pack_into(">I", b, _u64(b, 64) + 36, 1025),
                                       [["snapshot", "-c", "s1", "IMG"]]),
     "backing_format_too_long": (lambda b: _long_backing_format(b), []),
+    # iotest 054: more L1 entries than QEMU's int holds ("Image is too big", before "L1 table is too small")
+    "size_one_exabyte": (lambda b: struct.pack_into(">Q", b, 24, 1 << 60), []),
+    # iotest 036: unknown incompatible bits named from the image's own feature table
+    "incompatible_bits_unknown": (lambda b: struct.pack_into(">Q", b, 72, 0xE000000000000001), []),
 }
 
 
@@ -257,3 +261,27 @@ def test_zero_flag_in_v2_image_reads(tmp_path, qemu_img):
             assert ok == qemu_reads(f"read {offset} {length}"), (offset, length)
             if ok and offset < 131072:
                 assert data == b"\x05" * length
+
+
+def _second_backing_format(buf: bytearray) -> None:
+    """Append a second backing-format extension ("foo") after the first (iotest 114)."""
+    name_off, name_len = _u64(buf, 8), _u32(buf, 16)
+    name = bytes(buf[name_off:name_off + name_len])
+    off = (_u32(buf, 100) + 7) & ~7
+    while _u32(buf, off) != 0:
+        off += 8 + ((_u32(buf, off + 4) + 7) & ~7)
+    struct.pack_into(">II8sII", buf, off, EXT_BACKING_FORMAT, 3, b"foo", 0, 0)
+    buf[off + 24:off + 24 + name_len] = name  # the backing file name moves behind the new end marker
+    struct.pack_into(">Q", buf, 8, off + 24)
+
+
+def test_two_backing_format_extensions(tmp_path, qemu_img):
+    """QEMU reads the extensions in order, so the last backing format wins; ``rebase -u -F``
+    then writes one extension in place of both."""
+    base = str(tmp_path / "base.qcow2")
+    assert qemu(qemu_img, "create", "-q", "-f", "qcow2", base, "4M").code == 0
+    theirs, ours = _patched(tmp_path, qemu_img, _second_backing_format, opts=["-b", base, "-F", "qcow2"])
+    _same(qemu_img, theirs, ours, "info", "-U", "THE_IMAGE")
+    _same(qemu_img, theirs, ours, "rebase", "-u", "-b", base, "-F", "qcow2", "THE_IMAGE")
+    assert open(theirs, "rb").read(4096) == open(ours, "rb").read(4096)
+    _same(qemu_img, theirs, ours, "info", "THE_IMAGE")
