@@ -256,3 +256,17 @@ def test_convert_bitmaps_into_existing_targets(tmp_path, images, target):
     if target == "same-name":
         assert Q.img("bitmap", "--add", src, "z").returncode == 0
     _side_by_side(tmp_path, src, ["convert", "-n", "--bitmaps", "-O", "qcow2", images["base"], "IMG"])
+
+
+def test_resize_over_a_longer_backing_file_sets_no_bits(tmp_path):
+    """Growing an overlay whose backing file is longer zeroes the new area inside the driver
+    (QEMU's BDRV_REQ_ZERO_WRITE truncate): bitmaps get no dirty bits for it, as in QEMU."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    assert Q.img("create", "-q", "-f", "qcow2", base, "32M").returncode == 0
+    Q.io(base, "write -P 1 0 32M")
+    assert Q.img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top, "8M").returncode == 0
+    assert Q.img("bitmap", "--add", "-g", "4k", top, "b").returncode == 0
+    Q.io(top, "write 1M 4k")
+    (tmp_path / "w").mkdir()
+    theirs, mine = _side_by_side(tmp_path / "w", top, ["resize", "IMG", "16M"])
+    assert Q.dirty_map(mine, "b") == [(1 << 20, 4096)]
