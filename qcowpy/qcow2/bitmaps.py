@@ -280,6 +280,9 @@ class Bitmaps:
         module docstring for the order); inconsistent bitmaps keep their entries."""
         if not self.active:
             return
+        if all(b.inconsistent for b in self.items) and not self._dropped:
+            self.active = False  # nothing QEMU would write: only inconsistent bitmaps, kept as they are
+            return
         meta = self.meta
         cs = meta.cluster_size
         old_loc = B.directory_location(meta.header)
