@@ -316,3 +316,19 @@ def test_random_sessions_of_writes_and_bitmap_operations(tmp_path, seed):
         order += list(reversed(new))
         assert [b["name"] for b in Q.bitmaps(p)] == order
     model.assert_qemu_agrees(p)
+
+
+def test_only_inconsistent_bitmaps_write_nothing_more_than_qemu(tmp_path):
+    """An image whose every bitmap is in_use: a write changes the data and nothing of the bitmaps,
+    byte for byte what qemu-io leaves after the same write."""
+    p = tmp_path / "a.qcow2"
+    _make(p, 16 * MiB, 65536, [("a", None, False), ("b", 4096, True)])
+    subprocess.run([sys.executable, "-c", "import qcowpy, os\n"
+                    f"d = qcowpy.open({str(p)!r}, 'r+'); d.pwrite(b'x', 0); d.flush(); os._exit(0)"],
+                   check=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    twin = tmp_path / "twin.qcow2"
+    shutil.copy(p, twin)
+    with qcowpy.open(str(p), "r+") as d:
+        d.pwrite(b"x" * 10, 5000)
+    Q.io(twin, "write -P 0x78 5000 10")
+    assert p.read_bytes() == twin.read_bytes()
