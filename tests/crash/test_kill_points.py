@@ -77,10 +77,12 @@ def _check_at_most_leaks(qemu_img: str, path, what: str) -> int:
     return check.returncode
 
 
-def _sweep(strace: str, qemu_img: str, tmp, base, argv_of, accept) -> int:
+def _sweep(strace: str, qemu_img: str, tmp, base, argv_of, accept, view=None) -> int:
     """Kill ``argv_of(image)`` at every write on fresh copies of ``base``: at most leaks, and
-    ``accept(state, before, completed, what)`` judges what a reader then sees (_state)."""
-    before = _state(qemu_img, base, tmp)
+    ``accept(state, before, completed, what)`` judges what a reader then sees (``view``, by
+    default _state)."""
+    view = view or _state
+    before = view(qemu_img, base, tmp)
     img = tmp / "killed.qcow2"
 
     def prepare():
@@ -90,7 +92,7 @@ def _sweep(strace: str, qemu_img: str, tmp, base, argv_of, accept) -> int:
     def judge(path, k, completed):
         what = f"{argv_of(path)[3:]} killed at write {k}"
         _check_at_most_leaks(qemu_img, path, what)
-        accept(_state(qemu_img, path, tmp), before, completed, what)
+        accept(view(qemu_img, path, tmp), before, completed, what)
 
     return _sweep_each(strace, prepare, argv_of, judge)
 
@@ -260,7 +262,7 @@ def test_convert_survives_every_kill_point(tmp_path, qemu_img, strace, snapshott
     assert _sweep_each(strace, prepare, argv, judge) > 2
 
 
-def _bitmap_view(qemu_img: str, path) -> dict[str, object]:
+def _bitmap_view(qemu_img: str, path, tmp=None) -> dict[str, object]:
     """What QEMU sees of each bitmap: "in-use" (inconsistent), or its flags and dirty ranges."""
     from tests.bitmaps.oracle import dirty_map
     info = json.loads(_img(qemu_img, "info", "-U", "--output=json", path).stdout)
@@ -297,7 +299,6 @@ def test_storing_bitmaps_survives_every_kill_point(tmp_path, qemu_img, strace, w
     subprocess.run([shutil.which("qemu-io") or "qemu-io", "-f", "qcow2", "-c", "write -P 7 1M 100k", str(src)],
                    check=True, capture_output=True)
     base = with_bitmaps
-    img = tmp_path / "killed.qcow2"
 
     def argv(p):
         return _qcowpy_argv(*[str(p) if a == "IMG" else str(src) if a == "SRC" else a for a in args])
@@ -305,17 +306,10 @@ def test_storing_bitmaps_survives_every_kill_point(tmp_path, qemu_img, strace, w
     done = tmp_path / "done.qcow2"
     shutil.copy(base, done)
     assert subprocess.run(argv(done), capture_output=True).returncode == 0
-    before, after = _bitmap_view(qemu_img, base), _bitmap_view(qemu_img, done)
-    assert before != after or args[0] == "resize"  # resize: same bits, tables sized anew
+    after = _bitmap_view(qemu_img, done)
+    assert _bitmap_view(qemu_img, base) != after or args[0] == "resize"  # resize: same bits, tables sized anew
 
-    def prepare():
-        shutil.copy(base, img)
-        return img
-
-    def judge(path, k, completed):
-        what = f"{args} killed at write {k}"
-        _check_at_most_leaks(qemu_img, path, what)
-        seen = _bitmap_view(qemu_img, path)
+    def accept(seen, before, completed, what):
         if completed:
             assert seen == after, what
             return
@@ -324,4 +318,4 @@ def test_storing_bitmaps_survives_every_kill_point(tmp_path, qemu_img, strace, w
         for name, view in seen.items():
             assert view == "in-use" or view in (before.get(name), after.get(name)), f"{what}: {name} {view}"
 
-    assert _sweep_each(strace, prepare, argv, judge) > 3
+    assert _sweep(strace, qemu_img, tmp_path, base, argv, accept, view=_bitmap_view) > 3
