@@ -16,9 +16,11 @@ from .errors import QcowError
 __version__ = "0.1.0"
 
 
-def open(path: str, mode: str = "r", format: str | None = None, cache: str = "writeback") -> BlockDevice:  # noqa: A001
-    """Open an image (format probed when None) with its backing chain; ``mode`` is "r" or "r+"."""
-    return open_image(path, mode, format, cache=cache)
+def open(path: str, mode: str = "r", format: str | None = None, cache: str = "writeback",  # noqa: A001
+         secret: bytes | str | None = None) -> BlockDevice:
+    """Open an image (format probed when None) with its backing chain; ``mode`` is "r" or "r+";
+    ``secret`` is the passphrase of an encrypted (LUKS or legacy AES) qcow2 image."""
+    return open_image(path, mode, format, cache=cache, secret=secret)
 
 
 def create(path: str, size: int | str | None = None, format: str = "qcow2", **options: Any) -> None:

@@ -10,11 +10,13 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+from ..crypto.secret import resolve_key
 from ..errors import ImageNotFound, QcowError
 from ..format.constants import MAGIC, MAX_CLUSTER_BITS
 from ..format.header import parse_header
 from ..hostfile import HostFile
 from ..qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckFailed, CheckResult, Hint, check_file
+from ..qcow2.encryption import open_crypto
 from ..qcow2.image import Qcow2Image
 from .open import open_backing
 
@@ -58,8 +60,9 @@ def _store_bitmaps(file: HostFile) -> None:
 
 
 def check_image(filename: str, fmt: str, fix: int, force_share: bool = False,
-                log: Callable[[str], None] | None = None) -> CheckOutcome:
-    """Check (and with ``fix``, FIX_LEAKS | FIX_ERRORS, repair) one image file."""
+                log: Callable[[str], None] | None = None, secret: bytes | None = None) -> CheckOutcome:
+    """Check (and with ``fix``, FIX_LEAKS | FIX_ERRORS, repair) one image file; an encrypted
+    one needs its ``secret`` (or one the CLI attached), as qemu-img check opens it fully."""
     file = HostFile(filename, writable=bool(fix), force_share=force_share)
     try:
         if fmt == "raw":
@@ -67,6 +70,8 @@ def check_image(filename: str, fmt: str, fix: int, force_share: bool = False,
         header = parse_header(file.pread(min(file.size(), 1 << MAX_CLUSTER_BITS), 0), file.size())
         # the open-time validation (same errors as any open; the snapshot table is the check's)
         Qcow2Image(file, header, writable=False, check_mode=True)
+        key, efmt = resolve_key(filename, secret)
+        open_crypto(header, file, key, encrypt_format=efmt)
         if header.backing_file:  # qemu-img check opens the whole chain first (no BDRV_O_NO_BACKING)
             st = os.stat(filename)
             open_backing(filename, header.backing_file, header.backing_format, ((st.st_dev, st.st_ino),),

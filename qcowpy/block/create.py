@@ -7,7 +7,9 @@ from typing import Any
 from ..errors import InvalidArgument
 from ..format.constants import MAX_L1_SIZE_BYTES
 from ..hostfile import HostFile
-from ..qcow2.create import Qcow2Options, create_qcow2
+from ..crypto.luks import CreateOptions as LuksCreateOptions
+from ..crypto.secret import passphrase
+from ..qcow2.create import EncryptSpec, Qcow2Options, create_qcow2
 
 __all__ = ["Qcow2Options", "create_image", "create_qcow2", "qcow2_options", "qcow2_size_fits", "backing_size"]
 from ..units import parse_option_size, parse_size
@@ -28,6 +30,13 @@ def _bool(name: str, value: Any) -> bool:
 def qcow2_options(size: int, **options: Any) -> Qcow2Options:
     """Map qemu-img style option names (dashes or underscores) to Qcow2Options."""
     opts = Qcow2Options(size=size)
+    options = dict(options)
+    fmt, secret = options.pop("encrypt_format", None), options.pop("secret", None)
+    luks = {k[len("encrypt_"):]: options.pop(k) for k in list(options) if k.startswith("encrypt_")}
+    if fmt is not None:  # the Python API: encrypt_format="luks", secret=b"...", encrypt_iter_time=...
+        opts.encrypt = encrypt_spec_for(str(fmt), secret, luks)
+    elif secret is not None or luks:
+        raise InvalidArgument("Parameter 'encrypt.format' is missing")
     for key, value in options.items():
         key = key.replace("-", "_")
         if value is None:
@@ -50,9 +59,30 @@ def qcow2_options(size: int, **options: Any) -> Qcow2Options:
             opts.backing_file = str(value)
         elif key == "backing_fmt":
             opts.backing_fmt = str(value)
+        elif key == "encrypt":  # a qcow2.create.EncryptSpec (tools/encrypt_opts.py builds it)
+            opts.encrypt = value
         else:
             raise InvalidArgument(f"Invalid parameter '{key.replace('_', '-') if False else key}'")
     return opts
+
+
+def encrypt_spec_for(fmt: str, secret: bytes | str | None, luks: dict[str, Any]) -> EncryptSpec:
+    """An EncryptSpec from Python keywords (``iter_time=10``, ``cipher_alg="aes-128"``...)."""
+    if fmt not in ("luks", "aes"):
+        raise InvalidArgument(f"Parameter 'format' does not accept value '{fmt}'")
+    if secret is None:
+        raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
+    if fmt == "aes" and luks:
+        raise InvalidArgument(f"Parameter 'encrypt.{next(iter(luks)).replace('_', '-')}' is unexpected")
+    opts = None
+    if fmt == "luks":
+        opts = LuksCreateOptions()
+        for key, value in luks.items():
+            if not hasattr(opts, key):
+                raise InvalidArgument(f"Invalid parameter 'encrypt.{key.replace('_', '-')}'")
+            setattr(opts, key, int(value) if key == "iter_time" else value)
+        opts.validate()
+    return EncryptSpec(fmt, passphrase(secret), opts)
 
 
 def qcow2_size_fits(size: int, cluster_size: int, extended_l2: bool) -> bool:

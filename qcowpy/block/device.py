@@ -58,6 +58,7 @@ class FormatInfo:
     compression_type: str
     data_file: str | None
     data_file_raw: bool
+    encrypt: dict | None = None  # QCryptoBlockInfo of an encrypted image ("format", LUKS fields)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class BlockDevice(ABC):
     backing: "BlockDevice | None" = None
     display_name: str | None = None  # how QEMU names the image when it differs from the path (nbd URIs)
     has_image_info = True  # False where QEMU's driver has no get_info (info then omits dirty-flag)
-    holes_read_zero = True  # False for a protocol whose holes QEMU does not call zero (nbd: no backing support)
+    holes_read_zero = True  # what block status says of a run no layer has (False: QEMU's null-co)
 
     @property
     @abstractmethod
@@ -253,7 +254,7 @@ def status_at(top: BlockDevice, offset: int, length: int) -> Extent:
             return Extent(offset, length, depth, False, False, False)
         if below is None or offset >= below.size:
             # nothing below answers: zeros, at this depth (with a reserved host offset if any)
-            return Extent(offset, length, depth, False, True, False, st.offset,
+            return Extent(offset, length, depth, False, dev.holes_read_zero, False, st.offset,
                           st.filename if st.offset is not None else None)
         length = min(length, below.size - offset)
         dev = below

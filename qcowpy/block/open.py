@@ -1,16 +1,20 @@
 """Open images by path: format probing, backing file resolution and chains."""
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
+from ..crypto.secret import SecretError, resolve_key
 from ..errors import FormatError, ImageNotFound, InvalidArgument, QcowError, UnsupportedFeature
 from ..format.constants import MAGIC
+from ..qcow2.encryption import EncryptionError
 from ..qcow2.image import Qcow2Image
 from .device import BlockDevice
 from .nbd import is_nbd_uri, open_nbd
 from .qcow2 import Qcow2Device
 from .raw import RawDevice
-from .spec import file_protocol_path, is_json_filename, open_spec, parse_json_filename
+from .spec import NullDevice, file_protocol_path, is_json_filename, open_spec, parse_json_filename
 
 FORMATS = ("qcow2", "raw")
 MAX_CHAIN_DEPTH = 256
@@ -33,6 +37,9 @@ def probe_format(path: str) -> str:
     return fmt
 
 
+NULL_FILENAMES = ("null-co://", "null-aio://")
+
+
 def probe_bytes(head: bytes) -> str:
     """The format the first bytes of an image announce: "qcow2", another format's name, or "raw"."""
     if head[:4] == MAGIC:
@@ -46,7 +53,7 @@ def probe_bytes(head: bytes) -> str:
 def resolve_backing_path(overlay: str, backing: str) -> str:
     """A relative backing name is relative to the overlay's directory, as in QEMU; ``file:``
     and ``json:`` names are taken as QEMU takes them (block/spec.py)."""
-    if is_json_filename(backing):
+    if is_json_filename(backing) or backing in NULL_FILENAMES:
         return backing
     backing = file_protocol_path(backing)
     if ":" in backing.split("/", 1)[0] and not os.path.exists(backing):
@@ -57,11 +64,15 @@ def resolve_backing_path(overlay: str, backing: str) -> str:
 
 
 def open_image(path: str, mode: str = "r", format: str | None = None, backing: bool = True,
-               cache: str = "writeback", _seen: tuple = (), force_share: bool = False) -> BlockDevice:
+               cache: str = "writeback", _seen: tuple = (), force_share: bool = False,
+               secret: bytes | str | None = None, no_io: bool = False, encrypt: dict | None = None) -> BlockDevice:
     """Open ``path`` (and, unless ``backing`` is False, its whole backing chain read-only).
 
     ``force_share`` (qemu-img's ``-U``) opens read-only images without conflicting with, or
-    being stopped by, another process's QEMU-compatible locks (qcowpy/lock.py)."""
+    being stopped by, another process's QEMU-compatible locks (qcowpy/lock.py).
+    ``secret`` is the passphrase of an encrypted image (LUKS, or the legacy AES key);
+    ``encrypt`` the ``encrypt.*`` node options naming a ``--object secret`` instead; ``no_io``
+    opens an encrypted image without its key, for its header only (qemu-img info)."""
     if mode not in ("r", "r+", "rb", "r+b", "rw"):
         raise InvalidArgument(f"Invalid mode '{mode}' (use 'r' or 'r+')")
     path = file_protocol_path(path)
@@ -69,7 +80,9 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
         opts = parse_json_filename(path)
         if format is not None:
             opts.setdefault("driver", format)
-        return open_spec(opts, mode, force_share, backing)
+        return open_spec(opts, mode, force_share, backing, no_io=no_io)
+    if path in NULL_FILENAMES:  # QEMU's null block drivers by filename: a 1 GiB disk of zeros
+        return NullDevice(1 << 30, format="raw")
     writable = "+" in mode or mode == "rw"
     if is_nbd_uri(path):
         return open_nbd(path, writable, format, backing)
@@ -87,7 +100,9 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
         raise QcowError(f"Backing file chain is deeper than {MAX_CHAIN_DEPTH} images")
     if fmt == "raw":
         return RawDevice(path, read_only=not writable, cache=cache, force_share=force_share)
-    dev = Qcow2Device(Qcow2Image.open(path, writable=writable, cache=cache, force_share=force_share), path)
+    key, efmt = resolve_key(path, secret, encrypt, no_io)
+    dev = Qcow2Device(Qcow2Image.open(path, writable=writable, cache=cache, force_share=force_share,
+                                      secret=key, no_io=no_io, encrypt_format=efmt), path)
     info = dev.format_info()
     name = info.backing_file
     if backing and name:
@@ -97,6 +112,15 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
             dev.close()
             raise
     return dev
+
+
+@contextlib.contextmanager
+def key_errors_name(filename: str) -> Iterator[None]:
+    """Secret and passphrase failures name the image as QEMU's open errors do."""
+    try:
+        yield
+    except (SecretError, EncryptionError) as e:
+        raise type(e)(f"Could not open '{filename}': {e}") from None
 
 
 def open_backing(overlay: str, name: str, fmt: str | None, seen: tuple, force_share: bool = False) -> BlockDevice:

@@ -58,13 +58,15 @@ class Qcow2Device(BlockDevice):
         resize(self.image, size, preallocation=preallocation, zero_new=zero_new)
 
     def layer_status(self, offset: int, length: int, max_extents: int | None = None) -> Iterator[LayerStatus]:
-        prealloc = self.image.metadata_preallocated() and hasattr(self.image.file, "fd")
+        plain = self.image.crypto is None  # QEMU reports no host offset for encrypted data
+        # (nor looks through it at the host file's holes: no BDRV_BLOCK_RECURSE when encrypted)
+        prealloc = plain and self.image.metadata_preallocated() and hasattr(self.image.file, "fd")
         for e in self.image.layer_extents(offset, length, max_extents):
             if prealloc and e.kind == DATA and e.host_offset is not None:
                 yield from self._host_holes(e.start, e.length, e.host_offset)
                 continue
             yield LayerStatus(e.start, e.length, data=e.kind in (DATA, COMPRESSED), zero=e.kind == ZERO,
-                              offset=e.host_offset, filename=self.filename)
+                              offset=e.host_offset if plain else None, filename=self.filename)
 
     def _host_holes(self, start: int, length: int, host: int) -> Iterator[LayerStatus]:
         """Data clusters of a metadata-preallocated image that sit on holes of the host file read
@@ -98,7 +100,8 @@ class Qcow2Device(BlockDevice):
             lazy_refcounts=bool(h.compatible_features & C.COMPAT_LAZY_REFCOUNTS), refcount_bits=h.refcount_bits,
             extended_l2=h.extended_l2,
             compression_type="zstd" if h.compression_type == C.COMPRESSION_ZSTD else "zlib",
-            data_file=h.data_file, data_file_raw=bool(h.autoclear_features & C.AUTOCLEAR_DATA_FILE_RAW))
+            data_file=h.data_file, data_file_raw=bool(h.autoclear_features & C.AUTOCLEAR_DATA_FILE_RAW),
+            encrypt=self.image.crypto.info() if self.image.crypto is not None else None)
 
     def allocated_size(self) -> int | None:
         try:

@@ -185,7 +185,7 @@ def canonical_name(name: str) -> str:
 
 
 def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
-              backing_chain: bool = True) -> BlockDevice:
+              backing_chain: bool = True, no_io: bool = False) -> BlockDevice:
     """Open the node tree ``opts`` describes (already nested); ``backing_chain`` False opens
     the top node alone, as ``open_image(backing=False)`` does."""
     from .open import open_image, probe_format  # open.py hooks in here: import lazily
@@ -210,7 +210,9 @@ def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
     if fmt == "raw" and ("offset" in opts or "size" in opts):
         return _raw_window(open_image(path, mode, "raw", force_share=force_share), opts)
     backing = opts.get("backing", ...)
-    dev = open_image(path, mode, fmt, backing=backing_chain and backing is ..., force_share=force_share)
+    encrypt = opts.get("encrypt") if isinstance(opts.get("encrypt"), dict) else None  # encrypt.key-secret=ID
+    dev = open_image(path, mode, fmt, backing=backing_chain and backing is ..., force_share=force_share,
+                     encrypt=encrypt, no_io=no_io)
     if backing_chain and isinstance(backing, (dict, str)) and fmt == "qcow2":
         try:
             below = open_spec(backing if isinstance(backing, dict) else {"file": backing}, "r", force_share)
@@ -316,9 +318,10 @@ class NullDevice(BlockDevice):
     filename = ""
     read_only = False
 
-    def __init__(self, size: int, read_zeroes: bool = False):
+    def __init__(self, size: int, read_zeroes: bool = False, format: str = "null-co"):
         self._size = size
-        self.read_zeroes = read_zeroes
+        self.read_zeroes = self.holes_read_zero = read_zeroes
+        self.format = format  # "raw" when opened by filename: QEMU probes raw over the protocol
 
     @property
     def size(self) -> int:

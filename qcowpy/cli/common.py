@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 
+from ..crypto.secret import ATTACHED, SECRETS, load_secret
 from ..errors import QcowError, is_hint
 from ..units import cvtnum
 
@@ -48,6 +49,8 @@ def reset_names() -> None:
     """Forget the previous command's argument names and locking override (main() runs many
     commands in one process in tests)."""
     _SHOWN_AS.clear()
+    SECRETS.clear()
+    ATTACHED.clear()
     while _SAVED_LOCKING:
         old = _SAVED_LOCKING.pop()
         if old is None:
@@ -107,8 +110,8 @@ def warn_if_probed_raw(filename: str, fmt: str | None) -> None:
                          "         Specify the 'raw' format explicitly to remove the restrictions.\n")
 
 
-#: user-creatable object types qemu-img accepts with --object (qcowpy registers them and uses none:
-#: it has no encryption, throttling or TLS, so an image needing one fails at open)
+#: user-creatable object types qemu-img accepts with --object (qcowpy uses secrets, for encrypted
+#: images, and TLS credentials in the NBD server; the rest are checked and ignored)
 OBJECT_TYPES = ("secret", "secret_keyring", "throttle-group", "iothread", "tls-creds-anon", "tls-creds-psk",
                 "tls-creds-x509", "tls-cipher-suites", "authz-simple", "authz-list", "authz-listfile", "authz-pam",
                 "memory-backend-file", "memory-backend-ram", "memory-backend-memfd")
@@ -141,6 +144,11 @@ def parse_objects(objects: tuple[str, ...] | list[str]) -> dict[str, dict]:
         if opts["id"] in out:
             raise CommandFailed(f"attempt to add duplicate property '{opts['id']}' to object (type 'container')")
         out[opts["id"]] = opts
+        if qom_type == "secret":  # loaded now, as QEMU completes objects before anything opens
+            try:
+                SECRETS.add(opts["id"], load_secret(opts))
+            except QcowError as e:
+                raise CommandFailed(str(e)) from None
     return out
 
 
@@ -166,7 +174,13 @@ def image_name(name: str, image_opts: bool, fmt: str | None = None) -> tuple[str
     else:
         return name, fmt
     _locking_off(opts)
+    encrypt = opts.pop("encrypt", None) if isinstance(opts.get("encrypt"), dict) else None
     simple = plain_file(opts)
+    if encrypt is not None:
+        if simple is None:
+            opts["encrypt"] = encrypt  # the block layer's spec opener takes it from there
+        else:
+            ATTACHED.attach(simple[0], encrypt)
     opened, fmt = (simple[0], simple[1] or fmt) if simple is not None else ("json:" + json.dumps(opts), fmt)
     _SHOWN_AS[opened] = name
     return opened, fmt

@@ -5,7 +5,7 @@ import os
 
 import click
 
-from .common import CONTEXT, CommandFailed, warn_if_probed_raw
+from .common import CONTEXT, CommandFailed, parse_objects, warn_if_probed_raw
 
 CACHE_MODES = {"none": "writeback", "off": "writeback", "writeback": "writeback", "on": "writeback",
                "writethrough": "writeback", "directsync": "writeback", "unsafe": "unsafe"}
@@ -121,6 +121,7 @@ def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persiste
                 raise _fail(msg)
         if activation > 1:
             raise _fail("qemu-nbd does not support socket activation with LISTEN_FDS > 1")
+    parse_objects(objects)  # secrets for an encrypted image named by json:{..., "encrypt.key-secret": ID}
     tls = tls_check = None
     if tls_creds:
         if device:

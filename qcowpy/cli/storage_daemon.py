@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from ..crypto.secret import SECRETS, load_secret
 from ..errors import QcowError
 from .common import CommandFailed
 
@@ -154,7 +155,12 @@ def _setup(daemon: "Daemon", opts: list[tuple[str, str]], stop: threading.Event)
             elif opt == "--nbd-server":
                 raise keyval.OptionError("NBD server is not supported by this build")
             elif opt == "--object":
-                raise keyval.OptionError(f"Parameter 'qom-type' does not accept value '{text.split(',')[0]}'")
+                parsed = keyval.parse(text, implied="qom-type")
+                if parsed.get("qom-type") != "secret":  # secrets unlock encrypted images; nothing else is used
+                    raise keyval.OptionError(f"Parameter 'qom-type' does not accept value '{parsed.get('qom-type')}'")
+                if "id" not in parsed:
+                    raise keyval.OptionError("Parameter 'id' is missing")
+                SECRETS.add(str(parsed["id"]), load_secret(parsed))
         except QcowError as e:
             raise CommandFailed(f"{opt} {text}: {e}") from None
         except OSError as e:

@@ -42,7 +42,8 @@ class BlockNode:
         if cs:
             img["cluster-size"] = cs
         return {"node-name": self.name, "drv": self.driver, "file": self.filename, "ro": self.dev.read_only,
-                "image": img, "backing_file_depth": len(self.dev.chain) - 1, "encrypted": False,
+                "image": img, "backing_file_depth": len(self.dev.chain) - 1,
+                "encrypted": getattr(getattr(self.dev, "image", None), "crypto", None) is not None,
                 "detect_zeroes": "off", "cache": {"writeback": True, "direct": False, "no-flush": False}}
 
 
@@ -111,6 +112,7 @@ class Daemon:
             node = BlockNode(name, "file", dev, filename, None)
         elif driver in ("qcow2", "raw"):
             file = take(opts, "file", required=True)
+            encrypt = take(opts, "encrypt") if driver == "qcow2" else None  # encrypt.key-secret=ID
             no_more(opts)
             if isinstance(file, str):
                 child = self.node(file, reference=True)
@@ -121,7 +123,7 @@ class Daemon:
             else:
                 filename = self._file_child(file)
                 child_name = None
-            dev = self._open(filename, driver, read_only)
+            dev = self._open(filename, driver, read_only, encrypt)
             node = BlockNode(name, driver, dev, filename, child_name)
         else:
             raise OptionError(f"Parameter 'driver' does not accept value '{driver}'")
@@ -144,9 +146,10 @@ class Daemon:
         return str(filename)
 
     @staticmethod
-    def _open(filename: str, fmt: str, read_only: bool) -> Any:
+    def _open(filename: str, fmt: str, read_only: bool, encrypt: Any = None) -> Any:
         try:
-            return open_image(filename, "r" if read_only else "r+", format=fmt)
+            return open_image(filename, "r" if read_only else "r+", format=fmt,
+                              encrypt=encrypt if isinstance(encrypt, dict) else None)
         except QcowError as e:
             msg = str(e)
             raise OptionError(msg if msg.startswith("Could not open") else f"Could not open '{filename}': {msg}") \

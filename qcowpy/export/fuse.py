@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import ctypes.util
 import os
 import stat
 import subprocess
@@ -36,11 +37,26 @@ MAX_IO = 32 << 20  # libfuse caps requests far below this; anything larger is re
 _mounted: set[str] = set()
 
 
-def _ops_class() -> Any:
+def load_mfusepy() -> Any:
+    """mfusepy bound to libfuse3: it prefers libfuse2 when both are installed (Ceph's packages
+    pull libfuse2 in), and libfuse2 has no ``lseek`` callback, so SEEK_DATA/SEEK_HOLE would
+    silently see one big data run. ``FUSE_LIBRARY_PATH`` set by the user still wins."""
+    if "FUSE_LIBRARY_PATH" not in os.environ:
+        lib = ctypes.util.find_library("fuse3")
+        if lib:
+            os.environ["FUSE_LIBRARY_PATH"] = lib
     try:
         import mfusepy
     except (ImportError, OSError) as e:  # OSError: libfuse3 itself is missing
         raise OptionError(f"FUSE exports need mfusepy and libfuse3 ({e})") from None
+    if mfusepy.fuse_version_major != 3:
+        raise OptionError("FUSE exports need libfuse3 (mfusepy loaded libfuse "
+                          f"{mfusepy.fuse_version_major}; set FUSE_LIBRARY_PATH)")
+    return mfusepy
+
+
+def _ops_class() -> Any:
+    mfusepy = load_mfusepy()
 
     class ImageFile(mfusepy.Operations):
         """The mounted file: path "/" only."""

@@ -10,6 +10,7 @@ from . import constants as C
 
 FIXED = struct.Struct(">QIHHIIQII")  # 40 bytes
 MAX_EXTRA_DATA = 1024
+MAX_TABLE_SIZE = 1024 * C.MAX_SNAPSHOTS  # QCOW_MAX_SNAPSHOTS_SIZE: what QEMU reads of a table
 # QEMU's hint line after the error (printed unprefixed on the next line)
 EXTRA_DATA_HINT = "You can force-remove this extra metadata with qemu-img check -r all"
 
@@ -59,6 +60,12 @@ class StoredEntry:
         return self.name_b.decode("utf-8", "replace")
 
 
+def cstr(raw: bytes) -> bytes:
+    """An id or name as QEMU holds it: a C string, so it ends at the first NUL (for display,
+    lookups, and the table QEMU rewrites with ``strlen``)."""
+    return raw.split(b"\0", 1)[0]
+
+
 def read_entries(pread: Callable[[int, int], bytes], offset: int, count: int, lenient: bool = False,
                  limit: int | None = None) -> Iterator[StoredEntry]:
     """The one snapshot-table reader: ``count`` entries from ``offset``, each 8-byte aligned.
@@ -69,8 +76,10 @@ def read_entries(pread: Callable[[int, int], bytes], offset: int, count: int, le
     available from ``offset``) an entry running past it raises instead of reading zeros.
     """
     pos = 0
+    table_length = 0
     for i in range(count):
         pos = (pos + 7) & ~7
+        table_length = (table_length + 7) & ~7
         if limit is not None and pos + FIXED.size > limit:
             raise CorruptImage("Snapshot table is truncated")
         (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmsize,
@@ -86,7 +95,11 @@ def read_entries(pread: Callable[[int, int], bytes], offset: int, count: int, le
         p += id_len
         name_b = pread(name_len, offset + p)
         p += name_len
-        sn = Snapshot(l1_off, l1_size, id_b.decode("utf-8", "replace"), name_b.decode("utf-8", "replace"),
+        table_length += FIXED.size + len(extra) + id_len + name_len  # the extra data as kept
+        if not lenient and (table_length > MAX_TABLE_SIZE or p > C.INT_MAX):
+            raise CorruptImage(with_hint("Snapshot table is too big", f"You can force-remove all {count - i} "
+                                         "overhanging snapshots with qemu-img check -r all"))
+        sn = Snapshot(l1_off, l1_size, cstr(id_b).decode("utf-8", "replace"), cstr(name_b).decode("utf-8", "replace"),
                       dsec, dnsec, clock, vmsize, extra)
         yield StoredEntry(sn, id_b, name_b, extra_len, pos, p)
         pos = p
@@ -126,6 +139,7 @@ def table_pieces_as_qemu(entries: list[tuple[Snapshot, bytes, bytes]], default_d
     pieces = []
     pos = 0
     for sn, id_b, name_b in entries:
+        id_b, name_b = cstr(id_b), cstr(name_b)
         pos = (pos + 7) & ~7
         vm_state = sn.vm_state_size_large
         disk_size = sn.disk_size if sn.disk_size is not None else default_disk_size

@@ -24,6 +24,7 @@ from typing import Callable
 
 from ..errors import CorruptImage, QcowError
 from ..format import bitmaps as B
+from .encryption import check_area
 from ..format import constants as C
 from ..format.entries import compressed_descriptor, csize_shift, pack_table, unpack_table
 from ..format.header import Header
@@ -274,6 +275,9 @@ class _Checker(CheckContext):
         self.inc(res, table_rc, h.snapshots_offset, self.snapshots_size)
         self.inc(res, table_rc, h.refcount_table_offset, len(self.ondisk.reftable) * 8)
         self.check_bitmaps(res, table_rc)
+        area = check_area(h)  # the LUKS header area (QEMU counts it the same way)
+        if area is not None:
+            self.inc(res, table_rc, *area)
         return self.check_refblocks(res, fix, table_rc)
 
     def compare(self, res: CheckResult, fix: int, table_rc: array) -> tuple[bool, int]:

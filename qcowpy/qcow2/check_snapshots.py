@@ -6,11 +6,10 @@ from __future__ import annotations
 from ..errors import QcowError
 from ..format import constants as C
 from ..format.snapshot import FIXED as SN_FIXED
-from ..format.snapshot import MAX_EXTRA_DATA, Snapshot, read_entries, table_pieces_as_qemu
+from ..format.snapshot import MAX_EXTRA_DATA, MAX_TABLE_SIZE, Snapshot, cstr, read_entries, table_pieces_as_qemu
 from .checkbase import FIX_ERRORS, CheckAbort, CheckContext, CheckResult, Hint, write_fields
 from .refcount import Refcounts
 
-_SN_MAX_TABLE = 1024 * C.MAX_SNAPSHOTS  # QCOW_MAX_SNAPSHOTS_SIZE
 
 
 def load_snapshots(ck: CheckContext, res: CheckResult, fix: int = 0) -> None:
@@ -85,7 +84,7 @@ def _read_entries(ck: CheckContext, res: CheckResult, sn_off: int, n: int, repai
                            f"({e.extra_len} > {MAX_EXTRA_DATA})")
             dropped += 1
         table_length += SN_FIXED.size + len(e.sn.extra_data) + len(e.id_b) + len(e.name_b)
-        if table_length > _SN_MAX_TABLE or e.end > C.INT_MAX:
+        if table_length > MAX_TABLE_SIZE or e.end > C.INT_MAX:
             if not repair:
                 res.check_errors += 1
                 raise CheckAbort("File too large", (
@@ -95,7 +94,7 @@ def _read_entries(ck: CheckContext, res: CheckResult, sn_off: int, n: int, repai
             ck.msg(res, f"Discarding {n - i} overhanging snapshots (snapshot table is too big)")
             break
         end = e.end
-        id_b, name_b = e.id_b.split(b"\0")[0], e.name_b.split(b"\0")[0]
+        id_b, name_b = cstr(e.id_b), cstr(e.name_b)
         sn = e.sn
         sn.id_str, sn.name = id_b.decode("utf-8", "replace"), name_b.decode("utf-8", "replace")
         snaps.append(sn)

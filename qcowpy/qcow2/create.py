@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..crypto.luks import CreateOptions as LuksCreateOptions
 from ..errors import InvalidArgument
 from ..format import constants as C
 from ..format.header import Header, feature_table_bytes, pack_header
 from ..format.refcount import set_refcount
 from ..hostfile import HostFile
+from .encryption import set_up
 from .image import Qcow2Image
 from .resize import preallocate, resize
 
@@ -33,6 +35,7 @@ class Qcow2Options:
     extended_l2: bool = False
     backing_file: str | None = None
     backing_fmt: str | None = None
+    encrypt: "EncryptSpec | None" = None  # encrypt the new image (set up last, as QEMU does)
 
     @property
     def version(self) -> int:
@@ -64,13 +67,22 @@ class Qcow2Options:
                 raise InvalidArgument("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
         if self.preallocation not in PREALLOC_MODES:
             raise InvalidArgument(f"Invalid parameter '{self.preallocation}'")
-        if self.backing_file and self.preallocation != "off":
+        if self.backing_file and self.preallocation != "off" and not self.extended_l2:
             raise InvalidArgument("Backing file and preallocation can only be used at the same time if "
                                   "extended_l2 is on")  # QEMU's rule for non-extended-L2 images
         if self.size < 0:
             raise InvalidArgument("Image size must be a non-negative number")
         if self.backing_fmt and not self.backing_file:
             raise InvalidArgument("Backing format cannot be used without backing file")
+
+
+@dataclass
+class EncryptSpec:
+    """``encrypt.*`` creation options with the passphrase resolved: ``format`` "luks" or "aes"."""
+
+    format: str
+    passphrase: bytes
+    luks: LuksCreateOptions | None = None
 
 
 def create_qcow2(path: str, opts: Qcow2Options) -> None:
@@ -109,3 +121,5 @@ def create_qcow2(path: str, opts: Qcow2Options) -> None:
         resize(img, size, exact_l1=True)
         if opts.preallocation != "off":
             preallocate(img, opts.preallocation)
+        if opts.encrypt is not None:
+            set_up(img, opts.encrypt.format, opts.encrypt.passphrase, opts.encrypt.luks)

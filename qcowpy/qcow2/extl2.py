@@ -38,7 +38,7 @@ class ExtendedL2Writes:
 
     def _write_cluster(self, data: memoryview | bytes, pos: int) -> None:
         cs, sc = self.cluster_size, self.subcluster_size
-        meta, file = self.meta, self.meta.file
+        meta = self.meta
         cstart = pos & ~(cs - 1)
         end = pos + len(data)
         s0 = (pos - cstart) // sc
@@ -53,20 +53,25 @@ class ExtendedL2Writes:
         host = 0 if compressed else l2_offset(entry)
         alloc = _mask(s0, s1)
         new_bitmap = (bitmap | alloc) & ~(alloc << 32)
+        write = self.image.write_data
         if host and entry & C.OFLAG_COPIED:
-            file.pwrite(buf, host + s0 * sc)
+            write(buf, host + s0 * sc, cstart + s0 * sc)
             meta.set_l2_entry(cstart, entry, new_bitmap)
             return
         new_host = meta.refcounts.alloc_clusters(1)
         if compressed or host:
             # the whole cluster moves: a compressed one becomes fully allocated, a shared one is copied
-            full = bytearray(self.image.read_cluster(cstart) if compressed else file.pread(cs, host))
+            full = bytearray(cs)
+            if compressed:
+                full[:] = self.image.read_cluster(cstart)
+            else:
+                self.image.read_data(memoryview(full), host, cstart)
             full[s0 * sc:s1 * sc] = buf
-            file.pwrite(full, new_host)
+            write(full, new_host, cstart)
             if compressed:
                 new_bitmap = ALL_ALLOC
         else:
-            file.pwrite(buf, new_host + s0 * sc)  # only these subclusters: the file may end here, as QEMU's does
+            write(buf, new_host + s0 * sc, cstart + s0 * sc)  # only these subclusters: the file may end here, as QEMU's does
         old = meta.set_l2_entry(cstart, new_host | C.OFLAG_COPIED, new_bitmap)
         meta.free_entry_later(old[0])
 

@@ -21,6 +21,7 @@ from . import codec
 from .bitmaps import Bitmaps
 from .extl2 import ExtendedL2Writes
 from .mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, LayerExtent, layer_extents
+from .encryption import ImageCrypto, open_crypto
 from .metadata import Metadata
 from .opencheck import l1_entries_for, validate_contents, validate_header
 
@@ -41,7 +42,7 @@ class Qcow2Image:
     """A qcow2 image file. Thread-safe: every public method holds the image lock."""
 
     def __init__(self, file: HostFile, header: Header, writable: bool, l2_cache_tables: int | None = None,
-                 check_mode: bool = False):
+                 check_mode: bool = False, crypto: ImageCrypto | None = None):
         # check_mode: open as qemu-img check does, leaving the snapshot table to the check itself
         self._check_mode = check_mode
         self.header = header
@@ -61,6 +62,7 @@ class Qcow2Image:
         self.subcluster_size = self.meta.cluster_size // C.SUBCLUSTERS_PER_CLUSTER if self.extended \
             else self.cluster_size
         self._ext = ExtendedL2Writes(self) if self.extended else None
+        self.crypto = crypto  # encryption.ImageCrypto: every data cluster goes through it
         self.bitmaps = Bitmaps(self.meta, self.size)  # persistent dirty bitmaps (qcow2/bitmaps.py)
 
     @property
@@ -70,17 +72,23 @@ class Qcow2Image:
     # ------------------------------------------------------------------ opening / closing
     @classmethod
     def open(cls, path: str, writable: bool = False, cache: str = "writeback",
-             force_share: bool = False) -> "Qcow2Image":
+             force_share: bool = False, secret: bytes | None = None, no_io: bool = False,
+             encrypt_format: str | None = None) -> "Qcow2Image":
+        """``secret`` unlocks an encrypted image; ``no_io`` opens one without it, for its
+        header only (as qemu-img info does); ``encrypt_format`` is the format the caller
+        expects (QEMU's ``encrypt.format`` open option)."""
         file = HostFile(path, writable=writable, cache=cache, force_share=force_share)
         try:
             head = file.pread(min(file.size(), 1 << C.MAX_CLUSTER_BITS), 0)
             header = parse_header(head, file.size())
+            validate_header(header, file.size(), False)  # validate before repairing, as any open does
+            # unlocked before any repair, as in QEMU: a wrong passphrase leaves the file untouched
+            crypto = open_crypto(header, file, secret, no_io, encrypt_format)
             if writable and header.incompatible_features & C.INCOMPAT_DIRTY and \
                     not header.incompatible_features & C.INCOMPAT_CORRUPT:
-                validate_header(header, file.size(), False)  # validate before repairing, as any open does
                 from .check import repair_dirty
                 repair_dirty(file, header)  # QEMU repairs a dirty image opened read-write
-            img = cls(file, header, writable)
+            img = cls(file, header, writable, crypto=crypto)
             if writable:
                 img._open_read_write()
             return img
@@ -173,7 +181,7 @@ class Qcow2Image:
         with self.lock:
             self.check_range(offset, length)
             exts = self.layer_extents(offset, length)
-            if len(exts) == 1 and exts[0].kind == DATA:  # one contiguous host run: no copy at all
+            if len(exts) == 1 and exts[0].kind == DATA and self.crypto is None:  # one host run: no copy at all
                 return self.file.pread(length, exts[0].host_offset)  # type: ignore[arg-type]
             buf = bytearray(length)
             self._read_extents(memoryview(buf), exts, zeroed=True)
@@ -185,7 +193,7 @@ class Qcow2Image:
         with self.lock:
             self.check_range(offset, len(view))
             exts = self.layer_extents(offset, len(view))
-            if len(exts) == 1 and exts[0].kind == DATA:
+            if len(exts) == 1 and exts[0].kind == DATA and self.crypto is None:
                 self.file.preadinto(view, exts[0].host_offset)  # type: ignore[arg-type]
             else:
                 self._read_extents(view, exts, zeroed=False)
@@ -195,7 +203,7 @@ class Qcow2Image:
         for ext in exts:
             dst = view[pos:pos + ext.length]
             if ext.kind == DATA:
-                self.file.preadinto(dst, ext.host_offset)  # type: ignore[arg-type]
+                self.read_data(dst, ext.host_offset, ext.start)  # type: ignore[arg-type]
             elif ext.kind == UNALLOCATED and self.backing is not None:
                 self._read_backing_into(dst, ext.start)
             elif ext.kind == COMPRESSED:
@@ -209,6 +217,20 @@ class Qcow2Image:
             elif not zeroed:  # ZERO, or UNALLOCATED without a backing file
                 zero_fill(dst)
             pos += ext.length
+
+    def read_data(self, dst: memoryview, host: int, guest: int) -> None:
+        """Guest data stored at ``host`` into ``dst`` (decrypted on encrypted images)."""
+        if self.crypto is None:
+            self.file.preadinto(dst, host)
+        else:
+            self.crypto.read_into(self.file, dst, host, guest)
+
+    def write_data(self, data, host: int, guest: int) -> None:
+        """Store guest data (whole sectors on encrypted images) at ``host``."""
+        if self.crypto is None:
+            self.file.pwrite(data, host)
+        else:
+            self.file.pwrite(self.crypto.encrypt(data, host, guest), host)
 
     def _read_backing_into(self, dst: memoryview, offset: int) -> None:
         """Backing data, zeros past the end of a shorter backing file."""
@@ -256,6 +278,8 @@ class Qcow2Image:
                 return
             self.begin_change()
             self.bitmaps.mark(offset, len(mv))
+            if self.crypto is not None and (offset | len(mv)) % 512:
+                mv, offset = self._whole_sectors(mv, offset)
             if self._ext is not None:
                 self._ext.pwrite(mv, offset)
                 return
@@ -266,6 +290,15 @@ class Qcow2Image:
                 # One run per L2 table: clusters written in place, or a batch of new clusters.
                 span_end = min(end, ((pos >> span_bits) + 1) << span_bits)
                 pos = self._write_span(mv, offset, pos, span_end)
+
+    def _whole_sectors(self, mv: memoryview, offset: int) -> tuple[memoryview, int]:
+        """Encryption works on 512-byte sectors (QEMU's request alignment): widen the write
+        with the current contents of the sectors it cuts."""
+        a = offset & ~511
+        b = min(self.size, (offset + len(mv) + 511) & ~511)
+        buf = bytearray(self.pread(b - a, a))
+        buf[offset - a:offset - a + len(mv)] = mv
+        return memoryview(buf), a
 
     def _write_span(self, mv: memoryview, base: int, pos: int, span_end: int) -> int:
         l1_index = pos >> (self.cluster_bits + self.meta.l2_bits)
@@ -294,7 +327,7 @@ class Qcow2Image:
                 if not (_owned_data(nentry) and l2_offset(nentry) == host - (pos - cstart) + (nidx - idx) * cs):
                     break
                 n = min(span_end - pos, n + cs)
-            self.file.pwrite(mv[pos - base:pos - base + n], host)
+            self.write_data(mv[pos - base:pos - base + n], host, pos)
             pos += n
         return pos
 
@@ -329,7 +362,7 @@ class Qcow2Image:
         meta = self.meta
         meta.writable_l2(l1_index)  # like QEMU: the L2 table is allocated before the data clusters
         host = meta.refcounts.alloc_clusters(nclusters)
-        self.file.pwrite(buf, host)
+        self.write_data(buf, host, first)
         # The run lies in one L2 table: fetch it once (allocation may have evicted it) and set
         # the entries together; the table marks itself dirty.
         l2 = meta.writable_l2(l1_index)

@@ -12,6 +12,7 @@ from ..format import constants as C
 from ..format.header import Header, unknown_incompatible_message
 from ..format.snapshot import FIXED as SNAPSHOT_FIXED
 from ..format.snapshot import read_entries
+from .encryption import validate_method
 
 MAX_BACKING_FORMAT = 15  # QEMU keeps the name in a 16-byte buffer with its terminating NUL
 
@@ -19,8 +20,7 @@ MAX_BACKING_FORMAT = 15  # QEMU keeps the name in a 16-byte buffer with its term
 def validate_header(h: Header, fsize: int, check_mode: bool) -> None:
     """The header's own fields and its tables' placement (nothing is read from the file)."""
     cs = h.cluster_size
-    if h.crypt_method:
-        raise UnsupportedFeature("Encrypted qcow2 images are not supported")
+    validate_method(h)
     msg = unknown_incompatible_message(h)
     if msg:
         raise UnsupportedFeature(msg)

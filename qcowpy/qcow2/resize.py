@@ -76,7 +76,7 @@ def preallocate(img: Qcow2Image, mode: str, start: int = 0, data: bool = False) 
                 n = (last - first + cs - 1) // cs
                 # the cluster the old end falls in keeps its head, as QEMU's copy-on-write gives it
                 # (the backing file's bytes, with extended L2 the subclusters keep reading them)
-                head = img.pread(start - first, first) if first < start and not img.extended else b""
+                head = img.pread(start - first, first) if first < start and (data or not img.extended) else b""
                 host = meta.refcounts.alloc_clusters(n)
                 used = min(last, img.size) - first
                 # The file reaches the clusters before any L2 entry names them: a crash must not
@@ -173,7 +173,7 @@ def make_empty(img: Qcow2Image) -> None:
         h, meta = img.header, img.meta
         l1_clusters = meta.clusters_for(len(meta.l1) * 8)
         if h.version >= 3 and not h.nb_snapshots and directory_location(h) is None and \
-                3 + l1_clusters <= meta.refcounts.per_block:
+                h.crypt_method != C.CRYPT_LUKS and 3 + l1_clusters <= meta.refcounts.per_block:  # LUKS area kept
             img.begin_change()
             meta.rebuild_empty(l1_clusters)
             return

@@ -331,6 +331,8 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
         if req.compress and not req.no_create:
             if out_fmt != "qcow2":
                 raise ConvertError("Compression not supported for this file format")
+            if opts.values.get("encryption") in ("on", True) or opts.values.get("encrypt.format"):
+                raise ConvertError("Compression and encryption not supported at the same time")
             if str(opts.values.get("preallocation", "off")) != "off":
                 raise ConvertError("Compression and preallocation not supported at the same time")
         if req.bitmaps:
@@ -347,8 +349,9 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
             except QcowError as e:
                 msg = str(e).replace(f"Could not open '{req.target}'", f"Could not create '{req.target}'")
                 raise ConvertError(f"{req.target}: error while converting {out_fmt}: {msg}") from None
+        enc = None if req.no_create else kwargs.get("encrypt")  # a new encrypted target: its passphrase
         try:
-            target = open_image(req.target, "r+", out_fmt, cache=req.cache)
+            target = open_image(req.target, "r+", out_fmt, cache=req.cache, secret=enc.passphrase if enc else None)
         except QcowError as e:
             raise ConvertError(f"Could not open '{req.target}': {e}") from None
         if req.bitmaps and not target.supports_bitmaps:

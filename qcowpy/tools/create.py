@@ -8,6 +8,7 @@ from ..block.create import create_image, create_qcow2, qcow2_options, qcow2_size
 from ..block.open import open_image, resolve_backing_path
 from ..errors import InvalidArgument, QcowError
 from ..units import INT64_MAX
+from .encrypt_opts import encrypt_spec
 from .options import ParsedOpts, parse_create_options, refcount_bits_error
 
 _VERSIONS = {"v2": "0.10", "0.10": "0.10", "v3": "1.1", "1.1": "1.1"}
@@ -116,6 +117,7 @@ def validate(fmt: str, opts: ParsedOpts) -> dict:
     if version < 3 and ctype != "zlib":
         raise InvalidArgument("Non-zlib compression type is only supported with compatibility level 1.1 and above "
                               "(use version=v3 or greater)")
+    spec = encrypt_spec(v)
     if rounded > INT64_MAX:
         raise InvalidArgument("Could not resize image: Image size cannot be negative")
     if not qcow2_size_fits(rounded, cs, ext):
@@ -125,6 +127,8 @@ def validate(fmt: str, opts: ParsedOpts) -> dict:
                 "preallocation", "backing_file", "backing_fmt"):
         if key in v:
             out[key] = v[key]
+    if spec is not None:
+        out["encrypt"] = spec
     return out
 
 

@@ -25,6 +25,8 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
     info["virtual-size"] = dev.size
     if h is not None:
         info["cluster-size"] = h.cluster_size
+        if h.encrypt is not None:
+            info["encrypted"] = True
         if h.backing_file:
             info["backing-filename"] = h.backing_file
             absolute_file = h.backing_file.startswith("file:") and h.backing_file[5:].startswith("/")
@@ -48,6 +50,9 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
             data["lazy-refcounts"] = h.lazy_refcounts
             data["corrupt"] = h.corrupt
             data["refcount-bits"] = h.refcount_bits
+        if h.encrypt is not None:
+            data["encrypt"] = _encrypt_info(h.encrypt)
+        if h.version >= 3:
             bitmaps = bitmap_rows(dev)
             if bitmaps:
                 data["bitmaps"] = bitmaps
@@ -68,6 +73,14 @@ def bitmap_rows(dev: BlockDevice) -> list:
         d["granularity"] = 1 << bm.granularity_bits
         d["flags"] = [f for f, on in (("in-use", bm.in_use), ("auto", bm.enabled)) if on]
         out.append(d)
+    return out
+
+
+def _encrypt_info(enc: dict) -> QDict:
+    """QCryptoBlockInfo as QDicts (so human and JSON output order their keys as QEMU does)."""
+    out = QDict()
+    for k, v in enc.items():
+        out[k] = [QDict(s) for s in v] if k == "slots" else v
     return out
 
 
@@ -109,7 +122,7 @@ def collect(filename: str, fmt: str | None, chain: bool, force_share: bool = Fal
         if ident is not None:
             seen.add(ident)
         try:
-            dev = open_image(name, "r", fmt, backing=False, force_share=force_share)
+            dev = open_image(name, "r", fmt, backing=False, force_share=force_share, no_io=True)
         except QcowError as e:
             raise QcowError(f"Could not open '{name}': {e}") from None
         with dev:

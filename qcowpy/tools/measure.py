@@ -13,6 +13,8 @@ from ..block.device import BlockDevice, status_at
 from ..block.open import open_image
 from ..errors import InvalidArgument, QcowError
 from ..block.create import qcow2_size_fits
+from ..crypto.luks import header_area_size
+from ..crypto.secret import SECRETS
 from .options import ParsedOpts, parse_create_options, refcount_bits_error
 from .qjson import QDict, dumps_pretty
 
@@ -90,6 +92,23 @@ def _qcow2_params(opts: ParsedOpts) -> tuple[int, int, int, bool, str, bool]:
     return cs, version, bits.bit_length() - 1, ext, prealloc, bool(v.get("backing_file"))
 
 
+def _luks_area(opts: ParsedOpts, cluster_size: int) -> int:
+    """The clusters a LUKS header and its key slots take (``encrypt.format=luks``)."""
+    if opts.values.get("encrypt.format") != "luks":
+        return 0
+    from .encrypt_opts import luks_create_options
+    try:
+        luks = luks_create_options(opts.values)
+        secret_id = opts.values.get("encrypt.key-secret")  # QEMU's dry run looks the secret up
+        if secret_id is None:
+            raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
+        SECRETS.passphrase(str(secret_id))
+        size = header_area_size(luks)
+    except QcowError as e:
+        raise MeasureError(str(e)) from None
+    return _round_up(size, cluster_size)
+
+
 def _bitmaps_size(dev: BlockDevice, cluster_size: int) -> int:
     """qcow2_get_persistent_dirty_bitmap_size for the input's persistent bitmaps."""
     total = dir_size = 0
@@ -143,7 +162,7 @@ def measure(out_fmt: str, options: str | None, filename: str | None = None, fmt:
                     offset += pnum
         if prealloc in ("full", "falloc"):
             required = virtual
-        full = qcow2_prealloc_size(virtual, cs, order, ext)
+        full = qcow2_prealloc_size(virtual, cs, order, ext) + _luks_area(opts, cs)
         result = Measure(full - virtual + required, full)
         if version >= 3 and dev is not None and dev.supports_bitmaps:  # QEMU: the input can hold bitmaps
             result.bitmaps = _bitmaps_size(dev, cs)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..block.open import open_image
+from ..block.open import key_errors_name, open_image
 from ..errors import QcowError
 from ..units import INT64_MAX, parse_option_size
 
@@ -36,7 +36,8 @@ def run_resize(filename: str, size: str, fmt: str | None = None, preallocation: 
         n = parse_option_size("size", text)
     except QcowError as e:
         raise ResizeError(str(e), getattr(e, "hint", None)) from None
-    dev = open_image(filename, "r+", fmt)
+    with key_errors_name(filename):
+        dev = open_image(filename, "r+", fmt)
     try:
         current = (dev.size + 511) & ~511  # the block layer counts whole sectors (raw files)
         total = current + relative * n if relative else n

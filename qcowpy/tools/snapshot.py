@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..block.open import open_image
+from ..block.open import key_errors_name, open_image
 from ..errors import CorruptImage, QcowError, RefcountOverflow, SnapshotNotFound
 from .info import snapshot_header, snapshot_line, snapshot_rows
 
@@ -26,8 +26,9 @@ def run_snapshot(filename: str, action: str | None, name: str | None, force_shar
     """``action``: "l" list, "c" create, "a" apply, "d" delete, None nothing (qemu-img opens the
     image and does nothing, successfully)."""
     writable = action in ("c", "a", "d")
-    dev = open_image(filename, "r+" if writable else "r", None, backing=False,
-                     force_share=force_share and not writable)
+    with key_errors_name(filename):
+        dev = open_image(filename, "r+" if writable else "r", None, backing=False,
+                         force_share=force_share and not writable)
     try:
         if action == "l":
             rows = snapshot_rows(dev)

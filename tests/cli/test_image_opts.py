@@ -153,3 +153,24 @@ def test_create_with_a_file_or_json_backing_name(images, qemu_img, backing):
         want = qemu(qemu_img, "info", *extra, "a.qcow2", cwd=images)
         got = run("info", *extra, "b.qcow2", cwd=images)
         assert (got.code, got.out.replace("b.qcow2", "a.qcow2"), got.err) == (want.code, want.out, want.err)
+
+
+@pytest.mark.parametrize("args", [
+    ["info", "null-co://"], ["map", "--output=json", "null-co://"],
+    ["map", "--output=json", 'json:{"driver": "null-co", "size": 1048576}'],  # no read-zeroes: not "zero"
+    ["map", "--output=json", NULL],
+], ids=["info-filename", "map-filename", "map-no-read-zeroes", "map-read-zeroes"])
+def test_null_co_by_filename_and_status(qemu_img, args):
+    """``null-co://`` opens as raw over QEMU's null protocol (1 GiB); its block status says
+    "zero" only with read-zeroes, as QEMU's null driver does (iotest 155 backs images with it)."""
+    want, got = qemu(qemu_img, *args), run(*args)
+    assert (got.code, got.out, as_qemu(got.err)) == (want.code, want.out, want.err)
+
+
+def test_create_over_null_co_backing(tmp_path, qemu_img):
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    want = qemu(qemu_img, "create", "-f", "qcow2", "-b", "null-co://", "-F", "raw", a, "1440K")
+    got = run("create", "-f", "qcow2", "-b", "null-co://", "-F", "raw", b, "1440K")
+    assert (got.code, got.out.replace(str(b), "X")) == (want.code, want.out.replace(str(a), "X")) and want.code == 0
+    assert filecmp.cmp(a, b, shallow=False)
+    assert run("map", "--output=json", b).out == qemu(qemu_img, "map", "--output=json", a).out

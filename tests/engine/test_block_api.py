@@ -467,7 +467,7 @@ def test_extended_l2_writes_refused_cleanly_or_correct(qemu, tmp_path, with_back
 
 
 @pytest.mark.parametrize("field_offset,value,match", [
-    (32, struct.pack(">I", C.CRYPT_LUKS), "[Ee]ncrypt"),               # crypt_method
+    (32, struct.pack(">I", 3), "Unsupported encryption method 3"),    # crypt_method (1, 2: tests/crypto)
     (72, struct.pack(">Q", C.INCOMPAT_DATA_FILE), "data file"),        # incompatible_features
 ])
 def test_unsupported_images_refused_clearly(tmp_path, field_offset, value, match):

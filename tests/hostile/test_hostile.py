@@ -79,9 +79,9 @@ MUTATIONS = {
 
 
 # Where qcowpy's open is deliberately stricter than QEMU 7.2's (which only checks table offsets for
-# alignment and int64 overflow, and opens encrypted images for info): we refuse at open time.
+# alignment and int64 overflow): we refuse at open time.
 # ``check`` is not stricter: it reports tables past the end of the file as qemu-img check does.
-STRICTER_THAN_QEMU = {"crypt_method", "l1_offset_past_eof", "reftable_past_eof", "truncated_tables"}
+STRICTER_THAN_QEMU = {"l1_offset_past_eof", "reftable_past_eof", "truncated_tables"}
 
 
 def _qemu_info_code(path):

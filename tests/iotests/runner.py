@@ -181,7 +181,7 @@ def _diff(iotests: Path, scratch: Path, name: str) -> str:
     if bad is None or not ref.exists():
         return "(no output kept)"
     p = subprocess.run(["diff", "-u", str(ref), str(bad)], capture_output=True, text=True)
-    return p.stdout[-6000:]
+    return p.stdout if len(p.stdout) <= 20000 else p.stdout[:10000] + "\n[...]\n" + p.stdout[-10000:]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,9 +22,11 @@ def fuse_ok():
     if not os.path.exists("/dev/fuse"):
         pytest.skip("/dev/fuse is missing: this machine cannot mount FUSE file systems")
     _require("fusermount3 (Debian package fuse3)", shutil.which("fusermount3") is not None)
+    from qcowpy.export.keyval import OptionError
+    from qcowpy.export.fuse import load_mfusepy
     try:
-        import mfusepy  # noqa: F401
-    except (ImportError, OSError) as e:
+        load_mfusepy()
+    except OptionError as e:
         _require(f"mfusepy with libfuse3 ({e})", False)
 
 
