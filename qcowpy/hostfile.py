@@ -9,6 +9,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+from typing import Any, Callable
 
 from .errors import ImageNotFound, QcowError, ReadOnlyError
 
@@ -134,6 +135,21 @@ class HostFile:
             finally:
                 os.close(self.fd)
                 self.fd = -1
+
+
+#: name prefix ("rbd:") -> opener taking HostFile's arguments and returning an object with its
+#: methods: the block layer's protocol drivers register here, so the qcow2 engine opens and
+#: creates images stored on them exactly as it does local files (open_host_file below)
+PROTOCOLS: dict[str, Callable[..., Any]] = {}
+
+
+def open_host_file(path: str, writable: bool = False, create: bool = False, cache: str = "writeback",
+                   lock: bool = True, force_share: bool = False) -> Any:
+    """A HostFile for ``path``, or the registered protocol's equivalent for a protocol name."""
+    for prefix, opener in PROTOCOLS.items():
+        if path.startswith(prefix):
+            return opener(path, writable=writable, create=create, cache=cache, force_share=force_share)
+    return HostFile(path, writable=writable, create=create, cache=cache, lock=lock, force_share=force_share)
 
 
 _FALLOC_FL_KEEP_SIZE = 0x01

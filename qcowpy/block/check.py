@@ -14,7 +14,7 @@ from ..crypto.secret import resolve_key
 from ..errors import ImageNotFound, QcowError
 from ..format.constants import MAGIC, MAX_CLUSTER_BITS
 from ..format.header import parse_header
-from ..hostfile import HostFile
+from ..hostfile import PROTOCOLS, open_host_file
 from ..qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckFailed, CheckResult, Hint, check_file
 from ..qcow2.encryption import open_crypto
 from ..qcow2.image import Qcow2Image
@@ -38,6 +38,12 @@ class CheckOutcome:
 
 def probe_for_check(path: str) -> str:
     """qcow2 by its magic, anything else raw (which has no checks)."""
+    if path.startswith(tuple(PROTOCOLS)):  # an image on a protocol (rbd:)
+        f = open_host_file(path)
+        try:
+            return "qcow2" if f.pread(4, 0) == MAGIC else "raw"
+        finally:
+            f.close()
     try:
         with open(path, "rb") as f:
             return "qcow2" if f.read(4) == MAGIC else "raw"
@@ -63,7 +69,7 @@ def check_image(filename: str, fmt: str, fix: int, force_share: bool = False,
                 log: Callable[[str], None] | None = None, secret: bytes | None = None) -> CheckOutcome:
     """Check (and with ``fix``, FIX_LEAKS | FIX_ERRORS, repair) one image file; an encrypted
     one needs its ``secret`` (or one the CLI attached), as qemu-img check opens it fully."""
-    file = HostFile(filename, writable=bool(fix), force_share=force_share)
+    file = open_host_file(filename, writable=bool(fix), force_share=force_share)
     try:
         if fmt == "raw":
             raise CheckNotSupported("This image format does not support checks")
@@ -73,9 +79,9 @@ def check_image(filename: str, fmt: str, fix: int, force_share: bool = False,
         key, efmt = resolve_key(filename, secret)
         open_crypto(header, file, key, encrypt_format=efmt)
         if header.backing_file:  # qemu-img check opens the whole chain first (no BDRV_O_NO_BACKING)
-            st = os.stat(filename)
-            open_backing(filename, header.backing_file, header.backing_format, ((st.st_dev, st.st_ino),),
-                         force_share).close()
+            st = None if filename.startswith(tuple(PROTOCOLS)) else os.stat(filename)
+            open_backing(filename, header.backing_file, header.backing_format,
+                         ((st.st_dev, st.st_ino),) if st else (), force_share).close()
         try:
             first = check_file(file, header, fix, log)
         except CheckFailed as e:

@@ -14,6 +14,7 @@ from ..qcow2.create import EncryptSpec, Qcow2Options, create_qcow2
 __all__ = ["Qcow2Options", "create_image", "create_qcow2", "qcow2_options", "qcow2_size_fits", "backing_size"]
 from ..units import parse_option_size, parse_size
 from .open import open_image, resolve_backing_path
+from .rbdspec import is_rbd_name
 
 _BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
 
@@ -103,6 +104,9 @@ def create_image(path: str, size: int | str | None = None, format: str = "qcow2"
     """
     if size is not None:
         size = parse_size(size)
+    if format == "raw" and is_rbd_name(path):  # Ceph RBD (block/rbd.py)
+        from .rbd import create_rbd_image
+        return create_rbd_image(path, size, **options)
     if format == "raw":
         if options.get("backing_file"):
             raise InvalidArgument("'raw' does not support backing files")

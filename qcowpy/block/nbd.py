@@ -178,24 +178,25 @@ class NbdDevice(BlockDevice):
             raise QcowError("the server sent no export information")
         return size, flags, max_block
 
-    def _starttls(self) -> None:
+    def _starttls(self, hostname: str | None = None) -> None:
         """Upgrade to TLS, trusting DIR/ca-cert.pem and presenting DIR/client-cert.pem if there is one.
 
-        The server's name is checked against the URI's host; a unix socket has none, so there only
-        the chain to the CA is checked."""
+        The server's name is checked against ``hostname`` (default: the URI's host); a unix socket
+        has none, so there only the chain to the CA is checked."""
         rtype, text = self._option(P.OPT_STARTTLS)[-1]
         if rtype != P.REP_ACK:
             raise QcowError(f"The server refused TLS: {text.decode('utf-8', 'replace') or hex(rtype)}")
         d = self.addr.tls_dir
+        hostname = hostname or self.addr.host
         try:
             ctx = ssl.create_default_context(cafile=os.path.join(d, "ca-cert.pem") if d else None)
-            ctx.check_hostname = self.addr.host is not None
+            ctx.check_hostname = hostname is not None
             if d and os.path.exists(os.path.join(d, "client-cert.pem")):
                 ctx.load_cert_chain(os.path.join(d, "client-cert.pem"), os.path.join(d, "client-key.pem"))
         except (OSError, ssl.SSLError) as e:
             raise QcowError(f"Unable to load TLS credentials from {d}: {e}") from None
         try:
-            self.sock = ctx.wrap_socket(self.sock, server_hostname=self.addr.host)
+            self.sock = ctx.wrap_socket(self.sock, server_hostname=hostname)
         except (OSError, ssl.SSLError) as e:
             raise QcowError(f"TLS handshake failed: {e}") from None
 

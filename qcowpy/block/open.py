@@ -14,6 +14,8 @@ from .device import BlockDevice
 from .nbd import is_nbd_uri, open_nbd
 from .qcow2 import Qcow2Device
 from .raw import RawDevice
+from .rbdspec import is_rbd_name
+from . import rbdopen  # noqa: F401  registers rbd: names with hostfile.open_host_file (no Ceph loaded yet)
 from .spec import NullDevice, file_protocol_path, is_json_filename, open_spec, parse_json_filename
 
 FORMATS = ("qcow2", "raw")
@@ -56,6 +58,8 @@ def resolve_backing_path(overlay: str, backing: str) -> str:
     if is_json_filename(backing) or backing in NULL_FILENAMES:
         return backing
     backing = file_protocol_path(backing)
+    if is_rbd_name(backing) or is_nbd_uri(backing):
+        return backing
     if ":" in backing.split("/", 1)[0] and not os.path.exists(backing):
         raise UnsupportedFeature(f"Backing file '{backing}' uses a protocol qcowpy does not support")
     if os.path.isabs(backing):
@@ -86,6 +90,8 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
     writable = "+" in mode or mode == "rw"
     if is_nbd_uri(path):
         return open_nbd(path, writable, format, backing)
+    if is_rbd_name(path):  # Ceph RBD (block/rbd.py); librbd is loaded only now
+        return rbdopen.open_rbd_image(path, writable, format, backing, cache, _seen, force_share)
     fmt = format or probe_format(path)
     if fmt not in FORMATS:
         raise InvalidArgument(f"Unknown driver '{fmt}'")

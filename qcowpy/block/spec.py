@@ -12,9 +12,9 @@ import os
 from typing import Any, Iterator
 
 from ..errors import InvalidArgument, QcowError
-from .device import BlockDevice, LayerStatus
+from .device import BlockDevice, LayerStatus, status_at
 
-SUPPORTED_DRIVERS = ("qcow2", "raw", "file", "null-co")
+SUPPORTED_DRIVERS = ("qcow2", "raw", "file", "null-co", "rbd")
 
 
 class SpecError(QcowError):
@@ -48,12 +48,21 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
             sub = out.setdefault(head, {})
             if not isinstance(sub, dict):
                 raise SpecError(f"Value for parameter {head} was already given")
-            sub.update(nest({rest: value}))
+            _merge(sub, nest({rest: value}))
         elif isinstance(value, dict) and isinstance(out.get(head), dict):
-            out[head].update(value)
+            _merge(out[head], value)
         else:
             out[head] = value
     return out
+
+
+def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    """Deep update: ``server.0.host`` and ``server.0.port`` both land in ``server["0"]``."""
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def parse_json_filename(name: str) -> dict[str, Any]:
@@ -196,6 +205,11 @@ def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
         raise SpecError(f"Unknown driver '{driver}'")
     if driver == "null-co":
         return NullDevice(_int(opts, "size", 1 << 30) or 0, _bool(opts, "read-zeroes"))
+    if driver == "rbd" or isinstance(opts.get("file"), dict) and opts["file"].get("driver") == "rbd":
+        from .rbdopen import open_rbd_image, rbd_options  # Ceph: block/rbd.py
+        writable = "+" in mode or mode == "rw"
+        return open_rbd_image(rbd_options(opts), writable, None if driver == "rbd" else driver,  # type: ignore[arg-type]
+                              backing_chain, force_share=force_share, bare=driver == "rbd")
     child = opts.get("file")
     if isinstance(child, dict) and child.get("driver", "file") not in SUPPORTED_DRIVERS:
         raise SpecError(f"Unknown driver '{child.get('driver')}'")
@@ -307,6 +321,20 @@ class WindowDevice(BlockDevice):
 
     def _close_self(self) -> None:
         self.inner.close()
+
+
+class ChainWindow(WindowDevice):
+    """A window of a whole device chain (qemu-nbd ``-o``): block status answers for the chain, so
+    bytes a backing file supplies are data, never holes that read as zeros."""
+
+    def layer_status(self, offset: int, length: int, max_extents: int | None = None) -> Iterator[LayerStatus]:
+        self.check_range(offset, length)
+        pos, end, n = offset, offset + length, 0
+        while pos < end and (max_extents is None or n < max_extents):
+            e = status_at(self.inner, self.offset + pos, end - pos)
+            yield LayerStatus(pos, e.length, e.data or not e.zero, e.zero)
+            pos += e.length
+            n += 1
 
 
 class NullDevice(BlockDevice):

@@ -96,6 +96,9 @@ def size_arg(name: str, text: str) -> int:
 
 def warn_if_probed_raw(filename: str, fmt: str | None) -> None:
     """QEMU's warning when an image it opens for writing was probed as raw (block 0 is guarded)."""
+    if fmt is None and filename.startswith("rbd:"):  # an rbd image: probe it through librbd
+        _warn_if_probed_raw_rbd(filename)
+        return
     if fmt is not None or not os.path.isfile(filename):
         return
     from ..block.open import probe_format
@@ -104,10 +107,26 @@ def warn_if_probed_raw(filename: str, fmt: str | None) -> None:
     except (OSError, QcowError):
         return
     if probed == "raw":
-        sys.stderr.write(f"WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n"
-                         "         Automatically detecting the format is dangerous for raw images, write "
-                         "operations on block 0 will be restricted.\n"
-                         "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+        _probed_raw_warning(filename)
+
+
+def _warn_if_probed_raw_rbd(filename: str) -> None:
+    from ..block.open import open_image
+    try:
+        with open_image(filename, "r", None, backing=False) as dev:
+            if dev.format != "raw" or dev.loc.snapshot is not None:  # type: ignore[attr-defined]
+                return  # a snapshot fails to open for writing before any probing
+            name = dev.node_name  # type: ignore[attr-defined]  # QEMU names the rbd node
+    except (OSError, QcowError):
+        return
+    _probed_raw_warning(name)
+
+
+def _probed_raw_warning(name: str) -> None:
+    sys.stderr.write(f"WARNING: Image format was not specified for '{name}' and probing guessed raw.\n"
+                     "         Automatically detecting the format is dangerous for raw images, write "
+                     "operations on block 0 will be restricted.\n"
+                     "         Specify the 'raw' format explicitly to remove the restrictions.\n")
 
 
 #: user-creatable object types qemu-img accepts with --object (qcowpy uses secrets, for encrypted

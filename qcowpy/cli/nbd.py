@@ -44,17 +44,18 @@ def _fail(message: str) -> CommandFailed:
 @click.option("--tls-creds", "tls_creds", metavar="ID", help="Require TLS with the credentials object ID.")
 @click.option("--tls-authz", "tls_authz", metavar="ID",
               help="Admit only clients whose certificate's DN is the authz-simple object ID's identity.")
-@click.option("--tls-hostname", "tls_hostname", metavar="NAME", help="Not supported (list mode only).")
-@click.option("-o", "--offset", metavar="OFFSET", help="Not supported (removed from later qemu-nbd).")
+@click.option("--tls-hostname", "tls_hostname", metavar="NAME", help="With -L: the name the server's certificate must bear.")
+@click.option("-o", "--offset", metavar="OFFSET", help="Export the image from byte OFFSET on.")
 @click.option("-c", "--connect", "device", metavar="DEV", help="Not supported (kernel NBD client).")
 @click.option("-d", "--disconnect", is_flag=True, help="Not supported (kernel NBD client).")
 @click.option("-B", "--bitmap", "bitmaps", multiple=True, metavar="NAME",
-              help="Expose a persistent dirty bitmap (as the qemu:dirty-bitmap:NAME context).")
-@click.option("-L", "--list", "list_mode", is_flag=True, help="Not supported (list a server's exports).")
-@click.option("--image-opts", "image_opts", is_flag=True, help="Not supported.")
+              help="Offer the persistent dirty bitmap NAME as qemu:dirty-bitmap:NAME (read-only exports).")
+@click.option("-L", "--list", "list_mode", is_flag=True, help="List the exports of the server at -k or -b/-p.")
+@click.option("--image-opts", "image_opts", is_flag=True, help="FILE is an options string (driver=qcow2,file.filename=F).")
 @click.option("--aio", metavar="MODE", help="threads (the only mode).")
-@click.option("-T", "--trace", "trace", metavar="PATTERN", help="Not supported.")
-@click.option("--selinux-label", "selinux_label", metavar="LABEL", help="Not supported.")
+@click.option("-T", "--trace", "trace", metavar="PATTERN", multiple=True,
+              help="Accepted and ignored (qcowpy has no trace events; use -v).")
+@click.option("--selinux-label", "selinux_label", metavar="LABEL", help="Not supported (no SELinux in qcowpy).")
 @click.option("-V", "--version", "version", is_flag=True, help="Print the version and exit.")
 @click.argument("args", nargs=-1)
 def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persistent, shared, snapshot, load_snapshot,
@@ -88,8 +89,14 @@ def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persiste
         raise _fail(f"Failed to parse detect_zeroes mode: invalid parameter value: {detect_zeroes}")
     if detect_zeroes == "unmap" and not DISCARD_MODES.get(discard or "ignore"):
         raise _fail("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap")
+    dev_offset = 0
     if offset is not None:
-        raise _fail(f"Invalid offset '{offset}'" if not offset.isdigit() else "--offset is not supported")
+        try:
+            dev_offset = int(offset, 0)
+        except ValueError:
+            dev_offset = -1
+        if dev_offset < 0 or dev_offset >= 1 << 64:
+            raise _fail(f"Invalid offset '{offset}'")
     if sockpath is not None and not sockpath.startswith("/"):
         raise _fail("socket path must be absolute")
     try:
@@ -105,11 +112,14 @@ def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persiste
     if list_mode:
         if args:
             raise _fail("List mode is incompatible with a file name")
-        raise _fail("List mode is not supported")
-    if len(args) != 1:
+        if (export_name is not None or description is not None or dev_offset or device or disconnect or fmt
+                or load_snapshot is not None or bitmaps or allocation_depth or aio is not None
+                or discard is not None or cache is not None):
+            raise _fail("List mode is incompatible with per-device settings")
+        if fork_process:
+            raise _fail("List mode is incompatible with forking")
+    elif len(args) != 1:
         raise CommandFailed("Invalid number of arguments", hint="Try `qcowpy nbd --help' for more information.\n")
-    if trace is not None:
-        raise _fail("Tracing is not supported")
     activation = listen_fds()
     if activation:
         for value, msg in ((device, "NBD device can't be set when using socket activation"),
@@ -123,13 +133,19 @@ def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persiste
             raise _fail("qemu-nbd does not support socket activation with LISTEN_FDS > 1")
     parse_objects(objects)  # secrets for an encrypted image named by json:{..., "encrypt.key-secret": ID}
     tls = tls_check = None
+    tls_client_dir = None
     if tls_creds:
         if device:
             raise _fail("TLS is not supported with a host device")
-        if tls_hostname:
+        if tls_authz and list_mode:
+            raise _fail("TLS authorization is incompatible with export list")
+        if tls_hostname and not list_mode:
             raise _fail("TLS hostname is only supported with export list")
-        from .nbd_tls import authz, server_context
-        tls = server_context(objects, tls_creds)
+        from .nbd_tls import authz, client_dir, server_context
+        if list_mode:
+            tls_client_dir = client_dir(objects, tls_creds)
+        else:
+            tls = server_context(objects, tls_creds)
         if tls_authz:
             tls_check = authz(objects, tls_authz)
     else:
@@ -141,10 +157,14 @@ def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persiste
         if sockpath is None and device is None:
             raise _fail("--selinux-label is not permitted without --socket")
         raise _fail("SELinux support not enabled in this binary")
+    if list_mode:
+        from .nbd_run import list_exports
+        list_exports(sockpath, bind, port, tls_client_dir, tls_hostname)
+        return
     if disconnect or device:
-        raise _fail("Kernel /dev/nbdN support not available")
-    if image_opts:
-        raise _fail("--image-opts is not supported")
+        _kernel_nbd(args[0] if disconnect else device, disconnect)
+    if image_opts and fmt:
+        raise _fail("--image-opts and -f are mutually exclusive")
     snapshot_key = None
     if load_snapshot is not None:
         snapshot_key = parse_snapshot_param(load_snapshot)
@@ -159,10 +179,20 @@ def nbd(port, bind, sockpath, export_name, description, read_only, fmt, persiste
         export_name=export_name or "", description=description, allocation_depth=allocation_depth,
         shared=nshared, persistent=persistent, sockpath=sockpath,
         bind=bind, port=port, activation=bool(activation), tls=tls, authz=tls_check, fork=fork_process, pid_file=pid_file,
-        verbose=verbose, snapshot_key=snapshot_key, bitmaps=tuple(bitmaps))
-    if not snapshot and not read_only:
+        verbose=verbose, snapshot_key=snapshot_key, offset=dev_offset, image_opts=image_opts, bitmaps=bitmaps)
+    if not snapshot and not read_only and not image_opts:
         warn_if_probed_raw(filename, fmt)
     serve(opts)
+
+
+def _kernel_nbd(device: str, disconnect: bool) -> None:
+    """-c/-d drive the kernel's NBD client (/dev/nbdN), which qcowpy does not do. Fail as qemu-nbd
+    does here when the device cannot be opened (no nbd module), and plainly otherwise."""
+    try:
+        os.close(os.open(device, os.O_RDWR))
+    except OSError as e:
+        raise _fail(f"{'Cannot open' if disconnect else 'Failed to open'} {device}: {e.strerror}") from None
+    raise _fail("Kernel /dev/nbdN support not available")
 
 
 def parse_snapshot_param(text: str) -> tuple[str | None, str | None, bool]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..block.device import BlockDevice
 from ..errors import QcowError
+from ..export.nbd.listen import ListenError, tcp_listener, unix_listener
 from .common import CommandFailed
 
 SOCKET_ACTIVATION_FD = 3
@@ -43,7 +44,9 @@ class ServeOptions:
     pid_file: str | None
     verbose: bool
     snapshot_key: tuple[str | None, str | None, bool] | None = None  # -l: (id, name, id-or-name)
-    bitmaps: tuple[str, ...] = ()  # -B: persistent bitmaps exported as qemu:dirty-bitmap:NAME
+    offset: int = 0  # -o: the export starts this far into the image
+    image_opts: bool = False  # FILE is an options string
+    bitmaps: tuple[str, ...] = ()  # -B
 
 
 def serve(o: ServeOptions) -> None:
@@ -61,12 +64,15 @@ def serve(o: ServeOptions) -> None:
         _cleanup_socket(o, listener)
         raise
     try:
-        # qemu-nbd collects -B names by prepending: the last one given is context 2
-        bitmaps = tuple((name, _bitmap_holder(dev, name, o.read_only)) for name in reversed(o.bitmaps))
-        exp = Export(dev, o.export_name, o.description, read_only=o.read_only or dev.read_only,
+        read_only = o.read_only or dev.read_only
+        readers = _bitmaps(dev, o.bitmaps, read_only)
+        if o.offset:
+            dev = _offset_view(dev, o.offset)
+        exp = Export(dev, o.export_name, o.description, read_only=read_only,
                      allocation_depth=o.allocation_depth, discard=o.discard, detect_zeroes=o.detect_zeroes,
                      multi_conn=o.shared != 1, writethrough=o.writethrough,
-                     guard_block0=o.fmt is None and not o.snapshot and dev.format == "raw", bitmaps=bitmaps)
+                     guard_block0=o.fmt is None and not o.snapshot and not o.image_opts and dev.format == "raw",
+                     bitmaps=readers)
         server = NbdServer([exp], [listener], shared=o.shared, persistent=o.persistent, tls=o.tls,
                            authz=o.authz)  # type: ignore[arg-type]
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -85,19 +91,43 @@ def serve(o: ServeOptions) -> None:
         _cleanup_socket(o, listener)
 
 
-def _bitmap_holder(dev: BlockDevice, name: str, read_only: bool) -> BlockDevice:
-    """The image of the chain that has persistent bitmap ``name``, checked as qemu-nbd checks it."""
-    raw = name.encode("utf-8", "surrogateescape")
-    for layer in dev.chain:
-        found = [b for b in layer.bitmaps() if b.name == raw]
-        if not found:
-            continue
-        if read_only and not layer.read_only and found[0].enabled:
-            raise CommandFailed(f"Enabled bitmap '{name}' incompatible with readonly export")
-        if found[0].in_use:  # (qemu-nbd prints no hint here)
-            raise CommandFailed(f"Bitmap '{name}' is inconsistent and cannot be used")
-        return layer
-    raise CommandFailed(f"Bitmap '{name}' is not found")
+def _bitmaps(dev: BlockDevice, names: tuple[str, ...], read_only: bool) -> dict:
+    from ..export.keyval import OptionError
+    from ..export.nbd.bitmap import bitmap_readers
+    try:
+        return bitmap_readers(dev, list(names), not read_only)
+    except OptionError as e:
+        raise CommandFailed(str(e)) from None
+
+
+def _offset_view(dev: BlockDevice, offset: int) -> BlockDevice:
+    """-o: the image seen from ``offset`` on (QEMU puts a raw node with that offset on top)."""
+    from ..block.spec import ChainWindow
+    if offset > dev.size:
+        raise CommandFailed(f"Offset ({offset}) cannot be greater than size of the containing file ({dev.size})")
+    return ChainWindow(dev, offset, dev.size - offset)
+
+
+def list_exports(sockpath: str | None, bind: str | None, port: str | None, tls_dir: str | None,
+                 hostname: str | None) -> None:
+    """-L: print the exports of the server at ``sockpath`` or ``bind``:``port`` as qemu-nbd does."""
+    import click
+    from ..block.nbd import Address
+    from ..block.nbdlist import list_exports as ask
+
+    host = bind or "0.0.0.0"
+    try:
+        addr = Address("", socket_path=sockpath, tls=tls_dir is not None, tls_dir=tls_dir) if sockpath else \
+            Address("", host=host, port=int(port or "10809"), tls=tls_dir is not None, tls_dir=tls_dir)
+    except ValueError:
+        raise CommandFailed(f"Invalid port '{port}'") from None
+    try:
+        found = ask(addr, hostname or (None if sockpath else host))
+    except QcowError as e:
+        raise CommandFailed(str(e)) from None
+    click.echo(f"exports available: {len(found)}")
+    for info in found:
+        click.echo(info.describe(), nl=False)
 
 
 def listen(o: ServeOptions) -> socket.socket:
@@ -121,39 +151,17 @@ def _backlog(o: ServeOptions) -> int:
 
 
 def _unix_listener(path: str, backlog: int) -> socket.socket:
-    """Bound and listening under a temporary name, then renamed into place: a client that waits for
-    the socket file to appear never finds it refusing connections. Like qemu-nbd, a stale socket
-    file at ``path`` is replaced."""
-    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        ls.bind(tmp)
-        ls.listen(backlog)
-        os.rename(tmp, path)
-    except OSError as e:
-        ls.close()
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise CommandFailed(f"Failed to bind socket to {path}: {e.strerror}") from None
-    return ls
+        return unix_listener(path, backlog)
+    except ListenError as e:
+        raise CommandFailed(str(e)) from None
 
 
 def _tcp_listener(host: str, port: str) -> socket.socket:
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise CommandFailed(f"address resolution failed for {host}:{port}: {e.strerror}") from None
-    err: OSError | None = None
-    for family, kind, proto, _, addr in infos:
-        ls = socket.socket(family, kind, proto)
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            ls.bind(addr)
-            return ls
-        except OSError as e:
-            ls.close()
-            err = e
-    raise CommandFailed(f"Failed to bind socket: {err.strerror if err else 'no address'}")
+        return tcp_listener(host, port)
+    except ListenError as e:
+        raise CommandFailed(str(e)) from None
 
 
 def open_device(o: ServeOptions) -> BlockDevice:
@@ -163,7 +171,11 @@ def open_device(o: ServeOptions) -> BlockDevice:
         if o.snapshot:
             dev = _snapshot_overlay(o, o.fmt or probe_format(o.filename))
         else:
-            dev = open_image(o.filename, "r" if o.read_only else "r+", o.fmt, cache=o.cache,
+            filename, fmt = o.filename, o.fmt
+            if o.image_opts:
+                from .common import image_name
+                filename, fmt = image_name(o.filename, True)
+            dev = open_image(filename, "r" if o.read_only else "r+", fmt, cache=o.cache,
                              force_share=o.force_share)
     except QcowError as e:
         raise CommandFailed(f"Failed to blk_new_open '{o.filename}': {e}") from None

@@ -10,9 +10,8 @@ import os
 import ssl
 
 from ..block.spec import split_opts
+from ..export.nbd.tls import CredsError, x509_server_context
 from .common import CommandFailed
-
-_FALSE = ("off", "no", "false", "0")
 
 
 def parse_objects(objects: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -41,21 +40,25 @@ def server_context(objects: tuple[str, ...], creds_id: str) -> ssl.SSLContext:
         raise CommandFailed(f"Failed to get TLS creds: No TLS credentials with id '{creds_id}'")
     if props.get("endpoint", "client") != "server":
         raise CommandFailed("Failed to get TLS creds: Expected TLS credentials for a server endpoint")
-    d = props.get("dir", "")
-    verify = props.get("verify-peer", "on").lower() not in _FALSE
-    paths = {name: os.path.join(d, name) for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem")}
-    for p in paths.values():
-        if not os.access(p, os.R_OK):
-            raise CommandFailed(f"Unable to access credentials {p}: No such file or directory")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(paths["server-cert.pem"], paths["server-key.pem"])
-        ctx.load_verify_locations(paths["ca-cert.pem"])
-    except (ssl.SSLError, OSError) as e:
-        raise CommandFailed(f"Unable to load TLS credentials in {d}: {e}") from None
-    ctx.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
-    return ctx
+        return x509_server_context(props)
+    except CredsError as e:
+        raise CommandFailed(str(e)) from None
+
+
+def client_dir(objects: tuple[str, ...], creds_id: str) -> str:
+    """-L with --tls-creds: the directory of a client endpoint's credentials (ca-cert.pem, and
+    client-cert.pem/client-key.pem when the server checks clients)."""
+    props = parse_objects(objects).get(creds_id)
+    if props is None or props["qom-type"] != "tls-creds-x509":
+        raise CommandFailed(f"Failed to get TLS creds: No TLS credentials with id '{creds_id}'")
+    if props.get("endpoint", "client") != "client":
+        raise CommandFailed("Failed to get TLS creds: Expected TLS credentials for a client endpoint")
+    d = props.get("dir", "")
+    ca = os.path.join(d, "ca-cert.pem")
+    if not os.access(ca, os.R_OK):
+        raise CommandFailed(f"Unable to access credentials {ca}: No such file or directory")
+    return d
 
 
 def authz(objects: tuple[str, ...], authz_id: str):

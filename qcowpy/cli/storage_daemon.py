@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..crypto.secret import SECRETS, load_secret
 from ..errors import QcowError
 from .common import CommandFailed
+from .pidfile import PidfileError, write_pidfile
 
 if TYPE_CHECKING:
     from ..export.daemon import Daemon
@@ -31,15 +31,30 @@ QEMU storage daemon (qcowpy)
   --blockdev [driver=]<driver>[,node-name=<N>][,read-only=on|off][,file=<node>|file.driver=file,file.filename=<F>]
                          configure a block backend (drivers: qcow2, raw, file)
   --chardev socket,id=<id>,path=<path>,server=on[,wait=off]
-                         configure a character device (a unix socket for a monitor)
+  --chardev socket,id=<id>,host=<host>,port=<port>,server=on[,wait=off]
+  --chardev stdio,id=<id>
+                         configure a character device (for a monitor)
   --export [type=]vhost-user-blk,id=<id>,node-name=<node>,addr.type=unix,addr.path=<socket>
            [,writable=on|off][,num-queues=<n>][,logical-block-size=<n>]
                          export a node as a vhost-user-blk device
   --export [type=]fuse,id=<id>,node-name=<node>,mountpoint=<file>[,writable=on|off][,growable=off]
                          export a node as a regular file (FUSE)
+  --export [type=]nbd,id=<id>,node-name=<node>[,name=<export-name>][,description=<text>]
+           [,writable=on|off][,bitmaps.0=<name>][,allocation-depth=on|off]
+                         export a node over NBD (requires --nbd-server)
   --monitor [chardev=]<id>[,mode=control]
                          configure a QMP monitor
-  --pidfile <path>       write process ID to a file after startup
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
+               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+  --nbd-server addr.type=unix,addr.path=<path>
+               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+                         start an NBD server for exporting block nodes
+  --object secret,id=<id>,data=<text>|file=<path>[,format=raw|base64]
+  --object tls-creds-x509,id=<id>,dir=<dir>,endpoint=server[,verify-peer=on|off]
+  --object authz-simple,id=<id>,identity=<DN>
+  --object iothread,id=<id>
+                         create an object (secrets, TLS credentials, iothreads)
+  --pidfile <path>       write process ID to a file after startup (locked, as QEMU does)
   --daemonize            daemonize the process, and have the parent exit once startup is complete
 """
 
@@ -75,7 +90,7 @@ def _parse_argv(argv: list[str]) -> tuple[list[tuple[str, str]], bool, bool]:
                context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 def storage_daemon(argv: tuple[str, ...]) -> None:
-    """Serve block nodes over vhost-user-blk and FUSE exports (qemu-storage-daemon syntax)."""
+    """Serve block nodes over vhost-user-blk, FUSE and NBD exports (qemu-storage-daemon syntax)."""
     opts, daemonize, show_help = _parse_argv(list(argv))
     if show_help:
         click.echo(USAGE, nl=False)
@@ -90,6 +105,7 @@ def storage_daemon(argv: tuple[str, ...]) -> None:
         os.close(ready_r)
         os.setsid()
     from ..export import fuse  # noqa: F401  (registers type=fuse)
+    from ..export.nbd import service  # noqa: F401  (registers type=nbd)
     from ..export.daemon import Daemon
     daemon = Daemon()
     stop = threading.Event()
@@ -97,16 +113,16 @@ def storage_daemon(argv: tuple[str, ...]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     pidfile = None
+    pid_fd = -1
     try:
         _setup(daemon, opts, stop)
         pidfile = next((v for o, v in opts if o == "--pidfile"), None)
         if pidfile is not None:
             try:
-                with open(pidfile, "w") as f:
-                    f.write(f"{os.getpid()}\n")
-            except OSError as e:
-                raise CommandFailed(f"cannot create PID file: Could not create '{pidfile}': {e.strerror}") \
-                    from None
+                pid_fd = write_pidfile(pidfile)
+            except PidfileError as e:
+                pidfile = None  # not ours: never remove another daemon's file
+                raise CommandFailed(f"cannot create PID file: {e}") from None
     except BaseException:
         daemon.shutdown()
         raise
@@ -126,12 +142,15 @@ def storage_daemon(argv: tuple[str, ...]) -> None:
                 os.unlink(pidfile)
             except OSError:
                 pass
+            os.close(pid_fd)
 
 
 def _setup(daemon: "Daemon", opts: list[tuple[str, str]], stop: threading.Event) -> None:
     """Apply the options in order; the first failure raises CommandFailed with QSD's words."""
     from ..export import keyval
     from ..export.monitor import Chardev, QMPMonitor, monitor_opts
+    from ..export.nbd import service as nbd_service
+    from ..export.objects import object_add
 
     chardevs: dict[str, Chardev] = {}
     daemon.cleanups.append(lambda: [c.close() for c in chardevs.values()])
@@ -153,14 +172,9 @@ def _setup(daemon: "Daemon", opts: list[tuple[str, str]], stop: threading.Event)
                     raise keyval.OptionError(f'chardev "{cid}" not found')
                 QMPMonitor(daemon, chardevs[cid], stop.set)
             elif opt == "--nbd-server":
-                raise keyval.OptionError("NBD server is not supported by this build")
+                nbd_service.server_start(daemon, keyval.parse(text))
             elif opt == "--object":
-                parsed = keyval.parse(text, implied="qom-type")
-                if parsed.get("qom-type") != "secret":  # secrets unlock encrypted images; nothing else is used
-                    raise keyval.OptionError(f"Parameter 'qom-type' does not accept value '{parsed.get('qom-type')}'")
-                if "id" not in parsed:
-                    raise keyval.OptionError("Parameter 'id' is missing")
-                SECRETS.add(str(parsed["id"]), load_secret(parsed))
+                object_add(daemon, keyval.parse(text, implied="qom-type"))
         except QcowError as e:
             raise CommandFailed(f"{opt} {text}: {e}") from None
         except OSError as e:

@@ -33,6 +33,8 @@ class BlockNode:
         self.child = child  # the protocol node under a format node (named or implicit)
         self.lock = threading.Lock()
         self.users = 0
+        self.discard = False  # discard=unmap: exports may free space on TRIM
+        self.detect_zeroes = "off"
 
     def info(self) -> dict[str, Any]:
         size = self.dev.size
@@ -81,6 +83,8 @@ class Daemon:
         self.events: list[Callable[[str, dict[str, Any]], None]] = []
         self._implicit = 0
         self.cleanups: list[Callable[[], None]] = []  # run last by shutdown() (monitor sockets)
+        self.objects: dict[str, dict[str, Any]] = {}  # --object / object-add, by id
+        self.nbd: Any = None  # the running NBD server (export/nbd/service.py), if any
 
     # -- block nodes ----------------------------------------------------------------------------
     def node(self, name: str, reference: bool = False) -> BlockNode:
@@ -102,8 +106,13 @@ class Daemon:
         if name in self.nodes:
             raise OptionError(f"Duplicate nodes with node-name='{name}'")
         read_only = take_bool(opts, "read-only", False)
-        for ignored in ("discard", "auto-read-only", "detect-zeroes"):
-            opts.pop(ignored, None)
+        discard = take(opts, "discard", default="ignore")
+        if discard not in ("ignore", "off", "unmap", "on"):
+            raise OptionError(f"Parameter 'discard' does not accept value '{discard}'")
+        detect_zeroes = take(opts, "detect-zeroes", default="off")
+        if detect_zeroes not in ("off", "on", "unmap"):
+            raise OptionError(f"Parameter 'detect-zeroes' does not accept value '{detect_zeroes}'")
+        opts.pop("auto-read-only", None)
         opts.pop("cache", None)
         if driver == "file":
             filename = take(opts, "filename", required=True)
@@ -125,8 +134,17 @@ class Daemon:
                 child_name = None
             dev = self._open(filename, driver, read_only, encrypt)
             node = BlockNode(name, driver, dev, filename, child_name)
+        elif driver == "rbd":  # Ceph RBD: BlockdevOptionsRbd (pool, image, conf, user, ...), block/rbd.py
+            from qcowpy.block.spec import open_spec
+            try:
+                dev = open_spec({"driver": "rbd", **opts}, "r" if read_only else "r+")
+            except QcowError as e:
+                raise OptionError(str(e)) from None
+            node = BlockNode(name, "rbd", dev, dev.display_name, None)
         else:
             raise OptionError(f"Parameter 'driver' does not accept value '{driver}'")
+        node.discard = discard in ("unmap", "on")
+        node.detect_zeroes = detect_zeroes if detect_zeroes != "unmap" or node.discard else "on"
         with self.lock:
             self.nodes[name] = node
         return node
@@ -176,14 +194,17 @@ class Daemon:
         eid = take(opts, "id", required=True)
         name = take(opts, "node-name", required=True)
         writable = take_bool(opts, "writable", False)
-        for ignored in ("writethrough", "iothread", "fixed-iothread"):
+        for ignored in ("writethrough", "fixed-iothread"):
             opts.pop(ignored, None)
+        iothread = take(opts, "iothread")  # accepted; every export is served by its own threads anyway
         with self.lock:
             if eid in self.exports:
                 raise OptionError(f"Block export id '{eid}' is already in use")
             node = self.node(name)
             if writable and node.dev.read_only:
                 raise OptionError("Cannot export read-only node as writable")
+            if iothread is not None and self.objects.get(iothread, {}).get("qom-type") != "iothread":
+                raise OptionError(f'iothread "{iothread}" not found')
             factory = EXPORT_TYPES.get(etype)
             if factory is None:
                 if etype == "nbd":
@@ -227,6 +248,9 @@ class Daemon:
                 exp.close()
             except Exception as e:  # keep closing the rest: the images matter more
                 log.warning("closing export %s: %s", exp.id, e)
+        nbd, self.nbd = self.nbd, None
+        if nbd is not None:
+            nbd.stop()
         for node in nodes:
             with node.lock:
                 try:

@@ -80,7 +80,7 @@ def take_int(opts: dict[str, Any], key: str, default: int) -> int:
     try:
         return int(str(v), 0)
     except ValueError:
-        raise OptionError(f"Parameter '{key}' expects a number") from None
+        raise OptionError(f"Parameter '{key}' expects integer") from None
 
 
 def no_more(opts: dict[str, Any], prefix: str = "") -> None:

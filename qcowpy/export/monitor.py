@@ -1,4 +1,4 @@
-"""QMP for the storage daemon: ``--chardev socket,...,server=on`` + ``--monitor chardev=ID``.
+"""QMP for the storage daemon: ``--chardev socket,...,server=on`` (or ``stdio``) + ``--monitor chardev=ID``.
 
 The wire format is QEMU's: a greeting, ``qmp_capabilities``, then one JSON object per command,
 answered with ``return`` or ``error`` and the request's ``id``; events such as
@@ -18,43 +18,101 @@ from qcowpy.errors import QcowError
 
 from .daemon import Daemon
 from .keyval import OptionError, no_more, take, take_bool
+from .nbd import service as nbd
+from .objects import object_add, object_del
 
 MAX_COMMAND = 1 << 20
 VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "qcowpy storage-daemon"}
 
 
 class Chardev:
-    """A listening unix socket (the only chardev backend a QSD monitor needs here)."""
+    """A character device a monitor talks through: a listening socket (unix ``path=`` or TCP
+    ``host=``/``port=``, ``server=on``) whose clients each get a QMP session, or ``stdio`` (one
+    session on the daemon's standard input and output)."""
 
     def __init__(self, opts: dict[str, Any]) -> None:
         opts = dict(opts)
         backend = take(opts, "backend", required=True)
         cid = take(opts, "id", required=True)
+        self.id, self.path = cid, None
+        self.sock: socket.socket | None = None
+        self._stdio_taken = False
+        self._closed = threading.Event()
+        if backend == "stdio":
+            for key in ("signal", "logfile", "logappend", "mux"):
+                opts.pop(key, None)
+            no_more(opts)
+            return
         if backend != "socket":
             raise OptionError(f"'{backend}' is not a valid char driver name")
-        path = take(opts, "path")
-        if path is None:
+        path, host, port = take(opts, "path"), take(opts, "host"), take(opts, "port")
+        if (path is not None) + (host is not None) + ("fd" in opts) > 1:
+            raise OptionError("None or one of 'path', 'fd' or 'host' option required.")
+        if host is not None and port is None:
+            raise OptionError("chardev: socket: no port given")
+        if path is None and port is None:
             raise OptionError("Unable to parse FD number ")  # QSD's words when no address is given
         if not take_bool(opts, "server", False):
             raise OptionError("chardev: only server=on sockets are supported")
         take_bool(opts, "wait", True)
+        for key in ("nodelay", "ipv4", "ipv6", "to", "numeric", "abstract", "tight"):
+            opts.pop(key, None)
         no_more(opts)
-        self.id, self.path = cid, str(path)
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if path is not None:
+            self.path = str(path)
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            where: Any = self.path
+            shown = self.path
+        else:
+            family = socket.AF_INET6 if ":" in str(host or "") else socket.AF_INET
+            self.sock = socket.socket(family, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            where = (str(host or ""), int(str(port), 0))
+            shown = f"{host or ''}:{port}"
         try:
-            self.sock.bind(self.path)
-        except OSError as e:
-            raise OptionError(f"Failed to bind socket to {self.path}: {e.strerror}") from None
+            self.sock.bind(where)
+        except (OSError, ValueError) as e:
+            self.sock.close()
+            raise OptionError(f"Failed to bind socket to {shown}: {getattr(e, 'strerror', None) or e}") from None
         self.sock.listen(4)
 
+    def accept(self) -> Any:
+        """The next client (blocks); OSError once the chardev is closed."""
+        if self.sock is not None:
+            return self.sock.accept()[0]
+        if not self._stdio_taken:
+            self._stdio_taken = True
+            return _Stdio()
+        self._closed.wait()
+        raise OSError("chardev closed")
+
     def close(self) -> None:
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        self._closed.set()
+        if self.sock is not None:
+            self.sock.close()
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class _Stdio:
+    """Standard input and output with the socket methods a QMP session uses (EOF ends the session,
+    not the daemon, as in QSD)."""
+
+    def recv(self, n: int) -> bytes:
+        return os.read(0, n)
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(1, view):]
+
+    def close(self) -> None:
+        pass
 
 
 class QMPMonitor:
@@ -71,7 +129,7 @@ class QMPMonitor:
     def _accept(self) -> None:
         while True:
             try:
-                conn, _ = self.chardev.sock.accept()
+                conn = self.chardev.accept()
             except OSError:
                 return
             threading.Thread(target=self._client, args=(conn,), daemon=True).start()
@@ -82,7 +140,7 @@ class QMPMonitor:
         for send in list(self.clients):
             send(ev)
 
-    def _client(self, conn: socket.socket) -> None:
+    def _client(self, conn: Any) -> None:
         lock = threading.Lock()
 
         def send(obj: dict[str, Any]) -> None:
@@ -159,6 +217,12 @@ class QMPMonitor:
             "block-export-add": lambda a: (d.export_add(a), None)[1],
             "block-export-del": lambda a: d.export_del(take(a, "id", required=True), take(a, "mode", default="safe")),
             "quit": lambda a: None,
+            "nbd-server-start": lambda a: nbd.server_start(d, a, legacy=True),
+            "nbd-server-stop": lambda a: nbd.server_stop(d),
+            "nbd-server-add": lambda a: nbd.server_add(d, a),
+            "nbd-server-remove": lambda a: nbd.server_remove(d, a),
+            "object-add": lambda a: object_add(d, a),
+            "object-del": lambda a: object_del(d, take(a, "id", required=True)),
         }
         fn = table.get(name)
         if fn is None:
@@ -167,7 +231,8 @@ class QMPMonitor:
         try:
             ret = fn(args)
             if name in ("query-named-block-nodes", "blockdev-del", "block-export-del", "qmp_capabilities",
-                        "query-version", "query-commands", "query-block-exports", "quit"):
+                        "query-version", "query-commands", "query-block-exports", "quit", "nbd-server-stop",
+                        "object-del"):
                 no_more(args)
         except (QcowError, OSError) as e:
             return _err("GenericError", str(e))

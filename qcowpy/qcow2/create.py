@@ -13,7 +13,7 @@ from ..errors import InvalidArgument
 from ..format import constants as C
 from ..format.header import Header, feature_table_bytes, pack_header
 from ..format.refcount import set_refcount
-from ..hostfile import HostFile
+from ..hostfile import open_host_file
 from .encryption import set_up
 from .image import Qcow2Image
 from .resize import preallocate, resize
@@ -112,7 +112,7 @@ def create_qcow2(path: str, opts: Qcow2Options) -> None:
     block = bytearray(cs)
     for i in range(3):
         set_refcount(block, i, order, 1)
-    f = HostFile(path, writable=True, create=True)
+    f = open_host_file(path, writable=True, create=True)
     try:
         f.pwrite(head + bytes(cs - len(head)) + reftable + bytes(cs - 8) + block, 0)
     finally:

@@ -16,7 +16,7 @@ from ..format import constants as C
 from ..format.entries import ClusterType, compressed_descriptor, l2_offset, make_compressed_entry
 from ..format.entries import cluster_type as std_cluster_type
 from ..format.header import Header, parse_header
-from ..hostfile import HostFile, zero_fill
+from ..hostfile import HostFile, open_host_file, zero_fill
 from . import codec
 from .bitmaps import Bitmaps
 from .extl2 import ExtendedL2Writes
@@ -77,7 +77,7 @@ class Qcow2Image:
         """``secret`` unlocks an encrypted image; ``no_io`` opens one without it, for its
         header only (as qemu-img info does); ``encrypt_format`` is the format the caller
         expects (QEMU's ``encrypt.format`` open option)."""
-        file = HostFile(path, writable=writable, cache=cache, force_share=force_share)
+        file = open_host_file(path, writable=writable, cache=cache, force_share=force_share)
         try:
             head = file.pread(min(file.size(), 1 << C.MAX_CLUSTER_BITS), 0)
             header = parse_header(head, file.size())

@@ -64,10 +64,18 @@ _ZERO_TYPES = (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC)
 
 def _v2_zero_entry(meta: Metadata, l1_index: int, l2_index: int, guest_offset: int) -> None:
     """A v2 image has no zero clusters: QEMU fails the access with EIO rather than guess what
-    the entry means, and reports the corruption (non-fatal: nothing is marked on disk)."""
-    event = (f"Zero cluster entry found in pre-v3 image (L2 offset: {meta.l1[l1_index] & C.L1E_OFFSET_MASK:#x}, "
-             f"L2 index: {l2_index:#x})")
-    if not meta.signaled_corruption:  # QEMU suppresses every event after the first
+    the entry means."""
+    _signal_corruption(meta, f"Zero cluster entry found in pre-v3 image (L2 offset: "
+                             f"{meta.l1[l1_index] & C.L1E_OFFSET_MASK:#x}, L2 index: {l2_index:#x})", guest_offset)
+
+
+def _signal_corruption(meta: Metadata, event: str, guest_offset: int) -> None:
+    """QEMU's qcow2_signal_corruption for a broken L2 entry met on access: fatal on a writable
+    image (the corrupt bit is set, nothing more is written), reported once on a read-only one;
+    either way the access fails with EIO."""
+    if meta.writable:
+        sys.stderr.write(meta.mark_corrupt(event) + "\n")
+    elif not meta.signaled_corruption:  # QEMU suppresses every event after the first
         meta.signaled_corruption = True
         sys.stderr.write(f"qcow2: Image is corrupt: {event}; further non-fatal corruption events will be "
                          "suppressed\n")
@@ -100,10 +108,13 @@ def _raw_runs(meta: Metadata, pos: int, end: int) -> Iterator[tuple[str, int, in
             else:
                 runs = l2_runs(table.data, idx, stop, cbits, 64)
             for t, first, count, host in runs:
+                if t == -1:
+                    raise CorruptImage(f"L2 entry {host:#x} has reserved bits set")
                 if t < 0:
-                    raise CorruptImage(f"L2 entry {host:#x} has reserved bits set" if t == -1 else
-                                       f"Cluster allocation offset {l2_offset(host):#x} unaligned "
-                                       f"(L2 entry {host:#x})")
+                    index = first >> (C.SUBCLUSTER_BITS if meta.extended else 0)
+                    _signal_corruption(meta, f"Cluster allocation offset {l2_offset(host):#x} unaligned (L2 offset: "
+                                             f"{meta.l1[l1_index] & C.L1E_OFFSET_MASK:#x}, L2 index: {index:#x})",
+                                       base + (first << ubits))
                 rstart = base + (first << ubits)
                 a = max(pos, rstart)
                 if t in _ZERO_TYPES and meta.header.version < 3:

@@ -112,6 +112,26 @@ class Metadata:
             self.refcounts.freed = None
 
     # ------------------------------------------------------------------ the header
+    def mark_corrupt(self, event: str) -> str:
+        """QEMU's fatal corruption signal on a writable image: the corrupt bit goes to disk at
+        once (past the overlap guard: the header is not metadata a guard protects from itself),
+        and nothing else is written, caches included. Returns the message to report."""
+        self.header.incompatible_features |= C.INCOMPAT_CORRUPT
+        self.signaled_corruption = True
+        try:
+            if self.header.version < 3:  # v2 has no feature fields: the mark stays in memory (QEMU)
+                return self._corrupt_message(event)
+            offset, data = field_patch(self.header, "incompatible_features")
+            self.guard.raw_file.pwrite(data, offset)
+            self.guard.raw_file.flush()
+        finally:
+            self.writable = False
+        return self._corrupt_message(event)
+
+    @staticmethod
+    def _corrupt_message(event: str) -> str:
+        return f"qcow2: Marking image as corrupt: {event}; further corruption events will be suppressed"
+
     def update_header(self, **fields: int) -> None:
         """Write the named (adjacent) header fields in place, then keep them in memory: one
         sector, so the update is atomic."""

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from ..errors import CorruptImage
 from ..format import constants as C
 from ..format.bitmaps import directory_location
-from ..format.header import field_patch
 from ..format.snapshot import read_entries
 from ..kernels import find_offset_in
 
@@ -199,16 +198,12 @@ class OverlapGuard:
         if kind:
             self._trip(overlap_message(kind))
 
+    @property
+    def raw_file(self):
+        """The host file under the guard (for the one write a tripped image still makes)."""
+        return self._file
+
     def _trip(self, message: str) -> None:
         self.tripped = message
-        img = self._image
-        img.header.incompatible_features |= C.INCOMPAT_CORRUPT
-        try:
-            offset, data = field_patch(img.header, "incompatible_features")
-            self._file.pwrite(data, offset)
-            self._file.flush()
-        finally:
-            img.writable = False  # no flushing of caches on close: nothing more is written
-        raise CorruptImage(f"qcow2: Marking image as corrupt: {message}; further corruption events "
-                           "will be suppressed")
+        raise CorruptImage(self._image.mark_corrupt(message))
 

@@ -304,7 +304,7 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
             if out_fmt not in ("qcow2", "raw"):
                 raise ConvertError(f"Unknown file format '{out_fmt}'")
             try:
-                opts = parse_create_options(out_fmt, req.options)
+                opts = parse_create_options(out_fmt, req.options, req.target)
             except QcowError as e:
                 raise ConvertError(str(e), getattr(e, "hint", None)) from None
             opts.set("size", total)

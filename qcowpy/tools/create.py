@@ -37,7 +37,7 @@ class CreateRequest:
 
 def prepare(req: CreateRequest) -> ParsedOpts:
     """Everything qemu-img checks before it prints the Formatting line."""
-    opts = parse_create_options(req.fmt, req.options)
+    opts = parse_create_options(req.fmt, req.options, req.filename)
     if "size" not in opts.values:
         if req.size is not None:
             opts.set("size", req.size)
@@ -84,7 +84,9 @@ def validate(fmt: str, opts: ParsedOpts) -> dict:
     if fmt == "raw":
         if prealloc not in _PREALLOC["raw"]:
             raise InvalidArgument(f"Parameter 'preallocation' does not accept value '{prealloc}'")
-        return {"preallocation": prealloc} if "preallocation" in v else {}
+        out = {"preallocation": prealloc} if "preallocation" in v else {}
+        out.update({k: v[k] for k in ("cluster_size", "password-secret") if k in v})  # rbd: object size, key
+        return out
     compat = str(v.get("compat", "1.1"))
     if compat not in _VERSIONS:
         raise InvalidArgument(f"Parameter 'version' does not accept value '{compat}'")

@@ -23,6 +23,19 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
     if actual is not None:
         info["actual-size"] = actual
     info["virtual-size"] = dev.size
+    if h is None and dev.cluster_size:  # a protocol with an allocation unit (rbd: the object size)
+        info["cluster-size"] = dev.cluster_size
+    if h is None and dev.supports_snapshots:  # a protocol's own snapshots (rbd)
+        rows = snapshot_rows(dev)
+        if rows:
+            info["snapshots"] = rows
+    specific = getattr(dev, "specific_info", None)
+    if h is None and specific is not None and specific() is not None:  # e.g. a bare rbd node: {"type": "rbd"}
+        kind, fields = specific()
+        spec = QDict()
+        spec["type"] = kind
+        spec["data"] = QDict(fields)
+        info["format-specific"] = spec
     if h is not None:
         info["cluster-size"] = h.cluster_size
         if h.encrypt is not None:

@@ -48,6 +48,23 @@ _RAW = [
     OptDesc("preallocation", "str", "Preallocation mode (allowed values: off, falloc, full)"),
 ]
 CREATE_OPTS = {"qcow2": _QCOW2, "raw": _RAW}
+# What a protocol driver adds to a format's list (QEMU appends the protocol's create options)
+PROTOCOL_OPTS = {
+    "rbd:": [OptDesc("size", "size", "Virtual disk size"), OptDesc("cluster_size", "size", "RBD object size"),
+             OptDesc("password-secret", "str", "ID of secret providing the password")],
+}
+
+
+def create_opts(fmt: str, filename: str | None = None) -> list[OptDesc]:
+    """The create options of ``fmt`` on the protocol ``filename`` names (a local file: none added).
+    raw's ``preallocation`` is the file protocol's option in QEMU, so another protocol drops it."""
+    descs = list(CREATE_OPTS[fmt])
+    for prefix, extra in PROTOCOL_OPTS.items():
+        if filename and filename.startswith(prefix):
+            if fmt == "raw":
+                descs = [d for d in descs if d.name != "preallocation"]
+            descs += [d for d in extra if d.name not in {x.name for x in descs}]
+    return descs
 
 # Options QEMU has that qcowpy recognises but does not implement: a clear error, not "Invalid parameter".
 _UNSUPPORTED = {
@@ -117,9 +134,9 @@ def has_help(text: str | None) -> bool:
 
 def help_text(fmt: str, filename: str | None) -> str:
     """What ``-o help`` prints (the options qcowpy implements for ``fmt``)."""
-    descs = CREATE_OPTS.get(fmt)
-    if descs is None:
+    if fmt not in CREATE_OPTS:
         raise InvalidArgument(f"Unknown file format '{fmt}'")
+    descs = create_opts(fmt, filename)
     lines = ["Supported options:" if filename else f"Supported {fmt} options:"]
     entries = []
     for d in descs:
@@ -142,6 +159,7 @@ class ParsedOpts:
     fmt: str
     raw: dict[str, str]
     values: dict[str, object]
+    filename: str | None = None  # where the image goes: a protocol there adds options
 
     def set(self, name: str, value: object, text: str | None = None) -> None:
         self.values[name] = value
@@ -149,7 +167,7 @@ class ParsedOpts:
 
     def formatting_line(self, filename: str) -> str:
         parts = []
-        for d in CREATE_OPTS[self.fmt]:
+        for d in create_opts(self.fmt, self.filename):
             if d.name in self.values:
                 v = self.values[d.name]
                 if d.type == "num" and isinstance(v, int) and v >= 1 << 63:
@@ -167,13 +185,12 @@ def _escape(s: str) -> str:
     return s.replace(",", ",,")
 
 
-def parse_create_options(fmt: str, text: str | None) -> ParsedOpts:
+def parse_create_options(fmt: str, text: str | None, filename: str | None = None) -> ParsedOpts:
     """Parse and type-check ``-o`` for ``fmt`` with qemu's messages (unknown names, bad values)."""
-    descs = CREATE_OPTS.get(fmt)
-    if descs is None:
+    if fmt not in CREATE_OPTS:
         raise InvalidArgument(f"Unknown file format '{fmt}'")
-    by_name = {d.name: d for d in descs}
-    parsed = ParsedOpts(fmt, {}, {})
+    by_name = {d.name: d for d in create_opts(fmt, filename)}
+    parsed = ParsedOpts(fmt, {}, {}, filename)
     for name, value in split_options(text or ""):
         d = by_name.get(name)
         if d is None:

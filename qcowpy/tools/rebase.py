@@ -13,7 +13,7 @@ from typing import Callable
 
 from ..block.device import BlockDevice, is_allocated, is_allocated_above
 from ..block.open import open_image, resolve_backing_path
-from ..errors import QcowError
+from ..errors import CorruptedRead, QcowError
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's chunk
 SECTOR = 512
@@ -82,6 +82,14 @@ def run_rebase(filename: str, backing: str | None, backing_fmt: str | None, fmt:
         dev.close()
 
 
+def _metadata(query, *args) -> tuple[bool, int]:
+    """An allocation query, failing with qemu-img rebase's words when the metadata is broken."""
+    try:
+        return query(*args)
+    except CorruptedRead as e:
+        raise RebaseError(f"error while reading image metadata: {e}") from None
+
+
 def _copy_differences(dev: BlockDevice, old: BlockDevice | None, new: BlockDevice | None,
                       prefix: BlockDevice | None) -> None:
     size = dev.size
@@ -90,14 +98,14 @@ def _copy_differences(dev: BlockDevice, old: BlockDevice | None, new: BlockDevic
     offset = 0
     while offset < size:
         n = min(IO_BUF_SIZE, size - offset)
-        alloc, n = is_allocated(dev, offset, n)
+        alloc, n = _metadata(is_allocated, dev, offset, n)
         if alloc:
             offset += n
             continue
         if prefix is not None and offset < old_size:
             # past the old backing file's end the overlay read zeros whatever the layers below
             # hold, so only ranges inside it can be skipped as "unchanged since the prefix"
-            alloc, n = is_allocated_above(old, prefix, offset, min(n, old_size - offset))
+            alloc, n = _metadata(is_allocated_above, old, prefix, offset, min(n, old_size - offset))
             if not alloc:
                 offset += n
                 continue

@@ -37,7 +37,12 @@ def run_resize(filename: str, size: str, fmt: str | None = None, preallocation: 
     except QcowError as e:
         raise ResizeError(str(e), getattr(e, "hint", None)) from None
     with key_errors_name(filename):
-        dev = open_image(filename, "r+", fmt)
+        try:
+            dev = open_image(filename, "r+", fmt)
+        except QcowError as e:
+            if filename.startswith("rbd:") and not str(e).startswith("Could not open"):  # the driver's own words
+                raise QcowError(f"Could not open '{filename}': {e}") from None
+            raise
     try:
         current = (dev.size + 511) & ~511  # the block layer counts whole sectors (raw files)
         total = current + relative * n if relative else n

@@ -59,8 +59,10 @@ def run_snapshot(filename: str, action: str | None, name: str | None, force_shar
             raise SnapshotError(f"Could not delete snapshot '{name}': snapshot not found") from None
         except QcowError as e:
             verb = {"c": "create", "a": "apply", "d": "delete"}[action]
+            report = getattr(e, "report", None)  # a line the driver printed first (rbd)
             if action == "a":  # bdrv_snapshot_goto reports the driver's errno
                 e = f"Failed to load snapshot: {_strerror(e)}"
-            raise SnapshotError(f"Could not {verb} snapshot '{name}': {e}") from None
+            raise SnapshotError((f"{report}\n" if report else "") + f"Could not {verb} snapshot '{name}': {e}") \
+                from None
     finally:
         dev.close()

@@ -1,7 +1,6 @@
 """Header v2/v3 decoding and encoding against headers qemu-img writes, feature bits, extensions."""
 from __future__ import annotations
 
-import os
 import shutil
 import struct
 

@@ -285,3 +285,34 @@ def test_two_backing_format_extensions(tmp_path, qemu_img):
     _same(qemu_img, theirs, ours, "rebase", "-u", "-b", base, "-F", "qcow2", "THE_IMAGE")
     assert open(theirs, "rb").read(4096) == open(ours, "rb").read(4096)
     _same(qemu_img, theirs, ours, "info", "THE_IMAGE")
+
+
+def test_zero_flag_in_v2_image_opened_read_write(tmp_path, qemu_img):
+    """Opened read-write, QEMU's corruption signal is fatal: "Marking image as corrupt", the
+    access fails; v2 has no feature bits, so the mark stays in memory and the file is unchanged
+    (here through rebase, whose safe mode asks the overlay's allocation first)."""
+    theirs, ours = _patched(tmp_path, qemu_img, _zero_flag_in_v2, opts=["-o", "compat=0.10"],
+                            io=["write -P 5 0 128k"])
+    before = open(ours, "rb").read()
+    _same(qemu_img, theirs, ours, "rebase", "-b", "", "THE_IMAGE")
+    assert open(ours, "rb").read() == before == open(theirs, "rb").read()
+
+
+def test_zero_flag_marks_a_v3_image_corrupt_when_writable(tmp_path, qemu_img):
+    """The same fatal signal on v3 sets the corrupt bit on disk (and writes nothing else); a
+    v3 image has zero clusters, so the broken entry here is an unaligned data offset."""
+    import qcowpy as api
+    from qcowpy.errors import CorruptImage
+
+    def unaligned(buf: bytearray) -> None:
+        l2 = _u64(buf, _u64(buf, 40)) & 0x00FFFFFFFFFFFE00
+        struct.pack_into(">Q", buf, l2 + 8, _u64(buf, l2 + 8) | 0x200)
+    theirs, ours = _patched(tmp_path, qemu_img, unaligned, io=["write -P 5 0 128k"])
+    qio = os.path.join(os.path.dirname(qemu_img), "qemu-io")
+    subprocess.run([qio, "-f", "qcow2", "-c", "read 64k 64k", theirs], capture_output=True, text=True)
+    with pytest.raises(CorruptImage):
+        with api.open(ours, "r+") as dev:
+            dev.pread(65536, 65536)
+    assert open(ours, "rb").read() == open(theirs, "rb").read()
+    info = [qemu(qemu_img, "info", "--output=json", p).out.replace(p, "IMG") for p in (ours, theirs)]
+    assert info[0] == info[1] and '"corrupt": true' in info[0]

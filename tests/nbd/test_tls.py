@@ -73,19 +73,23 @@ def _nbdinfo(port: int, certdir, tls: bool = True) -> subprocess.CompletedProces
     return run(tool("nbdinfo"), "--json", uri, check=False)
 
 
+def _tls_view(port: int, certs) -> list:
+    """[nbdinfo --json over TLS less the URIs, the error a client without TLS gets]."""
+    p = _nbdinfo(port, certs / "cli")
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    for e in info["exports"]:
+        e.pop("uri")
+    plain = _nbdinfo(port, None, tls=False)  # a client without TLS is refused the export
+    assert plain.returncode != 0
+    return [info, plain.stderr.split(": ", 1)[1]]
+
+
 def test_tls_clients_see_what_qemu_nbd_shows(tls_server, certs):
     ours, theirs = tls_server("qcowpy"), tls_server("qemu-nbd")
     results = []
     for port in (ours, theirs):
-        p = _nbdinfo(port, certs / "cli")
-        assert p.returncode == 0, p.stderr
-        info = json.loads(p.stdout)
-        for e in info["exports"]:
-            e.pop("uri")
-        results.append(info)
-        plain = _nbdinfo(port, None, tls=False)  # a client without TLS is refused the export
-        assert plain.returncode != 0
-        results.append(plain.stderr.split(": ", 1)[1])
+        results += _tls_view(port, certs)
         nocert = _nbdinfo(port, certs / "anon")  # verify-peer (the default) wants a client certificate
         assert nocert.returncode != 0
     assert results[0]["TLS"] is True
@@ -157,3 +161,42 @@ def test_qcowpy_client_over_tls(tls_server, certs, tmp_path, server):
     anon = run(*qcowpy_argv("info", f"nbds://localhost:{port}/?tls-certificates={certs / 'anon'}"),
                env=child_env(), check=False)
     assert anon.returncode == 1 and "Traceback" not in anon.stderr
+
+
+@pytest.mark.parametrize("hostname", [(), ("--tls-hostname", "localhost")], ids=["bind-address", "tls-hostname"])
+def test_list_over_tls_like_qemu_nbd(tls_server, certs, hostname):
+    port = tls_server("qcowpy")
+    creds = ["--object", f"tls-creds-x509,id=c0,dir={certs / 'cli'},endpoint=client", "--tls-creds", "c0"]
+    where = ["-b", "127.0.0.1" if not hostname else "localhost", "-p", str(port)]
+    ours = subprocess.run(qcowpy_argv("nbd", "-L", *where, *creds, *hostname), capture_output=True, text=True,
+                          env=child_env(), timeout=60)
+    theirs = run(tool("qemu-nbd"), "-L", *where, *creds, *hostname, check=False, timeout=60)
+    assert ours.returncode == theirs.returncode == 0, (ours.stderr, theirs.stderr)
+    assert ours.stdout == theirs.stdout and "export: ''" in ours.stdout
+
+
+def test_storage_daemon_nbd_server_with_tls_like_qsd(qemu, certs, tmp_path):
+    """--object tls-creds-x509 + --nbd-server ...,tls-creds=ID: TLS clients get the export, others not."""
+    import sys
+    results = []
+    for kind in ("qsd", "ours"):
+        img = tmp_path / f"{kind}.qcow2"
+        qemu.create(img, "16M")
+        port = free_port()
+        args = ["--object", f"tls-creds-x509,id=tls0,dir={certs / 'srv'},endpoint=server",
+                "--blockdev", f"driver=qcow2,node-name=n,file.driver=file,file.filename={img}",
+                "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={port},tls-creds=tls0",
+                "--export", "type=nbd,id=e,node-name=n,name="]
+        argv = ["qemu-storage-daemon", *args] if kind == "qsd" else \
+            [sys.executable, "-m", "qcowpy.cli.main", "storage-daemon", *args]
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=child_env())
+        try:
+            wait_for_port(port, proc)
+            results += _tls_view(port, certs)
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        qemu.assert_clean(img)
+    assert results[0]["TLS"] is True
+    assert results[0] == results[2] and results[1] == results[3]

@@ -54,9 +54,15 @@ class Daemon:
         return self.proc.returncode, err
 
     def kill(self) -> None:
+        """Stop a daemon a test left running: SIGTERM first (it unmounts its FUSE exports; a
+        SIGKILLed one would leave a dead mount behind), SIGKILL if it does not go."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
+            self.proc.terminate()
+            try:
+                self.proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
 
 
 @pytest.fixture

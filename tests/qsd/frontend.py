@@ -17,11 +17,11 @@ F_INDIRECT, F_EVENT_IDX, F_VERSION_1 = 28, 29, 32
 
 
 class FrontEnd:
-    def __init__(self, path: str, num_queues: int = 1, features: int | None = None) -> None:
+    def __init__(self, path: str, num_queues: int = 1, features: int | None = None, sealable: bool = False) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.connect(path)
         self.sock.settimeout(10)
-        self.fd = os.memfd_create("guest")
+        self.fd = os.memfd_create("guest", os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0))
         os.ftruncate(self.fd, MEM)
         self.mem = mmap.mmap(self.fd, MEM)
         self.num_queues = num_queues

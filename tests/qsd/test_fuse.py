@@ -175,3 +175,92 @@ def test_loop_mount_ext4(fuse_ok, qemu, daemons, tmp_path):
     for name, md5 in written.items():
         data = subprocess.run([need_tool("debugfs"), "-R", f"cat /{name}", raw], capture_output=True).stdout
         assert hashlib.md5(data).hexdigest() == md5
+
+
+def _fuse_growable_session(mnt: str) -> list:
+    """Writes past the end of a growable export, a truncate up, and what the file shows after."""
+    seen = []
+    fd = os.open(mnt, os.O_RDWR)
+    try:
+        seen.append(os.pwrite(fd, b"\x61" * 65536, (1 << 20) + 4096))    # past the 1 MiB end
+        seen.append(os.fstat(fd).st_size)
+        os.ftruncate(fd, 3 << 20)
+        seen.append(os.fstat(fd).st_size)
+        seen.append(hashlib.md5(os.pread(fd, 3 << 20, 0)).hexdigest())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return seen
+
+
+def test_growable_grows_the_image_like_qemu_storage_daemon(fuse_ok, qemu, qsd_binary, daemons, tmp_path):
+    """growable=on: a write past the end grows the image (QSD: the same sizes and bytes)."""
+    results = []
+    for name, qsd in (("qsd", True), ("ours", False)):
+        img, mnt = str(tmp_path / f"{name}.qcow2"), str(tmp_path / f"{name}.disk")
+        qemu.create(img, "1M")
+        qemu.io(img, "write -P 0x42 0 1M")
+        open(mnt, "w").close()
+        d = daemons(["--blockdev", f"driver=qcow2,node-name=n,file.driver=file,file.filename={img}",
+                     "--export", f"type=fuse,id=f,node-name=n,mountpoint={mnt},writable=on,growable=on"],
+                    [mnt], qsd=qsd)
+        _wait_mounted(mnt, 1 << 20)
+        seen = _fuse_growable_session(mnt)
+        code, err = d.terminate()
+        assert code == 0, err
+        qemu.assert_clean(img)
+        seen.append(qemu.info_json(img)["virtual-size"])
+        qemu.io(img, "read -P 0x42 0 1M", "read -P 0 1M 4k", "read -P 0x61 1028k 64k", "read -P 0 1092k 1956k")
+        results.append(seen)
+    theirs, ours = results
+    assert ours == theirs
+    assert ours[0] == 65536 and ours[1] == (1 << 20) + 4096 + 65536 and ours[2] == ours[4] == 3 << 20
+
+
+def test_qmp_added_fuse_export(fuse_ok, qemu, qsd_binary, daemons, tmp_path):
+    """block-export-add type=fuse over QMP, I/O through the file, block-export-del unmounts it;
+    the replies and the image match qemu-storage-daemon's."""
+    from .test_qmp import QMP, norm
+
+    results = []
+    for name, qsd in (("qsd", True), ("ours", False)):
+        os.mkdir(tmp_path / name)
+        img, mnt, qmp_path = (str(tmp_path / name / "a.qcow2"), str(tmp_path / name / "disk"),
+                              str(tmp_path / name / "qmp"))
+        qemu.create(img, "4M")
+        open(mnt, "w").close()
+        d = daemons(["--blockdev", f"driver=qcow2,node-name=n,file.driver=file,file.filename={img}",
+                     "--chardev", f"socket,id=c,path={qmp_path},server=on,wait=off", "--monitor", "chardev=c"],
+                    [qmp_path], qsd=qsd)
+        q = QMP(qmp_path)
+        out = [norm(q.cmd("qmp_capabilities"))]
+        out.append(norm(q.call("block-export-add", {"type": "fuse", "id": "f", "node-name": "n",
+                                                    "mountpoint": mnt, "writable": True})))
+        again = norm(q.call("block-export-add", {"type": "fuse", "id": "g", "node-name": "n", "mountpoint": mnt}))
+        out.append(tuple(str(x).replace(f"/{name}/", "/X/") for x in again))  # a mount point already
+        out.append(norm(q.cmd("query-block-exports"), detail=False))
+        _wait_mounted(mnt, 4 << 20)
+        with open(mnt, "r+b") as f:
+            f.seek(8192)
+            f.write(b"\x77" * 16384)
+            f.flush()
+            os.fsync(f.fileno())
+            f.seek(0)
+            out.append(hashlib.md5(f.read()).hexdigest())
+        out.append(norm(q.cmd("block-export-del", id="f")))
+        for _ in range(200):  # the unmount completes after the reply
+            if os.path.getsize(mnt) == 0:
+                break
+            import time
+            time.sleep(0.05)
+        out.append(os.path.getsize(mnt))
+        out.append(norm(q.cmd("query-block-exports"), detail=False))
+        out.append(norm(q.cmd("quit")))
+        q.close()
+        assert d.proc.wait(timeout=30) == 0
+        qemu.assert_clean(img)
+        qemu.io(img, "read -P 0 0 8k", "read -P 0x77 8k 16k", "read -P 0 24k 4072k")
+        results.append(out)
+    theirs, ours = results
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a == b, f"step {i}: ours {a!r} QSD {b!r}"

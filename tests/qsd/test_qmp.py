@@ -15,6 +15,10 @@ class QMP:
         self.events: list[dict] = []
 
     def cmd(self, name: str, **args) -> dict:
+        return self.call(name, args)
+
+    def call(self, name: str, args: dict) -> dict:
+        """One command and its reply (events that come first are kept in ``events``)."""
         msg = {"execute": name, **({"arguments": args} if args else {})}
         self.f.write(json.dumps(msg).encode() + b"\n")
         self.f.flush()
@@ -30,16 +34,21 @@ class QMP:
         self.sock.close()
 
 
+def norm(r: dict, detail: bool = True):
+    """A reply as something two daemons' replies can be compared by: errors by class and text,
+    lists by the fields both report (``detail``: also the node fields)."""
+    if "error" in r:
+        return ("error", r["error"]["class"], r["error"]["desc"])
+    ret = r["return"]
+    if isinstance(ret, list):
+        return ("return", sorted((e.get("id"), e.get("node-name"), e.get("type")) +
+                                 ((e.get("drv"), e.get("ro"), e.get("image", {}).get("virtual-size")) if detail else ())
+                                 for e in ret))
+    return ("return", ret)
+
+
 def _script(q: QMP, d) -> list:
     """Commands exercising every monitor feature; returns comparable answers."""
-    def norm(r: dict):
-        if "error" in r:
-            return ("error", r["error"]["class"], r["error"]["desc"])
-        ret = r["return"]
-        if isinstance(ret, list):
-            return ("return", sorted((e.get("id"), e.get("node-name"), e.get("type"), e.get("drv"),
-                                      e.get("ro"), e.get("image", {}).get("virtual-size")) for e in ret))
-        return ("return", ret)
 
     out = [norm(q.cmd("query-block-exports"))]            # before negotiation
     out.append(norm(q.cmd("qmp_capabilities")))

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 from ...block.device import BlockDevice, status_at
 from ...block import nbdproto as P
 
 META_IDS = {P.CONTEXT_BASE_ALLOCATION: 0, P.CONTEXT_ALLOCATION_DEPTH: 1}  # ids as qemu-nbd numbers them
-DIRTY_BITMAP = "qemu:dirty-bitmap:"  # + name: a persistent bitmap's dirty ranges (qemu-nbd -B), ids 2, 3, ...
+DIRTY_PREFIX = "qemu:dirty-bitmap:"
 STATE_DIRTY = 1
+
+#: what a dirty bitmap offers the server: (start, length, dirty) runs covering offset..offset+length
+DirtyExtents = Callable[[int, int], Sequence[tuple[int, int, bool]]]
 MAX_EXTENTS = 1 << 14  # block status answers at most this many runs (the client asks again for the rest)
 
 
@@ -33,7 +36,7 @@ class Export:
     multi_conn: bool = False
     writethrough: bool = False
     guard_block0: bool = False  # the format was probed as raw: refuse writes that would change that
-    bitmaps: tuple = ()  # ((name, device in the chain that holds it), ...): qemu-nbd -B
+    bitmaps: dict[str, DirtyExtents] = field(default_factory=dict)  # name -> reader (qemu-nbd -B)
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -59,13 +62,13 @@ class Export:
         names = [P.CONTEXT_BASE_ALLOCATION]
         if self.allocation_depth:
             names.append(P.CONTEXT_ALLOCATION_DEPTH)
-        return names + [DIRTY_BITMAP + name for name, _ in self.bitmaps]
+        return names + [DIRTY_PREFIX + b for b in self.bitmaps]
 
-    def meta_id(self, context: str) -> int:
-        """The context id qemu-nbd would give ``context``."""
-        if context in META_IDS:
-            return META_IDS[context]
-        return 2 + [DIRTY_BITMAP + name for name, _ in self.bitmaps].index(context)
+    def context_id(self, name: str) -> int:
+        """The id a context is announced with (bitmaps follow the fixed ones, in export order)."""
+        if name in META_IDS:
+            return META_IDS[name]
+        return len(META_IDS) + list(self.bitmaps).index(name[len(DIRTY_PREFIX):])
 
     def match_contexts(self, query: str, listing: bool) -> list[str]:
         """Contexts a query names: exact names; when listing, also a bare namespace ("base:", "qemu:")."""
@@ -78,11 +81,13 @@ class Export:
     def status(self, offset: int, length: int, contexts: list[str], one: bool) -> dict[str, list[tuple[int, int]]]:
         """(length, flags) runs per context over ``offset``..``offset+length``, merged where equal."""
         out: dict[str, list[tuple[int, int]]] = {c: [] for c in contexts}
-        for name, holder in self.bitmaps:
-            if DIRTY_BITMAP + name in out:
-                out[DIRTY_BITMAP + name] = _dirty_runs(holder, name, offset, length, one)
-        plain = [c for c in contexts if not c.startswith(DIRTY_BITMAP)]
-        for ext in _runs(self.device, offset, length, 1 if one else MAX_EXTENTS) if plain else ():
+        for c in contexts:
+            if c.startswith(DIRTY_PREFIX):
+                out[c] = _dirty_runs(self.bitmaps[c[len(DIRTY_PREFIX):]], offset, length, one)
+        plain = [c for c in contexts if not c.startswith(DIRTY_PREFIX)]
+        if not plain:
+            return out
+        for ext in _runs(self.device, offset, length, 1 if one else MAX_EXTENTS):
             for c in plain:
                 if c == P.CONTEXT_BASE_ALLOCATION:
                     value = (0 if ext.data else P.STATE_HOLE) | (P.STATE_ZERO if ext.zero else 0)
@@ -96,23 +101,6 @@ class Export:
         return out
 
 
-def _dirty_runs(dev: BlockDevice, name: str, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
-    """(length, flags) runs of the bitmap over the range: STATE_DIRTY where a write marked it."""
-    out: list[tuple[int, int]] = []
-    pos, end = offset, offset + length
-    for a, n in dev.bitmap_dirty(name.encode("utf-8", "surrogateescape")):
-        a, b = max(a, pos), min(a + n, end)
-        if a >= b:
-            continue
-        if a > pos:
-            out.append((a - pos, 0))
-        out.append((b - a, STATE_DIRTY))
-        pos = b
-    if pos < end:
-        out.append((end - pos, 0))
-    return out[:1] if one else out[:MAX_EXTENTS]
-
-
 def _runs(dev: BlockDevice, offset: int, length: int, limit: int) -> Iterator:
     pos, end = offset, offset + length
     while pos < end and limit > 0:
@@ -120,3 +108,21 @@ def _runs(dev: BlockDevice, offset: int, length: int, limit: int) -> Iterator:
         yield ext
         pos += ext.length
         limit -= 1
+
+
+def _dirty_runs(reader: DirtyExtents, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
+    """(length, NBD_STATE_DIRTY or 0) runs, merged, clipped to the request, at most MAX_EXTENTS."""
+    runs: list[tuple[int, int]] = []
+    end = offset + length
+    for start, n, dirty in reader(offset, length):
+        lo, hi = max(start, offset), min(start + n, end)
+        if hi <= lo:
+            continue
+        value = STATE_DIRTY if dirty else 0
+        if runs and runs[-1][1] == value:
+            runs[-1] = (runs[-1][0] + hi - lo, value)
+        else:
+            runs.append((hi - lo, value))
+    if not runs:
+        runs = [(length, 0)]
+    return runs[:1] if one else runs[:MAX_EXTENTS]

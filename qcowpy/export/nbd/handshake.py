@@ -5,6 +5,7 @@ import logging
 import socket
 import ssl
 import struct
+from typing import Callable
 from dataclasses import dataclass, field
 
 from ...block import nbdproto as P
@@ -35,8 +36,9 @@ class Negotiation:
     """One client's option haggling. ``tls`` set means options other than STARTTLS need TLS first."""
 
     def __init__(self, sock: socket.socket, exports: dict[str, Export], tls: ssl.SSLContext | None = None,
-                 authz: Authz | None = None):
+                 authz: Authz | None = None, claim: Callable[[Export], bool] | None = None):
         self.sock = sock
+        self.claim = claim  # called before the export is granted: False when it was withdrawn meanwhile
         self.exports = exports
         self.tls = tls
         self.authz = authz
@@ -110,7 +112,7 @@ class Negotiation:
 
     def export_name(self, data: bytes) -> Session:
         exp = self.exports.get(data.decode("utf-8", "replace"))
-        if exp is None:
+        if exp is None or (self.claim is not None and not self.claim(exp)):
             raise Refused("unknown export")
         self.sock.sendall(struct.pack(">QH", exp.size, exp.flags) + (b"" if self.no_zeroes else bytes(124)))
         return self.session(exp)
@@ -118,7 +120,7 @@ class Negotiation:
     def session(self, exp: Export) -> Session:
         contexts: dict[int, str] = {}
         if self.meta is not None and self.meta[0] == exp.name:
-            contexts = {exp.meta_id(c): c for c in self.meta[1]}
+            contexts = {exp.context_id(c): c for c in self.meta[1]}
         return Session(self.sock, exp, self.structured, contexts)
 
     def info(self, opt: int, data: bytes) -> Session | None:
@@ -147,6 +149,9 @@ class Negotiation:
                                                            P.MAX_BUFFER))
         flags = exp.flags | (P.FLAG_SEND_DF if self.structured else 0)
         self.reply(opt, P.REP_INFO, P.EXPORT_INFO.pack(P.INFO_EXPORT, exp.size, flags))
+        if opt == P.OPT_GO and self.claim is not None and not self.claim(exp):
+            self.error(opt, P.REP_ERR_UNKNOWN, f"export '{name[:80]}' not present")
+            return None
         self.reply(opt, P.REP_ACK)
         if opt == P.OPT_GO:
             return self.session(exp)
@@ -197,7 +202,7 @@ class Negotiation:
         for q in queries:
             chosen += [c for c in exp.match_contexts(q, listing) if c not in chosen]
         for c in chosen:
-            self.reply(opt, P.REP_META_CONTEXT, _U32.pack(0 if listing else exp.meta_id(c)) + c.encode())
+            self.reply(opt, P.REP_META_CONTEXT, _U32.pack(0 if listing else exp.context_id(c)) + c.encode())
         self.reply(opt, P.REP_ACK)
         if not listing:
             self.meta = (exp.name, chosen)

@@ -43,6 +43,7 @@ class NbdServer:
         self.lock = threading.Lock()
         self.clients: set[socket.socket] = set()
         self.threads: set[threading.Thread] = set()
+        self.sessions: dict[socket.socket, tuple[str, threading.Thread]] = {}  # negotiated: export name
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -51,6 +52,39 @@ class NbdServer:
         """Stop accepting and disconnect every client; safe from signal handlers and other threads."""
         self.stopping = True
         self._wake()
+
+    def add_export(self, exp: Export) -> None:
+        """Offer ``exp`` to clients that negotiate from now on (the storage daemon's exports)."""
+        with self.lock:  # copy on write: a negotiation in progress keeps the dict it started with
+            self.exports = {**self.exports, exp.name: exp}
+
+    def export_in_use(self, name: str) -> bool:
+        with self.lock:
+            return any(n == name for n, _ in self.sessions.values())
+
+    def remove_export(self, name: str) -> None:
+        """Withdraw an export: new clients no longer see it, its connected clients are disconnected,
+        and this returns once their requests have finished (the device may then be closed)."""
+        with self.lock:
+            self.exports = {n: e for n, e in self.exports.items() if n != name}
+            doomed = [(c, t) for c, (n, t) in self.sessions.items() if n == name]
+        for c, _ in doomed:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for _, t in doomed:
+            if t is not threading.current_thread():
+                t.join()
+
+    def _claim(self, conn: socket.socket, exp: Export) -> bool:
+        """Record that ``conn`` uses ``exp`` before the client hears it may (so export_in_use sees
+        it as soon as the client does); False when the export was withdrawn meanwhile."""
+        with self.lock:
+            if self.exports.get(exp.name) is not exp:
+                return False
+            self.sessions[conn] = (exp.name, threading.current_thread())
+            return True
 
     def _wake(self) -> None:
         try:
@@ -101,7 +135,8 @@ class NbdServer:
         try:
             conn.settimeout(HANDSHAKE_TIMEOUT)
             try:
-                session = Negotiation(conn, self.exports, self.tls, self.authz).run()
+                session = Negotiation(conn, self.exports, self.tls, self.authz,
+                                      claim=lambda exp: self._claim(conn, exp)).run()
             except (Refused, Disconnected, OSError, ValueError) as e:
                 log.info("negotiation failed: %s", e)
                 return
@@ -118,6 +153,7 @@ class NbdServer:
                 pass
             with self.lock:
                 self.clients.discard(conn)
+                self.sessions.pop(conn, None)
                 self.threads.discard(threading.current_thread())
                 last = not self.clients
             if negotiated and last and not self.persistent:

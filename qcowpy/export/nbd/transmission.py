@@ -21,7 +21,7 @@ from ...errors import InvalidArgument, ReadOnlyError
 from ...kernels import is_zero
 from ...block import nbdproto as P
 from .handshake import Session
-from ...block.nbdwire import Disconnected, Sender, recv_exact, recv_into_exact
+from ...block.nbdwire import Disconnected, Sender, recv_into_exact
 
 log = logging.getLogger("qcowpy.nbd")
 
@@ -29,6 +29,8 @@ MAX_INFLIGHT = 64
 MAX_INFLIGHT_BYTES = 64 << 20
 INLINE_MAX = 256 << 10  # reads and plain writes up to this size run on the reader thread: no hand-off
 SPARSE_READ = 64 << 10  # smaller reads skip block status and come back as one data chunk
+
+UNBUDGETED = -1  # the cost of a request answered inline, before the next one is read (holds no budget)
 
 _VALID_FLAGS = {P.CMD_WRITE_ZEROES: P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO, P.CMD_BLOCK_STATUS: P.CMD_FLAG_REQ_ONE}
 _WRITES = (P.CMD_WRITE, P.CMD_WRITE_ZEROES, P.CMD_TRIM)
@@ -79,6 +81,7 @@ class Connection:
         self.pool = pool
         self.out = Sender(session.sock)
         self.budget = Budget()
+        self._header = memoryview(bytearray(P.REQUEST.size))  # every request header lands here
         self.replies: queue.SimpleQueue = queue.SimpleQueue()
         self.broken = False
         # An OpenSSL connection must not be read and written by two threads at once: over TLS every
@@ -119,17 +122,27 @@ class Connection:
                 self.out.send(*parts)
             except Disconnected:
                 self.broken = True
-        if cost is not None:
+        if cost is not None and cost >= 0:
             self.budget.give(cost)
 
     # ------------------------------------------------------------------------------ reader
     def _next(self) -> bool:
-        magic, flags, cmd, handle, offset, length = P.REQUEST.unpack(recv_exact(self.s.sock, P.REQUEST.size))
+        recv_into_exact(self.s.sock, self._header)
+        magic, flags, cmd, handle, offset, length = P.REQUEST.unpack(self._header)
         if magic != P.REQUEST_MAGIC:
             log.info("bad request magic 0x%08x: disconnecting", magic)
             return False
         if cmd == P.CMD_DISC:
             return False
+        if cmd == P.CMD_READ and length <= INLINE_MAX:
+            # answered right here before the next request is read: it needs no share of the budget
+            try:
+                self._validate(flags, cmd, offset, length)
+            except RequestError as e:
+                self._send_error(handle, e.code, str(e), UNBUDGETED)
+                return True
+            self._run(flags, cmd, handle, offset, length, None, UNBUDGETED)
+            return not self.broken
         big = cmd in (P.CMD_READ, P.CMD_WRITE, P.CMD_CACHE) and length > P.MAX_BUFFER
         cost = length if cmd in (P.CMD_READ, P.CMD_WRITE) and not big else 0
         self.budget.take(cost)

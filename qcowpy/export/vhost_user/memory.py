@@ -2,11 +2,19 @@
 file descriptors it passed, as a :class:`qcowpy.virtio.split.GuestMemory`.
 
 Descriptors carry guest physical addresses; ring addresses (SET_VRING_ADDR) are front-end
-virtual addresses, translated with :meth:`MemoryTable.to_guest`. A region whose file is shorter
-than the range it claims is refused up front, so touching it can never raise SIGBUS.
+virtual addresses, translated with :meth:`MemoryTable.to_guest`.
+
+SIGBUS: touching a mapping past the end of its file kills the process, and a front-end could
+shrink its file after SET_MEM_TABLE. So a region whose file is shorter than the range it claims
+is refused up front, and a region is *guarded* against shrinking: a memfd that already carries
+F_SEAL_SHRINK (QEMU's memory-backend-memfd seals by default) or that we can seal now is safe for
+good. A file that cannot be sealed (memory-backend-file, an unsealable memfd) is checked with
+fstat before every batch of requests (:meth:`MemoryTable.check`); the front-end is dropped if it
+shrank. That leaves a window between the check and the access for such files only.
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import stat
@@ -19,8 +27,19 @@ from .protocol import MAX_MEM_REGIONS, REGION, ProtocolError
 _generation = 0
 
 
+def _seal_shrink(fd: int) -> bool:
+    """True when the file can no longer shrink (it was sealed, or we sealed it now)."""
+    try:
+        if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+            return True
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        return True
+    except OSError:  # not a memfd/shmem file, created without sealing, or F_SEAL_SEAL set
+        return False
+
+
 class Region:
-    __slots__ = ("gpa", "size", "uaddr", "map", "view")
+    __slots__ = ("gpa", "size", "uaddr", "map", "view", "fd", "end")
 
     def __init__(self, gpa: int, size: int, uaddr: int, fd: int, offset: int) -> None:
         st = os.fstat(fd)
@@ -34,6 +53,17 @@ class Region:
             raise ProtocolError(f"cannot map memory region {gpa:#x}+{size:#x}: {e}") from None
         self.gpa, self.size, self.uaddr = gpa, size, uaddr
         self.view = memoryview(self.map)[offset:offset + size]
+        self.end = offset + size
+        # an unguarded file is watched through a descriptor of our own (the message's is closed)
+        self.fd = -1 if not stat.S_ISREG(st.st_mode) or _seal_shrink(fd) else os.dup(fd)
+
+    def shrunk(self) -> bool:
+        return self.fd >= 0 and os.fstat(self.fd).st_size < self.end
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class MemoryTable:
@@ -68,6 +98,7 @@ class MemoryTable:
     def close(self) -> None:
         """Drop the mappings (views still held elsewhere keep theirs alive until released)."""
         for r in self.regions:
+            r.close()
             try:
                 r.view.release()
                 r.map.close()
@@ -75,6 +106,16 @@ class MemoryTable:
                 pass  # a queue still holds a slice; the mapping goes with it
         self.regions = []
         self._last = None
+
+    def check(self) -> None:
+        """Raise GuestMemoryError if an unguarded region's file no longer covers it."""
+        for r in self.regions:
+            if r.shrunk():
+                raise GuestMemoryError(f"the file behind memory region {r.gpa:#x}+{r.size:#x} shrank")
+
+    @property
+    def guarded(self) -> bool:
+        return all(r.fd < 0 for r in self.regions)
 
     # -- GuestMemory ------------------------------------------------------------------------------
     def generation(self) -> int:

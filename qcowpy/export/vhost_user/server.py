@@ -23,7 +23,7 @@ import threading
 from typing import Any, Optional
 
 from qcowpy.virtio.blk import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VirtioBlk
-from qcowpy.virtio.split import SplitVirtQueue, VirtQueueError
+from qcowpy.virtio.split import GuestMemoryError, SplitVirtQueue, VirtQueueError
 
 from . import protocol as P
 from .memory import MemoryTable
@@ -109,6 +109,10 @@ class _Connection:
         q = self.queues[index]
         if not q.started or not (q.enabled or not self._has_protocol_features()):
             return
+        try:
+            self.mem.check()  # SIGBUS guard for files that could not be sealed against shrinking
+        except GuestMemoryError as e:
+            raise P.ProtocolError(str(e)) from None
         try:
             with self.server.lock:
                 notify = self.server.blk.process_queue(q.vq)
@@ -236,6 +240,10 @@ class _Connection:
         if q.addrs is None:
             raise P.ProtocolError(f"vring {index} kicked before its addresses were set")
         desc, avail, used = (self.mem.to_guest(a) for a in q.addrs)
+        try:
+            self.mem.check()  # attaching reads the rings
+        except GuestMemoryError as e:
+            raise P.ProtocolError(str(e)) from None
         q.vq.attach(desc, avail, used, q.base)  # a ring outside memory is the front-end's error
         q.started = True
         if q.kick is not None:
