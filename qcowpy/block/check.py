@@ -13,6 +13,7 @@ from typing import Callable
 from ..crypto.secret import resolve_key
 from ..errors import ImageNotFound, QcowError
 from ..format.constants import MAGIC, MAX_CLUSTER_BITS
+from ..format.bitmaps import directory_location
 from ..format.header import parse_header
 from ..hostfile import PROTOCOLS, open_host_file
 from ..qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckFailed, CheckResult, Hint, check_file
@@ -53,11 +54,13 @@ def probe_for_check(path: str) -> str:
         raise QcowError(f"Could not open '{path}': {e.strerror}") from None
 
 
-def _store_bitmaps(file: HostFile) -> None:
+def _store_bitmaps(file) -> None:
     """After a repair, write the persistent bitmaps anew, as qemu-img check -r does by opening
     the image read-write (QEMU stores them at close): new tables and directory, the old ones
     freed, so a table entry naming a cluster past the end of the file is gone too."""
     header = parse_header(file.pread(min(file.size(), 1 << MAX_CLUSTER_BITS), 0), file.size())
+    if directory_location(header) is None or header.crypt_method:
+        return  # no bitmaps (an encrypted image keeps its bitmaps as they are: qcowpy deviation)
     img = Qcow2Image(file, header, writable=True)
     if img.bitmaps.items:
         img.bitmaps.activate()
