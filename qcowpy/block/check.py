@@ -13,6 +13,7 @@ from typing import Callable
 from ..crypto.secret import resolve_key
 from ..errors import ImageNotFound, QcowError
 from ..format.constants import MAGIC, MAX_CLUSTER_BITS
+from ..format.bitmaps import directory_location
 from ..format.header import parse_header
 from ..hostfile import PROTOCOLS, open_host_file
 from ..qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckFailed, CheckResult, Hint, check_file
@@ -53,6 +54,20 @@ def probe_for_check(path: str) -> str:
         raise QcowError(f"Could not open '{path}': {e.strerror}") from None
 
 
+def _store_bitmaps(file) -> None:
+    """After a repair, write the persistent bitmaps anew, as qemu-img check -r does by opening
+    the image read-write (QEMU stores them at close): new tables and directory, the old ones
+    freed, so a table entry naming a cluster past the end of the file is gone too."""
+    header = parse_header(file.pread(min(file.size(), 1 << MAX_CLUSTER_BITS), 0), file.size())
+    if directory_location(header) is None or header.crypt_method:
+        return  # no bitmaps (an encrypted image keeps its bitmaps as they are: qcowpy deviation)
+    img = Qcow2Image(file, header, writable=True)
+    if img.bitmaps.items:
+        img.bitmaps.activate()
+        img.bitmaps.store()
+        img.meta.sync()
+
+
 def check_image(filename: str, fmt: str, fix: int, force_share: bool = False,
                 log: Callable[[str], None] | None = None, secret: bytes | None = None) -> CheckOutcome:
     """Check (and with ``fix``, FIX_LEAKS | FIX_ERRORS, repair) one image file; an encrypted
@@ -75,14 +90,17 @@ def check_image(filename: str, fmt: str, fix: int, force_share: bool = False,
         except CheckFailed as e:
             return CheckOutcome(e.result, failed=str(e), failed_lines=e.lines)
         if not (first.corruptions_fixed or first.leaks_fixed):
-            return CheckOutcome(first)
-        outcome = CheckOutcome(first, repaired=first)
-        try:
-            again = check_file(file, header, 0, log)
-        except CheckFailed as e:
-            again, outcome.failed = e.result, str(e)
-        again.leaks_fixed, again.corruptions_fixed = first.leaks_fixed, first.corruptions_fixed
-        outcome.result = again
+            outcome = CheckOutcome(first)
+        else:
+            outcome = CheckOutcome(first, repaired=first)
+            try:
+                again = check_file(file, header, 0, log)
+            except CheckFailed as e:
+                again, outcome.failed = e.result, str(e)
+            again.leaks_fixed, again.corruptions_fixed = first.leaks_fixed, first.corruptions_fixed
+            outcome.result = again
+        if fix and not outcome.failed and (fix & FIX_ERRORS or not outcome.result.corruptions):
+            _store_bitmaps(file)  # as QEMU's close after check -r (with -r leaks only on a sound image)
         return outcome
     finally:
         file.close()

@@ -68,6 +68,15 @@ class BitmapInfo:
     name: bytes
     name_size: int
     granularity_bits: int
+    flags: int = 0  # the directory entry's flags: 1 in_use, 2 auto (enabled)
+
+    @property
+    def in_use(self) -> bool:
+        return bool(self.flags & 1)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.flags & 2)
 
 
 class BlockDevice(ABC):
@@ -169,6 +178,19 @@ class BlockDevice(ABC):
         """The persistent dirty bitmaps (the valid ones; none where the format has none)."""
         return []
 
+    supports_bitmaps = False  # persistent dirty bitmaps (QEMU's bdrv_supports_persistent_dirty_bitmap)
+
+    def bitmap_op(self, op: str, name: bytes, **args) -> None:
+        """One ``qemu-img bitmap`` operation (add, remove, clear, enable, disable, merge) on the
+        persistent bitmap ``name``; formats without bitmaps refuse, as QEMU does."""
+        if op == "add":
+            raise UnsupportedFeature("Can't store persistent bitmaps to #block0: Operation not supported")
+        raise UnsupportedFeature(f"Dirty bitmap '{name.decode('utf-8', 'replace')}' not found")
+
+    def bitmap_dirty(self, name: bytes) -> list[tuple[int, int]]:
+        """(offset, length) ranges the bitmap ``name`` marks dirty."""
+        raise UnsupportedFeature(f"Dirty bitmap '{name.decode('utf-8', 'replace')}' not found")
+
     def change_backing_file(self, name: str | None, fmt: str | None) -> None:
         raise UnsupportedFeature(f"Format '{self.format}' does not support backing files")
 
@@ -228,6 +250,8 @@ def status_at(top: BlockDevice, offset: int, length: int) -> Extent:
             return Extent(offset, length, depth, True, st.zero, st.data, st.offset,
                           st.filename if st.offset is not None else None)
         below = dev.backing
+        if below is None and not dev.holes_read_zero:
+            return Extent(offset, length, depth, False, False, False)
         if below is None or offset >= below.size:
             # nothing below answers: zeros, at this depth (with a reserved host offset if any)
             return Extent(offset, length, depth, False, dev.holes_read_zero, False, st.offset,

@@ -90,8 +90,12 @@ class NbdDevice(BlockDevice):
 
     format = "raw"
     has_image_info = False  # ``qemu-img info`` shows no dirty flag for an export
+    holes_read_zero = False  # QEMU's nbd driver has no backing support: a hole stays a hole
 
-    def __init__(self, uri: str, read_only: bool = True):
+    def __init__(self, uri: str, read_only: bool = True, meta_context: str | None = None):
+        # meta_context: QEMU's x-dirty-bitmap: block status from that context (a dirty bitmap's
+        # dirty ranges then read as holes), instead of base:allocation
+        self.meta_context = meta_context or P.CONTEXT_BASE_ALLOCATION
         self.addr = parse_uri(uri)
         self.filename = self.display_name = self.addr.canonical()  # as QEMU names the image
         self.lock = threading.Lock()
@@ -144,7 +148,7 @@ class NbdDevice(BlockDevice):
         name = self.addr.export.encode()
         if self._option(P.OPT_STRUCTURED_REPLY)[-1][0] == P.REP_ACK:
             self.structured = True
-            q = P.CONTEXT_BASE_ALLOCATION.encode()
+            q = self.meta_context.encode()
             body = struct.pack(">I", len(name)) + name + struct.pack(">II", 1, len(q)) + q
             for rtype, data in self._option(P.OPT_SET_META_CONTEXT, body):
                 if rtype == P.REP_META_CONTEXT and data[4:] == q:

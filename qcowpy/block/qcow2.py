@@ -7,6 +7,7 @@ from ..format import bitmaps as B
 from ..format import constants as C
 from ..hostfile import data_or_hole
 from ..qcow2 import snapshot as sn
+from ..qcow2.bitmaps import BitmapError
 from ..qcow2.image import COMPRESSED, DATA, ZERO, Qcow2Image
 from ..qcow2.resize import make_empty, resize
 from .device import BitmapInfo, BlockDevice, FormatInfo, LayerStatus, Snapshot
@@ -125,6 +126,8 @@ class Qcow2Device(BlockDevice):
         return sn.create(self.image, name).sn
 
     def snapshot_apply(self, key: str) -> None:
+        if self.image.bitmaps.items:  # as QEMU's bdrv_snapshot_goto (-EBUSY)
+            raise BitmapError("Device has active dirty bitmaps")
         sn.apply(self.image, key)
 
     def snapshot_delete(self, key: str) -> None:
@@ -134,13 +137,40 @@ class Qcow2Device(BlockDevice):
         sn.load_tmp(self.image, snapshot_id, name)
 
     def bitmaps(self) -> list[BitmapInfo]:
+        """The bitmap directory as it is on disk (what qemu-img info lists)."""
+        with self.image.lock:
+            return [BitmapInfo(d.name, d.name_size, d.granularity_bits, d.flags & ~B.RESERVED_FLAGS)
+                    for d in self.image.bitmaps.disk_entries()]
+
+    @property
+    def supports_bitmaps(self) -> bool:  # type: ignore[override]
+        return self.image.header.version >= 3
+
+    def bitmap_op(self, op: str, name: bytes, **args) -> None:
         img = self.image
-        ext = B.extension_of(img.header)
-        if ext is None or not ext.nb_bitmaps:
-            return []
-        raw = img.file.pread(min(ext.directory_size, B.MAX_DIRECTORY_READ), ext.directory_offset)
-        return [BitmapInfo(d.name, d.name_size, d.granularity_bits)
-                for d in B.parse_directory(raw, ext.nb_bitmaps, partial=True)]
+        with img.lock:
+            img.require_writable()
+            bms = img.bitmaps
+            if op == "add":
+                bms.add(name, args.get("granularity"), args.get("disabled", False))
+            elif op == "remove":
+                bms.remove(name)
+            elif op == "clear":
+                bms.clear(name)
+            elif op in ("enable", "disable"):
+                bms.set_enabled(name, op == "enable")
+            elif op == "merge":
+                src = args.get("source") or self
+                if not isinstance(src, Qcow2Device):
+                    raise BitmapError(f"Dirty bitmap '{args['source_name'].decode('utf-8', 'replace')}' not found")
+                bms.merge(name, src.image.bitmaps, args["source_name"])
+            else:
+                raise ValueError(op)
+
+    def bitmap_dirty(self, name: bytes) -> list[tuple[int, int]]:
+        with self.image.lock:
+            bms = self.image.bitmaps
+            return bms.dirty_runs(bms.lookup(name))
 
     def change_backing_file(self, name: str | None, fmt: str | None) -> None:
         with self.image.lock:

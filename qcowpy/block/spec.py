@@ -199,6 +199,8 @@ def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
     the top node alone, as ``open_image(backing=False)`` does."""
     from .open import open_image, probe_format  # open.py hooks in here: import lazily
     driver = opts.get("driver")
+    if driver == "nbd":
+        return _nbd_node(opts, mode)
     if driver is not None and driver not in SUPPORTED_DRIVERS:
         raise SpecError(f"Unknown driver '{driver}'")
     if driver == "null-co":
@@ -237,6 +239,23 @@ def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
             raise
         dev.attach_backing(below)  # type: ignore[attr-defined]
     return dev
+
+
+def _nbd_node(opts: dict[str, Any], mode: str) -> BlockDevice:
+    """driver=nbd with server.type=unix,server.path=... (or inet, host, port), export and
+    x-dirty-bitmap (QEMU's way to read a dirty bitmap through block status)."""
+    from .nbd import NbdDevice
+    server = opts.get("server")
+    if not isinstance(server, dict):
+        raise SpecError("Parameter 'server' is missing")
+    export = str(opts.get("export", ""))
+    if server.get("type") == "unix":
+        uri = f"nbd+unix:///{export}?socket={server.get('path', '')}"
+    elif server.get("type") == "inet":
+        uri = f"nbd://{server.get('host', '')}:{server.get('port', 10809)}/{export}"
+    else:
+        raise SpecError("Parameter 'server.type' is missing")
+    return NbdDevice(uri, read_only=mode in ("r", "rb"), meta_context=opts.get("x-dirty-bitmap"))
 
 
 def _raw_window(inner: BlockDevice, opts: dict[str, Any]) -> BlockDevice:

@@ -30,12 +30,14 @@ from .common import CONTEXT, CommandFailed, image_name, out, parse_objects, size
 @click.option("-l", "snapshot_param", metavar="SNAPSHOT_PARAM",
               help="Convert an internal snapshot: snapshot.id=ID[,snapshot.name=NAME], or an id or name.")
 @click.option("--salvage", is_flag=True, help="Unreadable sectors become zeros (each reported) instead of failing.")
+@click.option("--bitmaps", is_flag=True, help="Copy the source's persistent dirty bitmaps.")
+@click.option("--skip-broken-bitmaps", is_flag=True, help="With --bitmaps: skip inconsistent bitmaps (with a warning).")
 @click.option("--image-opts", is_flag=True, help="The sources are option strings (driver=...,file.filename=...).")
 @click.option("--target-image-opts", is_flag=True, help="With -n: the target is an option string.")
 @click.option("--object", "objects", multiple=True, hidden=True)
 @click.argument("filenames", nargs=-1)
 def convert(fmt, out_fmt, options, compress, backing, backing_fmt, progress, no_create, sparse, quiet, unordered,
-            coroutines, cache, src_cache, force_share, rate, copy_range, target_is_zero, snapshot_param, salvage, image_opts, target_image_opts, objects, filenames) -> None:
+            coroutines, cache, src_cache, force_share, rate, copy_range, target_is_zero, snapshot_param, salvage, bitmaps, skip_broken_bitmaps, image_opts, target_image_opts, objects, filenames) -> None:
     """Convert FILENAME [FILENAME2 ...] to OUTPUT_FILENAME (several sources are concatenated).
 
     \b
@@ -54,6 +56,8 @@ def convert(fmt, out_fmt, options, compress, backing, backing_fmt, progress, no_
     parse_objects(objects)
     if len(filenames) < 2:
         raise CommandFailed("Must specify image file name")
+    if skip_broken_bitmaps and not bitmaps:
+        raise CommandFailed("Use of --skip-broken-bitmaps requires --bitmaps")
     if copy_range and salvage:
         raise CommandFailed("Cannot use copy offloading in salvaging mode")
     if target_image_opts and not no_create:
@@ -90,7 +94,8 @@ def convert(fmt, out_fmt, options, compress, backing, backing_fmt, progress, no_
                          options=optstr, compress=compress, backing=backing, backing_fmt=backing_fmt,
                          no_create=no_create, min_sparse=min_sparse, cache=cache or "unsafe",
                          target_is_zero=target_is_zero, force_share=force_share, load_snapshot=load_snapshot,
-                         salvage=(lambda msg: None if quiet else warn_line(msg)) if salvage else None)
+                         salvage=(lambda msg: None if quiet else warn_line(msg)) if salvage else None,
+                         bitmaps=bitmaps, skip_broken_bitmaps=skip_broken_bitmaps, warn=warn_line)
     try:
         run_convert(req, progress=progress)
     except ConvertError as e:

@@ -404,6 +404,7 @@ from .check import check  # noqa: E402
 from .convert import convert  # noqa: E402
 from .nbd import nbd  # noqa: E402
 from .storage_daemon import storage_daemon  # noqa: E402
+from .bitmap import bitmap  # noqa: E402
 
 cli.add_command(bench)
 cli.add_command(check)
@@ -412,6 +413,7 @@ cli.commands = {k: cli.commands[k] for k in ("create", "info", "map")} | {"conve
 cli.add_command(nbd)
 cli.add_command(storage_daemon)
 cli.add_command(amend)
+cli.add_command(bitmap)
 
 
 # ---------------------------------------------------------------------------------------- entry point

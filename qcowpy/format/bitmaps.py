@@ -146,3 +146,108 @@ def directory_error(buf: bytes, nb_bitmaps: int, cluster_size: int, virtual_size
     if count != nb_bitmaps:
         return "Less bitmaps found than specified in header extension"
     return None
+
+
+# ---------------------------------------------------------------------- writing, and bitmap data
+FLAG_AUTO = 2  # the bitmap is enabled: writes mark it
+DEFAULT_GRANULARITY_MIN, DEFAULT_GRANULARITY_MAX = 4096, 65536
+
+
+def pack_extension(nb_bitmaps: int, directory_size: int, directory_offset: int) -> bytes:
+    return EXTENSION.pack(nb_bitmaps, 0, directory_size, directory_offset)
+
+
+def entry_size(name_size: int, extra_data_size: int = 0) -> int:
+    """Bytes one directory entry takes, 8-byte aligned (QEMU's calc_dir_entry_size)."""
+    return (DIR_ENTRY.size + name_size + extra_data_size + 7) & ~7
+
+
+def pack_directory(entries: list[DirectoryEntry]) -> bytes:
+    """The directory bytes for ``entries`` (no extra data: QEMU writes none)."""
+    out = bytearray()
+    for e in entries:
+        out += DIR_ENTRY.pack(e.table_offset, e.table_size, e.flags, e.type, e.granularity_bits,
+                              len(e.name), 0) + e.name
+        out += bytes(-len(out) % 8)
+    return bytes(out)
+
+
+def data_bytes(virtual_size: int, granularity_bits: int) -> int:
+    """Serialized bitmap bytes for an image of ``virtual_size``: one bit per granule, in whole
+    64-bit words (QEMU's hbitmap serialization unit)."""
+    bits = -(-virtual_size >> granularity_bits) if virtual_size else 0
+    return -(-bits // 64) * 8
+
+
+def table_entries(virtual_size: int, granularity_bits: int, cluster_size: int) -> int:
+    """Bitmap table entries (clusters of serialized data) for an image of ``virtual_size``."""
+    return -(-data_bytes(virtual_size, granularity_bits) // cluster_size)
+
+
+def table_entry_valid(entry: int, cluster_size: int) -> bool:
+    """QEMU's check_table_entry: no reserved bits; with an offset, aligned and no all-ones flag."""
+    if entry & TABLE_RESERVED_MASK:
+        return False
+    off = entry & TABLE_OFFSET_MASK
+    return not off or not (entry & TABLE_FLAG_ALL_ONES or off & (cluster_size - 1))
+
+
+def bytes_needed(virtual_size: int, granularity: int) -> int:
+    """QEMU's get_bitmap_bytes_needed: whole bytes of bits for ``virtual_size``."""
+    return -(-(-(-virtual_size // granularity)) // 8)
+
+
+def constraints_error(name: bytes, granularity: int, virtual_size: int, cluster_size: int) -> str | None:
+    """Why QEMU's check_constraints_on_bitmap refuses a bitmap (None if it does not)."""
+    gbits = granularity.bit_length() - 1
+    if gbits > MAX_GRANULARITY_BITS:
+        return f"Granularity exceeds maximum ({1 << MAX_GRANULARITY_BITS} bytes)"
+    if gbits < MIN_GRANULARITY_BITS:
+        return f"Granularity is under minimum ({1 << MIN_GRANULARITY_BITS} bytes)"
+    nbytes = bytes_needed(virtual_size, granularity)
+    if nbytes > MAX_PHYS_SIZE or nbytes > MAX_TABLE_SIZE * cluster_size:
+        return "Too much space will be occupied by the bitmap. Use larger granularity"
+    if len(name) > MAX_NAME_SIZE:
+        return f"Name length exceeds maximum ({MAX_NAME_SIZE} characters)"
+    return None
+
+
+def set_bits(buf: bytearray, first: int, end: int) -> None:
+    """Set bits [first, end) of a little-endian bit array (bit i is bit i%8 of byte i//8)."""
+    if first >= end:
+        return
+    fa, fb = first >> 3, end >> 3
+    if fa == fb:
+        buf[fa] |= ((1 << (end - first)) - 1) << (first & 7)
+        return
+    buf[fa] |= (0xFF << (first & 7)) & 0xFF
+    if fb > fa + 1:
+        buf[fa + 1:fb] = b"\xff" * (fb - fa - 1)
+    if end & 7:
+        buf[fb] |= (1 << (end & 7)) - 1
+
+
+def clip_bits(buf: bytearray, nbits: int) -> None:
+    """Clear every bit from ``nbits`` on (what lies past the end of the image)."""
+    full = nbits >> 3
+    if full < len(buf):
+        if nbits & 7:
+            buf[full] &= (1 << (nbits & 7)) - 1
+            full += 1
+        buf[full:] = bytes(len(buf) - full)
+
+
+def dirty_runs(buf: bytes, nbits: int) -> list[tuple[int, int]]:
+    """(first bit, count) runs of set bits below ``nbits``."""
+    value = int.from_bytes(buf, "little") & ((1 << nbits) - 1)
+    runs = []
+    pos = 0
+    while value:
+        low = (value & -value).bit_length() - 1  # next set bit
+        value >>= low
+        pos += low
+        ones = (~value & (value + 1)).bit_length() - 1  # length of the run of ones
+        runs.append((pos, ones))
+        value >>= ones
+        pos += ones
+    return runs

@@ -18,6 +18,7 @@ from ..format.entries import cluster_type as std_cluster_type
 from ..format.header import Header, parse_header
 from ..hostfile import HostFile, open_host_file, zero_fill
 from . import codec
+from .bitmaps import Bitmaps
 from .extl2 import ExtendedL2Writes
 from .mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, LayerExtent, layer_extents
 from .encryption import ImageCrypto, open_crypto
@@ -67,6 +68,7 @@ class Qcow2Image:
             else self.cluster_size
         self._ext = ExtendedL2Writes(self) if self.extended else None
         self.crypto = crypto  # encryption.ImageCrypto: every data cluster goes through it
+        self.bitmaps = Bitmaps(self.meta, self.size)  # persistent dirty bitmaps (qcow2/bitmaps.py)
 
     @property
     def writable(self) -> bool:
@@ -112,9 +114,15 @@ class Qcow2Image:
         if h.incompatible_features & C.INCOMPAT_DIRTY:
             raise CorruptImage("qcow2: Image is dirty (lazy refcounts were not written back); "
                                "repair it with 'qemu-img check -r all' before opening it read/write")
-        if h.autoclear_features & ~C.AUTOCLEAR_KNOWN:
-            # The spec: a writer that does not know an autoclear bit clears it on opening.
+        stale_bitmaps = not h.autoclear_features & C.AUTOCLEAR_BITMAPS and \
+            h.find_extension(C.EXT_BITMAPS) is not None
+        if h.autoclear_features & ~C.AUTOCLEAR_KNOWN or stale_bitmaps:
+            # The spec: a writer that does not know an autoclear bit clears it on opening; and
+            # bitmaps whose autoclear bit a program without bitmap support cleared are dropped
+            # (their clusters leak until check -r), as QEMU does.
             h.autoclear_features &= C.AUTOCLEAR_KNOWN
+            if stale_bitmaps:
+                h.set_extension(C.EXT_BITMAPS, None)
             self.meta.rewrite_header()
             self.file.flush()
 
@@ -124,7 +132,10 @@ class Qcow2Image:
                 return
             try:
                 if self.writable:
-                    self.meta.sync()
+                    try:
+                        self.bitmaps.store()  # a failure leaves them in_use (inconsistent), as in QEMU
+                    finally:
+                        self.meta.sync()
                     if self.header.incompatible_features & C.INCOMPAT_DIRTY:
                         self.meta.set_incompatible(self.header.incompatible_features & ~C.INCOMPAT_DIRTY)
             finally:
@@ -269,6 +280,7 @@ class Qcow2Image:
         """Before any modification: writable, header bits first, no stale decompressed cluster."""
         self.require_writable()
         self.meta.before_change()
+        self.bitmaps.activate()
         self._compressed_cache = None
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -279,6 +291,7 @@ class Qcow2Image:
             if not len(mv):
                 return
             self.begin_change()
+            self.bitmaps.mark(offset, len(mv))
             if self.crypto is not None and (offset | len(mv)) % 512:
                 mv, offset = self._whole_sectors(mv, offset)
             if self._ext is not None:
@@ -403,6 +416,7 @@ class Qcow2Image:
                 raise InvalidArgument("Compressed writes must cover exactly one cluster")
             self.check_range(offset, len(data))
             self.begin_change()
+            self.bitmaps.mark(offset, len(data))
             if len(data) < cs:
                 data = bytes(data) + bytes(cs - len(data))
             comp = codec.compress(bytes(data), self.header.compression_type, cs)
@@ -427,6 +441,7 @@ class Qcow2Image:
             if not length:
                 return
             self.begin_change()
+            self.bitmaps.mark(offset, length)
             if self._ext is not None:
                 self._ext.write_zeroes(length, offset, unmap)
                 return
@@ -494,6 +509,8 @@ class Qcow2Image:
         with self.lock:
             self.require_writable()
             self.check_range(offset, length)
+            if length:  # QEMU marks the whole request, whatever it could discard
+                self.bitmaps.mark(offset, length)
             cs = self.cluster_size
             start = (offset + cs - 1) & ~(cs - 1)
             end = offset + length if offset + length == self.size else (offset + length) & ~(cs - 1)

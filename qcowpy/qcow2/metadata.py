@@ -196,11 +196,6 @@ class Metadata:
     def before_change(self) -> None:
         """Runs before every modification: header bits that must reach the disk before data does."""
         h = self.header
-        if h.autoclear_features & C.AUTOCLEAR_BITMAPS:
-            # We do not update dirty bitmaps, so they stop being trustworthy with this write.
-            h.autoclear_features &= ~C.AUTOCLEAR_BITMAPS
-            self.rewrite_header()
-            self.file.flush()
         if h.compatible_features & C.COMPAT_LAZY_REFCOUNTS and not h.incompatible_features & C.INCOMPAT_DIRTY:
             self.set_incompatible(h.incompatible_features | C.INCOMPAT_DIRTY)
             # the dirty bit is on disk before any refcount may go stale

@@ -27,9 +27,7 @@ def resize(img: Qcow2Image, new_size: int, exact_l1: bool = True, preallocation:
             raise InvalidArgument("The new size must be a multiple of 512")
         if h.nb_snapshots and h.version < 3:
             raise UnsupportedFeature("Can't resize a v2 image which has snapshots")
-        if directory_location(h) is not None:
-            raise UnsupportedFeature("Cannot resize qcow2 with persistent bitmaps "
-                                     "(qcowpy does not update bitmaps)")
+        img.bitmaps.check_resizable()
         old_size = img.size
         if new_size < old_size:
             if preallocation != "off":
@@ -42,6 +40,7 @@ def resize(img: Qcow2Image, new_size: int, exact_l1: bool = True, preallocation:
                 meta.grow_l1(need, exact=exact_l1)
                 meta.sync()  # QEMU frees the old L1 at once: preallocation may reuse it
         img.size = new_size
+        img.bitmaps.resize(new_size)
         if new_size > old_size and preallocation == "off" and h.autoclear_features & C.AUTOCLEAR_DATA_FILE_RAW:
             preallocation = "metadata"  # QEMU: a raw data file stays mapped 1:1 as it grows
         # falloc/full: the grown file reads zeros, so the new clusters are data (QEMU truncates
@@ -52,7 +51,8 @@ def resize(img: Qcow2Image, new_size: int, exact_l1: bool = True, preallocation:
         elif img.external_data and img.data.size() != new_size:
             img.data.truncate(new_size)  # QEMU forwards the resize (shrinking too) to the data file
         if zero_new and not zero_file and new_size > old_size:
-            _zero_new_area(img, old_size, new_size)
+            with img.bitmaps.unmarked():  # QEMU zeroes inside the driver: no dirty bits
+                _zero_new_area(img, old_size, new_size)
         meta.sync()
         meta.update_header(size=new_size)
         img.file.flush()

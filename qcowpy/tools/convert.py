@@ -19,6 +19,7 @@ from ..kernels import is_zero, zero_runs
 from ..block.device import BlockDevice, Extent
 from ..block.open import open_image
 from ..errors import CorruptedRead, QcowError, UnsupportedFeature
+from .bitmap import check_copyable, copy_bitmaps
 from ..block.create import create_image, create_qcow2, qcow2_options
 from .create import validate
 from .options import parse_create_options
@@ -51,6 +52,9 @@ class ConvertRequest:
     force_share: bool = False
     load_snapshot: Callable[[BlockDevice], None] | None = None  # -l: make the first source read a snapshot
     salvage: Callable[[str], None] | None = None  # --salvage: unreadable sectors become zeros, reported here
+    bitmaps: bool = False  # --bitmaps: copy the source's persistent bitmaps
+    skip_broken_bitmaps: bool = False  # --skip-broken-bitmaps: inconsistent ones are skipped with a warning
+    warn: Callable[[str], None] = lambda msg: None
 
 
 class Progress:
@@ -334,6 +338,10 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
                 raise ConvertError("Compression and encryption not supported at the same time")
             if str(opts.values.get("preallocation", "off")) != "off":
                 raise ConvertError("Compression and preallocation not supported at the same time")
+        if req.bitmaps:
+            if len(sources) > 1:
+                raise ConvertError("Copying bitmaps only possible with single source")
+            check_copyable(sources[0], req.skip_broken_bitmaps)
         if not req.no_create:
             try:
                 kwargs = validate(out_fmt, opts)  # type: ignore[arg-type]
@@ -349,6 +357,8 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
             target = open_image(req.target, "r+", out_fmt, cache=req.cache, secret=enc.passphrase if enc else None)
         except QcowError as e:
             raise ConvertError(f"Could not open '{req.target}': {e}") from None
+        if req.bitmaps and not target.supports_bitmaps:
+            raise ConvertError(f"Format driver '{target.format}' does not support bitmaps")
         if req.no_create:
             if target.size < total:
                 raise ConvertError("output file is smaller than input file")
@@ -387,6 +397,8 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
                             advance(r.length)
             finally:
                 copier.finish()
+        if req.bitmaps:
+            copy_bitmaps(sources[0], target, req.skip_broken_bitmaps, req.warn)
         target.flush()
         ok = True
     except OSError as e:

@@ -66,12 +66,28 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
             data["refcount-bits"] = h.refcount_bits
         if h.encrypt is not None:
             data["encrypt"] = _encrypt_info(h.encrypt)
+        if h.version >= 3:
+            bitmaps = bitmap_rows(dev)
+            if bitmaps:
+                data["bitmaps"] = bitmaps
         data["compression-type"] = h.compression_type
         spec = QDict()
         spec["type"] = "qcow2"
         spec["data"] = data
         info["format-specific"] = spec
     return info
+
+
+def bitmap_rows(dev: BlockDevice) -> list:
+    """qemu-img's Qcow2BitmapInfo list: flags (in-use, auto), name, granularity."""
+    out = []
+    for bm in dev.bitmaps():
+        d = QDict()
+        d["name"] = bm.name.decode("utf-8", "surrogateescape")
+        d["granularity"] = 1 << bm.granularity_bits
+        d["flags"] = [f for f, on in (("in-use", bm.in_use), ("auto", bm.enabled)) if on]
+        out.append(d)
+    return out
 
 
 def _encrypt_info(enc: dict) -> QDict:

@@ -164,7 +164,7 @@ def measure(out_fmt: str, options: str | None, filename: str | None = None, fmt:
             required = virtual
         full = qcow2_prealloc_size(virtual, cs, order, ext) + _luks_area(opts, cs)
         result = Measure(full - virtual + required, full)
-        if version >= 3 and dev is not None and dev.format_info() is not None:
+        if version >= 3 and dev is not None and dev.supports_bitmaps:  # QEMU: the input can hold bitmaps
             result.bitmaps = _bitmaps_size(dev, cs)
         return result
     finally:

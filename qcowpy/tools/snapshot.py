@@ -43,6 +43,8 @@ def run_snapshot(filename: str, action: str | None, name: str | None, force_shar
                 raise SnapshotError(f"Could not create snapshot '{name}': -95 (Operation not supported)")
             raise SnapshotError(f"Could not {what} snapshot '{name}': " + (
                 "snapshot not found" if action == "d" else "Block driver does not support snapshots"))
+        if action == "a" and dev.bitmaps():  # QEMU's bdrv_snapshot_goto, before it looks for the snapshot
+            raise SnapshotError(f"Could not apply snapshot '{name}': Device has active dirty bitmaps")
         try:
             if action == "c":
                 dev.snapshot_create(name or "")

@@ -100,17 +100,6 @@ def test_resize_raw(tmp_path, qemu_img):
         assert a.read_bytes() == b.read_bytes(), step
 
 
-def test_resize_refuses_images_with_bitmaps(tmp_path, qemu_img):
-    """A documented difference: QEMU resizes the persistent bitmaps along; qcowpy does not write
-    bitmaps, so it refuses rather than leave them stale."""
-    a, b = image_pair(tmp_path, qemu_img, [], "1G", [])
-    assert qemu(qemu_img, "bitmap", "--add", b, "bm0").code == 0
-    before = b.read_bytes()
-    got = run("resize", b, "2G")
-    assert got.code == 1 and got.err.startswith("qcowpy: Cannot resize qcow2 with persistent bitmaps")
-    assert b.read_bytes() == before
-
-
 def test_resize_probed_raw_warns_like_qemu(tmp_path, qemu_img):
     a, b = tmp_path / "a.img", tmp_path / "b.img"
     a.write_bytes(bytes(4096))

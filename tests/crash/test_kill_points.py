@@ -77,10 +77,12 @@ def _check_at_most_leaks(qemu_img: str, path, what: str) -> int:
     return check.returncode
 
 
-def _sweep(strace: str, qemu_img: str, tmp, base, argv_of, accept) -> int:
+def _sweep(strace: str, qemu_img: str, tmp, base, argv_of, accept, view=None) -> int:
     """Kill ``argv_of(image)`` at every write on fresh copies of ``base``: at most leaks, and
-    ``accept(state, before, completed, what)`` judges what a reader then sees (_state)."""
-    before = _state(qemu_img, base, tmp)
+    ``accept(state, before, completed, what)`` judges what a reader then sees (``view``, by
+    default _state)."""
+    view = view or _state
+    before = view(qemu_img, base, tmp)
     img = tmp / "killed.qcow2"
 
     def prepare():
@@ -90,7 +92,7 @@ def _sweep(strace: str, qemu_img: str, tmp, base, argv_of, accept) -> int:
     def judge(path, k, completed):
         what = f"{argv_of(path)[3:]} killed at write {k}"
         _check_at_most_leaks(qemu_img, path, what)
-        accept(_state(qemu_img, path, tmp), before, completed, what)
+        accept(view(qemu_img, path, tmp), before, completed, what)
 
     return _sweep_each(strace, prepare, argv_of, judge)
 
@@ -358,3 +360,62 @@ def test_qemu_img_amend_kill_points_measured(tmp_path, qemu_img, strace, amendab
     points = _sweep_each(strace, prepare, [qemu_img, *args, str(img)], judge)
     print(f"\nqemu-img {' '.join(args)}: {points} kill points, {len(bad)} left corruption or changed data: {bad}")
     assert points >= 3
+
+
+def _bitmap_view(qemu_img: str, path, tmp=None) -> dict[str, object]:
+    """What QEMU sees of each bitmap: "in-use" (inconsistent), or its flags and dirty ranges."""
+    from tests.bitmaps.oracle import dirty_map
+    info = json.loads(_img(qemu_img, "info", "-U", "--output=json", path).stdout)
+    out: dict[str, object] = {}
+    for bm in info.get("format-specific", {}).get("data", {}).get("bitmaps", []):
+        out[bm["name"]] = "in-use" if "in-use" in bm["flags"] else (tuple(bm["flags"]), bm["granularity"],
+                                                                     tuple(dirty_map(path, bm["name"])))
+    return out
+
+
+@pytest.fixture
+def with_bitmaps(tmp_path, qemu_img):
+    """An image with data, two enabled bitmaps and a disabled one, all made by QEMU."""
+    p = tmp_path / "bitmaps.qcow2"
+    assert _img(qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", p, "8M").returncode == 0
+    for args in (["-g", "4k", "b1"], ["b2"], ["--disable", "b3"]):
+        assert _img(qemu_img, "bitmap", "--add", *args[:-1], p, args[-1]).returncode == 0
+    io = shutil.which("qemu-io") or os.path.join(os.path.dirname(qemu_img), "qemu-io")
+    subprocess.run([io, "-f", "qcow2", "-c", "write -P 1 0 256k", "-c", "write -P 2 3M 64k", str(p)],
+                   check=True, capture_output=True)
+    return p
+
+
+@pytest.mark.parametrize("args", [["bitmap", "--add", "-g", "8k", "IMG", "new"], ["bitmap", "--remove", "IMG", "b2"],
+                                  ["bitmap", "--merge", "b1", "--enable", "IMG", "b3"], ["resize", "IMG", "+1M"],
+                                  ["convert", "-n", "-O", "qcow2", "SRC", "IMG"]],
+                         ids=lambda a: " ".join(a[:2]))
+def test_storing_bitmaps_survives_every_kill_point(tmp_path, qemu_img, strace, with_bitmaps, args):
+    """Storing bitmaps at close writes new tables and a new directory, then switches the header,
+    then frees the old clusters: a kill at any write leaves at most leaks, and QEMU sees each
+    bitmap either in_use (the image was open for writing), or exactly as before or as after."""
+    src = tmp_path / "src.qcow2"
+    assert _img(qemu_img, "create", "-q", "-f", "qcow2", src, "8M").returncode == 0
+    subprocess.run([shutil.which("qemu-io") or "qemu-io", "-f", "qcow2", "-c", "write -P 7 1M 100k", str(src)],
+                   check=True, capture_output=True)
+    base = with_bitmaps
+
+    def argv(p):
+        return _qcowpy_argv(*[str(p) if a == "IMG" else str(src) if a == "SRC" else a for a in args])
+
+    done = tmp_path / "done.qcow2"
+    shutil.copy(base, done)
+    assert subprocess.run(argv(done), capture_output=True).returncode == 0
+    after = _bitmap_view(qemu_img, done)
+    assert _bitmap_view(qemu_img, base) != after or args[0] == "resize"  # resize: same bits, tables sized anew
+
+    def accept(seen, before, completed, what):
+        if completed:
+            assert seen == after, what
+            return
+        if seen.keys() not in (before.keys(), after.keys()):
+            pytest.fail(f"{what}: bitmaps {sorted(seen)}, neither {sorted(before)} nor {sorted(after)}")
+        for name, view in seen.items():
+            assert view == "in-use" or view in (before.get(name), after.get(name)), f"{what}: {name} {view}"
+
+    assert _sweep(strace, qemu_img, tmp_path, base, argv, accept, view=_bitmap_view) > 3

@@ -20,10 +20,12 @@ def bitmap_readers(dev: Any, names: list[str], writable: bool) -> dict[str, Dirt
     out: dict[str, DirtyExtents] = {}
     if not names:
         return out
-    present = {b.name.decode("utf-8", "replace") for b in dev.bitmaps()}
-    for name in names:
+    present = {b.name.decode("utf-8", "replace"): b for b in dev.bitmaps()}
+    for name in reversed(names):  # qemu-nbd prepends each -B: the last one given is context 2
         if name not in present:
             raise OptionError(f"Bitmap '{name}' is not found")
+        if getattr(present[name], "in_use", False):
+            raise OptionError(f"Bitmap '{name}' is inconsistent and cannot be used")
         whole = getattr(dev, "bitmap_dirty", None)
         if whole is None:
             raise OptionError(f"Bitmap '{name}' cannot be read: this build does not read bitmap data yet")
