@@ -6,7 +6,7 @@ from typing import Any
 
 from ..errors import InvalidArgument
 from ..format.constants import MAX_L1_SIZE_BYTES
-from ..hostfile import HostFile
+from ..hostfile import HostFile, set_create_hints
 from ..crypto.luks import CreateOptions as LuksCreateOptions
 from ..crypto.secret import passphrase
 from ..qcow2.create import EncryptSpec, Qcow2Options, create_qcow2
@@ -66,6 +66,12 @@ def qcow2_options(size: int, **options: Any) -> Qcow2Options:
             opts.data_file = str(value)
         elif key == "data_file_raw":
             opts.data_file_raw = _bool(key, value)
+        elif key == "nocow":
+            opts.nocow = _bool(key, value)
+        elif key == "extent_size_hint":
+            opts.extent_size_hint = parse_option_size(key, value)
+        elif key == "warn":
+            opts.warn = value
         else:
             raise InvalidArgument(f"Invalid parameter '{key.replace('_', '-') if False else key}'")
     return opts
@@ -115,6 +121,10 @@ def create_image(path: str, size: int | str | None = None, format: str = "qcow2"
         if options.get("backing_file"):
             raise InvalidArgument("'raw' does not support backing files")
         prealloc = str(options.pop("preallocation", None) or "off")
+        nocow = _bool("nocow", options.pop("nocow", False))
+        hint = options.pop("extent_size_hint", None)
+        hint = None if hint is None else parse_option_size("extent_size_hint", hint)
+        warn = options.pop("warn", None)
         for key in options:
             raise InvalidArgument(f"Invalid parameter '{key}'")
         if size is None:
@@ -122,6 +132,9 @@ def create_image(path: str, size: int | str | None = None, format: str = "qcow2"
         size = (size + 511) & ~511  # file-posix creates whole sectors
         f = HostFile(path, writable=True, create=True)
         try:
+            message = set_create_hints(f.fd, nocow, hint)
+            if message and warn is not None:
+                warn(message)
             if prealloc == "off":
                 f.truncate(size)
             elif prealloc == "falloc":

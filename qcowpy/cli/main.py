@@ -68,7 +68,7 @@ def create(fmt, options, backing, backing_fmt, unsafe, quiet, objects, args) -> 
     req = CreateRequest(file_protocol_path(filename), fmt, size, optstr, backing, backing_fmt, unsafe,
                         shown_as=filename)
     try:
-        run_create(req, quiet, echo=lambda line: (out(line + "\n"), sys.stdout.flush()))
+        run_create(req, quiet, echo=lambda line: (out(line + "\n"), sys.stdout.flush()), warn=warn_line)
     except CreateError as e:
         raise CommandFailed(f"{filename}: {e}", hint=e.hint) from None
     except QcowError as e:

@@ -7,13 +7,14 @@ therefore 3 clusters plus 320 bytes, byte for byte what qemu-img writes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from ..crypto.luks import CreateOptions as LuksCreateOptions
 from ..errors import InvalidArgument, UnsupportedFeature
 from ..format import constants as C
 from ..format.header import Header, feature_table_bytes, pack_header
 from ..format.refcount import set_refcount
-from ..hostfile import HostFile, open_host_file
+from ..hostfile import HostFile, open_host_file, set_create_hints
 from .encryption import set_up
 from .image import Qcow2Image
 from .resize import preallocate, resize
@@ -38,6 +39,9 @@ class Qcow2Options:
     encrypt: "EncryptSpec | None" = None  # encrypt the new image (set up last, as QEMU does)
     data_file: str | None = None  # external data file (created, or truncated, here)
     data_file_raw: bool = False
+    nocow: bool = False  # the file driver's creation hints (hostfile.set_create_hints)
+    extent_size_hint: int | None = None
+    warn: "Callable[[str], None] | None" = None  # where a hint that could not be set is reported
 
     @property
     def version(self) -> int:
@@ -96,6 +100,13 @@ class EncryptSpec:
     luks: LuksCreateOptions | None = None
 
 
+def _file_hints(f, nocow: bool, extent_size_hint: int | None, warn: "Callable[[str], None] | None") -> None:
+    if hasattr(f, "fd"):  # a local file (rbd: and other protocols have no such hints)
+        message = set_create_hints(f.fd, nocow, extent_size_hint)
+        if message and warn is not None:
+            warn(message)
+
+
 def create_qcow2(path: str, opts: Qcow2Options) -> None:
     """Write a new, empty qcow2 image at ``path`` (truncating any file there)."""
     opts.validate()
@@ -131,6 +142,7 @@ def create_qcow2(path: str, opts: Qcow2Options) -> None:
         set_refcount(block, i, order, 1)
     f = open_host_file(path, writable=True, create=True)
     try:
+        _file_hints(f, opts.nocow, opts.extent_size_hint, opts.warn)
         f.pwrite(head + bytes(cs - len(head)) + reftable + bytes(cs - 8) + block, 0)
     finally:
         f.close()

@@ -89,6 +89,9 @@ def validate(fmt: str, opts: ParsedOpts) -> dict:
     v = opts.values
     prealloc = str(v.get("preallocation", "off"))
     size = int(v["size"])  # type: ignore[call-overload]
+    if int(v.get("extent_size_hint", 0)) > 0xFFFFFFFF:  # type: ignore[call-overload]
+        raise InvalidArgument("Extent size hint is too large")  # the file driver's check, before the file
+    hints = {k: v[k] for k in ("nocow", "extent_size_hint") if k in v}
     if fmt in _BARE:  # file-posix's words
         if prealloc not in _PREALLOC_MODES:
             raise InvalidArgument(f"invalid parameter value: {prealloc}")
@@ -96,7 +99,7 @@ def validate(fmt: str, opts: ParsedOpts) -> dict:
             raise _LateRefusal(f"Unsupported preallocation mode: {prealloc}")
         out = {"preallocation": prealloc} if "preallocation" in v else {}
         out.update({k: v[k] for k in ("cluster_size", "password-secret") if k in v})  # rbd: object size, key
-        return out
+        return {**out, **hints}
     compat = str(v.get("compat", "1.1"))
     if compat not in _VERSIONS:
         raise InvalidArgument(f"Parameter 'version' does not accept value '{compat}'")
@@ -148,10 +151,12 @@ def validate(fmt: str, opts: ParsedOpts) -> dict:
             out[key] = v[key]
     if spec is not None:
         out["encrypt"] = spec
+    out.update(hints)
     return out
 
 
-def run_create(req: CreateRequest, quiet: bool = False, echo: Callable[[str], None] = print) -> None:
+def run_create(req: CreateRequest, quiet: bool = False, echo: Callable[[str], None] = print,
+               warn: Callable[[str], None] | None = None) -> None:
     """The whole ``qemu-img create``: checks, Formatting line, then the image."""
     opts = prepare(req)
     if not quiet:
@@ -162,6 +167,8 @@ def run_create(req: CreateRequest, quiet: bool = False, echo: Callable[[str], No
         create_image(req.filename, 0, "raw")
         raise
     size = int(opts.values["size"])  # type: ignore[call-overload]
+    if warn is not None and "extent_size_hint" in kwargs:  # only an explicit hint is worth a warning
+        kwargs["warn"] = warn
     try:
         if req.fmt == "qcow2":
             # the checks above are qemu-img's; the backing file was opened (or -u given) already

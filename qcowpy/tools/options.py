@@ -57,21 +57,32 @@ PROTOCOL_OPTS = {
 }
 
 
+# What QEMU's file protocol adds for a local file (after the format's own options)
+FILE_PROTOCOL_OPTS = [OptDesc("nocow", "bool", "Turn off copy-on-write (valid only on btrfs)"),
+                      OptDesc("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable")]
+
+
 def create_opts(fmt: str, filename: str | None = None) -> list[OptDesc]:
-    """The create options of ``fmt`` on the protocol ``filename`` names (a local file: none added).
+    """The create options of ``fmt`` on the protocol ``filename`` names (a local file adds the file
+    driver's ``nocow`` and ``extent_size_hint``; no filename, as in ``-o help``, adds nothing).
     raw's ``preallocation`` is the file protocol's option in QEMU, so another protocol drops it."""
     descs = list(CREATE_OPTS[fmt])
+    protocol = False
     for prefix, extra in PROTOCOL_OPTS.items():
         if filename and filename.startswith(prefix):
+            protocol = True
             if fmt == "raw":
                 descs = [d for d in descs if d.name != "preallocation"]
             descs += [d for d in extra if d.name not in {x.name for x in descs}]
+    if filename and not protocol and (filename.startswith("file:") or ":" not in filename.split("/", 1)[0]):
+        descs += FILE_PROTOCOL_OPTS
+        if fmt in ("raw", "file"):  # raw's list is the file driver's own, in its order
+            order = ("size", "nocow", "preallocation", "extent_size_hint")
+            descs.sort(key=lambda d: order.index(d.name) if d.name in order else len(order))
     return descs
 
 # Options QEMU has that qcowpy recognises but does not implement: a clear error, not "Invalid parameter".
-_UNSUPPORTED = {
-    "nocow": "The 'nocow' option", "extent_size_hint": "The 'extent_size_hint' option",
-}
+_UNSUPPORTED: dict[str, str] = {}
 
 _TRUE = ("on", "yes", "true", "y")
 _FALSE = ("off", "no", "false", "n")
