@@ -284,11 +284,14 @@ def dd(fmt, out_fmt, force_share, image_opts, objects, operands) -> None:
 @click.option("-o", "options", multiple=True, metavar="OPTIONS", help="Creation options of the output format.")
 @_output_option
 @click.option("--size", "size", metavar="SIZE", help="Measure a new image of this size instead of an input.")
+@click.option("-l", "snapshot_param", metavar="SNAPSHOT_PARAM",
+              help="Measure an internal snapshot of the input (ID or name, or snapshot.id=/snapshot.name=).")
 @click.option("-U", "--force-share", is_flag=True, help="Open the input without the shared write lock.")
 @click.option("--image-opts", is_flag=True, hidden=True)
 @click.option("--object", "objects", multiple=True, hidden=True)
 @click.argument("filenames", nargs=-1)
-def measure(fmt, out_fmt, options, output, size, force_share, image_opts, objects, filenames) -> None:
+def measure(fmt, out_fmt, options, output, size, snapshot_param, force_share, image_opts, objects,
+            filenames) -> None:
     """Print the file size an image (or a new image of --size) needs in OUTPUT_FMT.
 
     \b
@@ -296,22 +299,24 @@ def measure(fmt, out_fmt, options, output, size, force_share, image_opts, object
     """
     from ..tools import options as optmod
     from ..tools.measure import measure as run_measure, render
+    from .convert import _snapshot_loader
 
     check_output(output)
+    loader = _snapshot_loader(snapshot_param, 1)
     if len(filenames) > 1:
         raise CommandFailed("At most one filename argument is allowed.")
     parse_objects(objects)
     filename = filenames[0] if filenames else None
     if filename and image_opts:
         filename, fmt = image_name(filename, image_opts, fmt)
-    if not filename and fmt:
+    if not filename and (fmt or image_opts or snapshot_param is not None):
         raise CommandFailed("--image-opts, -f, and -l require a filename argument.")
     nbytes = size_arg("image size", size) if size is not None else None
     if filename and nbytes is not None:
         raise CommandFailed("--size N cannot be used together with a filename.")
     if not filename and nbytes is None:
         raise CommandFailed("Either --size N or one filename must be specified.")
-    out(render(run_measure(out_fmt, optmod.accumulate(options), filename, fmt, nbytes, force_share), output))
+    out(render(run_measure(out_fmt, optmod.accumulate(options), filename, fmt, nbytes, force_share, loader), output))
 
 
 # ---------------------------------------------------------------------------------------- rebase

@@ -8,6 +8,7 @@ ranges drop out; everything counts when a backing file is given). raw counts eve
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from ..block.device import BlockDevice, status_at
 from ..block.open import open_image
@@ -124,7 +125,9 @@ _DIR_ENTRY_SIZE = 24  # a bitmap directory entry's fixed part
 
 
 def measure(out_fmt: str, options: str | None, filename: str | None = None, fmt: str | None = None,
-            size: int | None = None, force_share: bool = False) -> Measure:
+            size: int | None = None, force_share: bool = False,
+            load_snapshot: "Callable[[BlockDevice], None] | None" = None) -> Measure:
+    """qemu-img measure; ``load_snapshot`` (``-l``) makes the input show an internal snapshot."""
     if out_fmt in _NO_MEASURE:
         raise MeasureError(f"Block driver '{out_fmt}' does not support size measurement")
     try:
@@ -135,6 +138,11 @@ def measure(out_fmt: str, options: str | None, filename: str | None = None, fmt:
         raise MeasureError(f"{e}\nInvalid options for file format '{out_fmt}'") from None
     dev = open_image(filename, "r", fmt, force_share=force_share) if filename else None
     try:
+        if dev is not None and load_snapshot is not None:
+            try:
+                load_snapshot(dev)
+            except QcowError as e:
+                raise MeasureError(f"Failed to load snapshot: {e}") from None
         virtual = size if size is not None else int(opts.values.get("size", 0))  # type: ignore[call-overload]
         if out_fmt == "raw":
             total = dev.size if dev is not None else _round_up(virtual, 512)

@@ -60,3 +60,19 @@ def test_fully_allocated_size_is_a_full_preallocation(tmp_path, qemu_img, opts, 
     order = 0 if opts and "refcount_bits=1" in opts[1] else 4
     assert qcow2_prealloc_size(int(size[:-1]) << {"M": 20, "G": 30}[size[-1]], cs, order,
                                bool(opts) and "extended_l2" in opts[1]) == p.stat().st_size
+
+
+@pytest.mark.parametrize("param", ["s1", "snapshot.name=s1", "snapshot.id=1", "nope", "snapshot.id=9",
+                                   "snapshot.bogus=1", "1"])
+def test_measure_internal_snapshot_like_qemu_img(tmp_path, qemu_img, param):
+    """``measure -l``: the input as the snapshot sees it (QEMU's bdrv_snapshot_load_tmp), with
+    qemu-img's messages when the snapshot or the parameter is wrong."""
+    img = tmp_path / "m.qcow2"
+    assert qemu(qemu_img, "create", "-q", "-f", "qcow2", img, "64M").code == 0
+    qemu_io(qemu_img, img, "write -P 1 0 8M")
+    assert qemu(qemu_img, "snapshot", "-c", "s1", img).code == 0
+    qemu_io(qemu_img, img, "write -P 2 16M 16M")
+    for out_fmt in ("qcow2", "raw"):
+        args = ["measure", "-O", out_fmt, "--output=json", "-l", param, str(img)]
+        want, got = qemu(qemu_img, *args), run(*args)
+        assert (got.code, got.out, as_qemu(got.err)) == (want.code, want.out, want.err)
