@@ -51,13 +51,14 @@ def cluster_type(entry: int) -> ClusterType:
     return ClusterType.NORMAL if entry & C.L2E_OFFSET_MASK else ClusterType.UNALLOCATED
 
 
-def subcluster_type(entry: int, bitmap: int, index: int) -> ClusterType:
-    """Type of subcluster ``index`` (0..31) of an extended L2 entry."""
+def subcluster_type(entry: int, bitmap: int, index: int, data_file: bool = False) -> ClusterType:
+    """Type of subcluster ``index`` (0..31) of an extended L2 entry. With an external data file
+    offset 0 is a real host offset, told from "unallocated" by the COPIED bit (QEMU's rule)."""
     alloc = (bitmap >> index) & 1
     zero = (bitmap >> (32 + index)) & 1
     if entry & C.OFLAG_COMPRESSED:
         return ClusterType.INVALID if bitmap else ClusterType.COMPRESSED
-    if entry & C.L2E_OFFSET_MASK:
+    if entry & C.L2E_OFFSET_MASK or (data_file and entry & C.OFLAG_COPIED):
         if alloc and zero:
             return ClusterType.INVALID
         if zero:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..crypto.luks import CreateOptions as LuksCreateOptions
-from ..errors import InvalidArgument, UnsupportedFeature
+from ..errors import InvalidArgument
 from ..format import constants as C
 from ..format.header import Header, feature_table_bytes, pack_header
 from ..format.refcount import set_refcount
@@ -87,8 +87,6 @@ class Qcow2Options:
         if self.data_file and self.version < 3:
             raise InvalidArgument("External data files are only supported with compatibility level 1.1 "
                                   "and above (use version=v3 or greater)")
-        if self.data_file and self.extended_l2:
-            raise UnsupportedFeature("qcowpy does not support extended L2 entries with an external data file")
 
 
 @dataclass

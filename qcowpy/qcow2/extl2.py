@@ -58,7 +58,7 @@ class ExtendedL2Writes:
             write(buf, host + s0 * sc, cstart + s0 * sc)
             meta.set_l2_entry(cstart, entry, new_bitmap)
             return
-        new_host = meta.refcounts.alloc_clusters(1)
+        new_host = self.image.alloc_data(cstart, 1)  # with a data file: the guest offset itself
         if compressed or host:
             # the whole cluster moves: a compressed one becomes fully allocated, a shared one is copied
             full = bytearray(cs)

@@ -443,6 +443,8 @@ class Qcow2Image:
             self.begin_change()
             self.bitmaps.mark(offset, length)
             if self._ext is not None:
+                if self.header.autoclear_features & C.AUTOCLEAR_DATA_FILE_RAW:
+                    self.data.pwrite(bytes(length), offset)  # the raw data file stays a readable raw image
                 self._ext.write_zeroes(length, offset, unmap)
                 return
             cs = self.cluster_size

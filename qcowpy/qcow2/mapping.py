@@ -185,7 +185,7 @@ def cluster_pieces(meta: Metadata, table: list[int] | None, idx: int) -> list[tu
     sc = cs // C.SUBCLUSTERS_PER_CLUSTER
     pieces: list[tuple[ClusterType, int, int, int]] = []
     for i in range(C.SUBCLUSTERS_PER_CLUSTER):
-        t = subcluster_type(entry, bitmap, i)
+        t = subcluster_type(entry, bitmap, i, meta.external_data)
         if t == ClusterType.INVALID:
             raise CorruptImage(f"Invalid subcluster bitmap {bitmap:#x} in L2 entry")
         # A reserved but unallocated subcluster reads from below yet keeps its host offset,

@@ -24,8 +24,6 @@ def validate_header(h: Header, fsize: int, check_mode: bool) -> None:
     msg = unknown_incompatible_message(h)
     if msg:
         raise UnsupportedFeature(msg)
-    if h.incompatible_features & C.INCOMPAT_DATA_FILE and h.extended_l2:
-        raise UnsupportedFeature("qcowpy does not support extended L2 entries with an external data file")
     if h.refcount_table_clusters == 0 and not check_mode:
         raise CorruptImage("Image does not contain a reference count table")
     _check_table(h.refcount_table_offset, h.refcount_table_clusters, cs, C.MAX_REFTABLE_SIZE_BYTES, cs,

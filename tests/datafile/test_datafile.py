@@ -40,6 +40,8 @@ def _files(d) -> dict[str, bytes]:
     ("data_file=d.raw,preallocation=full", "3M"),
     ("data_file=d.raw,preallocation=falloc,cluster_size=512", "1M"),
     ("data_file=d.raw,lazy_refcounts=on,refcount_bits=1", "7M"),
+    ("data_file=d.raw,extended_l2=on", "5M"),
+    ("data_file=d.raw,extended_l2=on,data_file_raw=on", "3M"),
 ])
 def test_create_is_byte_identical(qemu_img, tmp_path, opts, size):
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
@@ -91,11 +93,12 @@ def _apply_model(model: bytearray, kind: str, off: int, length: int, pat: int, c
             model[start:end] = bytes(end - start)
 
 
+@pytest.mark.parametrize("ext", [False, True], ids=["std", "extl2"])
 @pytest.mark.parametrize("raw", [False, True])
 @pytest.mark.parametrize("seed", [1, 2])
-def test_qcowpy_writes_qemu_reads(qemu, here, raw, seed):
+def test_qcowpy_writes_qemu_reads(qemu, here, raw, seed, ext):
     size, cs = 4 * MiB, 65536
-    opts = "data_file=d.raw" + (",data_file_raw=on" if raw else "")
+    opts = "data_file=d.raw" + (",data_file_raw=on" if raw else "") + (",extended_l2=on" if ext else "")
     assert run_qcowpy("create", "-q", "-f", "qcow2", "-o", opts, "a.qcow2", str(size)).code == 0
     rng = random.Random(seed)
     model = bytearray(size)
@@ -141,9 +144,10 @@ def test_data_file_raw_stays_a_raw_image(qemu, here):
     qemu.assert_clean("a.qcow2")
 
 
+@pytest.mark.parametrize("ext", [False, True], ids=["std", "extl2"])
 @pytest.mark.parametrize("raw", [False, True])
-def test_qemu_writes_qcowpy_reads(qemu, qemu_img, here, raw):
-    opts = "data_file=d.raw" + (",data_file_raw=on" if raw else "")
+def test_qemu_writes_qcowpy_reads(qemu, qemu_img, here, raw, ext):
+    opts = "data_file=d.raw" + (",data_file_raw=on" if raw else "") + (",extended_l2=on" if ext else "")
     qemu.img("create", "-q", "-f", "qcow2", "-o", opts, "a.qcow2", "3M")
     qemu.io("a.qcow2", "write -P 0x11 0 70000", "write -z 131072 65536", "write -P 0x22 300000 5000",
             "write -z -u 393216 131072", "discard 655360 65536", "write -P 0x33 2000000 1000000")
@@ -295,3 +299,26 @@ def test_commit_of_a_data_file_overlay_matches_qemu_img(qemu_img, tmp_path):
     for name in ("top.qcow2", "top.raw"):
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes(), name
     assert run_qemu(qemu_img, "compare", "base.qcow2", "../theirs/base.qcow2", cwd=tmp_path / "ours").code == 0
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_extended_l2_writes_are_qemu_io_bytes(qemu, here, raw):
+    """Extended L2 with a data file: the same requests through qcowpy and through qemu-io leave
+    byte-identical qcow2 files and data files (guest cluster 0 sits at data-file offset 0)."""
+    opts = "data_file=d.raw,extended_l2=on" + (",data_file_raw=on" if raw else "")
+    for side in ("q", "o"):
+        (here / side).mkdir()
+        os.chdir(here / side)  # the data file's name is relative to where the image is used
+        qemu.img("create", "-q", "-f", "qcow2", "-o", opts, "a.qcow2", "4M")
+    os.chdir(here / "q")
+    qemu.io("a.qcow2", "write -P 1 1000 70000", "write -z 200k 100k", "write -P 2 1M 6k", "discard 2M 128k",
+            "write -z -u 3M 64k")
+    os.chdir(here / "o")
+    with qcowpy.open("a.qcow2", "r+") as dev:
+        dev.pwrite(b"\x01" * 70000, 1000)
+        dev.write_zeroes(100 << 10, 200 << 10)
+        dev.pwrite(b"\x02" * 6144, 1 << 20)
+        dev.discard(128 << 10, 2 << 20)
+        dev.write_zeroes(64 << 10, 3 << 20, unmap=True)
+    assert _files(here / "q") == _files(here / "o")
+    qemu.assert_clean("a.qcow2")
