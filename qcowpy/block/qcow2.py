@@ -60,7 +60,7 @@ class Qcow2Device(BlockDevice):
     def layer_status(self, offset: int, length: int, max_extents: int | None = None) -> Iterator[LayerStatus]:
         plain = self.image.crypto is None  # QEMU reports no host offset for encrypted data
         # (nor looks through it at the host file's holes: no BDRV_BLOCK_RECURSE when encrypted)
-        prealloc = plain and self.image.metadata_preallocated() and hasattr(self.image.data, "fd")
+        prealloc = plain and self.image.metadata_preallocated() and getattr(self.image.data, "fd", -1) >= 0
         name = self.data_filename
         for e in self.image.layer_extents(offset, length, max_extents):
             if prealloc and e.kind == DATA and e.host_offset is not None:

@@ -99,7 +99,7 @@ class EncryptSpec:
 
 
 def _file_hints(f, nocow: bool, extent_size_hint: int | None, warn: "Callable[[str], None] | None") -> None:
-    if hasattr(f, "fd"):  # a local file (rbd: and other protocols have no such hints)
+    if getattr(f, "fd", -1) >= 0:  # a local file (rbd: and other protocols have no such hints)
         message = set_create_hints(f.fd, nocow, extent_size_hint)
         if message and warn is not None:
             warn(message)
