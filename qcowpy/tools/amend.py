@@ -8,14 +8,14 @@ flow (``encrypt.*``: LUKS key slots).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ..block.open import open_image
 from ..format import constants as C
 from ..qcow2 import amend as engine
 from ..qcow2.resize import resize
-from .options import OptDesc, format_help_entries, split_options, typed_value
+from .options import CREATE_OPTS, OptDesc, format_help_entries, split_options, typed_value
 
 _ENCRYPT = [
     OptDesc("encrypt.state", "str", "Select new state of affected keyslots (active/inactive)"),
@@ -24,16 +24,10 @@ _ENCRYPT = [
     OptDesc("encrypt.new-secret", "str", "New secret to set in the matching keyslots. Empty string to erase"),
     OptDesc("encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds"),
 ]
-_COMMON = [
-    OptDesc("size", "size", "Virtual disk size"),
-    OptDesc("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
-    OptDesc("backing_file", "str", "File name of a base image"),
-    OptDesc("backing_fmt", "str", "Image format of the base image"),
-    OptDesc("data_file", "str", "File name of an external data file"),
-    OptDesc("data_file_raw", "bool", "The external data file must stay valid as a raw image"),
-    OptDesc("lazy_refcounts", "bool", "Postpone refcount updates"),
-    OptDesc("refcount_bits", "num", "Width of a reference count entry in bits"),
-]
+# the create options qcow2 can also amend, described once (tools/options.py), in QEMU's order
+_COMMON = [replace(next(d for d in CREATE_OPTS["qcow2"] if d.name == name), default=None)
+           for name in ("size", "compat", "backing_file", "backing_fmt", "data_file", "data_file_raw",
+                        "lazy_refcounts", "refcount_bits")]
 AMEND_OPTS = _ENCRYPT + _COMMON  # QEMU's qcow2_amend_opts, in its order
 
 
@@ -79,7 +73,6 @@ def amend_help(fmt: str = "qcow2") -> str:
 
 def parse_amend_options(text: str) -> dict[str, object]:
     """Typed values of the ``-o`` options, refusing creation-only ones as qemu-img does."""
-    from .options import CREATE_OPTS
     by_name = {d.name: d for d in AMEND_OPTS}
     create_names = {d.name for d in CREATE_OPTS["qcow2"]} | {"encryption", "encrypt.format", "encrypt.key-secret",
                                                               "encrypt.cipher-alg", "encrypt.cipher-mode",
