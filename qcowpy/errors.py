@@ -69,3 +69,18 @@ class CorruptedRead(CorruptImage):
         super().__init__("Input/output error")
         self.event = event
         self.offset = offset  # the guest offset whose metadata is corrupt
+
+
+class CompressedReadError(CorruptImage):
+    """A compressed cluster that does not inflate to exactly one cluster. QEMU fails the read
+    with EIO and reports no corruption event; ``str`` says why, ``strerror`` is qemu-img's."""
+
+    strerror = "Input/output error"
+
+
+READ_ERRORS = (OSError, CorruptedRead, CompressedReadError)  # a guest read failing, as QEMU's -errno
+
+
+def read_error_reason(e: BaseException) -> str:
+    """What qemu-img prints for a failed read: the errno's text."""
+    return getattr(e, "strerror", None) or str(e)

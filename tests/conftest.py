@@ -140,3 +140,17 @@ def require_qemu_img() -> str:
 def qemu_img() -> str:
     """Path of the qemu-img binary (session scoped); see require_qemu_img."""
     return require_qemu_img()
+
+
+# ---------------------------------------------------------------------------------------------
+# Codecs: byte-for-byte comparisons with qemu-img's compressed clusters
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def deflate_as_qemu():
+    """Compress deflate clusters with Python's zlib, whose bytes are qemu-img's (the default,
+    zlib-ng, writes other valid streams): for tests that compare whole files with qemu-img's."""
+    from qcowpy.qcow2 import codec
+    previous = codec.set_deflate_library("zlib")
+    yield
+    codec.set_deflate_library(previous)

@@ -154,6 +154,12 @@ class BlockDevice(ABC):
         """Write one whole cluster compressed (only where ``can_write_compressed``)."""
         raise UnsupportedFeature(f"Format '{self.format}' does not support compressed writes")
 
+    def write_compressed_many(self, items: list[tuple[bytes, int]]) -> None:
+        """Several ``(cluster, offset)`` compressed writes in order; formats that can, compress
+        them in parallel."""
+        for data, offset in items:
+            self.write_compressed(data, offset)
+
     supports_snapshots = False
 
     def snapshots(self) -> list[Snapshot]:

@@ -42,6 +42,9 @@ class Qcow2Device(BlockDevice):
     def write_compressed(self, data: bytes, offset: int) -> None:
         self.image.write_compressed(data, offset)
 
+    def write_compressed_many(self, items: list[tuple[bytes, int]]) -> None:
+        self.image.write_compressed_many(items)
+
     def write_zeroes(self, length: int, offset: int, unmap: bool = False) -> None:
         self.image.write_zeroes(length, offset, unmap=unmap)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-from ..errors import CorruptImage, InvalidArgument, QcowError, ReadOnlyError, UnsupportedFeature
+from ..errors import CorruptImage, InvalidArgument, QcowError, ReadOnlyError
 from ..format import constants as C
 from ..format.entries import ClusterType, compressed_descriptor, l2_offset, make_compressed_entry
 from ..format.entries import cluster_type as std_cluster_type
@@ -24,6 +24,7 @@ from .mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, LayerExtent, layer_ext
 from .encryption import ImageCrypto, open_crypto
 from .metadata import Metadata
 from .opencheck import l1_entries_for, validate_contents, validate_header
+from .compressed import read_compressed, write_compressed_many
 
 __all__ = ["Qcow2Image", "l1_entries_for", "LayerExtent", "UNALLOCATED", "ZERO", "DATA", "COMPRESSED", "MAX_RUN_BYTES"]
 
@@ -221,13 +222,7 @@ class Qcow2Image:
             elif ext.kind == UNALLOCATED and self.backing is not None:
                 self._read_backing_into(dst, ext.start)
             elif ext.kind == COMPRESSED:
-                p = ext.start
-                while p < ext.start + ext.length:
-                    cstart = p & ~(self.cluster_size - 1)
-                    n = min(ext.start + ext.length, cstart + self.cluster_size) - p
-                    data = self._read_compressed_cluster(cstart)
-                    dst[p - ext.start:p - ext.start + n] = memoryview(data)[p - cstart:p - cstart + n]
-                    p += n
+                self._read_compressed(dst, ext.start)
             elif not zeroed:  # ZERO, or UNALLOCATED without a backing file
                 zero_fill(dst)
             pos += ext.length
@@ -254,13 +249,20 @@ class Qcow2Image:
         if n < len(dst):
             zero_fill(dst[n:])
 
+    def _read_compressed(self, dst: memoryview, start: int) -> None:
+        read_compressed(self, dst, start)
+
+    def _compressed_desc(self, entry: int, file_size: int | None = None) -> tuple[int, int]:
+        host, nbytes = compressed_descriptor(entry, self.cluster_bits)
+        if host + nbytes > (self.file.size() if file_size is None else file_size) + C.COMPRESSED_SECTOR_SIZE:
+            raise CorruptImage(f"Compressed cluster at {host:#x} lies past the end of the image file")
+        return host, nbytes
+
     def _read_compressed_cluster(self, guest_cluster: int) -> bytes:
         entry = self.meta.l2_entry(guest_cluster)[0]
         if self._compressed_cache and self._compressed_cache[0] == entry:
             return self._compressed_cache[1]
-        host, nbytes = compressed_descriptor(entry, self.cluster_bits)
-        if host + nbytes > self.file.size() + C.COMPRESSED_SECTOR_SIZE:
-            raise CorruptImage(f"Compressed cluster at {host:#x} lies past the end of the image file")
+        host, nbytes = self._compressed_desc(entry)
         data = codec.decompress(self.file.pread(nbytes, host), self.header.compression_type, self.cluster_size)
         self._compressed_cache = (entry, data)
         return data
@@ -409,26 +411,21 @@ class Qcow2Image:
                 if fsize % 512:
                     self.file.truncate((fsize + 511) & ~511)
                 return
-            if self.external_data:  # QEMU: -ENOTSUP
-                raise UnsupportedFeature("Operation not supported")
-            cs = self.cluster_size
-            if offset % cs or len(data) > cs or (len(data) < cs and offset + len(data) != self.size):
-                raise InvalidArgument("Compressed writes must cover exactly one cluster")
-            self.check_range(offset, len(data))
-            self.begin_change()
-            self.bitmaps.mark(offset, len(data))
-            if len(data) < cs:
-                data = bytes(data) + bytes(cs - len(data))
-            comp = codec.compress(bytes(data), self.header.compression_type, cs)
-            if comp is None:  # does not shrink: store it plainly, as QEMU does
-                self.pwrite(data[:min(cs, self.size - offset)], offset)
-                return
-            meta = self.meta
-            meta.writable_l2(offset >> (self.cluster_bits + meta.l2_bits))  # L2 before data, as QEMU
-            host = meta.refcounts.alloc_bytes(len(comp))
-            self.file.pwrite(comp, host)
-            old = meta.set_l2_entry(offset, make_compressed_entry(host, len(comp), self.cluster_bits))
-            meta.free_entry_later(old[0])
+        self.write_compressed_many([(data, offset)])
+
+    def write_compressed_many(self, items: list[tuple[bytes, int]]) -> None:
+        """Several whole clusters, compressed on the worker pool and then stored in list order
+        (the file layout is the one cluster-by-cluster writes give)."""
+        write_compressed_many(self, items)
+
+    def store_compressed(self, offset: int, comp: bytes) -> None:
+        """Point the L2 entry of the cluster at ``offset`` at ``comp``, new compressed bytes."""
+        meta = self.meta
+        meta.writable_l2(offset >> (self.cluster_bits + meta.l2_bits))  # L2 before data, as QEMU
+        host = meta.refcounts.alloc_bytes(len(comp))
+        self.file.pwrite(comp, host)
+        old = meta.set_l2_entry(offset, make_compressed_entry(host, len(comp), self.cluster_bits))
+        meta.free_entry_later(old[0])
 
     def write_zeroes(self, length: int, offset: int, unmap: bool = False) -> None:
         """Make a range read as zeros, allocating like QEMU: on v3 a cluster becomes a zero cluster
@@ -561,3 +558,4 @@ def open_data_file(header: Header, name: str | None, writable: bool, cache: str,
     if not name:
         raise InvalidArgument("'data-file' is required for this image")
     return HostFile(name, writable=writable, cache=cache, force_share=force_share)
+

@@ -11,7 +11,7 @@ from typing import Callable
 from ..kernels import is_zero
 from ..block.device import BlockDevice, Extent
 from ..block.open import open_image
-from ..errors import CorruptedRead, QcowError
+from ..errors import READ_ERRORS, CorruptedRead, QcowError, read_error_reason
 from .convert import Progress
 
 CHUNK = 4 << 20
@@ -156,7 +156,9 @@ class _ReadFailed(Exception):
 def _read(dev: BlockDevice, name: str, length: int, offset: int) -> bytes:
     try:
         return dev.pread(length, offset)
-    except (QcowError, OSError) as e:
+    except READ_ERRORS as e:
+        raise _ReadFailed(f"Error while reading offset {offset} of {name}: {read_error_reason(e)}") from None
+    except QcowError as e:
         raise _ReadFailed(f"Error while reading offset {offset} of {name}: {e}") from None
 
 

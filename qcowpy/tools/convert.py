@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 from ..kernels import is_zero, zero_runs
 from ..block.device import BlockDevice, Extent
 from ..block.open import open_image
-from ..errors import CorruptedRead, QcowError, UnsupportedFeature
+from ..errors import READ_ERRORS, CorruptedRead, QcowError, UnsupportedFeature, read_error_reason
 from .bitmap import check_copyable, copy_bitmaps
 from ..block.create import create_image, create_qcow2, qcow2_options
 from .create import validate
@@ -149,8 +149,10 @@ def _read(run: _Run, offset: int, length: int, salvage: Callable[[str], None] | 
     avail = max(0, min(length, run.src.size - src_off))
     try:
         data = run.src.pread(avail, src_off) if avail else b""
-    except (OSError, QcowError):
+    except (OSError, QcowError) as e:
         if salvage is None:
+            if isinstance(e, READ_ERRORS):
+                raise ConvertError(f"error while reading at byte {offset}: {read_error_reason(e)}") from None
             raise
         data = b"".join(_salvage_sector(run.src, pos, min(SECTOR, src_off + avail - pos), salvage)
                         for pos in range(src_off, src_off + avail, SECTOR))
@@ -246,8 +248,56 @@ def _copy_compressed(runs: list[_Run], target: BlockDevice, total: int, zero_ini
                      progress: Callable[[int], None], salvage: Callable[[str], None] | None = None,
                      allocate_all: bool = False) -> None:
     """Whole clusters: all-zero ones are skipped (or zero-written), others written compressed;
-    ``allocate_all`` (``-S 0``) compresses the all-zero ones too, as qemu-img does."""
+    ``allocate_all`` (``-S 0``) compresses the all-zero ones too, as qemu-img does.
+
+    Clusters to compress are handed over in batches, which the target compresses in parallel
+    and stores in cluster order (a zero write first flushes the batch, so the file's layout
+    is the one qemu-img's cluster-by-cluster loop gives)."""
     cs = target.cluster_size or 65536
+    batch: list[tuple[bytes, int]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        try:
+            target.write_compressed_many(batch)
+        except UnsupportedFeature as e:  # e.g. a target with an external data file (QEMU: -ENOTSUP)
+            raise ConvertError(f"error while writing at byte {batch[0][1]}: {e}") from None
+        progress(sum(len(d) for d, _ in batch))
+        batch.clear()
+
+    def zero(cstart: int, cend: int) -> None:
+        flush()
+        if not zero_init:
+            target.write_zeroes(cend - cstart, cstart, unmap=True)
+        progress(cend - cstart)
+
+    for cstart, cend, pieces in _clusters(runs, total, cs):
+        if all(p.kind == BACKING for p in pieces):
+            continue
+        if all(p.kind == ZERO for p in pieces) and not allocate_all:
+            zero(cstart, cend)
+            continue
+        buf = bytearray(cend - cstart)
+        for p in pieces:
+            a = max(p.start, cstart)
+            b = min(p.start + p.length, cend)
+            if p.kind == DATA or p.kind == BACKING:
+                buf[a - cstart:b - cstart] = _read(p, a, b - a, salvage)
+        if is_zero(memoryview(buf)) and not allocate_all:
+            zero(cstart, cend)
+            continue
+        batch.append((bytes(buf), cstart))
+        if len(batch) * cs >= _COMPRESS_BATCH:
+            flush()
+    flush()
+
+
+_COMPRESS_BATCH = 4 << 20  # bytes of clusters compressed together (bounds memory, feeds every worker)
+
+
+def _clusters(runs: list[_Run], total: int, cs: int) -> Iterator[tuple[int, int, list[_Run]]]:
+    """Each target cluster ``[cstart, cend)`` with the runs that cover it."""
     idx = 0
     for cstart in range(0, total, cs):
         cend = min(cstart + cs, total)
@@ -258,27 +308,7 @@ def _copy_compressed(runs: list[_Run], target: BlockDevice, total: int, zero_ini
         while j < len(runs) and runs[j].start < cend:
             pieces.append(runs[j])
             j += 1
-        if all(p.kind == BACKING for p in pieces):
-            continue
-        if all(p.kind == ZERO for p in pieces) and not allocate_all:
-            if not zero_init:
-                target.write_zeroes(cend - cstart, cstart, unmap=True)
-            continue
-        buf = bytearray(cend - cstart)
-        for p in pieces:
-            a = max(p.start, cstart)
-            b = min(p.start + p.length, cend)
-            if p.kind == DATA or p.kind == BACKING:
-                buf[a - cstart:b - cstart] = _read(p, a, b - a, salvage)
-        if is_zero(memoryview(buf)) and not allocate_all:
-            if not zero_init:
-                target.write_zeroes(cend - cstart, cstart, unmap=True)
-        else:
-            try:
-                target.write_compressed(bytes(buf), cstart)
-            except UnsupportedFeature as e:  # e.g. a target with an external data file (QEMU: -ENOTSUP)
-                raise ConvertError(f"error while writing at byte {cstart}: {e}") from None
-        progress(cend - cstart)
+        yield cstart, cend, pieces
 
 
 def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> None:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 
 import pytest
 
+from qcowpy.qcow2 import codec
 from qcowpy.tools.convert import Progress
 
 from .helpers import as_qemu, qcowpy, qemu, qemu_io
@@ -43,8 +45,9 @@ def _clean(qemu_img, d, name, fmt="qcow2"):
                                   ["-O", "qcow2", "-S", "0"], ["-c", "-O", "qcow2", "-S", "0"],
                                   ["-O", "qcow2", "-o", "compat=0.10"]],
                          ids=lambda a: " ".join(a) or "default")
-def test_convert_identical_to_qemu_img(src, qemu_img, args):
-    """Same bytes as qemu-img's own output (allocation order, sparseness and compression included)."""
+def test_convert_identical_to_qemu_img(src, qemu_img, args, deflate_as_qemu):
+    """Same bytes as qemu-img's own output (allocation order, sparseness and compression included;
+    compressed with Python's zlib, as qemu-img's, see test_fast_deflate_valid_for_qemu)."""
     got = qcowpy("convert", *args, "top.qcow2", "ours", cwd=src)
     assert (got.code, got.out, got.err) == (0, "", "")
     assert qemu(qemu_img, "convert", *args, "top.qcow2", "theirs", cwd=src).code == 0
@@ -52,6 +55,29 @@ def test_convert_identical_to_qemu_img(src, qemu_img, args):
     assert qemu(qemu_img, "compare", "top.qcow2", "ours", cwd=src).code == 0
     if "qcow2" in args:
         _clean(qemu_img, src, "ours")
+    os.unlink(src / "ours")
+    os.unlink(src / "theirs")
+
+
+def _layout(qemu_img, d, name):
+    """qemu-img map's view without host offsets: which ranges are data, zero, compressed."""
+    r = qemu(qemu_img, "map", "--output=json", name, cwd=d)
+    assert r.code == 0, r.err
+    return [{k: v for k, v in e.items() if k != "offset"} for e in json.loads(r.out)]
+
+
+@pytest.mark.skipif(not codec.fast_deflate_available(), reason="zlib-ng is not installed")
+@pytest.mark.parametrize("opts", ["cluster_size=65536", "cluster_size=512", "cluster_size=2M"])
+def test_fast_deflate_valid_for_qemu(src, qemu_img, opts):
+    """zlib-ng's streams (the default codec) differ from qemu-img's bytes but read back the same in
+    QEMU, with the same clusters compressed, and check clean."""
+    assert codec.deflate_library() == "zlib-ng"
+    got = qcowpy("convert", "-c", "-O", "qcow2", "-o", opts, "top.qcow2", "ours", cwd=src)
+    assert (got.code, got.out, got.err) == (0, "", "")
+    assert qemu(qemu_img, "convert", "-c", "-O", "qcow2", "-o", opts, "top.qcow2", "theirs", cwd=src).code == 0
+    assert qemu(qemu_img, "compare", "top.qcow2", "ours", cwd=src).code == 0
+    _clean(qemu_img, src, "ours")
+    assert _layout(qemu_img, src, "ours") == _layout(qemu_img, src, "theirs")
     os.unlink(src / "ours")
     os.unlink(src / "theirs")
 

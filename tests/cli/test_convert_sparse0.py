@@ -23,7 +23,7 @@ def _map(qemu_img, path) -> list[dict]:
     ["-O", "raw"], ["-O", "qcow2", "-o", "cluster_size=512"],
 ], ids=lambda a: " ".join(a))
 @pytest.mark.parametrize("chain", [False, True], ids=["standalone", "with-backing"])
-def test_sparse_zero_fully_allocates_as_qemu_img(tmp_path, qemu_img, args, chain):
+def test_sparse_zero_fully_allocates_as_qemu_img(tmp_path, qemu_img, args, chain, deflate_as_qemu):
     src = tmp_path / "src.qcow2"
     if chain:
         base = tmp_path / "base.qcow2"

@@ -316,3 +316,28 @@ def test_zero_flag_marks_a_v3_image_corrupt_when_writable(tmp_path, qemu_img):
     assert open(ours, "rb").read() == open(theirs, "rb").read()
     info = [qemu(qemu_img, "info", "--output=json", p).out.replace(p, "IMG") for p in (ours, theirs)]
     assert info[0] == info[1] and '"corrupt": true' in info[0]
+
+
+def _zstd_stream_past_cluster(buf: bytearray, extra: int, declared: bool) -> None:
+    """Replace guest cluster 0's zstd stream with one that inflates to a cluster plus ``extra``
+    bytes (64 KiB clusters; the new frame fits the sectors the descriptor names)."""
+    import zstandard
+    l2 = _u64(buf, _u64(buf, 40)) & 0x00FFFFFFFFFFFE00
+    entry = _u64(buf, l2)
+    assert entry & (1 << 62), "cluster 0 is not compressed"
+    host = entry & ((1 << 54) - 1)  # cluster_bits 16: 62 - (16 - 8) offset bits
+    frame = zstandard.ZstdCompressor(write_content_size=declared).compress(b"\x07" * (65536 + extra))
+    nsect = ((entry >> 54) & 0xFF) + 1
+    assert len(frame) <= nsect * 512 - (host & 511)
+    buf[host:host + len(frame)] = frame
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["size-declared", "size-not-declared"])
+@pytest.mark.parametrize("args", [("convert", "-O", "raw", "THE_IMAGE", "OUT"), ("compare", "THE_IMAGE", "THE_IMAGE"),
+                                  ("check", "THE_IMAGE")])
+def test_zstd_stream_past_the_cluster(tmp_path, qemu_img, args, declared):
+    """QEMU reads a zstd cluster until the cluster is full and fails with EIO when the frame has
+    more to give; the tools word it as qemu-img does."""
+    theirs, ours = _patched(tmp_path, qemu_img, lambda b: _zstd_stream_past_cluster(b, 4096, declared),
+                            opts=["-o", "compression_type=zstd"], io=["write -c -P 7 0 64k", "write -P 8 64k 64k"])
+    _same(qemu_img, theirs, ours, *args)
