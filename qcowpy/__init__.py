@@ -7,24 +7,37 @@
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .block import BlockDevice, BlockFile, Extent, open_image
-from .block.create import create_image
 from .errors import QcowError
 
+if TYPE_CHECKING:
+    from .block import BlockDevice, BlockFile, Extent
+
 __version__ = "0.1.0"
+_LAZY = {"BlockDevice": "device", "BlockFile": "fileio", "Extent": "device"}
+
+
+def __getattr__(name: str) -> Any:
+    """The block layer's classes, imported on first use: ``import qcowpy.errors`` (as every CLI
+    command does) then costs nothing, and a command loads only the drivers it uses."""
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".block.{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open(path: str, mode: str = "r", format: str | None = None, cache: str = "writeback",  # noqa: A001
          secret: bytes | str | None = None) -> BlockDevice:
     """Open an image (format probed when None) with its backing chain; ``mode`` is "r" or "r+";
     ``secret`` is the passphrase of an encrypted (LUKS or legacy AES) qcow2 image."""
+    from .block.open import open_image
     return open_image(path, mode, format, cache=cache, secret=secret)
 
 
 def create(path: str, size: int | str | None = None, format: str = "qcow2", **options: Any) -> None:
     """Create an image with qemu-img's ``-o`` options as keyword arguments; sizes may be "20G"."""
+    from .block.create import create_image
     create_image(path, size, format, **options)
 
 

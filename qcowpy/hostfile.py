@@ -5,8 +5,6 @@ fault-injecting or recording layer can stand in for it in tests.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 from typing import Any, Callable
@@ -162,7 +160,8 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     global _libc
     if _libc is None:
         try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            import ctypes  # on first use: most commands never punch a hole
+            _libc = _load_libc(ctypes)
             _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         except (OSError, AttributeError):
             _libc = False
@@ -234,3 +233,11 @@ def set_create_hints(fd: int, nocow: bool = False, extent_size_hint: int | None 
         if extent_size_hint:
             return f"Failed to set extent size hint: {os.strerror(e.errno) if e.errno else e}"
     return None
+
+
+def _load_libc(ctypes):
+    """The C library already mapped into the process (no ``find_library``: it runs ldconfig)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(None, use_errno=True)

@@ -6,10 +6,13 @@ process may use (at most 8); ``set_workers`` changes it (``convert -m``), 1 turn
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, TypeVar
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -32,10 +35,25 @@ def set_workers(n: int) -> None:
         old.shutdown(wait=False)
 
 
+@contextlib.contextmanager
+def limit(n: int | None):
+    """At most ``n`` threads while the block runs (``convert -m``); None leaves the pool alone."""
+    if n is None or n >= _size:
+        yield
+        return
+    before = _size
+    set_workers(n)
+    try:
+        yield
+    finally:
+        set_workers(before)
+
+
 def _executor() -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor  # on first use (it imports logging)
             _pool = ThreadPoolExecutor(_size, thread_name_prefix="qcowpy-worker")
         return _pool
 

@@ -7,7 +7,6 @@ from typing import Any
 from ..errors import InvalidArgument
 from ..format.constants import MAX_L1_SIZE_BYTES
 from ..hostfile import HostFile, set_create_hints
-from ..crypto.luks import CreateOptions as LuksCreateOptions
 from ..crypto.secret import passphrase
 from ..qcow2.create import EncryptSpec, Qcow2Options, create_qcow2
 
@@ -87,6 +86,7 @@ def encrypt_spec_for(fmt: str, secret: bytes | str | None, luks: dict[str, Any])
         raise InvalidArgument(f"Parameter 'encrypt.{next(iter(luks)).replace('_', '-')}' is unexpected")
     opts = None
     if fmt == "luks":
+        from ..crypto.luks import CreateOptions as LuksCreateOptions
         opts = LuksCreateOptions()
         for key, value in luks.items():
             if not hasattr(opts, key):

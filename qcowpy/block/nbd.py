@@ -19,14 +19,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from ..errors import InvalidArgument, QcowError, ReadOnlyError, UnsupportedFeature
 from . import nbdproto as P
 from .device import BlockDevice, LayerStatus
+from .names import NBD_SCHEMES, is_nbd_uri  # noqa: F401  (is_nbd_uri: this module's API too)
 from .nbdwire import Disconnected, Sender, recv_exact, recv_into_exact
 
-SCHEMES = ("nbd://", "nbd+tcp://", "nbd+unix://", "nbds://", "nbds+tcp://", "nbds+unix://", "nbd:")
+SCHEMES = NBD_SCHEMES
 _STATUS_MAX = 1 << 31  # one BLOCK_STATUS asks about at most 2 GiB
-
-
-def is_nbd_uri(name: str) -> bool:
-    return name.startswith(SCHEMES)
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ from ..format.constants import MAGIC
 from ..qcow2.encryption import EncryptionError
 from ..qcow2.image import Qcow2Image
 from .device import BlockDevice
-from .nbd import is_nbd_uri, open_nbd
+from .names import is_nbd_uri
 from .qcow2 import Qcow2Device
 from .raw import RawDevice
-from .rbdspec import is_rbd_name
-from . import rbdopen  # noqa: F401  registers rbd: names with hostfile.open_host_file (no Ceph loaded yet)
+from .rbdspec import PREFIX as RBD_PREFIX, is_rbd_name
+from .. import hostfile
 from .spec import NullDevice, file_protocol_path, is_json_filename, open_spec, parse_json_filename
 
 FORMATS = ("qcow2", "raw")
@@ -23,6 +23,16 @@ MAX_CHAIN_DEPTH = 256
 
 # Magic numbers of formats we recognise but do not read, so probing does not call them raw.
 _OTHER_MAGIC = {b"QFI\xfc": "qcow", b"KDMV": "vmdk", b"conectix": "vpc", b"vhdxfile": "vhdx", b"QED\x00": "qed"}
+
+
+def _rbd_host_file(path: str, **kwargs):
+    """``rbd:`` names for the qcow2 engine's host file; the rbd driver loads on first use
+    (importing it registers its own opener in place of this one)."""
+    from . import rbdopen
+    return rbdopen.open_host(path, **kwargs)
+
+
+hostfile.PROTOCOLS.setdefault(RBD_PREFIX, _rbd_host_file)
 
 
 def probe_format(path: str) -> str:
@@ -98,8 +108,10 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
         return dev
     writable = "+" in mode or mode == "rw"
     if is_nbd_uri(path):
+        from .nbd import open_nbd
         return open_nbd(path, writable, format, backing)
     if is_rbd_name(path):  # Ceph RBD (block/rbd.py); librbd is loaded only now
+        from . import rbdopen
         return rbdopen.open_rbd_image(path, writable, format, backing, cache, _seen, force_share)
     fmt = format or probe_format(path)
     if fmt not in FORMATS:

@@ -84,7 +84,7 @@ def _location_of(name: str) -> RbdLocation:
     return loc if loc is not None else parse_filename(name)
 
 
-def _open_host(path: str, writable: bool = False, create: bool = False, cache: str = "writeback",
+def open_host(path: str, writable: bool = False, create: bool = False, cache: str = "writeback",
                force_share: bool = False) -> RbdFile:
     """hostfile.open_host_file for ``rbd:`` names (creating an empty image when asked, as QEMU's
     qcow2 create does on a protocol)."""
@@ -96,7 +96,7 @@ def _open_host(path: str, writable: bool = False, create: bool = False, cache: s
     return RbdFile(dev, writable, cache == "unsafe")
 
 
-hostfile.PROTOCOLS[PREFIX] = _open_host
+hostfile.PROTOCOLS[PREFIX] = open_host
 
 
 def name_for(loc: RbdLocation) -> str:

@@ -20,7 +20,7 @@ from .common import CONTEXT, CommandFailed, image_name, out, parse_objects, size
 @click.option("-S", "sparse", metavar="SPARSE_SIZE", help="Zero runs this long are not written (default 4k).")
 @click.option("-q", "quiet", is_flag=True, help="Quiet.")
 @click.option("-W", "unordered", is_flag=True, help="Accepted for compatibility (writes are in order).")
-@click.option("-m", "coroutines", metavar="N", help="Accepted for compatibility (1..16).")
+@click.option("-m", "coroutines", metavar="N", help="At most N threads (de)compress clusters (1..16; default: the CPUs).")
 @click.option("-t", "cache", metavar="CACHE", help="Output cache mode (default unsafe).")
 @click.option("-T", "src_cache", metavar="SRC_CACHE", help="Accepted for compatibility.")
 @click.option("-U", "--force-share", is_flag=True, help="Open read-only without taking the shared write lock (like qemu-img -U).")
@@ -96,8 +96,10 @@ def convert(fmt, out_fmt, options, compress, backing, backing_fmt, progress, no_
                          target_is_zero=target_is_zero, force_share=force_share, load_snapshot=load_snapshot,
                          salvage=(lambda msg: None if quiet else warn_line(msg)) if salvage else None,
                          bitmaps=bitmaps, skip_broken_bitmaps=skip_broken_bitmaps, warn=warn_line)
+    from .. import workers
     try:
-        run_convert(req, progress=progress)
+        with workers.limit(int(coroutines) if coroutines is not None else None):  # qemu-img's parallel requests
+            run_convert(req, progress=progress)
     except ConvertError as e:
         raise CommandFailed(str(e), hint=e.hint) from None
     except QcowError as e:

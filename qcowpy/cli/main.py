@@ -403,22 +403,35 @@ def emu(args) -> None:
         raise CommandFailed(None, int(code))
 
 
-from .amend import amend  # noqa: E402
-from .bench import bench  # noqa: E402  (these commands live in their own modules)
-from .check import check  # noqa: E402
-from .convert import convert  # noqa: E402
-from .nbd import nbd  # noqa: E402
-from .storage_daemon import storage_daemon  # noqa: E402
-from .bitmap import bitmap  # noqa: E402
+class _Commands(dict):
+    """The group's commands, where the ones living in their own modules are imported when
+    first looked up (``qcowpy info`` does not load the NBD server or the storage daemon)."""
 
-cli.add_command(bench)
-cli.add_command(check)
-cli.commands = {k: cli.commands[k] for k in ("create", "info", "map")} | {"convert": convert} | {
-    k: v for k, v in cli.commands.items() if k not in ("create", "info", "map")}  # help lists convert after map
-cli.add_command(nbd)
-cli.add_command(storage_daemon)
-cli.add_command(amend)
-cli.add_command(bitmap)
+    def __getitem__(self, name: str) -> click.Command:
+        value = super().__getitem__(name)
+        if isinstance(value, str):
+            import importlib
+            module, attr = value.split(":")
+            value = getattr(importlib.import_module(module, __package__), attr)
+            super().__setitem__(name, value)
+        return value
+
+    def get(self, name: str, default=None):  # type: ignore[override]
+        return self[name] if name in self else default
+
+    def items(self):  # type: ignore[override]
+        return [(k, self[k]) for k in self]
+
+    def values(self):  # type: ignore[override]
+        return [self[k] for k in self]
+
+
+_OWN_MODULES = {"convert": ".convert:convert", "bench": ".bench:bench", "check": ".check:check", "nbd": ".nbd:nbd",
+                "storage-daemon": ".storage_daemon:storage_daemon", "amend": ".amend:amend",
+                "bitmap": ".bitmap:bitmap"}
+_ORDER = ["create", "info", "map", "convert", "compare", "resize", "commit", "dd", "measure", "rebase", "snapshot",
+          "emu", "bench", "check", "nbd", "storage-daemon", "amend", "bitmap"]  # as qemu-img's help lists them
+cli.commands = _Commands((name, cli.commands.get(name) or _OWN_MODULES[name]) for name in _ORDER)
 
 
 # ---------------------------------------------------------------------------------------- entry point

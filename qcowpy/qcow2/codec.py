@@ -19,8 +19,6 @@ import os
 import threading
 import zlib
 
-import zstandard
-
 from ..errors import CompressedReadError, CorruptImage
 from ..format import constants as C
 
@@ -85,28 +83,38 @@ def decompress(data: bytes | memoryview, ctype: int, cluster_size: int) -> bytes
             out = _zstd_cluster(data, cluster_size)
         else:
             raise CorruptImage(f"Unknown compression type {ctype}")
-    except _DEFLATE_ERRORS + (zstandard.ZstdError,) as e:
+    except _DEFLATE_ERRORS as e:
         raise CompressedReadError(f"Could not decompress cluster: {e}") from None
     if len(out) != cluster_size:
         raise CompressedReadError("Could not decompress cluster: data ends before the cluster is complete")
     return out
 
 
-def _zstd_compressor() -> zstandard.ZstdCompressor:
+def _zstd_compressor():
     c = getattr(_local, "zc", None)
     if c is None:
+        import zstandard  # on first use: images without zstd clusters never load it
         c = _local.zc = zstandard.ZstdCompressor(level=3)
     return c
 
 
-def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+def _zstd_decompressor():
     d = getattr(_local, "zd", None)
     if d is None:
+        import zstandard
         d = _local.zd = zstandard.ZstdDecompressor()
     return d
 
 
 def _zstd_cluster(data: bytes | memoryview, cluster_size: int) -> bytes:
+    import zstandard
+    try:
+        return _zstd_frames(zstandard, data, cluster_size)
+    except zstandard.ZstdError as e:
+        raise CompressedReadError(f"Could not decompress cluster: {e}") from None
+
+
+def _zstd_frames(zstandard, data: bytes | memoryview, cluster_size: int) -> bytes:
     """QEMU's reading of a zstd cluster: frames are decoded one after another until a whole
     cluster has come out, and a frame that would give more than that is an error (EIO).
 

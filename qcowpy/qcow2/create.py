@@ -7,9 +7,8 @@ therefore 3 clusters plus 320 bytes, byte for byte what qemu-img writes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from ..crypto.luks import CreateOptions as LuksCreateOptions
 from ..errors import InvalidArgument
 from ..format import constants as C
 from ..format.header import Header, feature_table_bytes, pack_header
@@ -20,6 +19,9 @@ from .image import Qcow2Image
 from .resize import preallocate, resize
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
+
+if TYPE_CHECKING:
+    from ..crypto.luks import CreateOptions as LuksCreateOptions
 
 
 @dataclass

@@ -9,15 +9,31 @@ on amend. Compressed clusters are stored unencrypted, as QEMU stores them.
 """
 from __future__ import annotations
 
-from ..crypto import luks as L
-from ..crypto.qcowaes import aes_cipher
-from ..crypto.sector import SECTOR_SIZE, SectorCipher
+from typing import TYPE_CHECKING
+
 from ..errors import CorruptImage, InvalidArgument, QcowError, UnsupportedFeature
 from ..format import constants as C
 from ..format.fde import pack_fde, parse_fde
 from ..format.header import Header
 
+if TYPE_CHECKING:
+    from ..crypto import luks as L
+    from ..crypto.sector import SectorCipher
+
 FORMATS = {C.CRYPT_AES: "aes", C.CRYPT_LUKS: "luks"}
+SECTOR_SIZE = 512
+
+
+def _luks():
+    """The LUKS module, imported on first use: the ciphers (``cryptography``) load only for
+    images that are encrypted, not on every start-up."""
+    from ..crypto import luks
+    return luks
+
+
+def aes_cipher(password: bytes) -> "SectorCipher":
+    from ..crypto.qcowaes import aes_cipher as make
+    return make(password)
 NO_KEY = "Parameter 'encrypt.key-secret' is required for cipher"
 
 
@@ -125,13 +141,13 @@ def open_crypto(h: Header, file, password: bytes | None, no_io: bool = False,
             raise EncryptionError(f"Missing CRYPTO header for crypt method {h.crypt_method}")
         area = parse_fde(ext.data, h.crypt_method, h.cluster_size)
         try:
-            crypto = ImageCrypto(C.CRYPT_LUKS, L.Luks.load(area_reader(file, area)), area)
-        except L.LuksError as e:
+            crypto = ImageCrypto(C.CRYPT_LUKS, _luks().Luks.load(area_reader(file, area)), area)
+        except _luks().LuksError as e:
             raise EncryptionError(str(e)) from None
     if not no_io:
         try:
             crypto.unlock(password, file)  # type: ignore[arg-type]
-        except L.LuksError as e:
+        except _luks().LuksError as e:
             raise EncryptionError(str(e)) from None
     return crypto
 
@@ -156,7 +172,7 @@ def set_up(img, fmt: str, password: bytes, opts: L.CreateOptions | None = None) 
             img.file.pwrite(bytes(clusters), offset)
             holder["area"] = (offset, length)
             return area_writer(img.file, holder["area"])
-        luks = L.create(opts or L.CreateOptions(), password, init)
+        luks = _luks().create(opts or _luks().CreateOptions(), password, init)
         h.crypt_method = C.CRYPT_LUKS
         h.set_extension(C.EXT_FDE, pack_fde(*holder["area"]))
         crypto = ImageCrypto(C.CRYPT_LUKS, luks, holder["area"])
@@ -181,8 +197,8 @@ def amend_keyslots(img, opts: L.AmendOptions, force: bool = False) -> None:
         raise UnsupportedFeature("Amending encryption options is only supported for LUKS")
     img.require_writable()
     try:
-        L.amend(crypto.luks, opts, area_reader(img.file, crypto.area), area_writer(img.file, crypto.area), force)
-    except L.LuksError as e:
+        _luks().amend(crypto.luks, opts, area_reader(img.file, crypto.area), area_writer(img.file, crypto.area), force)
+    except _luks().LuksError as e:
         raise EncryptionError(str(e)) from None
     img.file.flush()
 

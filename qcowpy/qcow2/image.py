@@ -192,15 +192,19 @@ class Qcow2Image:
             return out
 
     # ------------------------------------------------------------------ reading
+    # A read that maps to one run of host bytes (the common case: a guest's or an NBD client's
+    # request inside allocated data) reads them after the lock is released, as QEMU reads data
+    # outside its s->lock: readers on other threads then overlap their host I/O. A write racing
+    # the same range may be seen or not, as on any disk.
     def pread(self, length: int, offset: int) -> bytes:
         with self.lock:
             self.check_range(offset, length)
             exts = self.layer_extents(offset, length)
-            if len(exts) == 1 and exts[0].kind == DATA and self.crypto is None:  # one host run: no copy at all
-                return self.data.pread(length, exts[0].host_offset)  # type: ignore[arg-type]
-            buf = bytearray(length)
-            self._read_extents(memoryview(buf), exts, zeroed=True)
-            return bytes(buf)
+            if not (len(exts) == 1 and exts[0].kind == DATA and self.crypto is None):
+                buf = bytearray(length)
+                self._read_extents(memoryview(buf), exts, zeroed=True)
+                return bytes(buf)
+        return self.data.pread(length, exts[0].host_offset)  # type: ignore[arg-type]  # no copy at all
 
     def preadinto(self, buf: bytearray | memoryview, offset: int) -> None:
         """Read ``len(buf)`` guest bytes straight into ``buf`` (a device's DMA target): one copy."""
@@ -208,10 +212,10 @@ class Qcow2Image:
         with self.lock:
             self.check_range(offset, len(view))
             exts = self.layer_extents(offset, len(view))
-            if len(exts) == 1 and exts[0].kind == DATA and self.crypto is None:
-                self.data.preadinto(view, exts[0].host_offset)  # type: ignore[arg-type]
-            else:
+            if not (len(exts) == 1 and exts[0].kind == DATA and self.crypto is None):
                 self._read_extents(view, exts, zeroed=False)
+                return
+        self.data.preadinto(view, exts[0].host_offset)  # type: ignore[arg-type]
 
     def _read_extents(self, view: memoryview, exts: list[LayerExtent], zeroed: bool) -> None:
         pos = 0

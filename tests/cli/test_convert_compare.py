@@ -185,3 +185,20 @@ def test_compare_matches(pair, qemu_img, args):
     want = qemu(qemu_img, "compare", *args, cwd=pair)
     got = qcowpy("compare", *args, cwd=pair)
     assert (got.code, got.out, as_qemu(got.err)) == (want.code, want.out, want.err)
+
+
+def test_coroutines_option_caps_the_codec_threads(src, qemu_img):
+    """``-m N`` runs the (de)compression on at most N threads for that command only; the
+    output does not depend on it."""
+    from qcowpy import workers
+    before = workers.workers()
+    outs = []
+    for m in ("1", "2", "16"):
+        name = f"m{m}"
+        got = qcowpy("convert", "-m", m, "-c", "-O", "qcow2", "top.qcow2", name, cwd=src)
+        assert (got.code, got.err) == (0, "")
+        assert workers.workers() == before
+        outs.append((src / name).read_bytes())
+        assert qemu(qemu_img, "compare", "top.qcow2", name, cwd=src).code == 0
+        os.unlink(src / name)
+    assert outs[0] == outs[1] == outs[2]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 
 from tests.conftest import skip_or_fail
 
@@ -41,20 +42,27 @@ def run(*argv, check: bool = True) -> subprocess.CompletedProcess:
     return p
 
 
-def run_timed(*argv, attempts: int = 8) -> subprocess.CompletedProcess:
+# On a loaded machine the failure repeats (8 attempts in a row failed once under load 6 on 2
+# cores): retry many times, pausing a little longer each time.
+ATTEMPTS = 30
+
+
+def run_timed(*argv, attempts: int = ATTEMPTS) -> subprocess.CompletedProcess:
     """A qemu-img run that measures PBKDF2 speed (LUKS create, measure, amend): retried while
     it fails with QEMU's random "Unable to get accurate CPU usage"."""
-    for _ in range(attempts):
+    for i in range(attempts):
+        time.sleep(0.02 * i)
         p = run(*argv, check=False)
         if "Unable to get accurate CPU usage" not in p.stderr:
             return p
     raise AssertionError(f"{argv} kept failing: {p.stderr}")
 
 
-def qemu_create(path, password: str, options: str, size: str = "4M", attempts: int = 8) -> None:
+def qemu_create(path, password: str, options: str, size: str = "4M", attempts: int = ATTEMPTS) -> None:
     """qemu-img create of an encrypted qcow2, retrying its flaky PBKDF2 timing step."""
     img, _ = tools()
-    for _ in range(attempts):
+    for i in range(attempts):
+        time.sleep(0.02 * i)
         p = run(img, "create", "-q", "-f", "qcow2", *secret_arg(password), "-o", options, path, size, check=False)
         if p.returncode == 0:
             return
