@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from ..hostfile import zero_fill
 from ..kernels import is_zero, zero_runs
 from ..block.device import BlockDevice, Extent
 from ..block.open import open_image
@@ -174,7 +175,26 @@ def _salvage_sector(src: BlockDevice, pos: int, n: int, report: Callable[[str], 
 _MAX_PENDING_WRITES = 8  # chunks in flight: bounds memory to a few times CHUNK
 
 
+def _read_into(run: _Run, offset: int, view: memoryview, salvage: Callable[[str], None] | None = None) -> None:
+    """:func:`_read` into a caller's buffer (no new buffer per chunk: a fresh 4 MiB buffer costs
+    page faults and zeroing every time, more than the copy itself)."""
+    src_off = run.src_offset + (offset - run.start)
+    avail = max(0, min(len(view), run.src.size - src_off))
+    if avail:
+        try:
+            run.src.preadinto(view[:avail], src_off)
+        except (OSError, QcowError):
+            view[:avail] = _read(run, offset, avail, salvage)  # the error, or sector-wise salvage
+    if avail < len(view):
+        zero_fill(view[avail:])
+
+
 class _Copier:
+    """The uncompressed copy: chunks read into a few reusable buffers, all-zero blocks left
+    out (``-S``), data written in place; raw targets take their writes on two worker threads
+    (``os.pwrite`` drops the GIL), so writing overlaps reading the next chunk, as qemu-img's
+    parallel requests do. A buffer is reused once the writes from it have completed."""
+
     def __init__(self, target: BlockDevice, zero_init: bool, min_sparse: int, progress: Callable[[int], None],
                  salvage: Callable[[str], None] | None = None):
         self.salvage = salvage
@@ -183,32 +203,46 @@ class _Copier:
         self.min_sparse = min_sparse
         self.done = progress
         self.cluster = target.cluster_size or 65536
-        # Raw targets take their writes on two worker threads (os.pwrite drops the GIL), so
-        # writing overlaps reading the next chunk, as qemu-img's parallel requests do.
+        self.chunk = max(CHUNK - CHUNK % self.cluster, self.cluster)
         self._pool = ThreadPoolExecutor(2) if target.format == "raw" else None
-        self._pending: deque[Future] = deque()
+        self._pending: deque[tuple[Future, bytearray]] = deque()
+        self._free: list[bytearray] = []
 
-    def _pwrite(self, data, offset: int) -> None:
-        if self._pool is None:
-            self.target.pwrite(data, offset)
+    def _buffer(self) -> bytearray:
+        if self._free:
+            return self._free.pop()
+        if len(self._pending) < _MAX_PENDING_WRITES:
+            return bytearray(self.chunk)
+        future, buf = self._pending.popleft()
+        future.result()
+        return buf
+
+    def _submit(self, buf: bytearray, writes: list[tuple[memoryview, int]]) -> None:
+        """Write ``writes`` (views of ``buf``); ``buf`` is free again once they are done."""
+        if self._pool is None or not writes:
+            for data, offset in writes:
+                self.target.pwrite(data, offset)
+            self._free.append(buf)
             return
-        while len(self._pending) >= _MAX_PENDING_WRITES:
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self.target.pwrite, data, offset))
+        self._pending.append((self._pool.submit(_write_all, self.target, writes), buf))
 
     def finish(self) -> None:
         """Wait for every queued write (re-raising the first failure) and stop the workers."""
         try:
             while self._pending:
-                self._pending.popleft().result()
+                self._pending.popleft()[0].result()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
 
     def zero(self, offset: int, length: int) -> None:
         if not self.min_sparse:  # -S 0: the target is fully allocated, zeros written as data
-            for pos in range(offset, offset + length, CHUNK):
-                self._pwrite(bytes(min(CHUNK, offset + length - pos)), pos)
+            for pos in range(offset, offset + length, self.chunk):
+                n = min(self.chunk, offset + length - pos)
+                buf = self._buffer()
+                view = memoryview(buf)[:n]
+                zero_fill(view)
+                self._submit(buf, [(view, pos)])
             return
         if self.zero_init or not length:
             return
@@ -216,32 +250,37 @@ class _Copier:
 
     def data(self, run: _Run, offset: int, length: int) -> None:
         end = offset + length
-        chunk = max(CHUNK - CHUNK % self.cluster, self.cluster)
         pos = offset
         while pos < end:
-            n = min(chunk - pos % chunk, end - pos)
-            buf = _read(run, pos, n, self.salvage)
-            self._write(buf, pos)
+            n = min(self.chunk - pos % self.chunk, end - pos)
+            buf = self._buffer()
+            view = memoryview(buf)[:n]
+            _read_into(run, pos, view, self.salvage)
+            self._write(buf, view, pos)
             self.done(n)
             pos += n
 
-    def _write(self, buf: bytes, offset: int) -> None:
+    def _write(self, buf: bytearray, view: memoryview, offset: int) -> None:
         if not self.min_sparse:
-            self._pwrite(buf, offset)
+            self._submit(buf, [(view, offset)])
             return
-        mv = memoryview(buf)
-        if is_zero(mv):
-            self.zero(offset, len(buf))
+        if is_zero(view):
+            self._free.append(buf)
+            self.zero(offset, len(view))
             return
         # runs of all-zero min_sparse blocks (aligned to target offsets) are not written
-        for a, b, z in zero_runs(mv, offset, self.min_sparse):
-            self._flush_piece(mv, offset, a, b, z)
+        writes = []
+        for a, b, z in zero_runs(view, offset, self.min_sparse):
+            if z:
+                self.zero(offset + a, b - a)
+            else:
+                writes.append((view[a:b], offset + a))
+        self._submit(buf, writes)
 
-    def _flush_piece(self, mv: memoryview, offset: int, a: int, b: int, zero: bool) -> None:
-        if zero:
-            self.zero(offset + a, b - a)
-        else:
-            self._pwrite(mv[a:b], offset + a)
+
+def _write_all(target: BlockDevice, writes: list[tuple[memoryview, int]]) -> None:
+    for data, offset in writes:
+        target.pwrite(data, offset)
 
 
 def _copy_compressed(runs: list[_Run], target: BlockDevice, total: int, zero_init: bool,
