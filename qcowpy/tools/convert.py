@@ -172,7 +172,8 @@ def _salvage_sector(src: BlockDevice, pos: int, n: int, report: Callable[[str], 
         return bytes(n)
 
 
-_MAX_PENDING_WRITES = 8  # chunks in flight: bounds memory to a few times CHUNK
+_MAX_PENDING_WRITES = 4  # chunks being written: with the read-ahead, bounds memory to ~8 chunks
+_READ_AHEAD = 2  # chunks being read while the current one is scanned and written
 
 
 def _read_into(run: _Run, offset: int, view: memoryview, salvage: Callable[[str], None] | None = None) -> None:
@@ -204,24 +205,58 @@ class _Copier:
         self.done = progress
         self.cluster = target.cluster_size or 65536
         self.chunk = max(CHUNK - CHUNK % self.cluster, self.cluster)
-        self._pool = ThreadPoolExecutor(2) if target.format == "raw" else None
-        self._pending: deque[tuple[Future, bytearray]] = deque()
+        # Writes run on worker threads: two for a raw target (any order: os.pwrite drops the
+        # GIL), one for other formats, whose writes and zero writes must keep their order (the
+        # allocation order, hence the file layout, is qemu-img's).
+        self._ordered = target.format != "raw"
+        self._pool = ThreadPoolExecutor(1 if self._ordered else 2)
+        self._pending: deque[tuple[Future, bytearray | None]] = deque()
         self._free: list[bytearray] = []
+        # Reads of the next chunks run on a thread while this one is scanned and written (host
+        # reads and decompression drop the GIL). Salvage reads stay in order on this thread,
+        # so their reports come out in qemu-img's order.
+        self._reader = ThreadPoolExecutor(1) if salvage is None else None
+        self._queue: deque[tuple] = deque()  # work in target order: ("data", ...) / ("zero", ...)
 
     def _buffer(self) -> bytearray:
-        if self._free:
-            return self._free.pop()
-        if len(self._pending) < _MAX_PENDING_WRITES:
-            return bytearray(self.chunk)
-        future, buf = self._pending.popleft()
-        future.result()
-        return buf
+        while True:
+            if self._free:
+                return self._free.pop()
+            if len(self._pending) < _MAX_PENDING_WRITES:
+                return bytearray(self.chunk)
+            future, buf = self._pending.popleft()
+            future.result()
+            if buf is not None:
+                return buf
+
+    def run(self, runs: list[_Run], advance_zero: Callable[[int], None]) -> None:
+        """Copy every DATA run and zero every ZERO run, in target order."""
+        for r in runs:
+            if r.kind == DATA:
+                self.data(r, r.start, r.length)
+            elif r.kind == ZERO:
+                self._queue.append(("zero", r.start, r.length))
+                self._drain(_READ_AHEAD)
+                if not self.min_sparse:
+                    advance_zero(r.length)
+        self._drain(0)
+
+    def _drain(self, keep: int) -> None:
+        """Finish queued work, oldest first, until at most ``keep`` chunks are still being read."""
+        while self._queue and (self._queue[0][0] == "zero" or len(self._queue) > keep):
+            item = self._queue.popleft()
+            if item[0] == "zero":
+                self.zero(item[1], item[2])
+                continue
+            _, future, buf, view, pos = item
+            if future is not None:
+                future.result()
+            self._write(buf, view, pos)
+            self.done(len(view))
 
     def _submit(self, buf: bytearray, writes: list[tuple[memoryview, int]]) -> None:
         """Write ``writes`` (views of ``buf``); ``buf`` is free again once they are done."""
-        if self._pool is None or not writes:
-            for data, offset in writes:
-                self.target.pwrite(data, offset)
+        if not writes:
             self._free.append(buf)
             return
         self._pending.append((self._pool.submit(_write_all, self.target, writes), buf))
@@ -232,8 +267,9 @@ class _Copier:
             while self._pending:
                 self._pending.popleft()[0].result()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
+            for pool in (self._pool, self._reader):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
 
     def zero(self, offset: int, length: int) -> None:
         if not self.min_sparse:  # -S 0: the target is fully allocated, zeros written as data
@@ -246,7 +282,15 @@ class _Copier:
             return
         if self.zero_init or not length:
             return
-        self.target.write_zeroes(length, offset, unmap=True)
+        if self._ordered:
+            while len(self._pending) >= _MAX_PENDING_WRITES:
+                future, buf = self._pending.popleft()
+                future.result()
+                if buf is not None:
+                    self._free.append(buf)
+            self._pending.append((self._pool.submit(self.target.write_zeroes, length, offset, True), None))
+        else:
+            self.target.write_zeroes(length, offset, unmap=True)
 
     def data(self, run: _Run, offset: int, length: int) -> None:
         end = offset + length
@@ -255,9 +299,13 @@ class _Copier:
             n = min(self.chunk - pos % self.chunk, end - pos)
             buf = self._buffer()
             view = memoryview(buf)[:n]
-            _read_into(run, pos, view, self.salvage)
-            self._write(buf, view, pos)
-            self.done(n)
+            if self._reader is None:
+                _read_into(run, pos, view, self.salvage)
+                future = None
+            else:
+                future = self._reader.submit(_read_into, run, pos, view)
+            self._queue.append(("data", future, buf, view, pos))
+            self._drain(_READ_AHEAD)
             pos += n
 
     def _write(self, buf: bytearray, view: memoryview, offset: int) -> None:
@@ -457,13 +505,7 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
         else:
             copier = _Copier(target, zero_init, req.min_sparse, advance, req.salvage)
             try:
-                for r in runs:
-                    if r.kind == DATA:
-                        copier.data(r, r.start, r.length)
-                    elif r.kind == ZERO:
-                        copier.zero(r.start, r.length)
-                        if not req.min_sparse:
-                            advance(r.length)
+                copier.run(runs, advance)
             finally:
                 copier.finish()
         if req.bitmaps:
