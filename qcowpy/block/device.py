@@ -235,13 +235,29 @@ class BlockDevice(ABC):
         if length is None:
             length = self.size - offset
         self.check_range(offset, length)
-        out: list[Extent] = []
-        pos, end = offset, offset + length
-        while pos < end:
-            ext = status_at(self, pos, end - pos)
-            out.append(ext)
-            pos += ext.length
-        return out
+        return list(_chain_status(self, offset, length, 0))
+
+
+def _chain_status(dev: "BlockDevice", offset: int, length: int, depth: int) -> Iterator[Extent]:
+    """The extents :func:`status_at` gives one by one, from one pass over each layer: the
+    layer's runs in order, the unallocated ones resolved by the layers below (a 20 GiB image
+    is a few scans of its L2 tables, not one fresh scan per extent)."""
+    for st in dev.layer_status(offset, length):
+        if st.allocated:
+            yield Extent(st.start, st.length, depth, True, st.zero, st.data, st.offset,
+                         st.filename if st.offset is not None else None)
+            continue
+        below = dev.backing
+        if below is None and not dev.holes_read_zero:
+            yield Extent(st.start, st.length, depth, False, False, False)
+            continue
+        cut = 0 if below is None else max(0, min(st.length, below.size - st.start))
+        if cut:
+            yield from _chain_status(below, st.start, cut, depth + 1)
+        if cut < st.length:  # nothing below answers: zeros, at this depth (with any reserved host offset)
+            host = None if st.offset is None else st.offset + cut
+            yield Extent(st.start + cut, st.length - cut, depth, False, dev.holes_read_zero, False, host,
+                         st.filename if host is not None else None)
 
 
 def status_at(top: BlockDevice, offset: int, length: int) -> Extent:
