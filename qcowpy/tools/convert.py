@@ -173,7 +173,7 @@ def _salvage_sector(src: BlockDevice, pos: int, n: int, report: Callable[[str], 
 
 
 _MAX_PENDING_WRITES = 4  # chunks being written: with the read-ahead, bounds memory to ~8 chunks
-_READ_AHEAD = 2  # chunks being read while the current one is scanned and written
+_READ_AHEAD = 2  # chunks being read (by as many threads) while the current one is scanned and written
 
 
 def _read_into(run: _Run, offset: int, view: memoryview, salvage: Callable[[str], None] | None = None) -> None:
@@ -215,7 +215,7 @@ class _Copier:
         # Reads of the next chunks run on a thread while this one is scanned and written (host
         # reads and decompression drop the GIL). Salvage reads stay in order on this thread,
         # so their reports come out in qemu-img's order.
-        self._reader = ThreadPoolExecutor(1) if salvage is None else None
+        self._reader = ThreadPoolExecutor(_READ_AHEAD) if salvage is None else None
         self._queue: deque[tuple] = deque()  # work in target order: ("data", ...) / ("zero", ...)
 
     def _buffer(self) -> bytearray:
