@@ -464,6 +464,16 @@ class AddressSpace:
     def store(self, addr: int, value: int, size: int) -> None:
         self.write(addr, (value & ((1 << (size * 8)) - 1)).to_bytes(size, "little"))
 
+    def map_ram(self, addr: int, length: int, writable: bool) -> Optional[memoryview]:
+        """``[addr, addr + length)`` as a view of the RAM behind it when it is one piece of RAM
+        (writable RAM if ``writable``), else None (QEMU's ``address_space_map`` without the
+        bounce buffer). The view is good until :func:`topology_generation` changes."""
+        r = self.flatview.lookup(addr)
+        if r is None or r.mr.ram is None or addr + length > r.end or (writable and r.readonly):
+            return None
+        off = r.offset + (addr - r.start)
+        return memoryview(r.mr.ram)[off:off + length]
+
     def translate(self, addr: int) -> Optional[tuple[MemoryRegion, int]]:
         """The region and offset that serve ``addr``, or None for a hole."""
         r = self.flatview.lookup(addr)

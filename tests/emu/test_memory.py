@@ -199,6 +199,27 @@ def test_readonly_region_ignores_writes():
     assert as_.read(0, 2) == b"\x5a\x5a"
 
 
+def test_map_ram_only_for_one_piece_of_ram():
+    """address_space_map without a bounce buffer: a view of one RAM range, writes landing in the
+    region's bytes; None for MMIO, holes, ranges that leave the RAM and writable maps of ROM."""
+    root, as_ = space()
+    a = ram("a", 0x100, 0x11)
+    rom = ram("rom", 0x10, 0x22)
+    rom.set_readonly(True)
+    root.add_subregion(0, a)
+    root.add_subregion(0x100, rom)
+    root.add_subregion(0x200, io("r", 0x10, Recorder()))
+    view = as_.map_ram(0x10, 4, True)
+    assert view is not None and bytes(view) == b"\x11" * 4
+    view[1] = 0x99
+    assert as_.read(0x10, 3) == b"\x11\x99\x11" and a.ram[0x11] == 0x99
+    assert as_.map_ram(0xFE, 4, False) is None          # runs into the ROM
+    assert as_.map_ram(0x200, 2, False) is None         # MMIO
+    assert as_.map_ram(0x300, 2, False) is None         # hole
+    assert as_.map_ram(0x100, 4, True) is None          # ROM is not writable
+    assert bytes(as_.map_ram(0x100, 4, False)) == b"\x22" * 4
+
+
 def test_mtree_format_matches_qemu_layout():
     root = MemoryRegion.container_region(None, "system", SIZE_2_64)
     r = MemoryRegion.ram_region(None, "pc.ram", 0x8000000)

@@ -21,6 +21,7 @@ from typing import Optional
 from ..pci import regs
 from .pci import BarInfo, GuestMSIX, GuestPCIDevice
 from .qtest import QTest
+from .ram import RamArea
 
 VIRTIO_VENDOR = 0x1AF4
 STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK = 1, 2, 4, 8
@@ -294,6 +295,10 @@ class GuestVirtQueue:
         self.qts.memset(self.desc, 16 * size, 0)
         self.qts.memset(self.avail, 6 + 2 * size, 0)
         self.qts.memset(self.used, 6 + 8 * size, 0)
+        # the rings are the driver's own RAM: used in place when the transport can map them
+        self.desc_ram = RamArea(self.qts, self.desc, 16 * size)
+        self.avail_ram = RamArea(self.qts, self.avail, 6 + 2 * size)
+        self.used_ram = RamArea(self.qts, self.used, 6 + 8 * size)
         self.free = list(range(size))
         self.chains: dict[int, list[int]] = {}
         self.reserved: set[int] = set()
@@ -310,7 +315,7 @@ class GuestVirtQueue:
             table = self.dev.alloc.alloc(16 * len(bufs), 16)
             self.qts.memwrite(table, pack_chain(bufs, list(range(len(bufs)))))
             head = self._take(1)[0]
-            self.qts.memwrite(self.desc + 16 * head, struct.pack("<QIHH", table, 16 * len(bufs), DESC_F_INDIRECT, 0))
+            self.write_descs([head], struct.pack("<QIHH", table, 16 * len(bufs), DESC_F_INDIRECT, 0))
             self.chains[head] = [head]
         else:
             ids = self._take(len(bufs))
@@ -336,22 +341,24 @@ class GuestVirtQueue:
 
     def write_descs(self, ids: list[int], packed: bytes) -> None:
         """Write packed descriptors to table entries ``ids``, one memory write per consecutive run."""
+        self.desc_ram.sync()
         i = 0
         while i < len(ids):
             j = i + 1
             while j < len(ids) and ids[j] == ids[j - 1] + 1:
                 j += 1
-            self.qts.memwrite(self.desc + 16 * ids[i], packed[16 * i:16 * j])
+            self.desc_ram.write(16 * ids[i], packed[16 * i:16 * j])
             i = j
 
     def make_available(self, heads: list[int], publish: bool = True) -> None:
         """Put chain heads into the driver ring (contiguous slots in one write per wrap)."""
         for h in heads:
             self.chains.setdefault(h, [h])
+        self.avail_ram.sync()
         slot, pos = self.avail_idx % self.size, 0
         while pos < len(heads):
             n = min(len(heads) - pos, self.size - slot)
-            self.qts.memwrite(self.avail + 4 + 2 * slot, struct.pack(f"<{n}H", *heads[pos:pos + n]))
+            self.avail_ram.write(4 + 2 * slot, struct.pack(f"<{n}H", *heads[pos:pos + n]))
             pos += n
             slot = 0
         self.avail_idx = (self.avail_idx + len(heads)) & 0xFFFF
@@ -360,17 +367,19 @@ class GuestVirtQueue:
 
     def publish(self) -> None:
         """Make everything added so far visible to the device (one driver-ring index update)."""
-        self.qts.writew(self.avail + 2, self.avail_idx)
+        self.avail_ram.sync()
+        self.avail_ram.w16(2, self.avail_idx)
 
     def kick(self) -> None:
         """Notify the device (honouring VIRTQ_USED_F_NO_NOTIFY or avail_event)."""
         old, new = self.kicked_at, self.avail_idx
         self.kicked_at = new
+        self.used_ram.sync()
         if self.event_idx:
-            ev = self.qts.readw(self.used + 4 + 8 * self.size)
+            ev = self.used_ram.r16(4 + 8 * self.size)
             if ((new - ev - 1) & 0xFFFF) >= ((new - old) & 0xFFFF):
                 return
-        elif self.qts.readw(self.used) & 1:
+        elif self.used_ram.r16(0) & 1:
             return
         self.dev.notify(self)
 
@@ -381,8 +390,11 @@ class GuestVirtQueue:
         again after ``used_event`` is moved, and anything that arrived meanwhile is reaped too:
         the device skips the interrupt for such completions (Linux's virtqueue_enable_cb check)."""
         out: list[tuple[int, int]] = []
+        used_ram, avail_ram = self.used_ram, self.avail_ram
+        used_ram.sync()
+        avail_ram.sync()
         while True:
-            used_idx = self.qts.readw(self.used + 2)
+            used_idx = used_ram.r16(2)
             count = (used_idx - self.last_used) & 0xFFFF
             if count > self.size:
                 raise VirtioGuestError(f"device moved the used index by {count} (queue size {self.size})")
@@ -391,7 +403,7 @@ class GuestVirtQueue:
             slot = self.last_used % self.size
             while count:
                 n = min(count, self.size - slot)
-                raw = self.qts.memread(self.used + 4 + 8 * slot, 8 * n)
+                raw = used_ram.read(4 + 8 * slot, 8 * n)
                 for ident, length in struct.iter_unpack("<II", raw):
                     ids = self.chains.pop(ident, None)
                     if ids is None:
@@ -403,7 +415,7 @@ class GuestVirtQueue:
                 slot = 0
             self.last_used = used_idx
             if self.event_idx:
-                self.qts.writew(self.avail + 4 + 2 * self.size, self.last_used)
+                avail_ram.w16(4 + 2 * self.size, self.last_used)
             if not settle:
                 return out
 

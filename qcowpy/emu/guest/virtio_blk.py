@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from ..pci import regs
 from .pci import GuestPCIBus, GuestPCIDevice
 from .qtest import QTest
+from .ram import RamArea
 from .virtio import (DESC_F_INDIRECT, F_EVENT_IDX, F_INDIRECT_DESC, NO_VECTOR, STATUS_NEEDS_RESET, GuestAlloc,
                      MSIXVector, VirtioGuestError, VirtioPCIGuest, pack_chain)
 
@@ -98,6 +99,7 @@ class GuestDisk:
         per_slot = 1 if self.use_indirect else 3
         self.depth = max(1, min(self.MAX_DEPTH, (self.vq.size // 2) // per_slot))
         areas = alloc.alloc(32 * self.depth, 32)
+        self.areas = RamArea(qts, areas, 32 * self.depth)  # every slot's header and status byte
         self.slots = [_Slot(k, areas + 32 * k, self.vq.reserve(min(per_slot, self.vq.size)),
                             alloc.alloc(48, 16) if self.use_indirect else 0) for k in range(self.depth)]
         self.slots[0].buf, self.slots[0].buf_size = self.buf, self.MAX_CHUNK
@@ -159,13 +161,12 @@ class GuestDisk:
         """Write (slot index, header) pairs: header, status preset 0xff and padding to 32 bytes,
         one memory write per run of neighbouring slots."""
         batch.sort()
-        base = self.slots[0].hdr
         i = 0
         while i < len(batch):
             j = i + 1
             while j < len(batch) and batch[j][0] == batch[j - 1][0] + 1:
                 j += 1
-            self.qts.memwrite(base + 32 * batch[i][0], b"".join(h for _, h in batch[i:j]))
+            self.areas.write(32 * batch[i][0], b"".join(h for _, h in batch[i:j]))
             i = j
 
     def run(self, requests: Sequence[Request], depth: Optional[int] = None,
@@ -193,6 +194,7 @@ class GuestDisk:
                 inflight[head] = (nxt, slot)
                 heads.append(head)
                 nxt += 1
+            self.areas.sync()
             if heads:
                 self._write_headers(headers)
                 self.vq.make_available(heads)
@@ -208,11 +210,11 @@ class GuestDisk:
                     raise VirtioGuestError("request timed out")
                 continue
             polls = 0
-            areas = self.qts.memread(self.slots[0].hdr, 32 * depth)  # every slot's status byte at once
+            areas = self.areas.read(0, 32 * depth)  # every slot's status byte at once
             for head, length in used:
                 i, slot = inflight.pop(head)
                 in_len = requests[i][3]
-                status = areas[slot.hdr + 16 - self.slots[0].hdr]
+                status = areas[32 * slot.index + 16]
                 data = self.qts.memread(slot.buf, in_len) if in_len and want_data and status == S_OK else b""
                 results[i] = (status, length, data)
                 self.last_used_len = length
