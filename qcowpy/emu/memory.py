@@ -15,6 +15,7 @@ space (no region at all) read as all-ones and ignore writes.
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
 from dataclasses import dataclass, field
@@ -116,6 +117,7 @@ class MemoryRegion:
         self.ram: Optional[bytearray] = None
         self.alias_of: Optional[MemoryRegion] = None
         self.alias_offset = 0
+        self._direct: tuple[Optional[MemoryRegionOps], int] = (None, 0)  # see direct_sizes()
 
     # -- constructors ----------------------------------------------------------------------
     @classmethod
@@ -234,14 +236,12 @@ class FlatView:
         self._starts = [r.start for r in ranges]
 
     def lookup(self, addr: int) -> Optional[FlatRange]:
-        import bisect
         i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0 and addr < self.ranges[i].end:
             return self.ranges[i]
         return None
 
     def next_start(self, addr: int) -> int:
-        import bisect
         i = bisect.bisect_right(self._starts, addr)
         return self.ranges[i].start if i < len(self.ranges) else SIZE_2_64
 
@@ -368,6 +368,29 @@ def dispatch_write(mr: MemoryRegion, addr: int, value: int, size: int) -> None:
             ops.write(mr.opaque, addr + i, part, access)
 
 
+def direct_sizes(mr: MemoryRegion) -> int:
+    """The access sizes (a mask of 1, 2, 4, 8) that reach ``mr``'s callbacks unchanged when
+    aligned: valid without an ``accepts`` hook, served by one ``impl``-sized call, no byte swap.
+
+    For those, :func:`dispatch_read`/:func:`dispatch_write` come down to one callback, so
+    :meth:`AddressSpace.load`/:meth:`~AddressSpace.store` make that call directly. Worked out once
+    per ops (QEMU's ops are constant for a region's life) and kept on the region."""
+    ops = mr.ops
+    cached, mask = mr._direct
+    if cached is ops and ops is not None:
+        return mask
+    mask = 0
+    if ops is not None and ops.valid.accepts is None and not _wrong_endian(mr):
+        v = ops.valid
+        lo, hi = _impl_sizes(mr)
+        for size in (1, 2, 4, 8):
+            valid = v.min_access_size <= size <= v.max_access_size if v.max_access_size else size <= 4
+            if valid and lo <= size <= hi:
+                mask |= size
+    mr._direct = (ops, mask)
+    return mask
+
+
 def _device_big_endian(mr: MemoryRegion) -> bool:
     e = mr.ops.endianness  # type: ignore[union-attr]
     return TARGET_BIG_ENDIAN if e is Endianness.NATIVE else e is Endianness.BIG
@@ -457,12 +480,45 @@ class AddressSpace:
             addr += n
             pos += n
 
+    def _resolve(self, addr: int, size: int) -> Optional[tuple[FlatRange, int]]:
+        """The flat range and region offset serving an access of ``size`` at ``addr`` when it
+        stays inside one range, is RAM or reaches an I/O region's callback unchanged (aligned,
+        a size in :func:`direct_sizes`); None when the full dispatch must split, widen, swap or
+        check it (or for a hole)."""
+        r = self.flatview.lookup(addr)
+        if r is None or addr + size > r.end:
+            return None
+        off = r.offset + (addr - r.start)
+        if r.mr.ram is None and (off & (size - 1) or not direct_sizes(r.mr) & size):
+            return None
+        return r, off
+
     def load(self, addr: int, size: int) -> int:
         """A CPU-style load of 1, 2, 4 or 8 bytes, little-endian like the x86 target."""
+        hit = self._resolve(addr, size)
+        if hit is not None:
+            r, off = hit
+            mr = r.mr
+            if mr.ram is not None:
+                return int.from_bytes(mr.ram[off:off + size], "little")
+            if mr.ops.read is not None:  # type: ignore[union-attr]
+                return mr.ops.read(mr.opaque, off, size) & ((1 << (size * 8)) - 1)  # type: ignore[union-attr]
         return int.from_bytes(self.read(addr, size), "little")
 
     def store(self, addr: int, value: int, size: int) -> None:
-        self.write(addr, (value & ((1 << (size * 8)) - 1)).to_bytes(size, "little"))
+        value &= (1 << (size * 8)) - 1
+        hit = self._resolve(addr, size)
+        if hit is not None:
+            r, off = hit
+            mr = r.mr
+            if mr.ram is not None:
+                if not r.readonly:
+                    mr.ram[off:off + size] = value.to_bytes(size, "little")
+                return
+            if mr.ops.write is not None:  # type: ignore[union-attr]
+                mr.ops.write(mr.opaque, off, value, size)  # type: ignore[union-attr]
+                return
+        self.write(addr, value.to_bytes(size, "little"))
 
     def map_ram(self, addr: int, length: int, writable: bool) -> Optional[memoryview]:
         """``[addr, addr + length)`` as a view of the RAM behind it when it is one piece of RAM
