@@ -220,6 +220,15 @@ def test_map_ram_only_for_one_piece_of_ram():
     assert bytes(as_.map_ram(0x100, 4, False)) == b"\x22" * 4
 
 
+def test_ram_is_zeroed_page_aligned_memory():
+    import ctypes
+    import mmap
+    mr = MemoryRegion.ram_region(None, "r", 3 * 4096 + 5)
+    assert len(mr.ram) == 3 * 4096 + 5 and mr.ram[:] == bytes(3 * 4096 + 5)
+    assert ctypes.addressof(ctypes.c_char.from_buffer(mr.ram)) % mmap.PAGESIZE == 0
+    assert len(MemoryRegion.ram_region(None, "empty", 0).ram) == 0
+
+
 def test_mtree_format_matches_qemu_layout():
     root = MemoryRegion.container_region(None, "system", SIZE_2_64)
     r = MemoryRegion.ram_region(None, "pc.ram", 0x8000000)
