@@ -125,12 +125,21 @@ class VirtioBlk:
         Raises VirtQueueError on a driver error (the transport then sets NEEDS_RESET)."""
         old = vq.used_idx
         self._capacity = self.capacity  # fixed for the batch (a resize lands between batches)
-        while True:
-            elem = vq.pop()
-            if elem is None:
-                break
-            used_len = self.handle(elem)
-            vq.push(elem, used_len)
+        try:
+            while True:
+                batch = vq.pop_many()  # the usual chains, walked in one call
+                try:
+                    for elem in batch:
+                        vq.fill(elem, self.handle(elem))
+                except BaseException:  # as if popped one at a time: the rest was never taken
+                    vq.rewind(len(batch) - 1 - batch.index(elem))
+                    raise
+                elem = vq.pop()  # one the general walker must take (or report), or None: empty
+                if elem is None:
+                    break
+                vq.fill(elem, self.handle(elem))
+        finally:  # what was served before a driver error is still returned
+            vq.flush()
         return vq.used_idx != old and vq.should_notify(old)
 
     def handle(self, elem: VirtQueueElement) -> int:
