@@ -128,13 +128,17 @@ class VirtioBlk:
         try:
             while True:
                 batch = vq.pop_many()  # the usual chains, walked in one call
-                try:
-                    for elem in batch:
-                        vq.fill(elem, self.handle(elem))
-                except BaseException:  # as if popped one at a time: the rest was never taken
-                    vq.rewind(len(batch) - 1 - batch.index(elem))
-                    raise
-                elem = vq.pop()  # one the general walker must take (or report), or None: empty
+                if batch:
+                    try:
+                        for elem in batch:
+                            vq.fill(elem, self.handle(elem))
+                    except BaseException:  # as if popped one at a time: the rest was never taken
+                        vq.rewind(len(batch) - 1 - batch.index(elem))
+                        raise
+                    continue
+                if not vq.known_avail:  # the ring is empty
+                    break
+                elem = vq.pop()  # one the general walker must take (or report)
                 if elem is None:
                     break
                 vq.fill(elem, self.handle(elem))

@@ -215,8 +215,16 @@ class SplitVirtQueue:
         """The chains the last read of the driver's index announced, in one kernel call — up to
         the first one that needs the general walker (indirect, outside the RAM window, or broken);
         :meth:`pop` takes that one next, so chains are still served and reported in ring order.
-        Reads the driver's index when nothing is left of the last read."""
-        if not self.ready or (not self.known_avail and not self.available()) or self._window is None:
+        Reads the driver's index when nothing is left of the last read; an empty list with
+        ``known_avail`` 0 means the ring is empty (and, as :meth:`pop` does, asks for a
+        notification at the next chain when event idx is on)."""
+        if not self.ready:
+            return []
+        if not self.known_avail and not self.available():
+            if self.event_idx:
+                self._set_avail_event(self.last_avail_idx)
+            return []
+        if self._window is None:
             return []
         start, end, ram = self._window
         got = vring_chains(self._desc_v, self._avail_v, self.num, self.last_avail_idx, self.known_avail,

@@ -180,9 +180,10 @@ class GuestDisk:
         inflight: dict[int, tuple[int, _Slot]] = {}
         results: list[tuple[int, int, bytes]] = [(S_IOERR, 0, b"")] * len(requests)
         nxt = done = polls = 0
-        pack_header = _SLOT_HEADER.pack
+        pack_header, pack_header_into = _SLOT_HEADER.pack, _SLOT_HEADER.pack_into
         while done < len(requests):
             heads, headers = [], []
+            view = self.areas.sync()  # mapped: headers go straight in, status bytes are read there
             while free and nxt < len(requests):
                 slot = free.pop()
                 rtype, sector, out, in_len = requests[nxt]
@@ -190,13 +191,16 @@ class GuestDisk:
                     head = self._prepare(slot, out, in_len)
                 else:  # same shape as the slot's last request: its descriptors are still right
                     head = slot.ids[0]
-                headers.append((slot.index, pack_header(rtype, 0, sector, 0xFF)))
+                if view is not None:
+                    pack_header_into(view, 32 * slot.index, rtype, 0, sector, 0xFF)
+                else:
+                    headers.append((slot.index, pack_header(rtype, 0, sector, 0xFF)))
                 inflight[head] = (nxt, slot)
                 heads.append(head)
                 nxt += 1
-            self.areas.sync()
             if heads:
-                self._write_headers(headers)
+                if headers:
+                    self._write_headers(headers)
                 self.vq.make_available(heads)
                 self.vq.kick()
             if self.completion == "interrupt":
@@ -210,7 +214,7 @@ class GuestDisk:
                     raise VirtioGuestError("request timed out")
                 continue
             polls = 0
-            areas = self.areas.read(0, 32 * depth)  # every slot's status byte at once
+            areas = view if view is not None else self.areas.read(0, 32 * depth)  # all status bytes at once
             for head, length in used:
                 i, slot = inflight.pop(head)
                 in_len = requests[i][3]
