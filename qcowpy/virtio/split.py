@@ -25,6 +25,7 @@ import struct
 from typing import Optional, Protocol
 
 from ..errors import QcowError
+from ..hostfile import iov_slice
 from ..kernels import vring_chain, vring_chains
 
 VRING_DESC_F_NEXT = 1
@@ -349,20 +350,8 @@ def iov_to_bytes(iov: list[memoryview], offset: int = 0, length: Optional[int] =
     if len(iov) == 1:
         v = iov[0]
         return bytes(v[offset:] if length is None else v[offset:offset + length])
-    out = []
     remaining = iov_size(iov) - offset if length is None else length
-    for v in iov:
-        if remaining <= 0:
-            break
-        n = len(v)
-        if offset >= n:
-            offset -= n
-            continue
-        take = min(n - offset, remaining)
-        out.append(v[offset:offset + take])
-        remaining -= take
-        offset = 0
-    return b"".join(out)
+    return b"".join(iov_slice(iov, offset, remaining)) if remaining > 0 else b""
 
 
 def iov_from_bytes(iov: list[memoryview], data: bytes | bytearray | memoryview, offset: int = 0) -> int:
