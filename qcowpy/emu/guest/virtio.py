@@ -34,6 +34,7 @@ DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT = 1, 2, 4
 DFSELECT, DF, GFSELECT, GF, MSIX, NUMQ, STATUS, CFGGEN = 0, 4, 8, 12, 16, 18, 20, 21
 Q_SELECT, Q_SIZE, Q_MSIX, Q_ENABLE, Q_NOFF, Q_DESC, Q_AVAIL, Q_USED = 22, 24, 26, 28, 30, 32, 40, 48
 NO_VECTOR = 0xFFFF
+_USED_ELEM = struct.Struct("<II")
 
 
 class VirtioGuestError(Exception):
@@ -299,6 +300,7 @@ class GuestVirtQueue:
         self.desc_ram = RamArea(self.qts, self.desc, 16 * size)
         self.avail_ram = RamArea(self.qts, self.avail, 6 + 2 * size)
         self.used_ram = RamArea(self.qts, self.used, 6 + 8 * size)
+        self._ram_gen: Optional[int] = None
         self.free = list(range(size))
         self.chains: dict[int, list[int]] = {}
         self.reserved: set[int] = set()
@@ -325,6 +327,14 @@ class GuestVirtQueue:
         self.make_available([head], publish)
         return head
 
+    def _sync(self) -> None:
+        """Map the rings again if the memory topology changed (one check for all three)."""
+        gen = self.qts.ram_generation()
+        if gen != self._ram_gen:
+            for area in (self.desc_ram, self.avail_ram, self.used_ram):
+                area.sync()
+            self._ram_gen = gen
+
     def _take(self, n: int) -> list[int]:
         if n > len(self.free):
             raise VirtioGuestError("virtqueue full")
@@ -341,7 +351,7 @@ class GuestVirtQueue:
 
     def write_descs(self, ids: list[int], packed: bytes) -> None:
         """Write packed descriptors to table entries ``ids``, one memory write per consecutive run."""
-        self.desc_ram.sync()
+        self._sync()
         i = 0
         while i < len(ids):
             j = i + 1
@@ -352,29 +362,31 @@ class GuestVirtQueue:
 
     def make_available(self, heads: list[int], publish: bool = True) -> None:
         """Put chain heads into the driver ring (contiguous slots in one write per wrap)."""
+        chains, ram = self.chains, self.avail_ram
         for h in heads:
-            self.chains.setdefault(h, [h])
-        self.avail_ram.sync()
+            if h not in chains:
+                chains[h] = [h]
+        self._sync()
         slot, pos = self.avail_idx % self.size, 0
         while pos < len(heads):
             n = min(len(heads) - pos, self.size - slot)
-            self.avail_ram.write(4 + 2 * slot, struct.pack(f"<{n}H", *heads[pos:pos + n]))
+            ram.write(4 + 2 * slot, struct.pack(f"<{n}H", *heads[pos:pos + n]))
             pos += n
             slot = 0
         self.avail_idx = (self.avail_idx + len(heads)) & 0xFFFF
         if publish:
-            self.publish()
+            ram.w16(2, self.avail_idx)
 
     def publish(self) -> None:
         """Make everything added so far visible to the device (one driver-ring index update)."""
-        self.avail_ram.sync()
+        self._sync()
         self.avail_ram.w16(2, self.avail_idx)
 
     def kick(self) -> None:
         """Notify the device (honouring VIRTQ_USED_F_NO_NOTIFY or avail_event)."""
         old, new = self.kicked_at, self.avail_idx
         self.kicked_at = new
-        self.used_ram.sync()
+        self._sync()
         if self.event_idx:
             ev = self.used_ram.r16(4 + 8 * self.size)
             if ((new - ev - 1) & 0xFFFF) >= ((new - old) & 0xFFFF):
@@ -391,8 +403,7 @@ class GuestVirtQueue:
         the device skips the interrupt for such completions (Linux's virtqueue_enable_cb check)."""
         out: list[tuple[int, int]] = []
         used_ram, avail_ram = self.used_ram, self.avail_ram
-        used_ram.sync()
-        avail_ram.sync()
+        self._sync()
         while True:
             used_idx = used_ram.r16(2)
             count = (used_idx - self.last_used) & 0xFFFF
@@ -401,16 +412,16 @@ class GuestVirtQueue:
             if not count:
                 return out
             slot = self.last_used % self.size
+            chains, reserved = self.chains, self.reserved
             while count:
                 n = min(count, self.size - slot)
-                raw = used_ram.read(4 + 8 * slot, 8 * n)
-                for ident, length in struct.iter_unpack("<II", raw):
-                    ids = self.chains.pop(ident, None)
+                for elem in _USED_ELEM.iter_unpack(used_ram.read(4 + 8 * slot, 8 * n)):
+                    ids = chains.pop(elem[0], None)
                     if ids is None:
-                        raise VirtioGuestError(f"device returned unknown descriptor {ident}")
-                    if ident not in self.reserved:
+                        raise VirtioGuestError(f"device returned unknown descriptor {elem[0]}")
+                    if elem[0] not in reserved:
                         self.free += ids
-                    out.append((ident, length))
+                    out.append(elem)
                 count -= n
                 slot = 0
             self.last_used = used_idx
