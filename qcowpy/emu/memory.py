@@ -421,6 +421,8 @@ class AddressSpace:
         self.unassigned_byte = unassigned_byte
         self._view: Optional[FlatView] = None
         self._view_generation = -1
+        # load/store resolutions by (addr, size), like a CPU TLB's entries: dropped with the view
+        self._tlb: dict[int, tuple[int, Optional[tuple[FlatRange, int]]]] = {}
 
     @property
     def flatview(self) -> FlatView:
@@ -488,14 +490,21 @@ class AddressSpace:
         """The flat range and region offset serving an access of ``size`` at ``addr`` when it
         stays inside one range, is RAM or reaches an I/O region's callback unchanged (aligned,
         a size in :func:`direct_sizes`); None when the full dispatch must split, widen, swap or
-        check it (or for a hole)."""
+        check it (or for a hole). Remembered per (addr, size) until the topology changes."""
+        key = addr << 4 | size
+        cached = self._tlb.get(key)
+        if cached is not None and cached[0] == _current_generation:
+            return cached[1]
         r = self.flatview.lookup(addr)
-        if r is None or addr + size > r.end:
-            return None
-        off = r.offset + (addr - r.start)
-        if r.mr.ram is None and (off & (size - 1) or not direct_sizes(r.mr) & size):
-            return None
-        return r, off
+        res: Optional[tuple[FlatRange, int]] = None
+        if r is not None and addr + size <= r.end:
+            off = r.offset + (addr - r.start)
+            if r.mr.ram is not None or not (off & (size - 1) or not direct_sizes(r.mr) & size):
+                res = r, off
+        if len(self._tlb) >= 1024:
+            self._tlb.clear()
+        self._tlb[key] = (_current_generation, res)
+        return res
 
     def load(self, addr: int, size: int) -> int:
         """A CPU-style load of 1, 2, 4 or 8 bytes, little-endian like the x86 target."""

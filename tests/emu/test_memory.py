@@ -303,3 +303,21 @@ def test_load_store_match_the_full_dispatch(vmin, vmax, imin, imax, endian, unal
     direct.store(addr, value, size)
     bytewise.write(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
     assert rec_a.calls == rec_b.calls
+
+
+def test_remembered_resolutions_follow_topology_changes():
+    """load/store remember where an (address, size) went; moving, disabling or hiding the region
+    sends the next access where the new view says."""
+    root, as_ = space()
+    rec, top = Recorder(), Recorder()
+    dev = io("dev", 0x10, rec, valid=AccessConstraints(1, 4), impl=ImplConstraints(1, 4))
+    root.add_subregion(0x100, dev)
+    as_.store(0x104, 0xAB, 2)
+    dev.set_address(0x200)
+    as_.store(0x104, 0xCD, 2)   # now a hole: dropped
+    as_.store(0x204, 0xEF, 2)
+    assert rec.calls == [("w", 4, 0xAB, 2), ("w", 4, 0xEF, 2)]
+    root.add_subregion(0x200, io("top", 0x10, top, valid=AccessConstraints(1, 4)), priority=1)
+    as_.store(0x204, 0x12, 2)
+    dev.set_enabled(False)
+    assert as_.load(0x104, 2) == 0xFFFF and top.calls == [("w", 4, 0x12, 2)] and len(rec.calls) == 2

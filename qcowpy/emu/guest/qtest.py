@@ -147,10 +147,18 @@ class InProcessQTest(QTest):
         return topology_generation()
 
     def _load(self, addr: int, size: int) -> int:
-        return self._call(self.machine.memory.load, addr, size)  # type: ignore[attr-defined]
+        try:  # _call's work, without its frame: register accesses are the driver's hot path
+            with self.machine.lock:  # type: ignore[attr-defined]
+                return self.machine.memory.load(addr, size)  # type: ignore[attr-defined]
+        except EmuError as e:
+            raise QTestError(f"qtest: {e}") from None
 
     def _store(self, addr: int, value: int, size: int) -> None:
-        self._call(self.machine.memory.store, addr, value, size)  # type: ignore[attr-defined]
+        try:
+            with self.machine.lock:  # type: ignore[attr-defined]
+                self.machine.memory.store(addr, value, size)  # type: ignore[attr-defined]
+        except EmuError as e:
+            raise QTestError(f"qtest: {e}") from None
 
     def readb(self, a: int) -> int: return self._load(a, 1)
     def readw(self, a: int) -> int: return self._load(a, 2)
