@@ -362,18 +362,31 @@ class GuestVirtQueue:
 
     def make_available(self, heads: list[int], publish: bool = True) -> None:
         """Put chain heads into the driver ring (contiguous slots in one write per wrap)."""
+        self._sync()
+        self._add_heads(heads, publish)
+
+    def submit(self, heads: list[int]) -> None:
+        """make_available + kick for one batch of chains, with one topology check."""
+        self._sync()
+        self._add_heads(heads, True)
+        self._kick()
+
+    def _add_heads(self, heads: list[int], publish: bool) -> None:
         chains, ram = self.chains, self.avail_ram
         for h in heads:
             if h not in chains:
                 chains[h] = [h]
-        self._sync()
-        slot, pos = self.avail_idx % self.size, 0
-        while pos < len(heads):
-            n = min(len(heads) - pos, self.size - slot)
-            ram.write(4 + 2 * slot, struct.pack(f"<{n}H", *heads[pos:pos + n]))
-            pos += n
+        slot, pos, n = self.avail_idx % self.size, 0, len(heads)
+        view = ram.view
+        if view is not None and slot + n <= self.size:  # mapped, no wrap: one pack in place
+            struct.pack_into(f"<{n}H", view, 4 + 2 * slot, *heads)
+            pos = n
+        while pos < n:
+            k = min(n - pos, self.size - slot)
+            ram.write(4 + 2 * slot, struct.pack(f"<{k}H", *heads[pos:pos + k]))
+            pos += k
             slot = 0
-        self.avail_idx = (self.avail_idx + len(heads)) & 0xFFFF
+        self.avail_idx = (self.avail_idx + n) & 0xFFFF
         if publish:
             ram.w16(2, self.avail_idx)
 
@@ -384,9 +397,12 @@ class GuestVirtQueue:
 
     def kick(self) -> None:
         """Notify the device (honouring VIRTQ_USED_F_NO_NOTIFY or avail_event)."""
+        self._sync()
+        self._kick()
+
+    def _kick(self) -> None:
         old, new = self.kicked_at, self.avail_idx
         self.kicked_at = new
-        self._sync()
         if self.event_idx:
             ev = self.used_ram.r16(4 + 8 * self.size)
             if ((new - ev - 1) & 0xFFFF) >= ((new - old) & 0xFFFF):

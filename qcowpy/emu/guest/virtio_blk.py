@@ -201,8 +201,7 @@ class GuestDisk:
             if heads:
                 if headers:
                     self._write_headers(headers)
-                self.vq.make_available(heads)
-                self.vq.kick()
+                self.vq.submit(heads)
             if self.completion == "interrupt":
                 self._wait_interrupt()
             used = self.vq.get_used(settle=self.completion == "interrupt")
