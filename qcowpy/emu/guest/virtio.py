@@ -35,6 +35,7 @@ DFSELECT, DF, GFSELECT, GF, MSIX, NUMQ, STATUS, CFGGEN = 0, 4, 8, 12, 16, 18, 20
 Q_SELECT, Q_SIZE, Q_MSIX, Q_ENABLE, Q_NOFF, Q_DESC, Q_AVAIL, Q_USED = 22, 24, 26, 28, 30, 32, 40, 48
 NO_VECTOR = 0xFFFF
 _USED_ELEM = struct.Struct("<II")
+_U16 = struct.Struct("<H")
 
 
 class VirtioGuestError(Exception):
@@ -378,7 +379,10 @@ class GuestVirtQueue:
                 chains[h] = [h]
         slot, pos, n = self.avail_idx % self.size, 0, len(heads)
         view = ram.view
-        if view is not None and slot + n <= self.size:  # mapped, no wrap: one pack in place
+        if view is not None and n == 1:  # mapped: in place
+            _U16.pack_into(view, 4 + 2 * slot, heads[0])
+            pos = n
+        elif view is not None and slot + n <= self.size:  # mapped, no wrap: one pack
             struct.pack_into(f"<{n}H", view, 4 + 2 * slot, *heads)
             pos = n
         while pos < n:
@@ -428,10 +432,12 @@ class GuestVirtQueue:
             if not count:
                 return out
             slot = self.last_used % self.size
-            chains, reserved = self.chains, self.reserved
+            chains, reserved, view = self.chains, self.reserved, used_ram.view
             while count:
                 n = min(count, self.size - slot)
-                for elem in _USED_ELEM.iter_unpack(used_ram.read(4 + 8 * slot, 8 * n)):
+                elems = ((_USED_ELEM.unpack_from(view, 4 + 8 * slot),) if n == 1 and view is not None
+                         else _USED_ELEM.iter_unpack(used_ram.read(4 + 8 * slot, 8 * n)))
+                for elem in elems:
                     ids = chains.pop(elem[0], None)
                     if ids is None:
                         raise VirtioGuestError(f"device returned unknown descriptor {elem[0]}")
