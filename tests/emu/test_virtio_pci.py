@@ -16,7 +16,6 @@ from qcowpy.emu.guest.qtest import InProcessQTest
 from qcowpy.emu.guest.virtio import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
                                      STATUS_NEEDS_RESET, GuestAlloc, VirtioPCIGuest)
 from qcowpy.emu.guest import workloads as wl
-from qcowpy.emu.guest.system import boot
 from qcowpy.emu.guest.virtio_blk import GuestDisk, GuestIOError, find_disks
 from qcowpy.emu.machine import create_machine
 from qcowpy.emu.monitor import HumanMonitor
