@@ -169,30 +169,22 @@ cdef enum:
     VRING_DESC_F_INDIRECT = 4
 
 
-def vring_chain(const unsigned char[::1] table not None, Py_ssize_t head, Py_ssize_t limit,
-                object ram, uint64_t win_start, uint64_t win_end):
-    """Follow the descriptor chain from ``head`` in ``table`` (``limit`` entries, little-endian
-    ``addr u64, len u32, flags u16, next u16``) when every buffer lies in the RAM window
-    ``[win_start, win_end)`` whose bytes are ``ram``.
-
-    Returns ``(out_sg, in_sg, out_iov, in_iov, out_len, in_len)`` — (addr, len) pairs and ``ram``
-    slices, zero-length buffers in the sg lists only — or None when the chain needs the general
-    walker: an indirect descriptor, a buffer outside the window, or any broken rule (loop, next
-    out of range, device-readable after device-writable), which the walker then reports.
-    """
+cdef object _chain(const unsigned char *table, Py_ssize_t head, Py_ssize_t limit,
+                   object ram, uint64_t win_start, uint64_t win_end):
+    """vring_chain's walk over a table of ``limit`` entries already checked to be that long."""
     cdef Py_ssize_t i = head, count = 0
     cdef uint64_t addr
     cdef unsigned int length, flags, nxt
     cdef const unsigned char *d
     cdef uint64_t out_len = 0, in_len = 0
     cdef list out_sg = [], in_sg = [], out_iov = [], in_iov = []
-    if limit * 16 > table.shape[0] or i < 0 or i >= limit:
+    if i < 0 or i >= limit:
         return None
     while True:
         count += 1
         if count > limit:
             return None
-        d = &table[16 * i]
+        d = table + 16 * i
         addr = (<uint64_t>d[0] | <uint64_t>d[1] << 8 | <uint64_t>d[2] << 16 | <uint64_t>d[3] << 24
                 | <uint64_t>d[4] << 32 | <uint64_t>d[5] << 40 | <uint64_t>d[6] << 48 | <uint64_t>d[7] << 56)
         length = d[8] | d[9] << 8 | d[10] << 16 | <unsigned int>d[11] << 24
@@ -219,3 +211,44 @@ def vring_chain(const unsigned char[::1] table not None, Py_ssize_t head, Py_ssi
         if nxt >= limit:
             return None
         i = nxt
+
+
+def vring_chain(const unsigned char[::1] table not None, Py_ssize_t head, Py_ssize_t limit,
+                object ram, uint64_t win_start, uint64_t win_end):
+    """Follow the descriptor chain from ``head`` in ``table`` (``limit`` entries, little-endian
+    ``addr u64, len u32, flags u16, next u16``) when every buffer lies in the RAM window
+    ``[win_start, win_end)`` whose bytes are ``ram``.
+
+    Returns ``(out_sg, in_sg, out_iov, in_iov, out_len, in_len)`` — (addr, len) pairs and ``ram``
+    slices, zero-length buffers in the sg lists only — or None when the chain needs the general
+    walker: an indirect descriptor, a buffer outside the window, or any broken rule (loop, next
+    out of range, device-readable after device-writable), which the walker then reports.
+    """
+    if limit * 16 > table.shape[0] or limit <= 0:
+        return None
+    return _chain(&table[0], head, limit, ram, win_start, win_end)
+
+
+def vring_chains(const unsigned char[::1] table not None, const unsigned char[::1] avail not None,
+                 Py_ssize_t limit, Py_ssize_t first, Py_ssize_t count,
+                 object ram, uint64_t win_start, uint64_t win_end):
+    """The next ``count`` available chains in one call: heads from the driver ring ``avail``
+    (``flags u16, idx u16, ring[limit] u16``) starting at ring position ``first`` (mod ``limit``),
+    each walked as :func:`vring_chain` does.
+
+    Returns ``[(head, out_sg, in_sg, out_iov, in_iov, out_len, in_len), ...]`` for the leading
+    chains that walk does; it stops at the first one it cannot (a head out of range too), which
+    the caller then pops on its own, so errors are reported in ring order.
+    """
+    cdef Py_ssize_t k, slot, head
+    cdef list out = []
+    if limit <= 0 or limit * 16 > table.shape[0] or 4 + 2 * limit > avail.shape[0]:
+        return out
+    for k in range(count):
+        slot = 4 + 2 * ((first + k) % limit)
+        head = avail[slot] | avail[slot + 1] << 8
+        got = _chain(&table[0], head, limit, ram, win_start, win_end)
+        if got is None:
+            break
+        out.append((head,) + got)
+    return out

@@ -87,6 +87,19 @@ class HostFile:
                 return
             got += n
 
+    def preadv(self, bufs: list[memoryview], offset: int) -> None:
+        """Fill ``bufs`` from consecutive bytes at ``offset`` with one system call (at most
+        IOV_MAX buffers); past end of file reads zeros."""
+        got = os.preadv(self.fd, bufs, offset)
+        for buf in bufs:
+            n = len(buf)
+            if got < n:  # a short read: the rest of this buffer and the ones after it, one by one
+                self.preadinto(buf[got:], offset + got)
+                got = 0
+            else:
+                got -= n
+            offset += n
+
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         if not self.writable:
             raise ReadOnlyError(f"'{self.path}' is opened read-only")
@@ -180,6 +193,25 @@ def zero_fill(buf: memoryview) -> None:
         k = min(n - pos, len(_ZEROS))
         buf[pos:pos + k] = _ZEROS[:k]
         pos += k
+
+
+def iov_slice(bufs: list[memoryview], start: int, length: int) -> list[memoryview]:
+    """The views covering bytes ``[start, start + length)`` of the concatenation of ``bufs``."""
+    if start == 0 and length == sum(len(b) for b in bufs):
+        return bufs
+    out: list[memoryview] = []
+    for buf in bufs:
+        n = len(buf)
+        if start >= n:
+            start -= n
+            continue
+        take = min(n - start, length)
+        out.append(buf[start:start + take])
+        length -= take
+        start = 0
+        if not length:
+            break
+    return out
 
 
 def data_or_hole(fd: int, pos: int, size: int, device_end: int) -> tuple[bool, int]:

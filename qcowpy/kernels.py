@@ -137,16 +137,33 @@ def py_vring_chain(table, head: int, limit: int, ram, win_start: int, win_end: i
         i = nxt
 
 
+def py_vring_chains(table, avail, limit: int, first: int, count: int, ram,  # type: ignore[no-untyped-def]
+                    win_start: int, win_end: int) -> list:
+    """The next ``count`` available chains, as far as vring_chain walks them (see _ext.vring_chains)."""
+    out: list = []
+    if limit <= 0 or limit * 16 > len(table) or 4 + 2 * limit > len(avail):
+        return out
+    for k in range(count):
+        head = struct.unpack_from("<H", avail, 4 + 2 * ((first + k) % limit))[0]
+        got = py_vring_chain(table, head, limit, ram, win_start, win_end)
+        if got is None:
+            break
+        out.append((head,) + got)
+    return out
+
+
 try:
-    from ._ext import find_offset_in, is_zero, l2_runs, vring_chain, zero_runs  # type: ignore[attr-defined]
+    from ._ext import (find_offset_in, is_zero, l2_runs, vring_chain, vring_chains,  # type: ignore[attr-defined]
+                       zero_runs)
     HAVE_EXT = True
 except ImportError:  # not built (or built from an older ext/): pure Python
     find_offset_in = py_find_offset_in
     is_zero = py_is_zero
     l2_runs = py_l2_runs
     vring_chain = py_vring_chain
+    vring_chains = py_vring_chains
     zero_runs = py_zero_runs
     HAVE_EXT = False
 
 __all__ = ["HAVE_EXT", "find_offset_in", "is_zero", "l2_runs", "py_find_offset_in", "py_is_zero", "py_l2_runs",
-           "py_vring_chain", "py_zero_runs", "vring_chain", "zero_runs"]
+           "py_vring_chain", "py_vring_chains", "py_zero_runs", "vring_chain", "vring_chains", "zero_runs"]

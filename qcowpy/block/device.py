@@ -107,6 +107,14 @@ class BlockDevice(ABC):
         view = memoryview(buf).cast("B")
         view[:] = self.pread(len(view), offset)
 
+    def preadv(self, bufs: list[memoryview], offset: int) -> None:
+        """Fill ``bufs`` (byte views) from consecutive guest bytes at ``offset`` — QEMU's
+        vectored read, what a device model does with requests it merged. Drivers that can map
+        the whole range once and read it with one system call override this."""
+        for buf in bufs:
+            self.preadinto(buf, offset)
+            offset += len(buf)
+
     @abstractmethod
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None: ...
 

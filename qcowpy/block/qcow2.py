@@ -36,6 +36,9 @@ class Qcow2Device(BlockDevice):
     def preadinto(self, buf: bytearray | memoryview, offset: int) -> None:
         self.image.preadinto(buf, offset)
 
+    def preadv(self, bufs: list[memoryview], offset: int) -> None:
+        self.image.preadv(bufs, offset)
+
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         self.image.pwrite(data, offset)
 

@@ -32,6 +32,10 @@ class RawDevice(BlockDevice):
         self.check_range(offset, len(view))
         self.file.preadinto(view, offset)
 
+    def preadv(self, bufs: list[memoryview], offset: int) -> None:
+        self.check_range(offset, sum(len(b) for b in bufs))
+        self.file.preadv(bufs, offset)
+
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         self._writable()
         self.check_range(offset, len(memoryview(data).cast("B")))

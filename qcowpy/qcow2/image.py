@@ -16,7 +16,7 @@ from ..format import constants as C
 from ..format.entries import ClusterType, compressed_descriptor, l2_offset, make_compressed_entry
 from ..format.entries import cluster_type as std_cluster_type
 from ..format.header import Header, parse_header
-from ..hostfile import HostFile, open_host_file, zero_fill
+from ..hostfile import HostFile, iov_slice, open_host_file, zero_fill
 from . import codec
 from .bitmaps import Bitmaps
 from .extl2 import ExtendedL2Writes
@@ -216,6 +216,25 @@ class Qcow2Image:
                 self._read_extents(view, exts, zeroed=False)
                 return
         self.data.preadinto(view, exts[0].host_offset)  # type: ignore[arg-type]
+
+    def preadv(self, bufs: list[memoryview], offset: int) -> None:
+        """Fill ``bufs`` (byte views) from consecutive guest bytes at ``offset``: the range is
+        mapped once and each host run is read with one vectored system call when it is all plain
+        data in a local file; anything else (zeros, backing, compressed, encrypted) buffer by buffer."""
+        total = sum(len(b) for b in bufs)
+        with self.lock:
+            self.check_range(offset, total)
+            exts = self.layer_extents(offset, total)
+            readv = getattr(self.data, "preadv", None)
+            if readv is None or self.crypto is not None or any(e.kind != DATA for e in exts):
+                for buf in bufs:
+                    self.preadinto(buf, offset)
+                    offset += len(buf)
+                return
+            pos = 0
+            for ext in exts:
+                readv(iov_slice(bufs, pos, ext.length), ext.host_offset)
+                pos += ext.length
 
     def _read_extents(self, view: memoryview, exts: list[LayerExtent], zeroed: bool) -> None:
         pos = 0

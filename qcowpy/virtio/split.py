@@ -25,7 +25,8 @@ import struct
 from typing import Optional, Protocol
 
 from ..errors import QcowError
-from ..kernels import vring_chain
+from ..hostfile import iov_slice
+from ..kernels import vring_chain, vring_chains
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
@@ -98,14 +99,16 @@ class VirtQueueElement:
 
     __slots__ = ("index", "out_sg", "in_sg", "out_iov", "in_iov", "out_len", "in_len")
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, out_sg: Optional[list[tuple[int, int]]] = None,
+                 in_sg: Optional[list[tuple[int, int]]] = None, out_iov: Optional[list[memoryview]] = None,
+                 in_iov: Optional[list[memoryview]] = None, out_len: int = 0, in_len: int = 0) -> None:
         self.index = index
-        self.out_sg: list[tuple[int, int]] = []
-        self.in_sg: list[tuple[int, int]] = []
-        self.out_iov: list[memoryview] = []
-        self.in_iov: list[memoryview] = []
-        self.out_len = 0  # total bytes of out_sg / in_sg
-        self.in_len = 0
+        self.out_sg = [] if out_sg is None else out_sg
+        self.in_sg = [] if in_sg is None else in_sg
+        self.out_iov = [] if out_iov is None else out_iov
+        self.in_iov = [] if in_iov is None else in_iov
+        self.out_len = out_len  # total bytes of out_sg / in_sg
+        self.in_len = in_len
 
 
 def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
@@ -136,6 +139,7 @@ class SplitVirtQueue:
         self.used_idx = 0
         self.signalled_used: Optional[int] = None  # used_idx at the last interrupt (event idx)
         self.inflight = 0
+        self.filled = 0  # used elements written since the last flush (QEMU's virtqueue_fill/flush)
         self.known_avail = 0  # chains seen at the last read of the driver's index, not yet popped
         self._maps_key: Optional[tuple[int, ...]] = None
         self._desc_v = self._avail_v = self._used_v = memoryview(b"")
@@ -147,7 +151,7 @@ class SplitVirtQueue:
         and the available index the front-end handed over. Raises VirtQueueError."""
         self.desc, self.avail, self.used = desc, avail, used
         self.last_avail_idx = last_avail_idx & 0xFFFF
-        self.known_avail = self.inflight = 0
+        self.known_avail = self.inflight = self.filled = 0
         self._maps_key = None
         self._maps()
         self.used_idx = _U16.unpack_from(self._used_v, 2)[0]
@@ -208,6 +212,43 @@ class SplitVirtQueue:
         self.inflight += 1
         return elem
 
+    def pop_many(self) -> list[VirtQueueElement]:
+        """The chains the last read of the driver's index announced, in one kernel call — up to
+        the first one that needs the general walker (indirect, outside the RAM window, or broken);
+        :meth:`pop` takes that one next, so chains are still served and reported in ring order.
+        Reads the driver's index when nothing is left of the last read; an empty list with
+        ``known_avail`` 0 means the ring is empty (and, as :meth:`pop` does, asks for a
+        notification at the next chain when event idx is on)."""
+        if not self.ready:
+            return []
+        if not self.known_avail and not self.available():
+            if self.event_idx:
+                self._set_avail_event(self.last_avail_idx)
+            return []
+        if self._window is None:
+            return []
+        start, end, ram = self._window
+        got = vring_chains(self._desc_v, self._avail_v, self.num, self.last_avail_idx, self.known_avail,
+                           ram, start, end)
+        n = len(got)
+        if n:
+            self.last_avail_idx = idx = (self.last_avail_idx + n) & 0xFFFF
+            self.known_avail -= n
+            if self.event_idx:
+                _U16.pack_into(self._used_v, 4 + 8 * self.num, idx)  # avail_event
+            self.inflight += n
+        return [VirtQueueElement(*g) for g in got]
+
+    def rewind(self, n: int) -> None:
+        """Hand back the last ``n`` popped elements unserved: the next pops return them again
+        (QEMU's ``virtqueue_rewind``)."""
+        if n:
+            self.last_avail_idx = (self.last_avail_idx - n) & 0xFFFF
+            self.known_avail += n
+            self.inflight -= n
+            if self.event_idx:
+                self._set_avail_event(self.last_avail_idx)
+
     def _set_avail_event(self, idx: int) -> None:
         _U16.pack_into(self._used_v, 4 + 8 * self.num, idx)
 
@@ -215,13 +256,12 @@ class SplitVirtQueue:
         if head >= self.num:
             raise VirtQueueError(f"guest chain head {head} >= queue size {self.num}")
         mem = self.mem
-        elem = VirtQueueElement(head)
         win = self._window
         if win is not None:  # the common case in one call: a direct chain with buffers in one RAM block
             got = vring_chain(self._desc_v, head, self.num, win[2], win[0], win[1])
             if got is not None:
-                elem.out_sg, elem.in_sg, elem.out_iov, elem.in_iov, elem.out_len, elem.in_len = got
-                return elem
+                return VirtQueueElement(head, *got)
+        elem = VirtQueueElement(head)
         # everything else, and every broken rule with its message: step by step
         table, limit = self._desc_v, self.num
         addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * head)
@@ -265,13 +305,26 @@ class SplitVirtQueue:
 
     # -- device ring ----------------------------------------------------------------------------
     def push(self, elem: VirtQueueElement, length: int) -> None:
-        """Return ``elem`` to the driver with ``length`` bytes written (fill + flush).
+        """Return ``elem`` to the driver with ``length`` bytes written (fill + flush)."""
+        self.fill(elem, length)
+        self.flush()
+
+    def fill(self, elem: VirtQueueElement, length: int) -> None:
+        """Write ``elem``'s used element (``length`` bytes written) after those filled before;
+        the driver sees it at the next :meth:`flush` (QEMU's ``virtqueue_fill``).
 
         Uses the ring mappings of the pop that produced ``elem``."""
-        _USED_ELEM.pack_into(self._used_v, 4 + 8 * (self.used_idx % self.num), elem.index, length)
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(self._used_v, 2, self.used_idx)
-        self.inflight = max(0, self.inflight - 1)
+        _USED_ELEM.pack_into(self._used_v, 4 + 8 * ((self.used_idx + self.filled) % self.num), elem.index, length)
+        self.filled += 1
+
+    def flush(self) -> None:
+        """Publish the filled elements with one used-index update (QEMU's ``virtqueue_flush``)."""
+        n = self.filled
+        if n:
+            self.filled = 0
+            self.used_idx = (self.used_idx + n) & 0xFFFF
+            _U16.pack_into(self._used_v, 2, self.used_idx)
+            self.inflight = max(0, self.inflight - n)
 
     def should_notify(self, old_used: int) -> bool:
         """Whether the driver wants an interrupt after the used index moved from ``old_used``."""
@@ -297,20 +350,8 @@ def iov_to_bytes(iov: list[memoryview], offset: int = 0, length: Optional[int] =
     if len(iov) == 1:
         v = iov[0]
         return bytes(v[offset:] if length is None else v[offset:offset + length])
-    out = []
     remaining = iov_size(iov) - offset if length is None else length
-    for v in iov:
-        if remaining <= 0:
-            break
-        n = len(v)
-        if offset >= n:
-            offset -= n
-            continue
-        take = min(n - offset, remaining)
-        out.append(v[offset:offset + take])
-        remaining -= take
-        offset = 0
-    return b"".join(out)
+    return b"".join(iov_slice(iov, offset, remaining)) if remaining > 0 else b""
 
 
 def iov_from_bytes(iov: list[memoryview], data: bytes | bytearray | memoryview, offset: int = 0) -> int:

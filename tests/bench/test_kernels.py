@@ -306,6 +306,43 @@ def test_vring_chain_cases() -> None:
         assert fn(_desc_table([(0xDEAD0000, 0, 0, 0)]), 0, 1, ram, *WIN)[0] == [(0xDEAD0000, 0)]  # empty buffer
 
 
+def _avail_ring(heads: list[int], limit: int) -> bytearray:
+    ring = [0] * limit
+    for k, h in enumerate(heads[:limit]):
+        ring[k] = h
+    return bytearray(struct.pack(f"<HH{limit}H", 0, len(heads), *ring))
+
+
+@settings(max_examples=300)
+@given(st.lists(desc_st, min_size=1, max_size=8), st.lists(st.integers(0, 9), max_size=8),
+       st.integers(0, 20), st.integers(0, 10))
+def test_vring_chains_matches_reference(descs, heads, first, count) -> None:
+    table = _desc_table(descs)
+    avail = _avail_ring(heads, len(descs))
+    ram = memoryview(bytes(range(256)) * ((WIN[1] - WIN[0]) // 256))
+    got = ext.vring_chains(table, avail, len(descs), first, count, ram, *WIN)
+    ref = K.py_vring_chains(table, avail, len(descs), first, count, ram, *WIN)
+    assert [(g[0],) + _plain(g[1:]) for g in got] == [(r[0],) + _plain(r[1:]) for r in ref]
+
+
+def test_vring_chains_stops_at_the_first_chain_for_the_walker() -> None:
+    """Chains come in ring order from ``first`` (wrapping), each as vring_chain walks it; the
+    first one vring_chain refuses ends the batch."""
+    ram = memoryview(bytearray(WIN[1] - WIN[0]))
+    nxt, wr, ind = 1, 2, 4
+    table = _desc_table([(0x1000, 16, nxt, 1), (0x1100, 1, wr, 0), (0x1200, 16, ind, 0), (0x1300, 16, 0, 0)])
+    for fn in (ext.vring_chains, K.py_vring_chains):
+        avail = _avail_ring([3, 0, 3, 2, 0], 4)  # ring of 4: positions 0..3 hold 3, 0, 3, 2
+        got = fn(table, avail, 4, 3, 3, ram, *WIN)  # positions 3, 0, 1: the indirect head 2 first
+        assert got == []
+        got = fn(table, avail, 4, 0, 4, ram, *WIN)
+        assert [g[0] for g in got] == [3, 0, 3] and got[1][1:3] == ([(0x1000, 16)], [(0x1100, 1)])
+        assert fn(table, _avail_ring([7], 4), 4, 0, 1, ram, *WIN) == []  # head out of range
+        assert fn(table, avail, 4, 0, 0, ram, *WIN) == []
+        assert fn(table, avail[:8], 4, 0, 1, ram, *WIN) == []  # driver ring too short for the queue
+        assert fn(table, avail, 5, 0, 1, ram, *WIN) == []      # descriptor table too short
+
+
 @pytest.mark.bench
 @pytest.mark.parametrize("impl", ["cython", "python"])
 def test_bench_vring_chain(benchmark, impl: str) -> None:

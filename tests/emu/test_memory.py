@@ -199,6 +199,36 @@ def test_readonly_region_ignores_writes():
     assert as_.read(0, 2) == b"\x5a\x5a"
 
 
+def test_map_ram_only_for_one_piece_of_ram():
+    """address_space_map without a bounce buffer: a view of one RAM range, writes landing in the
+    region's bytes; None for MMIO, holes, ranges that leave the RAM and writable maps of ROM."""
+    root, as_ = space()
+    a = ram("a", 0x100, 0x11)
+    rom = ram("rom", 0x10, 0x22)
+    rom.set_readonly(True)
+    root.add_subregion(0, a)
+    root.add_subregion(0x100, rom)
+    root.add_subregion(0x200, io("r", 0x10, Recorder()))
+    view = as_.map_ram(0x10, 4, True)
+    assert view is not None and bytes(view) == b"\x11" * 4
+    view[1] = 0x99
+    assert as_.read(0x10, 3) == b"\x11\x99\x11" and a.ram[0x11] == 0x99
+    assert as_.map_ram(0xFE, 4, False) is None          # runs into the ROM
+    assert as_.map_ram(0x200, 2, False) is None         # MMIO
+    assert as_.map_ram(0x300, 2, False) is None         # hole
+    assert as_.map_ram(0x100, 4, True) is None          # ROM is not writable
+    assert bytes(as_.map_ram(0x100, 4, False)) == b"\x22" * 4
+
+
+def test_ram_is_zeroed_page_aligned_memory():
+    import ctypes
+    import mmap
+    mr = MemoryRegion.ram_region(None, "r", 3 * 4096 + 5)
+    assert len(mr.ram) == 3 * 4096 + 5 and mr.ram[:] == bytes(3 * 4096 + 5)
+    assert ctypes.addressof(ctypes.c_char.from_buffer(mr.ram)) % mmap.PAGESIZE == 0
+    assert len(MemoryRegion.ram_region(None, "empty", 0).ram) == 0
+
+
 def test_mtree_format_matches_qemu_layout():
     root = MemoryRegion.container_region(None, "system", SIZE_2_64)
     r = MemoryRegion.ram_region(None, "pc.ram", 0x8000000)
@@ -246,3 +276,48 @@ def test_flat_view_matches_a_per_byte_model(specs):
                 winners[a] = (prio, idx)
                 model[a] = idx + 1
     assert list(as_.read(0, 64)) == model
+
+
+# -- the direct load/store path against the full dispatch -------------------------------------------
+
+access_sizes = st.sampled_from([0, 1, 2, 4, 8])
+
+
+@settings(max_examples=300, deadline=None)
+@given(vmin=access_sizes, vmax=access_sizes, imin=access_sizes, imax=access_sizes,
+       endian=st.sampled_from(list(Endianness)), unaligned=st.booleans(), picky=st.booleans(),
+       addr=st.integers(0x0C, 0x14), size=st.sampled_from([1, 2, 4, 8]), value=st.integers(0, 2 ** 64 - 1))
+def test_load_store_match_the_full_dispatch(vmin, vmax, imin, imax, endian, unaligned, picky, addr, size, value):
+    """AddressSpace.load/store call an I/O region directly for the accesses direct_sizes() allows;
+    whatever the constraints, the callbacks see exactly what the byte-buffer dispatch
+    (read/write) makes of the same access, and the results agree."""
+    accepts = (lambda o, a, s, w: a != 0x10) if picky else None
+    kw = dict(valid=AccessConstraints(vmin, vmax, unaligned, accepts), impl=ImplConstraints(imin, imax),
+              endianness=endian)
+    root_a, direct = space()
+    root_b, bytewise = space()
+    rec_a, rec_b = Recorder(0x5A), Recorder(0x5A)
+    root_a.add_subregion(0x8, io("dev", 0x10, rec_a, **kw))
+    root_b.add_subregion(0x8, io("dev", 0x10, rec_b, **kw))
+    assert direct.load(addr, size) == int.from_bytes(bytewise.read(addr, size), "little")
+    direct.store(addr, value, size)
+    bytewise.write(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+    assert rec_a.calls == rec_b.calls
+
+
+def test_remembered_resolutions_follow_topology_changes():
+    """load/store remember where an (address, size) went; moving, disabling or hiding the region
+    sends the next access where the new view says."""
+    root, as_ = space()
+    rec, top = Recorder(), Recorder()
+    dev = io("dev", 0x10, rec, valid=AccessConstraints(1, 4), impl=ImplConstraints(1, 4))
+    root.add_subregion(0x100, dev)
+    as_.store(0x104, 0xAB, 2)
+    dev.set_address(0x200)
+    as_.store(0x104, 0xCD, 2)   # now a hole: dropped
+    as_.store(0x204, 0xEF, 2)
+    assert rec.calls == [("w", 4, 0xAB, 2), ("w", 4, 0xEF, 2)]
+    root.add_subregion(0x200, io("top", 0x10, top, valid=AccessConstraints(1, 4)), priority=1)
+    as_.store(0x204, 0x12, 2)
+    dev.set_enabled(False)
+    assert as_.load(0x104, 2) == 0xFFFF and top.calls == [("w", 4, 0x12, 2)] and len(rec.calls) == 2

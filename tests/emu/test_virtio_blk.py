@@ -1,6 +1,7 @@
 """The virtio-blk request engine on a bytearray guest and a real qcowpy BlockDevice (no PCI)."""
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -174,6 +175,128 @@ def test_malformed_chains_are_driver_errors(disk, bufs):
     g = Guest(disk)
     with pytest.raises(VirtQueueError):
         g.submit(bufs)
+
+
+def _four_reads(g: Guest, bad: str) -> None:
+    """Four 512-byte reads in one notification (chains at descriptors 3k..3k+2), the third broken."""
+    heads = []
+    for k in range(4):
+        hdr, status, data = HDR + 32 * k, HDR + 32 * k + 16, DATA + 512 * k
+        struct.pack_into("<IIQ", g.buf, hdr, vb.VIRTIO_BLK_T_IN, 0, k)
+        for i, (a, n, f) in enumerate([(hdr, 16, VRING_DESC_F_NEXT), (data, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE),
+                                       (status, 1, VRING_DESC_F_WRITE)]):
+            struct.pack_into("<QIHH", g.buf, DESC + 16 * (3 * k + i), a, n, f, 3 * k + i + 1)
+        heads.append(3 * k)
+    if bad == "indirect-not-negotiated":
+        struct.pack_into("<QIHH", g.buf, DESC + 16 * 6, DESC, 48, 4, 0)
+    elif bad == "no-status":
+        struct.pack_into("<QIHH", g.buf, DESC + 16 * 6, HDR + 64, 16, 0, 0)
+    elif bad == "loop":
+        struct.pack_into("<QIHH", g.buf, DESC + 16 * 8, HDR + 80, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 6)
+    struct.pack_into(f"<HH{len(heads)}H", g.buf, AVAIL, 0, len(heads), *heads)
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+@pytest.mark.parametrize("bad", ["none", "indirect-not-negotiated", "no-status", "loop"])
+def test_batch_is_served_as_one_pop_at_a_time_would(disk, bad, event_idx):
+    """The usual chains are walked together and returned with one used-index update; a chain that
+    needs the general walker is taken in its place. Guest memory and queue state end up exactly as
+    when every chain is popped, served and pushed on its own: everything before a driver error is
+    served and returned, nothing after it, and the error still surfaces."""
+    disk.pwrite(bytes(range(256)) * 8, 0)
+    outcomes = []
+    for batched in (True, False):
+        g = Guest(disk)
+        g.vq.event_idx = event_idx
+        _four_reads(g, bad)
+        try:
+            if batched:
+                g.dev.process_queue(g.vq)
+            else:
+                while (e := g.vq.pop()) is not None:
+                    g.vq.push(e, g.dev.handle(e))
+            err = None
+        except VirtQueueError as e:
+            err = str(e)
+        outcomes.append((err, bytes(g.buf), g.vq.used_idx, g.vq.last_avail_idx, g.vq.inflight, g.vq.filled,
+                         g.dev.stats))
+    assert outcomes[0] == outcomes[1]
+    err, buf, used_idx = outcomes[0][:3]
+    assert (err is None) == (bad == "none") and used_idx == (4 if bad == "none" else 2)
+    assert buf[DATA:DATA + 1024] == disk.pread(1024, 0) and buf[HDR + 16] == buf[HDR + 48] == 0
+
+
+#: two notifications of (type, sector, bytes): merged runs, a gap, a read past the end, a write
+#: between reads of the same sectors
+MIXED = [[(0, 0, 1024), (0, 2, 512), (0, 9, 512), (0, SIZE // 512, 512), (0, 10, 512)],
+         [(0, 0, 1024), (1, 2, 512), (0, 2, 1024), (0, 4, 512), (0, 5, 1024)]]
+
+
+def _mixed_batch(g: Guest, reqs: list[tuple[int, int, int]]) -> None:
+    """Publish ``reqs`` (descriptors 3k..3k+2 each) in one go, data buffers preset to 0xa0 + k."""
+    for k, (rtype, sector, n) in enumerate(reqs):
+        hdr, status, data = HDR + 32 * k, HDR + 32 * k + 16, DATA + 1024 * k
+        struct.pack_into("<IIQ", g.buf, hdr, rtype, 0, sector)
+        g.buf[data:data + n] = bytes([0xA0 + k]) * n
+        flags = 0 if rtype else VRING_DESC_F_WRITE
+        for i, (a, ln, f) in enumerate([(hdr, 16, VRING_DESC_F_NEXT), (data, n, VRING_DESC_F_NEXT | flags),
+                                        (status, 1, VRING_DESC_F_WRITE)]):
+            struct.pack_into("<QIHH", g.buf, DESC + 16 * (3 * k + i), a, ln, f, 3 * k + i + 1)
+        struct.pack_into("<H", g.buf, AVAIL + 4 + 2 * (g.avail % NUM), 3 * k)
+        g.avail += 1
+    struct.pack_into("<H", g.buf, AVAIL + 2, g.avail)
+
+
+@pytest.mark.parametrize("failing", ["none", "vectored", "sector-4"])
+def test_merged_reads_complete_as_separate_ones(tmp_path, failing):
+    """Reads of consecutive sectors are merged into one vectored block-layer read; the guest
+    sees exactly what serving each request on its own gives: data, statuses, used ring, counters
+    — also when the merged read fails and the requests are retried one by one."""
+    class Blk:
+        def __init__(self, dev):
+            self.dev, self.size, self.read_only, self.vectored = dev, dev.size, False, 0
+
+        def preadinto(self, buf, off):
+            if failing == "sector-4" and off <= 4 * 512 < off + len(buf):
+                raise QcowError("bad sector")
+            self.dev.preadinto(buf, off)
+
+        def preadv(self, bufs, off):
+            self.vectored += 1
+            if failing != "none":
+                raise OSError(5, "EIO")
+            self.dev.preadv(bufs, off)
+
+        def pwrite(self, data, off):
+            self.dev.pwrite(data, off)
+
+    p = str(tmp_path / "m.qcow2")
+    qcowpy.create(p, SIZE, cluster_size=4096)
+    orig = random.Random(4).randbytes(8192)
+    outcomes = []
+    with qcowpy.open(p, "r+") as d:
+        for batched in (True, False):
+            d.pwrite(orig, 0)  # each round starts from the same disk (the batch writes sector 2)
+            blk = Blk(d)
+            g = Guest(blk)
+            seen = []
+            for reqs in MIXED:
+                _mixed_batch(g, reqs)
+                if batched:
+                    g.dev.process_queue(g.vq)
+                else:
+                    while (e := g.vq.pop()) is not None:
+                        g.vq.push(e, g.dev.handle(e))
+                seen.append(bytes(g.buf))
+            outcomes.append((seen, g.vq.used_idx, g.dev.stats, d.pread(8192, 0)))
+            assert (blk.vectored > 0) == batched
+    assert outcomes[0] == outcomes[1]
+    first, second = outcomes[0][0]
+    bad = [{3}, {3} if failing == "sector-4" else set()]  # past the end; the read of sector 4
+    for buf, b in zip((first, second), bad):
+        assert [buf[HDR + 32 * k + 16] for k in range(5)] == [1 if k in b else 0 for k in range(5)]
+    assert first[DATA:DATA + 1536] == orig[:1024] + orig[1024:1536] and first[DATA + 2048:DATA + 2560] == orig[4608:5120]
+    assert second[DATA + 2048:DATA + 3072] == b"\xa1" * 512 + orig[1536:2048]  # the write is seen
 
 
 def test_short_discard_segment_is_driver_error(disk):

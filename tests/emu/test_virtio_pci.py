@@ -16,7 +16,6 @@ from qcowpy.emu.guest.qtest import InProcessQTest
 from qcowpy.emu.guest.virtio import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
                                      STATUS_NEEDS_RESET, GuestAlloc, VirtioPCIGuest)
 from qcowpy.emu.guest import workloads as wl
-from qcowpy.emu.guest.system import boot
 from qcowpy.emu.guest.virtio_blk import GuestDisk, GuestIOError, find_disks
 from qcowpy.emu.machine import create_machine
 from qcowpy.emu.monitor import HumanMonitor
@@ -152,6 +151,42 @@ def test_read_blocks_and_throughput_workload(env):
     assert rate > 0 and "queue depth 8" in lines[0]
     with pytest.raises(ValueError):
         wl.throughput(disk, "zigzag")
+
+
+class UnmappedQTest(InProcessQTest):
+    """In-process, but without shared RAM: every driver access is a qtest memory access, as over
+    a socket."""
+
+    def map_ram(self, addr, length):
+        return None
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_driver_ram_in_place_or_through_qtest_is_the_same_to_the_device(tmp_path, event_idx):
+    """The driver's rings and request headers used in place (in-process) leave guest RAM and the
+    device in exactly the state qtest accesses leave them in."""
+    from qcowpy.emu.guest.virtio_blk import DRIVER_FEATURES, F_EVENT_IDX
+    rng = random.Random(3)
+    blocks = [rng.randbytes(4096) for _ in range(40)]
+    feats = DRIVER_FEATURES if event_idx else DRIVER_FEATURES & ~(1 << F_EVENT_IDX)
+    images = []
+    for kind in (InProcessQTest, UnmappedQTest):
+        path = str(tmp_path / f"{kind.__name__}.qcow2")
+        qcowpy.create(path, MiB)
+        m = create_machine("mini-pc", "64M")
+        m.drive_add(path, id="d0")
+        qts = kind(m)
+        pci_boot(qts, m.ram_size)
+        alloc = GuestAlloc()
+        disk = GuestDisk(qts, _virtio_fn(qts), alloc, features=feats)
+        assert (disk.areas.sync() is None) == (kind is UnmappedQTest)
+        for n in range(0, 40, 7):  # wraps the 256-entry rings more than once over the runs
+            disk.run([(1, 8 * k, blocks[k], 0) for k in range(n, min(n + 7, 40))] * 5)
+        got = disk.run([(0, 8 * k, b"", 4096) for k in range(40)] * 8, depth=13)
+        assert [d for _, _, d in got] == blocks * 8
+        images.append((qts.memread(alloc.start, alloc.next - alloc.start), disk.vq.avail_idx, disk.vq.last_used))
+        m.shutdown()
+    assert images[0] == images[1] and images[0][1] == 5 * 40 + 8 * 40
 
 
 def test_tiny_queue_still_works(tmp_path):

@@ -16,6 +16,7 @@ import threading
 from typing import Optional, Sequence
 
 from ..errors import EmuError
+from ..memory import topology_generation
 
 
 class QTestError(EmuError):
@@ -75,6 +76,16 @@ class QTest:
     def memset(self, addr: int, size: int, value: int) -> None:
         self.command(f"memset {addr:#x} {size:#x} {value & 0xff:#x}")
 
+    def map_ram(self, addr: int, length: int) -> Optional[memoryview]:
+        """Guest RAM ``[addr, addr + length)`` to read and write in place, as a guest CPU uses its
+        own RAM (no exit per access), or None: a socket transport cannot share memory, so every
+        access stays a protocol line. Valid while :meth:`ram_generation` is unchanged."""
+        return None
+
+    def ram_generation(self) -> int:
+        """Changes when mappings from :meth:`map_ram` may have gone stale."""
+        return 0
+
     # time and interrupts
     def clock_step(self, ns: Optional[int] = None) -> int:
         return int(self.command("clock_step" if ns is None else f"clock_step {ns}"))
@@ -128,11 +139,26 @@ class InProcessQTest(QTest):
         if size:
             self.memwrite(addr, bytes([value & 0xFF]) * size)
 
+    def map_ram(self, addr: int, length: int) -> Optional[memoryview]:
+        with self.machine.lock:  # type: ignore[attr-defined]
+            return self.machine.memory.map_ram(addr, length, True)  # type: ignore[attr-defined]
+
+    def ram_generation(self) -> int:
+        return topology_generation()
+
     def _load(self, addr: int, size: int) -> int:
-        return self._call(self.machine.memory.load, addr, size)  # type: ignore[attr-defined]
+        try:  # _call's work, without its frame: register accesses are the driver's hot path
+            with self.machine.lock:  # type: ignore[attr-defined]
+                return self.machine.memory.load(addr, size)  # type: ignore[attr-defined]
+        except EmuError as e:
+            raise QTestError(f"qtest: {e}") from None
 
     def _store(self, addr: int, value: int, size: int) -> None:
-        self._call(self.machine.memory.store, addr, value, size)  # type: ignore[attr-defined]
+        try:
+            with self.machine.lock:  # type: ignore[attr-defined]
+                self.machine.memory.store(addr, value, size)  # type: ignore[attr-defined]
+        except EmuError as e:
+            raise QTestError(f"qtest: {e}") from None
 
     def readb(self, a: int) -> int: return self._load(a, 1)
     def readw(self, a: int) -> int: return self._load(a, 2)

@@ -21,6 +21,7 @@ from typing import Optional
 from ..pci import regs
 from .pci import BarInfo, GuestMSIX, GuestPCIDevice
 from .qtest import QTest
+from .ram import RamArea
 
 VIRTIO_VENDOR = 0x1AF4
 STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK = 1, 2, 4, 8
@@ -33,6 +34,8 @@ DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT = 1, 2, 4
 DFSELECT, DF, GFSELECT, GF, MSIX, NUMQ, STATUS, CFGGEN = 0, 4, 8, 12, 16, 18, 20, 21
 Q_SELECT, Q_SIZE, Q_MSIX, Q_ENABLE, Q_NOFF, Q_DESC, Q_AVAIL, Q_USED = 22, 24, 26, 28, 30, 32, 40, 48
 NO_VECTOR = 0xFFFF
+_USED_ELEM = struct.Struct("<II")
+_U16 = struct.Struct("<H")
 
 
 class VirtioGuestError(Exception):
@@ -294,6 +297,11 @@ class GuestVirtQueue:
         self.qts.memset(self.desc, 16 * size, 0)
         self.qts.memset(self.avail, 6 + 2 * size, 0)
         self.qts.memset(self.used, 6 + 8 * size, 0)
+        # the rings are the driver's own RAM: used in place when the transport can map them
+        self.desc_ram = RamArea(self.qts, self.desc, 16 * size)
+        self.avail_ram = RamArea(self.qts, self.avail, 6 + 2 * size)
+        self.used_ram = RamArea(self.qts, self.used, 6 + 8 * size)
+        self._ram_gen: Optional[int] = None
         self.free = list(range(size))
         self.chains: dict[int, list[int]] = {}
         self.reserved: set[int] = set()
@@ -310,7 +318,7 @@ class GuestVirtQueue:
             table = self.dev.alloc.alloc(16 * len(bufs), 16)
             self.qts.memwrite(table, pack_chain(bufs, list(range(len(bufs)))))
             head = self._take(1)[0]
-            self.qts.memwrite(self.desc + 16 * head, struct.pack("<QIHH", table, 16 * len(bufs), DESC_F_INDIRECT, 0))
+            self.write_descs([head], struct.pack("<QIHH", table, 16 * len(bufs), DESC_F_INDIRECT, 0))
             self.chains[head] = [head]
         else:
             ids = self._take(len(bufs))
@@ -319,6 +327,14 @@ class GuestVirtQueue:
             self.chains[head] = ids
         self.make_available([head], publish)
         return head
+
+    def _sync(self) -> None:
+        """Map the rings again if the memory topology changed (one check for all three)."""
+        gen = self.qts.ram_generation()
+        if gen != self._ram_gen:
+            for area in (self.desc_ram, self.avail_ram, self.used_ram):
+                area.sync()
+            self._ram_gen = gen
 
     def _take(self, n: int) -> list[int]:
         if n > len(self.free):
@@ -336,41 +352,66 @@ class GuestVirtQueue:
 
     def write_descs(self, ids: list[int], packed: bytes) -> None:
         """Write packed descriptors to table entries ``ids``, one memory write per consecutive run."""
+        self._sync()
         i = 0
         while i < len(ids):
             j = i + 1
             while j < len(ids) and ids[j] == ids[j - 1] + 1:
                 j += 1
-            self.qts.memwrite(self.desc + 16 * ids[i], packed[16 * i:16 * j])
+            self.desc_ram.write(16 * ids[i], packed[16 * i:16 * j])
             i = j
 
     def make_available(self, heads: list[int], publish: bool = True) -> None:
         """Put chain heads into the driver ring (contiguous slots in one write per wrap)."""
+        self._sync()
+        self._add_heads(heads, publish)
+
+    def submit(self, heads: list[int]) -> None:
+        """make_available + kick for one batch of chains, with one topology check."""
+        self._sync()
+        self._add_heads(heads, True)
+        self._kick()
+
+    def _add_heads(self, heads: list[int], publish: bool) -> None:
+        chains, ram = self.chains, self.avail_ram
         for h in heads:
-            self.chains.setdefault(h, [h])
-        slot, pos = self.avail_idx % self.size, 0
-        while pos < len(heads):
-            n = min(len(heads) - pos, self.size - slot)
-            self.qts.memwrite(self.avail + 4 + 2 * slot, struct.pack(f"<{n}H", *heads[pos:pos + n]))
-            pos += n
+            if h not in chains:
+                chains[h] = [h]
+        slot, pos, n = self.avail_idx % self.size, 0, len(heads)
+        view = ram.view
+        if view is not None and n == 1:  # mapped: in place
+            _U16.pack_into(view, 4 + 2 * slot, heads[0])
+            pos = n
+        elif view is not None and slot + n <= self.size:  # mapped, no wrap: one pack
+            struct.pack_into(f"<{n}H", view, 4 + 2 * slot, *heads)
+            pos = n
+        while pos < n:
+            k = min(n - pos, self.size - slot)
+            ram.write(4 + 2 * slot, struct.pack(f"<{k}H", *heads[pos:pos + k]))
+            pos += k
             slot = 0
-        self.avail_idx = (self.avail_idx + len(heads)) & 0xFFFF
+        self.avail_idx = (self.avail_idx + n) & 0xFFFF
         if publish:
-            self.publish()
+            ram.w16(2, self.avail_idx)
 
     def publish(self) -> None:
         """Make everything added so far visible to the device (one driver-ring index update)."""
-        self.qts.writew(self.avail + 2, self.avail_idx)
+        self._sync()
+        self.avail_ram.w16(2, self.avail_idx)
 
     def kick(self) -> None:
         """Notify the device (honouring VIRTQ_USED_F_NO_NOTIFY or avail_event)."""
+        self._sync()
+        self._kick()
+
+    def _kick(self) -> None:
         old, new = self.kicked_at, self.avail_idx
         self.kicked_at = new
         if self.event_idx:
-            ev = self.qts.readw(self.used + 4 + 8 * self.size)
+            ev = self.used_ram.r16(4 + 8 * self.size)
             if ((new - ev - 1) & 0xFFFF) >= ((new - old) & 0xFFFF):
                 return
-        elif self.qts.readw(self.used) & 1:
+        elif self.used_ram.r16(0) & 1:
             return
         self.dev.notify(self)
 
@@ -381,29 +422,33 @@ class GuestVirtQueue:
         again after ``used_event`` is moved, and anything that arrived meanwhile is reaped too:
         the device skips the interrupt for such completions (Linux's virtqueue_enable_cb check)."""
         out: list[tuple[int, int]] = []
+        used_ram, avail_ram = self.used_ram, self.avail_ram
+        self._sync()
         while True:
-            used_idx = self.qts.readw(self.used + 2)
+            used_idx = used_ram.r16(2)
             count = (used_idx - self.last_used) & 0xFFFF
             if count > self.size:
                 raise VirtioGuestError(f"device moved the used index by {count} (queue size {self.size})")
             if not count:
                 return out
             slot = self.last_used % self.size
+            chains, reserved, view = self.chains, self.reserved, used_ram.view
             while count:
                 n = min(count, self.size - slot)
-                raw = self.qts.memread(self.used + 4 + 8 * slot, 8 * n)
-                for ident, length in struct.iter_unpack("<II", raw):
-                    ids = self.chains.pop(ident, None)
+                elems = ((_USED_ELEM.unpack_from(view, 4 + 8 * slot),) if n == 1 and view is not None
+                         else _USED_ELEM.iter_unpack(used_ram.read(4 + 8 * slot, 8 * n)))
+                for elem in elems:
+                    ids = chains.pop(elem[0], None)
                     if ids is None:
-                        raise VirtioGuestError(f"device returned unknown descriptor {ident}")
-                    if ident not in self.reserved:
+                        raise VirtioGuestError(f"device returned unknown descriptor {elem[0]}")
+                    if elem[0] not in reserved:
                         self.free += ids
-                    out.append((ident, length))
+                    out.append(elem)
                 count -= n
                 slot = 0
             self.last_used = used_idx
             if self.event_idx:
-                self.qts.writew(self.avail + 4 + 2 * self.size, self.last_used)
+                avail_ram.w16(4 + 2 * self.size, self.last_used)
             if not settle:
                 return out
 

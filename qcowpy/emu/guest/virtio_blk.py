@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from ..pci import regs
 from .pci import GuestPCIBus, GuestPCIDevice
 from .qtest import QTest
+from .ram import RamArea
 from .virtio import (DESC_F_INDIRECT, F_EVENT_IDX, F_INDIRECT_DESC, NO_VECTOR, STATUS_NEEDS_RESET, GuestAlloc,
                      MSIXVector, VirtioGuestError, VirtioPCIGuest, pack_chain)
 
@@ -98,6 +99,7 @@ class GuestDisk:
         per_slot = 1 if self.use_indirect else 3
         self.depth = max(1, min(self.MAX_DEPTH, (self.vq.size // 2) // per_slot))
         areas = alloc.alloc(32 * self.depth, 32)
+        self.areas = RamArea(qts, areas, 32 * self.depth)  # every slot's header and status byte
         self.slots = [_Slot(k, areas + 32 * k, self.vq.reserve(min(per_slot, self.vq.size)),
                             alloc.alloc(48, 16) if self.use_indirect else 0) for k in range(self.depth)]
         self.slots[0].buf, self.slots[0].buf_size = self.buf, self.MAX_CHUNK
@@ -159,13 +161,12 @@ class GuestDisk:
         """Write (slot index, header) pairs: header, status preset 0xff and padding to 32 bytes,
         one memory write per run of neighbouring slots."""
         batch.sort()
-        base = self.slots[0].hdr
         i = 0
         while i < len(batch):
             j = i + 1
             while j < len(batch) and batch[j][0] == batch[j - 1][0] + 1:
                 j += 1
-            self.qts.memwrite(base + 32 * batch[i][0], b"".join(h for _, h in batch[i:j]))
+            self.areas.write(32 * batch[i][0], b"".join(h for _, h in batch[i:j]))
             i = j
 
     def run(self, requests: Sequence[Request], depth: Optional[int] = None,
@@ -179,9 +180,10 @@ class GuestDisk:
         inflight: dict[int, tuple[int, _Slot]] = {}
         results: list[tuple[int, int, bytes]] = [(S_IOERR, 0, b"")] * len(requests)
         nxt = done = polls = 0
-        pack_header = _SLOT_HEADER.pack
+        pack_header, pack_header_into = _SLOT_HEADER.pack, _SLOT_HEADER.pack_into
         while done < len(requests):
             heads, headers = [], []
+            view = self.areas.sync()  # mapped: headers go straight in, status bytes are read there
             while free and nxt < len(requests):
                 slot = free.pop()
                 rtype, sector, out, in_len = requests[nxt]
@@ -189,14 +191,17 @@ class GuestDisk:
                     head = self._prepare(slot, out, in_len)
                 else:  # same shape as the slot's last request: its descriptors are still right
                     head = slot.ids[0]
-                headers.append((slot.index, pack_header(rtype, 0, sector, 0xFF)))
+                if view is not None:
+                    pack_header_into(view, 32 * slot.index, rtype, 0, sector, 0xFF)
+                else:
+                    headers.append((slot.index, pack_header(rtype, 0, sector, 0xFF)))
                 inflight[head] = (nxt, slot)
                 heads.append(head)
                 nxt += 1
             if heads:
-                self._write_headers(headers)
-                self.vq.make_available(heads)
-                self.vq.kick()
+                if headers:
+                    self._write_headers(headers)
+                self.vq.submit(heads)
             if self.completion == "interrupt":
                 self._wait_interrupt()
             used = self.vq.get_used(settle=self.completion == "interrupt")
@@ -208,11 +213,11 @@ class GuestDisk:
                     raise VirtioGuestError("request timed out")
                 continue
             polls = 0
-            areas = self.qts.memread(self.slots[0].hdr, 32 * depth)  # every slot's status byte at once
+            areas = view if view is not None else self.areas.read(0, 32 * depth)  # all status bytes at once
             for head, length in used:
                 i, slot = inflight.pop(head)
                 in_len = requests[i][3]
-                status = areas[slot.hdr + 16 - self.slots[0].hdr]
+                status = areas[32 * slot.index + 16]
                 data = self.qts.memread(slot.buf, in_len) if in_len and want_data and status == S_OK else b""
                 results[i] = (status, length, data)
                 self.last_used_len = length
