@@ -192,30 +192,46 @@ class Qcow2Image:
             return out
 
     # ------------------------------------------------------------------ reading
-    # A read that maps to one run of host bytes (the common case: a guest's or an NBD client's
-    # request inside allocated data) reads them after the lock is released, as QEMU reads data
-    # outside its s->lock: readers on other threads then overlap their host I/O. A write racing
-    # the same range may be seen or not, as on any disk.
+    # A read of one run of host bytes (a guest's or NBD client's request inside allocated data)
+    # reads them after the lock is released, as QEMU reads data outside its s->lock: readers on
+    # other threads overlap their host I/O; a write racing the range may be seen or not.
     def pread(self, length: int, offset: int) -> bytes:
         with self.lock:
             self.check_range(offset, length)
-            exts = self.layer_extents(offset, length)
-            if not (len(exts) == 1 and exts[0].kind == DATA and self.crypto is None):
+            host, exts = self._host_run(offset, length)
+            if host is None:
                 buf = bytearray(length)
                 self._read_extents(memoryview(buf), exts, zeroed=True)
                 return bytes(buf)
-        return self.data.pread(length, exts[0].host_offset)  # type: ignore[arg-type]  # no copy at all
+        return self.data.pread(length, host)  # no copy at all
+
+    def _host_run(self, offset: int, length: int) -> tuple[int | None, list[LayerExtent]]:
+        """Where ``[offset, offset+length)`` lies as one run of plain host bytes (else None,
+        with the range's extents).
+
+        A request inside one cluster whose entry is plain data (the small random read) is
+        decided from its L2 entry alone; anything unusual in the entry goes to the general
+        mapping, which knows every case and reports damage."""
+        cs = self.cluster_size
+        plain = self.crypto is None
+        if plain and (offset & (cs - 1)) + length <= cs and length and not self.extended and not self.external_data:
+            entry = self.meta.l2_entry(offset)[0]
+            host = entry & C.L2E_OFFSET_MASK
+            if host and not host & (cs - 1) and entry == host | (entry & C.OFLAG_COPIED):
+                return host + (offset & (cs - 1)), []
+        exts = self.layer_extents(offset, length)
+        return (exts[0].host_offset if plain and len(exts) == 1 and exts[0].kind == DATA else None), exts
 
     def preadinto(self, buf: bytearray | memoryview, offset: int) -> None:
         """Read ``len(buf)`` guest bytes straight into ``buf`` (a device's DMA target): one copy."""
         view = buf if type(buf) is memoryview and buf.format == "B" else memoryview(buf).cast("B")
         with self.lock:
             self.check_range(offset, len(view))
-            exts = self.layer_extents(offset, len(view))
-            if not (len(exts) == 1 and exts[0].kind == DATA and self.crypto is None):
+            host, exts = self._host_run(offset, len(view))
+            if host is None:
                 self._read_extents(view, exts, zeroed=False)
                 return
-        self.data.preadinto(view, exts[0].host_offset)  # type: ignore[arg-type]
+        self.data.preadinto(view, host)
 
     def preadv(self, bufs: list[memoryview], offset: int) -> None:
         """Fill ``bufs`` (byte views) from consecutive guest bytes at ``offset``: the range is
