@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import CorruptImage, QcowError, RefcountOverflow
+from ..units import c_hex
 from ..format import constants as C
 from ..format.entries import pack_table, unpack_table
 from ..format.refcount import (decode_block, entries_per_block, get_refcount, leading_free, max_refcount, set_refcount,
@@ -63,9 +64,9 @@ class Refcounts:
         if not off:
             return None
         if off & (self.cluster_size - 1):
-            raise CorruptImage(f"Refblock offset {off:#x} unaligned (reftable index: {block_index:#x})")
+            raise CorruptImage(f"Refblock offset {off:#x} unaligned (reftable index: {c_hex(block_index)})")
         if off > C.MAX_CLUSTER_OFFSET:
-            raise CorruptImage(f"Refblock offset {off:#x} is invalid (reftable index: {block_index:#x})")
+            raise CorruptImage(f"Refblock offset {off:#x} is invalid (reftable index: {c_hex(block_index)})")
         return self.cache.get(off)
 
     def get(self, cluster: int) -> int:

@@ -5,6 +5,7 @@ and runs qcowpy and qemu-img side by side on identical copies: the same exit cod
 stderr (our program name written as qemu-img's)."""
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -365,3 +366,52 @@ def test_dirty_image_opened_read_write_is_repaired_aloud(tmp_path, qemu_img, arg
     if args[0] != "snapshot":  # qcowpy's snapshot transaction places its tables elsewhere (documented)
         _same(qemu_img, theirs, ours, "check", "THE_IMAGE")
     assert qemu(qemu_img, "check", ours).code == 0
+
+
+def _l2_entry0(buf: bytearray) -> int:
+    """Offset of the first L2 entry of the first L2 table."""
+    return _u64(buf, _u64(buf, 40)) & 0x00FFFFFFFFFFFE00
+
+
+def _snap_l1(value: int, field: int) -> Callable[[bytearray], None]:
+    """Patch the first snapshot entry's L1 offset (field 0, 8 bytes) or L1 size (field 8, 4 bytes)."""
+    fmt = ">Q" if field == 0 else ">I"
+    return lambda b: struct.pack_into(fmt, b, _u64(b, 64) + field, value)
+
+
+WRITTEN = ["write -P 1 0 64k"]
+SNAPSHOT = [["snapshot", "-c", "test", "IMG"]]
+# name -> (patch, qemu-img setup, qemu-io commands, the command run on both copies)
+SIGNALLED: dict[str, tuple] = {
+    # iotest 060: zero-cluster expansion meets an unaligned L2 table / preallocated zero cluster
+    "amend_unaligned_l2_table": (lambda b: struct.pack_into(">Q", b, _u64(b, 40), 0x8000000000042A00), [], WRITTEN,
+                                 ["amend", "-o", "compat=0.10", "THE_IMAGE"]),
+    "amend_unaligned_zero_cluster": (lambda b: struct.pack_into(">Q", b, _l2_entry0(b), 0x8000000000052A01), [],
+                                     WRITTEN, ["amend", "-o", "compat=0.10", "THE_IMAGE"]),
+    # iotest 080: the snapshot table count at its limit, an L2 entry far past the image
+    "snapshot_count_at_limit": (lambda b: (struct.pack_into(">Q", b, 64, 1 << 24), struct.pack_into(">I", b, 60, 65536)),
+                                [], [], ["snapshot", "-c", "test", "THE_IMAGE"]),
+    "snapshot_l2_entry_past_reftable_limit": (lambda b: struct.pack_into(">Q", b, _l2_entry0(b), 0xBFFFFFFFFFFF0000),
+                                              [], ["write 0 512"], ["snapshot", "-c", "test", "THE_IMAGE"]),
+    "snapshot_l2_entry_past_refblocks": (lambda b: struct.pack_into(">Q", b, _l2_entry0(b), 0x80000000FFFFFF0000 & (2**64 - 1)),
+                                         [], ["write 0 512"], ["snapshot", "-c", "test", "THE_IMAGE"]),
+    # iotest 080: a snapshot's L1 table misplaced or too large, met by amend, apply and delete
+    **{f"{cmd[0]}{cmd[1]}_snapshot_l1_{what}": (patch, SNAPSHOT, ["write 0 512"], [*cmd, "THE_IMAGE"])
+       for what, patch in (("unaligned", _snap_l1(0x400200, 0)), ("too_large", _snap_l1(0x10000000, 8)))
+       for cmd in (["amend", "-o", "compat=0.10"], ["snapshot", "-a", "test"], ["snapshot", "-d", "test"])},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNALLED))
+def test_damage_met_by_amend_and_snapshots_as_qemu_img(tmp_path, qemu_img, name):
+    """QEMU's per-structure messages and errno texts when amend and snapshot operations meet
+    damaged tables (a fatal corruption marks the image corrupt on the way)."""
+    patch, setup, io, args = SIGNALLED[name]
+    theirs, ours = _patched(tmp_path, qemu_img, patch, size="64M", setup=setup, io=io)
+    q, _ = _same(qemu_img, theirs, ours, *args)
+    assert q.code == 1
+    # the corrupt bit as qemu-img left it, read by qemu-img (where QEMU's failed refcount update
+    # added a refcount block first, qcowpy's transaction leaves the file as it was)
+    marks = [json.loads(qemu(qemu_img, "info", "-U", "--output=json", p).out)["format-specific"]["data"]["corrupt"]
+             for p in (ours, theirs)]
+    assert marks[0] == marks[1] == name.startswith("amend_unaligned")
