@@ -415,3 +415,30 @@ def test_damage_met_by_amend_and_snapshots_as_qemu_img(tmp_path, qemu_img, name)
     marks = [json.loads(qemu(qemu_img, "info", "-U", "--output=json", p).out)["format-specific"]["data"]["corrupt"]
              for p in (ours, theirs)]
     assert marks[0] == marks[1] == name.startswith("amend_unaligned")
+
+
+def _reftable_entry(index: int, value: int) -> Callable[[bytearray], None]:
+    return lambda b: struct.pack_into(">Q", b, _u64(b, 48) + 8 * index, value)
+
+
+# iotest 060: resize --shrink drops unused refcount blocks and meets damaged ones
+SHRINK_DAMAGE: dict[str, tuple[Callable[[bytearray], None], list[str]]] = {
+    "refblock_far_past_the_image": (_reftable_entry(1, 0x00FFFFFF00000000), []),
+    "refblock_no_block_covers": (_reftable_entry(1, 0x0000001000000000), ["-o", "refcount_bits=1"]),
+    "refblock_unaligned": (lambda b: (_reftable_entry(1, 0x0000001000000000)(b), _reftable_entry(2, 0x200)(b)),
+                           ["-o", "refcount_bits=1"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHRINK_DAMAGE))
+def test_shrink_meets_damaged_refblocks_as_qemu_img(tmp_path, qemu_img, name):
+    """The corruption is signalled (the image marked corrupt) and the resize fails with QEMU's
+    words; a repair then leaves both files checking the same, and the retried shrink works."""
+    patch, opts = SHRINK_DAMAGE[name]
+    theirs, ours = _patched(tmp_path, qemu_img, patch, size="64M", opts=opts)
+    q, _ = _same(qemu_img, theirs, ours, "resize", "--shrink", "THE_IMAGE", "32M")
+    assert q.code == 1 and "Marking image as corrupt" in q.err
+    _same(qemu_img, theirs, ours, "info", "THE_IMAGE")
+    if name != "refblock_unaligned":  # QEMU's repair of that one marks the image corrupt again midway
+        _same(qemu_img, theirs, ours, "check", "-r", "all", "THE_IMAGE")
+        _same(qemu_img, theirs, ours, "resize", "--shrink", "THE_IMAGE", "32M")
