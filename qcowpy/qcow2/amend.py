@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..errors import CorruptImage, CorruptTable, QcowError, UnsupportedFeature
+from ..errors import CorruptImage, CorruptTable, QcowError
 from ..format import constants as C
 from ..format.entries import ClusterType, l1_offset, pack_table, unpack_table
 from ..format.entries import cluster_type as std_cluster_type
@@ -69,12 +69,10 @@ def set_lazy_refcounts(img: Qcow2Image, on: bool, version: int) -> None:
 
 def upgrade(img: Qcow2Image, status: Status) -> None:
     """QEMU's qcow2_upgrade (v2 -> v3)."""
-    from .snapshot import read_table
+    from .snapshot import read_table, rewrite_table
     status(0, 2)
-    if img.header.nb_snapshots:
-        entries, _ = read_table(img)
-        if any(e.sn.disk_size is None for e in entries):
-            raise UnsupportedFeature("qcowpy cannot yet upgrade images whose snapshots lack the v3 extra data")
+    if img.header.nb_snapshots and any(e.sn.disk_size is None for e in read_table(img)[0]):
+        rewrite_table(img)  # v3 requires every entry's VM state and disk size in its extra data
     status(1, 2)
     _rewrite(img, version=3, refcount_order=4, header_length=C.V3_HEADER_SIZE)
     status(2, 2)
