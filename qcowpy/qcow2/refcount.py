@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..errors import CorruptImage, QcowError, RefcountOverflow
+from ..errors import CorruptImage, CorruptTable, QcowError, RefcountOverflow
 from ..units import c_hex
 from ..format import constants as C
 from ..format.entries import pack_table, unpack_table
@@ -313,9 +313,10 @@ class Refcounts:
         if not covering:
             raise signal(f"Refblock at {off:#x} is not covered by the refcount structures")
         count = self.get(cluster)
-        if count != 1:
-            raise signal(f"Invalid refcount: refblock offset {covering:#x}, reftable index {index}, "
-                         f"block offset {off:#x}, refcount {c_hex(count)}")
+        if count != 1:  # QEMU fails this one with EINVAL, not EIO
+            event = str(signal(f"Invalid refcount: refblock offset {covering:#x}, reftable index {index}, "
+                               f"block offset {off:#x}, refcount {c_hex(count)}"))
+            raise CorruptTable(event, CorruptTable.EINVAL)
         self.change(cluster, -1)
         self.cache.discard(off)
 

@@ -5,7 +5,7 @@ function named in its docstring, so the bytes written are the ones qemu-img writ
 """
 from __future__ import annotations
 
-from ..errors import CorruptImage, InvalidArgument, UnsupportedFeature
+from ..errors import CorruptImage, CorruptTable, InvalidArgument, UnsupportedFeature
 from ..format import constants as C
 from ..format.bitmaps import directory_location
 from .image import MAX_RUN_BYTES, Qcow2Image, l1_entries_for
@@ -138,8 +138,9 @@ def _shrink(img: Qcow2Image, new_size: int) -> None:
         meta.shrink_l1(l1_entries_for(img.header, new_size))
         try:
             meta.refcounts.drop_unused_blocks(meta.fatal_corruption)
-        except CorruptImage:  # signalled (stderr); QEMU fails the resize with EIO
-            raise CorruptImage("Failed to discard unused refblocks: Input/output error") from None
+        except CorruptImage as e:  # signalled (stderr); QEMU fails the resize with EIO or EINVAL
+            text = e.strerror if isinstance(e, CorruptTable) else "Input/output error"
+            raise CorruptImage(f"Failed to discard unused refblocks: {text}") from None
     file_size = img.file.size()
     last = meta.refcounts.last_cluster(file_size)
     if (last + 1) * img.cluster_size < file_size:

@@ -425,6 +425,7 @@ def _reftable_entry(index: int, value: int) -> Callable[[bytearray], None]:
 SHRINK_DAMAGE: dict[str, tuple[Callable[[bytearray], None], list[str]]] = {
     "refblock_far_past_the_image": (_reftable_entry(1, 0x00FFFFFF00000000), []),
     "refblock_no_block_covers": (_reftable_entry(1, 0x0000001000000000), ["-o", "refcount_bits=1"]),
+    "refblock_counted_zero_times": (_reftable_entry(1, 0x100000), []),  # EINVAL, not EIO
     "refblock_unaligned": (lambda b: (_reftable_entry(1, 0x0000001000000000)(b), _reftable_entry(2, 0x200)(b)),
                            ["-o", "refcount_bits=1"]),
 }
