@@ -5,6 +5,9 @@ single stderr line and maps the class to qemu-img's exit code.
 """
 from __future__ import annotations
 
+import errno
+import os
+
 
 class QcowError(Exception):
     """Base of every error qcowpy raises on purpose."""
@@ -20,6 +23,22 @@ class UnsupportedFeature(QcowError):
 
 class CorruptImage(QcowError):
     """On-disk metadata is inconsistent or out of range."""
+
+
+class CorruptTable(CorruptImage):
+    """A table's offset or size read from the image is out of range (QEMU's
+    qcow2_validate_table); ``strerror`` is the errno text QEMU fails the operation with
+    (EFBIG for a size, EINVAL for an offset), which some commands print after the message."""
+
+    EFBIG, EINVAL, EAGAIN = errno.EFBIG, errno.EINVAL, errno.EAGAIN
+
+    def __init__(self, message: str, errno_: int):
+        super().__init__(message)
+        self.errno_ = errno_
+
+    @property
+    def strerror(self) -> str:
+        return os.strerror(self.errno_)
 
 
 class ImageNotFound(QcowError, FileNotFoundError):

@@ -181,3 +181,8 @@ def strtoul(text: str) -> int | None:
     if value > UINT64_MAX:
         return None
     return (-value) % (1 << 64) if sign == "-" else value
+
+
+def c_hex(v: int) -> str:
+    """C's ``%#x``: hexadecimal with a 0x prefix, except that 0 prints as a bare 0."""
+    return hex(v) if v else "0"

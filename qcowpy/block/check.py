@@ -16,13 +16,13 @@ from ..format.constants import MAGIC, MAX_CLUSTER_BITS
 from ..format.bitmaps import directory_location
 from ..format.header import parse_header
 from ..hostfile import PROTOCOLS, open_host_file
-from ..qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckFailed, CheckResult, Hint, check_file
+from ..qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckFailed, CheckResult, Hint, check_file, stderr_log
 from ..qcow2.encryption import open_crypto
 from ..qcow2.image import Qcow2Image
 from .open import open_backing
 
 __all__ = ["FIX_ERRORS", "FIX_LEAKS", "CheckNotSupported", "CheckOutcome", "CheckResult", "Hint",
-           "check_image", "probe_for_check"]
+           "check_image", "probe_for_check", "stderr_log"]
 
 
 class CheckNotSupported(QcowError):

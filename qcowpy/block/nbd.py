@@ -426,8 +426,9 @@ class DeviceFile:
 
 
 def open_nbd(uri: str, writable: bool, fmt: str | None, backing: bool = True) -> BlockDevice:
-    """The export as ``fmt`` (probed when None: a qcow2 image in a raw export opens as qcow2, read-only,
-    with its backing file when that is named by an absolute path or a URI)."""
+    """The export as ``fmt`` (probed when None: a qcow2 image in a raw export opens as qcow2, over
+    the export as its host file (block/nbdfile.py), with its backing file when that is named by
+    an absolute path or a URI)."""
     from ..format.constants import MAGIC
 
     dev = NbdDevice(uri, read_only=not writable)
@@ -438,23 +439,19 @@ def open_nbd(uri: str, writable: bool, fmt: str | None, backing: bool = True) ->
             return dev
         if fmt != "qcow2":
             raise InvalidArgument(f"Unknown driver '{fmt}'")
-        if writable:
-            raise UnsupportedFeature("qcow2 images in an NBD export open read-only")
-        from ..format.header import parse_header
         from ..qcow2.image import Qcow2Image
         from .qcow2 import Qcow2Device
 
-        file = DeviceFile(dev)
-        header = parse_header(file.pread(min(dev.size, 2 << 20), 0), dev.size)
-        q = Qcow2Device(Qcow2Image(file, header, False), dev.display_name)  # type: ignore[arg-type]
+        dev.close()  # the engine opens its own connection (qemu-nbd serves one at a time)
+        q = Qcow2Device(Qcow2Image.open(uri, writable=writable), dev.display_name)
         q.display_name = dev.display_name  # type: ignore[attr-defined]
-        name = header.backing_file
+        name = q.image.header.backing_file
         if backing and name:
             try:
                 if not (is_nbd_uri(name) or os.path.isabs(name)):  # relative to what? QEMU refuses too
                     raise QcowError("Cannot generate a base directory for NBD nodes")
                 from .open import open_image
-                q.attach_backing(open_image(name, "r", header.backing_format))
+                q.attach_backing(open_image(name, "r", q.image.header.backing_format))
             except BaseException:
                 q.close()
                 raise

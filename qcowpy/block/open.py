@@ -11,7 +11,7 @@ from ..format.constants import MAGIC
 from ..qcow2.encryption import EncryptionError
 from ..qcow2.image import Qcow2Image
 from .device import BlockDevice
-from .names import is_nbd_uri
+from .names import NBD_SCHEMES, is_nbd_uri
 from .qcow2 import Qcow2Device
 from .raw import RawDevice
 from .rbdspec import PREFIX as RBD_PREFIX, is_rbd_name
@@ -33,6 +33,17 @@ def _rbd_host_file(path: str, **kwargs):
 
 
 hostfile.PROTOCOLS.setdefault(RBD_PREFIX, _rbd_host_file)
+
+
+def _nbd_host_file(path: str, **kwargs):
+    """NBD URIs for the qcow2 engine's host file (a qcow2 image in an export); the NBD client
+    loads on first use, as for rbd."""
+    from . import nbdfile
+    return nbdfile.open_host(path, **kwargs)
+
+
+for _scheme in NBD_SCHEMES:
+    hostfile.PROTOCOLS.setdefault(_scheme, _nbd_host_file)
 
 
 def probe_format(path: str) -> str:

@@ -183,12 +183,15 @@ def plain_file(opts: dict[str, Any]) -> tuple[str, str | None] | None:
 
 def canonical_name(name: str) -> str:
     """The name QEMU gives an opened node: ``file:PATH`` and a ``json:`` spec that is only a
-    format over a plain file are named by that file (as ``info --backing-chain`` lists them)."""
+    format over a plain file are named by that file (as ``info --backing-chain`` lists them).
+    A ``data-file`` child does not count: QEMU names a node by its primary child unless a strong
+    option or an overridden backing file says otherwise, and the data file is neither."""
     if is_json_filename(name):
         try:
-            simple = plain_file(parse_json_filename(name))
+            opts = parse_json_filename(name)
         except SpecError:
             return name
+        simple = plain_file({k: v for k, v in opts.items() if k != "data-file"})
         return simple[0] if simple is not None else name
     return file_protocol_path(name)
 

@@ -58,6 +58,10 @@ def convert(fmt, out_fmt, options, compress, backing, backing_fmt, progress, no_
         raise CommandFailed("Must specify image file name")
     if skip_broken_bitmaps and not bitmaps:
         raise CommandFailed("Use of --skip-broken-bitmaps requires --bitmaps")
+    if copy_range and compress:
+        raise CommandFailed("Cannot enable copy offloading when -c is used")
+    if copy_range and sparse is not None:
+        raise CommandFailed("Cannot enable copy offloading when -S is used")
     if copy_range and salvage:
         raise CommandFailed("Cannot use copy offloading in salvaging mode")
     if target_image_opts and not no_create:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..errors import CorruptImage, QcowError, UnsupportedFeature
+from ..errors import CorruptImage, CorruptTable, QcowError
 from ..format import constants as C
 from ..format.entries import ClusterType, l1_offset, pack_table, unpack_table
 from ..format.entries import cluster_type as std_cluster_type
 from ..format.header import feature_table_bytes
 from ..format.refcount import decode_block, encode_block, entries_per_block
+from ..units import c_hex
 from .image import Qcow2Image
 
 Status = Callable[[int, int], None]  # (done, total) of the current operation
@@ -68,12 +69,10 @@ def set_lazy_refcounts(img: Qcow2Image, on: bool, version: int) -> None:
 
 def upgrade(img: Qcow2Image, status: Status) -> None:
     """QEMU's qcow2_upgrade (v2 -> v3)."""
-    from .snapshot import read_table
+    from .snapshot import read_table, rewrite_table
     status(0, 2)
-    if img.header.nb_snapshots:
-        entries, _ = read_table(img)
-        if any(e.sn.disk_size is None for e in entries):
-            raise UnsupportedFeature("qcowpy cannot yet upgrade images whose snapshots lack the v3 extra data")
+    if img.header.nb_snapshots and any(e.sn.disk_size is None for e in read_table(img)[0]):
+        rewrite_table(img)  # v3 requires every entry's VM state and disk size in its extra data
     status(1, 2)
     _rewrite(img, version=3, refcount_order=4, header_length=C.V3_HEADER_SIZE)
     status(2, 2)
@@ -97,7 +96,12 @@ def downgrade(img: Qcow2Image, status: Status) -> None:
     if h.incompatible_features & ~C.INCOMPAT_COMPRESSION:
         raise AmendError("Cannot downgrade an image with incompatible features "
                          f"0x{h.incompatible_features & ~C.INCOMPAT_COMPRESSION:x} set")
-    expand_zero_clusters(img, status)
+    try:
+        expand_zero_clusters(img, status)
+    except CorruptTable as e:  # QEMU prints the table's problem, then the failure with its errno
+        raise AmendError(f"{e}\nFailed to turn zero into data clusters: {e.strerror}") from None
+    except CorruptImage:  # the corruption was signalled (stderr); the failure is QEMU's EIO
+        raise AmendError("Failed to turn zero into data clusters: Input/output error") from None
     ctype, incompat = h.compression_type, h.incompatible_features
     if incompat & C.INCOMPAT_COMPRESSION:
         if _has_compressed(img):
@@ -121,29 +125,32 @@ def expand_zero_clusters(img: Qcow2Image, status: Status) -> None:
     zero-filled cluster (counted as often as its L2 table is shared); one with a host cluster
     has it zero-filled and loses the flag. Tables are changed in place, shared or not, as QEMU
     does. Each new cluster's refcount and zeros reach the disk before the entry naming it."""
-    from .snapshot import read_table
+    from .snapshot import read_table, validate_l1
     meta = img.meta
-    l1s: list[tuple[list[int], bool]] = [(meta.l1, True)]
-    if img.header.nb_snapshots:
-        for e in read_table(img)[0]:
-            raw = img.file.pread(e.sn.l1_size * 8, e.sn.l1_table_offset) if e.sn.l1_size else b""
-            l1s.append((unpack_table(raw), False))
-    total = sum(len(l1) for l1, _ in l1s)
-    visited = 0
-    for l1, active in l1s:
-        for i in range(len(l1)):
-            l2_off = l1_offset(l1[i])
-            if l2_off:
-                _expand_l2(img, l2_off, i if active else None)
-            visited += 1
-            status(visited, total)
+    snapshots = read_table(img)[0] if img.header.nb_snapshots else []
+    total = len(meta.l1) + sum(e.sn.l1_size for e in snapshots)
+    visited = _expand_l1(img, meta.l1, True, 0, total, status)
+    for e in snapshots:  # each snapshot's table is checked when its turn comes, as QEMU does
+        validate_l1(img, e.sn)
+        raw = img.file.pread(e.sn.l1_size * 8, e.sn.l1_table_offset) if e.sn.l1_size else b""
+        visited = _expand_l1(img, unpack_table(raw), False, visited, total, status)
+
+
+def _expand_l1(img: Qcow2Image, l1: list[int], active: bool, visited: int, total: int, status: Status) -> int:
+    for i in range(len(l1)):
+        l2_off = l1_offset(l1[i])
+        if l2_off:
+            if l2_off & (img.cluster_size - 1):
+                raise img.meta.fatal_corruption(f"L2 table offset {l2_off:#x} unaligned (L1 index: {c_hex(i)})")
+            _expand_l2(img, l2_off, i if active else None)
+        visited += 1
+        status(visited, total)
+    return visited
 
 
 def _expand_l2(img: Qcow2Image, l2_off: int, active_index: int | None) -> None:
     meta = img.meta
     cs = img.cluster_size
-    if l2_off & (cs - 1):
-        raise CorruptImage(f"L2 table offset {l2_off:#x} unaligned")
     shared = meta.refcounts.get(l2_off >> img.cluster_bits)
     if active_index is not None:
         table = meta.l2_table(active_index)
@@ -157,6 +164,9 @@ def _expand_l2(img: Qcow2Image, l2_off: int, active_index: int | None) -> None:
         if t not in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
             continue
         old_host = entry & C.L2E_OFFSET_MASK
+        if old_host & (cs - 1):
+            raise meta.fatal_corruption(f"Cluster allocation offset {old_host:#x} unaligned "
+                                        f"(L2 offset: {l2_off:#x}, L2 index: {c_hex(j)})")
         # A preallocated zero cluster that other tables still use (a snapshot's) must not be
         # zero-filled in place: QEMU 7.2 does, which corrupts the snapshot and leaves an
         # OFLAG_COPIED error; it gets a cluster of its own here instead.

@@ -19,6 +19,7 @@ runs on images that the engine would refuse to open read-write (corrupt or dirty
 """
 from __future__ import annotations
 
+import sys
 from array import array
 from typing import Callable
 
@@ -587,10 +588,17 @@ def check_file(file: HostFile, header: Header, fix: int = 0,
     return res
 
 
-def repair_dirty(file: HostFile, header: Header, log: Callable[[str], None] | None = None) -> CheckResult:
+def stderr_log(line: str) -> None:
+    """A check's finding as QEMU prints it: one line on stderr."""
+    sys.stderr.write(line + "\n")
+
+
+def repair_dirty(file: HostFile, header: Header, log: Callable[[str], None] | None = stderr_log) -> CheckResult:
     """What QEMU does when it opens a dirty (lazy refcounts) image read-write: repair everything.
 
-    Raises CorruptImage when the repair cannot complete; clears the dirty bit on success.
+    The check's findings go to stderr by default because QEMU's open prints them there (any
+    program that opens the image read-write shows them: amend, commit, qemu-io). Raises
+    CorruptImage when the repair cannot complete; clears the dirty bit on success.
     """
     try:
         res = check_file(file, header, FIX_LEAKS | FIX_ERRORS, log)

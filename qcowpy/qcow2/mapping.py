@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..errors import CorruptedRead, CorruptImage
+from ..units import c_hex
 from ..format import constants as C
 from ..format.entries import ClusterType, l2_offset, l2_reserved, subcluster_type
 from ..format.entries import cluster_type as std_cluster_type
@@ -66,7 +67,7 @@ def _v2_zero_entry(meta: Metadata, l1_index: int, l2_index: int, guest_offset: i
     """A v2 image has no zero clusters: QEMU fails the access with EIO rather than guess what
     the entry means."""
     _signal_corruption(meta, f"Zero cluster entry found in pre-v3 image (L2 offset: "
-                             f"{meta.l1[l1_index] & C.L1E_OFFSET_MASK:#x}, L2 index: {l2_index:#x})", guest_offset)
+                             f"{meta.l1[l1_index] & C.L1E_OFFSET_MASK:#x}, L2 index: {c_hex(l2_index)})", guest_offset)
 
 
 def _signal_corruption(meta: Metadata, event: str, guest_offset: int) -> None:
@@ -74,7 +75,7 @@ def _signal_corruption(meta: Metadata, event: str, guest_offset: int) -> None:
     image (the corrupt bit is set, nothing more is written), reported once on a read-only one;
     either way the access fails with EIO."""
     if meta.writable:
-        sys.stderr.write(meta.mark_corrupt(event) + "\n")
+        meta.fatal_corruption(event)
     elif not meta.signaled_corruption:  # QEMU suppresses every event after the first
         meta.signaled_corruption = True
         sys.stderr.write(f"qcow2: Image is corrupt: {event}; further non-fatal corruption events will be "
@@ -115,7 +116,7 @@ def _raw_runs(meta: Metadata, pos: int, end: int) -> Iterator[tuple[str, int, in
                 if t < 0:
                     index = first >> (C.SUBCLUSTER_BITS if meta.extended else 0)
                     _signal_corruption(meta, f"Cluster allocation offset {l2_offset(host):#x} unaligned (L2 offset: "
-                                             f"{meta.l1[l1_index] & C.L1E_OFFSET_MASK:#x}, L2 index: {index:#x})",
+                                             f"{meta.l1[l1_index] & C.L1E_OFFSET_MASK:#x}, L2 index: {c_hex(index)})",
                                        base + (first << ubits))
                 rstart = base + (first << ubits)
                 if meta.external_data:
@@ -134,10 +135,10 @@ def _check_external(meta: Metadata, t: int, guest: int, host: int, l2_index: int
     data cluster at the host offset equal to its guest offset."""
     if t == ClusterType.COMPRESSED:
         raise CorruptImage(f"Compressed cluster entry found in image with external data file "
-                           f"(L2 index: {l2_index:#x})")
+                           f"(L2 index: {c_hex(l2_index)})")
     if t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and host != guest:
         raise CorruptImage(f"External data file host cluster offset {host:#x} does not match guest cluster "
-                           f"offset: {guest:#x}, L2 index: {l2_index:#x})")
+                           f"offset: {guest:#x}, L2 index: {c_hex(l2_index)})")
 
 
 def _extended_runs(meta: Metadata, table: list[int], start: int, stop: int,

@@ -8,11 +8,13 @@ in QEMU) keeps the same order when a dirty table is evicted between two syncs.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Iterator
 
 from ..errors import CorruptImage, InvalidArgument, QcowError
+from ..units import c_hex
 from ..format import constants as C
 from ..format.entries import ClusterType, compressed_descriptor, l1_offset, l2_offset, pack_table, unpack_table
 from ..format.entries import cluster_type as std_cluster_type
@@ -144,6 +146,13 @@ class Metadata:
             self.writable = False
         return self._corrupt_message(event)
 
+    def fatal_corruption(self, event: str) -> CorruptImage:
+        """QEMU's fatal qcow2_signal_corruption: the image is marked corrupt and the event goes
+        to stderr at once (QEMU prints it there, whatever the program, before the operation's
+        own error); returns the EIO-like error for the caller to raise."""
+        sys.stderr.write(self.mark_corrupt(event) + "\n")
+        return CorruptImage(event)
+
     @staticmethod
     def _corrupt_message(event: str) -> str:
         return f"qcow2: Marking image as corrupt: {event}; further corruption events will be suppressed"
@@ -213,7 +222,7 @@ class Metadata:
         if not off:
             return None
         if off & (self.cluster_size - 1):
-            raise CorruptImage(f"L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})")
+            raise CorruptImage(f"L2 table offset {off:#x} unaligned (L1 index: {c_hex(l1_index)})")
         if off not in self.l2cache and off + self.cluster_size > self.file.size():
             raise CorruptImage(f"L2 table offset {off:#x} is past the end of the image file")
         return self.l2cache.get(off)

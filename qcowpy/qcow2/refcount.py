@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..errors import CorruptImage, QcowError, RefcountOverflow
+from ..errors import CorruptImage, CorruptTable, QcowError, RefcountOverflow
+from ..units import c_hex
 from ..format import constants as C
 from ..format.entries import pack_table, unpack_table
 from ..format.refcount import (decode_block, entries_per_block, get_refcount, leading_free, max_refcount, set_refcount,
@@ -63,9 +64,9 @@ class Refcounts:
         if not off:
             return None
         if off & (self.cluster_size - 1):
-            raise CorruptImage(f"Refblock offset {off:#x} unaligned (reftable index: {block_index:#x})")
+            raise CorruptImage(f"Refblock offset {off:#x} unaligned (reftable index: {c_hex(block_index)})")
         if off > C.MAX_CLUSTER_OFFSET:
-            raise CorruptImage(f"Refblock offset {off:#x} is invalid (reftable index: {block_index:#x})")
+            raise CorruptImage(f"Refblock offset {off:#x} is invalid (reftable index: {c_hex(block_index)})")
         return self.cache.get(off)
 
     def get(self, cluster: int) -> int:
@@ -272,9 +273,13 @@ class Refcounts:
         write_metadata(self.file, REFCOUNT_TABLE, self.table[index].to_bytes(8, "big"),
                        self.table_offset + index * 8)
 
-    def drop_unused_blocks(self) -> None:
+    def drop_unused_blocks(self, signal: Callable[[str], Exception]) -> None:
         """QEMU's ``qcow2_shrink_reftable``: refcount blocks that count nothing but (maybe)
-        themselves leave the table (rewritten whole) and their clusters are freed."""
+        themselves leave the table (rewritten whole) and their clusters are freed.
+
+        Damage met on the way is a fatal corruption, as in QEMU: ``signal(event)`` marks the
+        image and returns the error to raise (an unaligned block before the table is written;
+        a dropped block no remaining block counts, or counts other than once, after)."""
         self.flush()
         keep = []
         for i, entry in enumerate(self.table):
@@ -282,6 +287,8 @@ class Refcounts:
             if not off:
                 keep.append(0)
                 continue
+            if off & (self.cluster_size - 1):
+                raise signal(f"Cannot get entry from refcount block cache: Offset {off:#x} is unaligned")
             block = bytearray(self.cache.get(off).data)
             own = off >> self.cluster_bits
             if own >> self.per_block_bits == i:  # it counts itself: ignore that one entry
@@ -294,10 +301,24 @@ class Refcounts:
         for i, entry in enumerate(self.table):
             if entry and not keep[i]:
                 off = entry & C.REFT_OFFSET_MASK
-                self.change(off >> self.cluster_bits, -1)  # in whichever block counts it
-                self.cache.discard(off)
+                self._discard_block(off, signal)
                 self.table[i] = 0
         self.flush()
+
+    def _discard_block(self, off: int, signal: Callable[[str], Exception]) -> None:
+        """Free the dropped refcount block at ``off`` in the block that counts it."""
+        cluster = off >> self.cluster_bits
+        index = cluster >> self.per_block_bits
+        covering = self.table[index] & C.REFT_OFFSET_MASK if index < len(self.table) else 0
+        if not covering:
+            raise signal(f"Refblock at {off:#x} is not covered by the refcount structures")
+        count = self.get(cluster)
+        if count != 1:  # QEMU fails this one with EINVAL, not EIO
+            event = str(signal(f"Invalid refcount: refblock offset {covering:#x}, reftable index {index}, "
+                               f"block offset {off:#x}, refcount {c_hex(count)}"))
+            raise CorruptTable(event, CorruptTable.EINVAL)
+        self.change(cluster, -1)
+        self.cache.discard(off)
 
     def last_cluster(self, file_size: int) -> int:
         """The highest cluster below ``file_size`` with a nonzero refcount (QEMU's

@@ -5,7 +5,7 @@ function named in its docstring, so the bytes written are the ones qemu-img writ
 """
 from __future__ import annotations
 
-from ..errors import InvalidArgument, UnsupportedFeature
+from ..errors import CorruptImage, CorruptTable, InvalidArgument, UnsupportedFeature
 from ..format import constants as C
 from ..format.bitmaps import directory_location
 from .image import MAX_RUN_BYTES, Qcow2Image, l1_entries_for
@@ -136,7 +136,11 @@ def _shrink(img: Qcow2Image, new_size: int) -> None:
     with meta.punching_freed():
         full_discard(img, (new_size + img.cluster_size - 1) & ~(img.cluster_size - 1), img.size)
         meta.shrink_l1(l1_entries_for(img.header, new_size))
-        meta.refcounts.drop_unused_blocks()
+        try:
+            meta.refcounts.drop_unused_blocks(meta.fatal_corruption)
+        except CorruptImage as e:  # signalled (stderr); QEMU fails the resize with EIO or EINVAL
+            text = e.strerror if isinstance(e, CorruptTable) else "Input/output error"
+            raise CorruptImage(f"Failed to discard unused refblocks: {text}") from None
     file_size = img.file.size()
     last = meta.refcounts.last_cluster(file_size)
     if (last + 1) * img.cluster_size < file_size:

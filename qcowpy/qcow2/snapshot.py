@@ -8,9 +8,11 @@ the ones QEMU writes (checked against qemu-img in tests/cli/test_snapshot.py).
 """
 from __future__ import annotations
 
+import errno
+import os
 import time
 
-from ..errors import CorruptImage, QcowError, RefcountOverflow, SnapshotNotFound
+from ..errors import CorruptTable, QcowError, RefcountOverflow, SnapshotNotFound
 from ..format import constants as C
 from ..format.entries import pack_table, unpack_table
 from ..format.snapshot import Snapshot, StoredEntry, known_extra, read_entries, table_pieces_as_qemu
@@ -23,8 +25,8 @@ _MAX_L1_BYTES = C.MAX_L1_SIZE_BYTES
 class SnapshotCreateFailed(QcowError):
     """Creation failed with QEMU's errno (qemu-img prints it as a number and a strerror)."""
 
-    def __init__(self, errno_: int, text: str):
-        super().__init__(f"{-errno_} ({text})")
+    def __init__(self, errno_: int):
+        super().__init__(f"{-errno_} ({os.strerror(errno_)})")
         self.errno_ = errno_
 
 
@@ -50,13 +52,13 @@ def _find(entries: list[Entry], key: str, by_id: bool = True, by_name: bool = Tr
     return -1
 
 
-def _validate_l1(img, sn: Snapshot) -> None:
+def validate_l1(img, sn: Snapshot) -> None:
     """qcow2_validate_table for a snapshot's L1 table."""
     if sn.l1_size * 8 > _MAX_L1_BYTES:
-        raise CorruptImage("Snapshot L1 table too large")
+        raise CorruptTable("Snapshot L1 table too large", CorruptTable.EFBIG)
     if sn.l1_table_offset & (img.cluster_size - 1) or \
             sn.l1_table_offset + sn.l1_size * 8 > (1 << 63) - 1:
-        raise CorruptImage("Snapshot L1 table offset invalid")
+        raise CorruptTable("Snapshot L1 table offset invalid", CorruptTable.EINVAL)
 
 
 def _table_bytes(img, entries: list[Entry]) -> bytes:
@@ -107,11 +109,11 @@ def create(img, name: str, date: float | None = None) -> Entry:
     """``qemu-img snapshot -c NAME``: a snapshot of the current disk state (no VM state)."""
     with img.lock:
         if img.external_data:
-            raise SnapshotCreateFailed(95, "Operation not supported")
+            raise SnapshotCreateFailed(errno.EOPNOTSUPP)
+        if img.header.nb_snapshots >= C.MAX_SNAPSHOTS:  # counted before the table is read, as QEMU does
+            raise SnapshotCreateFailed(CorruptTable.EFBIG)
         _prepare(img)
         entries, size = read_table(img)
-        if len(entries) >= C.MAX_SNAPSHOTS:
-            raise SnapshotCreateFailed(27, "File too large")
         usec = time.time_ns() // 1000 if date is None else int(date * 1e6)  # g_get_real_time()
         sec, nsec = usec // 1000000, usec % 1000000 * 1000
         extra = known_extra(0, img.size, 0)  # qemu-img's snapshot info is zeroed: icount 0
@@ -121,13 +123,37 @@ def create(img, name: str, date: float | None = None) -> Entry:
         try:
             txn.validate()
         except RefcountOverflow:
-            raise SnapshotCreateFailed(22, "Invalid argument") from None
+            raise SnapshotCreateFailed(CorruptTable.EINVAL) from None
+        except CorruptTable as e:  # QEMU reports only the errno of a failed refcount update
+            raise SnapshotCreateFailed(e.errno_) from None
         l1_off = txn.write_new(pack_table(meta.l1))  # as QEMU: a copy of the active L1, flags and all
         id_b, name_b = _next_id(entries).encode(), name.encode()
         entry = Entry(Snapshot(l1_off, len(meta.l1), id_b.decode(), name, sec, nsec, 0, 0, extra), id_b, name_b,
                       len(extra), 0, 0)
         _switch(txn, img, entries + [entry], size, [e & C.L1E_OFFSET_MASK for e in meta.l1])
         return entry
+
+
+def rewrite_table(img) -> None:
+    """QEMU's qcow2_write_snapshots alone, as amend's upgrade to v3 uses it: every entry gets
+    the v3 extra data (a disk size, icount unknown). The new table goes to new clusters, one
+    header write switches to it, then the old one is freed: a crash leaks, never corrupts."""
+    with img.lock:
+        _prepare(img)
+        entries, size = read_table(img)
+        meta = img.meta
+        data = _table_bytes(img, entries)
+        offset = meta.refcounts.alloc_clusters(meta.clusters_for(len(data))) if data else 0
+        if data:
+            img.file.pwrite(data, offset)
+        meta.sync()
+        img.file.flush()
+        old = img.header.snapshots_offset
+        meta.update_header(nb_snapshots=len(entries), snapshots_offset=offset)
+        img.file.flush()
+        if size:
+            with meta.punching_freed():
+                meta.refcounts.free(old, size)
 
 
 def delete(img, key: str) -> None:
@@ -139,7 +165,7 @@ def delete(img, key: str) -> None:
         if i < 0 or img.external_data:
             raise SnapshotNotFound("snapshot not found")
         sn = entries[i].sn
-        _validate_l1(img, sn)
+        validate_l1(img, sn)
         txn = SnapshotTransaction(img)
         txn.walk(unpack_table(img.file.pread(sn.l1_size * 8, sn.l1_table_offset)), -1)
         txn.release(sn.l1_table_offset, sn.l1_size * 8)
@@ -157,7 +183,11 @@ def apply(img, key: str) -> None:
         if i < 0:
             raise SnapshotNotFound("snapshot not found")
         sn = entries[i].sn
-        _validate_l1(img, sn)
+        try:
+            validate_l1(img, sn)
+        except CorruptTable as e:
+            e.report = str(e)  # type: ignore[attr-defined]  # QEMU prints why, then fails the load with the errno
+            raise
         disk_size = sn.disk_size if sn.disk_size is not None else img.size
         if disk_size != img.size:
             resize(img, disk_size)
@@ -183,6 +213,6 @@ def load_tmp(img, snapshot_id: str | None, name: str | None) -> None:
         if not found:
             raise SnapshotNotFound("Can't find snapshot")
         sn = found[0].sn
-        _validate_l1(img, sn)
+        validate_l1(img, sn)
         # the size stays the active disk's: QEMU swaps only the L1 table
         img.meta.l1 = unpack_table(img.file.pread(sn.l1_size * 8, sn.l1_table_offset)) if sn.l1_size else []

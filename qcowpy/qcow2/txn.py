@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..errors import CorruptImage, RefcountOverflow
+from ..errors import CorruptImage, CorruptTable, RefcountOverflow
+from ..units import c_hex
 from ..format import constants as C
 from ..format.entries import compressed_host_clusters, pack_table, unpack_table
 from ..format.refcount import set_refcount
@@ -54,7 +55,7 @@ class SnapshotTransaction:
             if not l2_off:
                 continue
             if l2_off & (self.cs - 1):
-                raise CorruptImage(f"L2 table offset {l2_off:#x} unaligned (L1 index: {i:#x})")
+                raise CorruptImage(f"L2 table offset {l2_off:#x} unaligned (L1 index: {c_hex(i)})")
             self.deltas[l2_off >> self.cbits] += addend
             table = self._table(l2_off)
             for j in range(0, len(table), step):
@@ -67,7 +68,7 @@ class SnapshotTransaction:
                 if host:
                     if host & (self.cs - 1):
                         raise CorruptImage(f"Cluster allocation offset {host:#x} unaligned (L2 offset: "
-                                           f"{l2_off:#x}, L2 index: {j // step:#x})")
+                                           f"{l2_off:#x}, L2 index: {c_hex(j // step)})")
                     self.deltas[host >> self.cbits] += addend
 
     def release(self, offset: int, length: int) -> None:
@@ -80,16 +81,28 @@ class SnapshotTransaction:
         return self.rc.get(cluster) + self.deltas.get(cluster, 0)
 
     def validate(self) -> None:
-        """Every changed refcount stays within 0..max (before anything is written)."""
+        """Every changed refcount stays within 0..max and has a refcount block (before anything
+        is written). A cluster gaining a reference with no block to count it is one a damaged
+        table names past the image: QEMU fails there too, with EFBIG when the refcount table
+        would pass its limit and EAGAIN when it added the block (its callers do not retry)."""
         for c, d in self.deltas.items():
             if not d:
                 continue
+            if d > 0:
+                self._require_block(c >> self.rc.per_block_bits)
             value = self.rc.get(c) + d
             if value < 0:
                 raise CorruptImage(f"Refcount of cluster {c} would drop below zero")
             if value > self.rc.max:
                 raise RefcountOverflow(f"Refcount of cluster {c} would exceed {self.rc.max} "
                                        "(refcount_bits too small)")
+
+    def _require_block(self, bi: int) -> None:
+        if bi < len(self.rc.table) and self.rc.table[bi] & C.REFT_OFFSET_MASK:
+            return
+        # QEMU compares the block count with the table's byte limit (qcow2_refcount_area)
+        errno_ = CorruptTable.EFBIG if bi + 1 > C.MAX_REFTABLE_SIZE_BYTES else CorruptTable.EAGAIN
+        raise CorruptTable(f"Refcount block {bi} is missing for clusters in use", errno_)
 
     # ------------------------------------------------------------------ phase 2: new structures
     def _table(self, l2_off: int) -> list[int]:

@@ -5,11 +5,10 @@ Exit codes (qemu-img's): 0 consistent, 1 check could not complete, 2 corruptions
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from ..block.check import (FIX_ERRORS, FIX_LEAKS, CheckNotSupported, CheckResult, Hint,  # noqa: F401
+from ..block.check import (FIX_ERRORS, FIX_LEAKS, CheckNotSupported, CheckResult, Hint, stderr_log,  # noqa: F401
                            check_image, probe_for_check)
 from ..errors import InvalidArgument
 from .qjson import QDict, dumps_pretty
@@ -109,7 +108,3 @@ def to_qdict(report: CheckReport) -> QDict:
 
 def render_json(report: CheckReport) -> str:
     return dumps_pretty(to_qdict(report)) + "\n"
-
-
-def stderr_log(line: str) -> None:
-    sys.stderr.write(line + "\n")

@@ -23,7 +23,7 @@ from ..errors import READ_ERRORS, CorruptedRead, QcowError, UnsupportedFeature, 
 from .bitmap import check_copyable, copy_bitmaps
 from ..block.create import create_image, create_qcow2, qcow2_options
 from .create import validate
-from .options import parse_create_options
+from .options import parse_create_options, require_creatable
 
 CHUNK = 4 << 20  # bytes per read/write of data (qemu-img uses 2 MiB; fewer Python calls here)
 
@@ -422,7 +422,11 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
         backing_fmt = req.backing_fmt
         if not req.no_create:
             if out_fmt not in ("qcow2", "raw"):
-                raise ConvertError(f"Unknown file format '{out_fmt}'")
+                try:
+                    require_creatable(out_fmt)
+                except QcowError as e:
+                    raise ConvertError(str(e)) from None
+                raise ConvertError(f"Unknown file format '{out_fmt}'")  # -O file: no format to convert into
             try:
                 opts = parse_create_options(out_fmt, req.options, req.target)
             except QcowError as e:

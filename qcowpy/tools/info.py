@@ -140,7 +140,7 @@ def collect(filename: str, fmt: str | None, chain: bool, force_share: bool = Fal
         except QcowError as e:
             raise QcowError(f"Could not open '{name}': {e}") from None
         with dev:
-            info = image_info(dev, name)
+            info = image_info(dev, canonical_name(name))
         out.append(info)
         if not chain:
             break

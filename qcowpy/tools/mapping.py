@@ -6,6 +6,7 @@ from typing import Iterator
 
 from ..block.device import BlockDevice
 from ..errors import QcowError
+from ..units import c_hex
 
 
 class MapError(QcowError):
@@ -65,12 +66,8 @@ def _human(e: MapEntry) -> str | None:
     if e.data and e.offset is None:
         raise MapError("File contains external, encrypted or compressed clusters.")
     if e.data and not e.zero:
-        return "%-16s%-16s%-16s%s\n" % (_hex(e.start), _hex(e.length), _hex(e.offset or 0), e.filename or "")
+        return "%-16s%-16s%-16s%s\n" % (c_hex(e.start), c_hex(e.length), c_hex(e.offset or 0), e.filename or "")
     return None
-
-
-def _hex(v: int) -> str:
-    return hex(v) if v else "0"  # printf("%#x") prints 0 without a prefix
 
 
 def map_lines(dev: BlockDevice, output: str = "human", start: int = 0,

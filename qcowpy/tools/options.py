@@ -144,11 +144,27 @@ def has_help(text: str | None) -> bool:
     return bool(text) and any(name in ("help", "?") for name, _ in split_options(text))  # type: ignore[arg-type]
 
 
-def help_text(fmt: str, filename: str | None) -> str:
-    """What ``-o help`` prints (the options qcowpy implements for ``fmt``)."""
+# Formats QEMU knows but cannot create (they have no create options): named so, not "unknown"
+READ_ONLY_FORMATS = ("bochs", "cloop", "dmg", "vvfat")
+
+
+def require_creatable(fmt: str) -> None:
+    """qemu-img's refusal of a format it cannot create, in its words."""
+    if fmt in READ_ONLY_FORMATS:
+        raise InvalidArgument(f"Format driver '{fmt}' does not support image creation")
     if fmt not in CREATE_OPTS:
         raise InvalidArgument(f"Unknown file format '{fmt}'")
+
+
+def help_text(fmt: str, filename: str | None) -> str:
+    """What ``-o help`` prints (the options qcowpy implements for ``fmt``).
+
+    With no filename raw lists only its own ``size``: its ``preallocation`` is the file
+    protocol's option in QEMU, which a missing filename does not bring in."""
+    require_creatable(fmt)
     descs = create_opts(fmt, filename)
+    if fmt == "raw" and not filename:
+        descs = [d for d in descs if d.name != "preallocation"]
     lines = ["Supported options:" if filename else f"Supported {fmt} options:"]
     lines += format_help_entries(descs)
     if not filename:
@@ -204,8 +220,7 @@ def _escape(s: str) -> str:
 
 def parse_create_options(fmt: str, text: str | None, filename: str | None = None) -> ParsedOpts:
     """Parse and type-check ``-o`` for ``fmt`` with qemu's messages (unknown names, bad values)."""
-    if fmt not in CREATE_OPTS:
-        raise InvalidArgument(f"Unknown file format '{fmt}'")
+    require_creatable(fmt)
     by_name = {d.name: d for d in create_opts(fmt, filename)}
     parsed = ParsedOpts(fmt, {}, {}, filename)
     for name, value in split_options(text or ""):

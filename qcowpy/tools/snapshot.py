@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..block.open import key_errors_name, open_image
-from ..errors import CorruptImage, QcowError, RefcountOverflow, SnapshotNotFound
+from ..errors import CorruptImage, CorruptTable, QcowError, RefcountOverflow, SnapshotNotFound
 from .info import snapshot_header, snapshot_line, snapshot_rows
 
 
@@ -16,6 +16,8 @@ def _strerror(e: QcowError) -> str:
     """The errno text QEMU's qcow2 code would have returned for this failure."""
     if isinstance(e, RefcountOverflow):
         return "Invalid argument"
+    if isinstance(e, CorruptTable):
+        return e.strerror
     if isinstance(e, CorruptImage):
         return "Input/output error"
     return str(e)

@@ -188,3 +188,34 @@ def test_refcount_width_progress_and_walks_match_qemu_img(qemu, qemu_img, tmp_pa
     assert outs[0] == outs[1]
     assert "(66.67/100%)\n    (50.00/100%)" in outs[0]
     assert (tmp_path / "ours" / "a.qcow2").read_bytes() == (tmp_path / "theirs" / "a.qcow2").read_bytes()
+
+
+def test_upgrade_gives_v2_snapshots_the_v3_extra_data_as_qemu_img(qemu, qemu_img, tmp_path, monkeypatch):
+    """iotest 261: a v2 snapshot entry may carry no extra data; the upgrade rewrites the table
+    (new clusters, then the header) with every entry's disk size and an unknown icount, the
+    same bytes as QEMU's."""
+    import shutil
+    import struct
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    monkeypatch.chdir(ours)
+    qemu.img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "a.qcow2", "64M")
+    qemu.io("a.qcow2", "write -P 3 0 64k")
+    qemu.img("snapshot", "-c", "sn0", "a.qcow2")
+    buf = bytearray((ours / "a.qcow2").read_bytes())
+    table = struct.unpack_from(">Q", buf, 64)[0]
+    id_len, name_len = struct.unpack_from(">HH", buf, table + 12)
+    extra = struct.unpack_from(">I", buf, table + 36)[0]
+    assert extra == 24  # qemu-img writes the v3 extra data even into v2 images
+    tail = bytes(buf[table + 40 + extra:table + 40 + extra + id_len + name_len])
+    struct.pack_into(">I", buf, table + 36, 0)  # the entry as an old QEMU wrote it: no extra data
+    buf[table + 40:table + 40 + extra + id_len + name_len] = tail + bytes(extra)
+    (ours / "a.qcow2").write_bytes(buf)
+    shutil.copytree(ours, theirs)
+    a = run_qcowpy("amend", "-o", "compat=1.1", "a.qcow2")
+    monkeypatch.chdir(theirs)
+    b = run_qemu(qemu_img, "amend", "-o", "compat=1.1", "a.qcow2")
+    assert (a.code, a.out, as_qemu(a.err)) == (b.code, b.out, b.err) == (0, "", "")
+    assert (ours / "a.qcow2").read_bytes() == (theirs / "a.qcow2").read_bytes()
+    monkeypatch.chdir(ours)
+    qemu.assert_clean("a.qcow2")

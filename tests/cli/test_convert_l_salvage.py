@@ -72,3 +72,8 @@ def test_salvage_reads_what_it_can_as_qemu_img(damaged, qemu_img, args):
 
 def test_salvage_refuses_copy_offloading(damaged, qemu_img):
     _same(damaged, qemu_img, ["convert", "--salvage", "-C", "c.qcow2"])
+
+
+@pytest.mark.parametrize("args", [["-S", "4k"], ["-c"], ["-c", "-S", "8k"]], ids=" ".join)
+def test_copy_offloading_refused_with_compression_or_sparse_size(damaged, qemu_img, args):
+    _same(damaged, qemu_img, ["convert", "-C", *args, "-O", "qcow2", "c.qcow2"])

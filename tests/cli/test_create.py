@@ -128,6 +128,20 @@ def test_option_help(qemu_img):
     assert run("create", "-f", "raw", "-o", "?", "x").out.startswith("Supported options:\n")
 
 
+@pytest.mark.parametrize("args", [["create", "-o", "help"], ["create", "-f", "raw", "-o", "help"],
+                                  ["convert", "-o", "help"], ["create", "-f", "bochs", "-o", "help"],
+                                  ["convert", "-O", "bochs", "-o", "help"], ["create", "-f", "dmg", "x", "1M"],
+                                  ["convert", "-O", "cloop", "s.raw", "x"]],
+                         ids=" ".join)
+def test_help_without_filename_and_read_only_formats(tmp_path, qemu_img, args):
+    """raw's own options without a filename (preallocation is the file protocol's), and formats
+    QEMU knows but cannot create, as qemu-img words them."""
+    (tmp_path / "s.raw").write_bytes(bytes(4096))
+    want = qemu(qemu_img, *args, cwd=tmp_path)
+    got = run(*args, cwd=tmp_path)
+    assert (got.code, got.out, as_qemu(got.err)) == (want.code, want.out, want.err)
+
+
 def test_api_create_accepts_same_options(tmp_path, qemu_img):
     qcowpy.create(str(tmp_path / "a.qcow2"), 1 << 30, cluster_size=65536, lazy_refcounts="on")
     qemu(qemu_img, "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(tmp_path / "b.qcow2"), "1G")

@@ -174,3 +174,19 @@ def test_create_over_null_co_backing(tmp_path, qemu_img):
     assert (got.code, got.out.replace(str(b), "X")) == (want.code, want.out.replace(str(a), "X")) and want.code == 0
     assert filecmp.cmp(a, b, shallow=False)
     assert run("map", "--output=json", b).out == qemu(qemu_img, "map", "--output=json", a).out
+
+
+@pytest.mark.parametrize("args", [
+    ["info", "--image-opts", "data-file.filename=x.data,file.filename=x.qcow2"],
+    ["info", "--output=json", 'json:{"file": {"filename": "x.qcow2"}, "data-file": {"filename": "x.data"}}'],
+    ["info", 'json:{"driver": "qcow2", "file": {"driver": "file", "filename": "x.qcow2"}, '
+             '"data-file": {"driver": "file", "filename": "x.data"}}'],
+], ids=["image-opts", "json-output", "json-drivers"])
+def test_a_data_file_child_leaves_the_name_the_file(tmp_path, qemu_img, args):
+    """QEMU names a node by its primary child; a data-file child does not make it json:."""
+    assert qemu(qemu_img, "create", "-q", "-f", "qcow2", "-o", "data_file=x.data", "x.qcow2", "1M",
+                cwd=tmp_path).code == 0
+    want = qemu(qemu_img, *args, cwd=tmp_path)
+    got = run(*args, cwd=tmp_path)
+    assert want.code == 0 and "x.qcow2" in want.out
+    assert (got.code, got.out, as_qemu(got.err)) == (want.code, want.out, want.err)

@@ -5,6 +5,7 @@ and runs qcowpy and qemu-img side by side on identical copies: the same exit cod
 stderr (our program name written as qemu-img's)."""
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -341,3 +342,104 @@ def test_zstd_stream_past_the_cluster(tmp_path, qemu_img, args, declared):
     theirs, ours = _patched(tmp_path, qemu_img, lambda b: _zstd_stream_past_cluster(b, 4096, declared),
                             opts=["-o", "compression_type=zstd"], io=["write -c -P 7 0 64k", "write -P 8 64k 64k"])
     _same(qemu_img, theirs, ours, *args)
+
+
+@pytest.mark.parametrize("args", [["amend", "-o", "compat=0.10", "THE_IMAGE"],
+                                  ["amend", "-o", "lazy_refcounts=off", "THE_IMAGE"],
+                                  ["resize", "THE_IMAGE", "+1M"], ["snapshot", "-c", "s1", "THE_IMAGE"]],
+                         ids=lambda a: " ".join(a[:-1]))
+def test_dirty_image_opened_read_write_is_repaired_aloud(tmp_path, qemu_img, args):
+    """A lazy-refcounts image left dirty by a killed writer: QEMU's read-write open repairs it
+    and prints the check's findings on stderr; the repaired files then check the same."""
+    src = str(tmp_path / "src.qcow2")
+    assert qemu(qemu_img, "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", src, "64M").code == 0
+    qio = os.path.join(os.path.dirname(qemu_img), "qemu-io")
+    subprocess.run([qio, "-f", "qcow2", "-c", "write -P 0x2a 0 128k", "-c", "flush", "-c", "sigraise 9", src],
+                   capture_output=True)
+    buf = open(src, "rb").read()
+    assert _u64(bytearray(buf), 72) & 1, "the killed writer left the dirty bit"
+    theirs, ours = str(tmp_path / "theirs.qcow2"), str(tmp_path / "ours.qcow2")
+    for p in (theirs, ours):
+        open(p, "wb").write(buf)
+    q, _ = _same(qemu_img, theirs, ours, *args)
+    assert "Rebuilding refcount structure" in q.err
+    if args[0] != "snapshot":  # qcowpy's snapshot transaction places its tables elsewhere (documented)
+        _same(qemu_img, theirs, ours, "check", "THE_IMAGE")
+    assert qemu(qemu_img, "check", ours).code == 0
+
+
+def _l2_entry0(buf: bytearray) -> int:
+    """Offset of the first L2 entry of the first L2 table."""
+    return _u64(buf, _u64(buf, 40)) & 0x00FFFFFFFFFFFE00
+
+
+def _snap_l1(value: int, field: int) -> Callable[[bytearray], None]:
+    """Patch the first snapshot entry's L1 offset (field 0, 8 bytes) or L1 size (field 8, 4 bytes)."""
+    fmt = ">Q" if field == 0 else ">I"
+    return lambda b: struct.pack_into(fmt, b, _u64(b, 64) + field, value)
+
+
+WRITTEN = ["write -P 1 0 64k"]
+SNAPSHOT = [["snapshot", "-c", "test", "IMG"]]
+# name -> (patch, qemu-img setup, qemu-io commands, the command run on both copies)
+SIGNALLED: dict[str, tuple] = {
+    # iotest 060: zero-cluster expansion meets an unaligned L2 table / preallocated zero cluster
+    "amend_unaligned_l2_table": (lambda b: struct.pack_into(">Q", b, _u64(b, 40), 0x8000000000042A00), [], WRITTEN,
+                                 ["amend", "-o", "compat=0.10", "THE_IMAGE"]),
+    "amend_unaligned_zero_cluster": (lambda b: struct.pack_into(">Q", b, _l2_entry0(b), 0x8000000000052A01), [],
+                                     WRITTEN, ["amend", "-o", "compat=0.10", "THE_IMAGE"]),
+    # iotest 080: the snapshot table count at its limit, an L2 entry far past the image
+    "snapshot_count_at_limit": (lambda b: (struct.pack_into(">Q", b, 64, 1 << 24), struct.pack_into(">I", b, 60, 65536)),
+                                [], [], ["snapshot", "-c", "test", "THE_IMAGE"]),
+    "snapshot_l2_entry_past_reftable_limit": (lambda b: struct.pack_into(">Q", b, _l2_entry0(b), 0xBFFFFFFFFFFF0000),
+                                              [], ["write 0 512"], ["snapshot", "-c", "test", "THE_IMAGE"]),
+    "snapshot_l2_entry_past_refblocks": (lambda b: struct.pack_into(">Q", b, _l2_entry0(b), 0x80000000FFFFFF0000 & (2**64 - 1)),
+                                         [], ["write 0 512"], ["snapshot", "-c", "test", "THE_IMAGE"]),
+    # iotest 080: a snapshot's L1 table misplaced or too large, met by amend, apply and delete
+    **{f"{cmd[0]}{cmd[1]}_snapshot_l1_{what}": (patch, SNAPSHOT, ["write 0 512"], [*cmd, "THE_IMAGE"])
+       for what, patch in (("unaligned", _snap_l1(0x400200, 0)), ("too_large", _snap_l1(0x10000000, 8)))
+       for cmd in (["amend", "-o", "compat=0.10"], ["snapshot", "-a", "test"], ["snapshot", "-d", "test"])},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNALLED))
+def test_damage_met_by_amend_and_snapshots_as_qemu_img(tmp_path, qemu_img, name):
+    """QEMU's per-structure messages and errno texts when amend and snapshot operations meet
+    damaged tables (a fatal corruption marks the image corrupt on the way)."""
+    patch, setup, io, args = SIGNALLED[name]
+    theirs, ours = _patched(tmp_path, qemu_img, patch, size="64M", setup=setup, io=io)
+    q, _ = _same(qemu_img, theirs, ours, *args)
+    assert q.code == 1
+    # the corrupt bit as qemu-img left it, read by qemu-img (where QEMU's failed refcount update
+    # added a refcount block first, qcowpy's transaction leaves the file as it was)
+    marks = [json.loads(qemu(qemu_img, "info", "-U", "--output=json", p).out)["format-specific"]["data"]["corrupt"]
+             for p in (ours, theirs)]
+    assert marks[0] == marks[1] == name.startswith("amend_unaligned")
+
+
+def _reftable_entry(index: int, value: int) -> Callable[[bytearray], None]:
+    return lambda b: struct.pack_into(">Q", b, _u64(b, 48) + 8 * index, value)
+
+
+# iotest 060: resize --shrink drops unused refcount blocks and meets damaged ones
+SHRINK_DAMAGE: dict[str, tuple[Callable[[bytearray], None], list[str]]] = {
+    "refblock_far_past_the_image": (_reftable_entry(1, 0x00FFFFFF00000000), []),
+    "refblock_no_block_covers": (_reftable_entry(1, 0x0000001000000000), ["-o", "refcount_bits=1"]),
+    "refblock_counted_zero_times": (_reftable_entry(1, 0x100000), []),  # EINVAL, not EIO
+    "refblock_unaligned": (lambda b: (_reftable_entry(1, 0x0000001000000000)(b), _reftable_entry(2, 0x200)(b)),
+                           ["-o", "refcount_bits=1"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHRINK_DAMAGE))
+def test_shrink_meets_damaged_refblocks_as_qemu_img(tmp_path, qemu_img, name):
+    """The corruption is signalled (the image marked corrupt) and the resize fails with QEMU's
+    words; a repair then leaves both files checking the same, and the retried shrink works."""
+    patch, opts = SHRINK_DAMAGE[name]
+    theirs, ours = _patched(tmp_path, qemu_img, patch, size="64M", opts=opts)
+    q, _ = _same(qemu_img, theirs, ours, "resize", "--shrink", "THE_IMAGE", "32M")
+    assert q.code == 1 and "Marking image as corrupt" in q.err
+    _same(qemu_img, theirs, ours, "info", "THE_IMAGE")
+    if name != "refblock_unaligned":  # QEMU's repair of that one marks the image corrupt again midway
+        _same(qemu_img, theirs, ours, "check", "-r", "all", "THE_IMAGE")
+        _same(qemu_img, theirs, ours, "resize", "--shrink", "THE_IMAGE", "32M")

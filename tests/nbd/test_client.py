@@ -3,6 +3,7 @@ with qemu-img on the same URIs as the oracle."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -147,3 +148,23 @@ def test_qcow2_in_an_export_with_its_backing_file(qemu, start_server, tmp_path):
     theirs = run(tool("qemu-img"), "map", srv2.uri, check=False)
     assert ours.returncode == theirs.returncode == 1
     assert ours.stderr.replace("qcowpy:", "qemu-img:") == theirs.stderr
+
+
+def test_qcow2_written_straight_into_an_export_as_qemu_img(qemu, start_server, tmp_path):
+    """iotest 302: convert -O qcow2 -c into a raw export (a window of a tar file) with no -n: the
+    export is the qcow2 image's host file, so the file holds the bytes qemu-img writes there,
+    and info/check/compare over the URI say what qemu-img says."""
+    src = make_image(qemu, tmp_path / "src.qcow2")
+    files, uris = {}, {}
+    for who in ("ours", "theirs"):
+        files[who] = tmp_path / f"{who}.ova"
+        files[who].write_bytes(b"\xa5" * 1536 + bytes(4 << 20))
+        uris[who] = start_server("qemu-nbd", files[who], "-f", "raw", "--offset", "1536", "-t").uri
+    convert = ["convert", "-f", "qcow2", "-O", "qcow2", "-c", str(src)]
+    qcowpy_cli(*convert, uris["ours"])
+    run(tool("qemu-img"), *convert, uris["theirs"])
+    for cmd in (["info"], ["check"], ["check", "--output=json"], ["compare", str(src)]):
+        ours = re.sub(r"qemu-nbd-\d+\.sock", "S", qcowpy_cli(*cmd, uris["ours"]).stdout)
+        theirs = re.sub(r"qemu-nbd-\d+\.sock", "S", run(tool("qemu-img"), *cmd, uris["theirs"]).stdout)
+        assert ours == theirs, cmd
+    assert files["ours"].read_bytes() == files["theirs"].read_bytes()
