@@ -168,6 +168,19 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = None
 
 
+def size_new_file(f: HostFile, length: int, preallocation: str = "off") -> None:
+    """Give a new, empty file ``length`` bytes the way the file protocol preallocates them:
+    ``off`` a sparse file, ``falloc`` reserved blocks, ``full`` written zeros."""
+    if preallocation == "full":
+        chunk = 1 << 20
+        for off in range(0, length, chunk):
+            f.pwrite(bytes(min(chunk, length - off)), off)
+        return
+    f.truncate(length)
+    if preallocation == "falloc":
+        f.allocate(0, length)
+
+
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Deallocate a byte range (reads as zeros afterwards); False where the OS cannot."""
     global _libc

@@ -12,14 +12,14 @@ from typing import Callable
 
 from ..crypto.secret import resolve_key
 from ..errors import ImageNotFound, QcowError
-from ..format.constants import MAGIC, MAX_CLUSTER_BITS
+from ..format.constants import MAX_CLUSTER_BITS
 from ..format.bitmaps import directory_location
 from ..format.header import parse_header
 from ..hostfile import PROTOCOLS, open_host_file
 from ..qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckFailed, CheckResult, Hint, check_file, stderr_log
 from ..qcow2.encryption import open_crypto
 from ..qcow2.image import Qcow2Image
-from .open import open_backing
+from .open import open_backing, open_image, probe_bytes
 
 __all__ = ["FIX_ERRORS", "FIX_LEAKS", "CheckNotSupported", "CheckOutcome", "CheckResult", "Hint",
            "check_image", "probe_for_check", "stderr_log"]
@@ -38,20 +38,25 @@ class CheckOutcome:
 
 
 def probe_for_check(path: str) -> str:
-    """qcow2 by its magic, anything else raw (which has no checks)."""
+    """qcow2 or luks by their magic, anything else raw (which has no checks)."""
     if path.startswith(tuple(PROTOCOLS)):  # an image on a protocol (rbd:)
         f = open_host_file(path)
         try:
-            return "qcow2" if f.pread(4, 0) == MAGIC else "raw"
+            return _checked_format(f.pread(8, 0))
         finally:
             f.close()
     try:
         with open(path, "rb") as f:
-            return "qcow2" if f.read(4) == MAGIC else "raw"
+            return _checked_format(f.read(8))
     except FileNotFoundError:
         raise ImageNotFound(f"Could not open '{path}': No such file or directory") from None
     except OSError as e:
         raise QcowError(f"Could not open '{path}': {e.strerror}") from None
+
+
+def _checked_format(head: bytes) -> str:
+    fmt = probe_bytes(head)
+    return fmt if fmt in ("qcow2", "luks") else "raw"
 
 
 def _store_bitmaps(file) -> None:
@@ -72,6 +77,9 @@ def check_image(filename: str, fmt: str, fix: int, force_share: bool = False,
                 log: Callable[[str], None] | None = None, secret: bytes | None = None) -> CheckOutcome:
     """Check (and with ``fix``, FIX_LEAKS | FIX_ERRORS, repair) one image file; an encrypted
     one needs its ``secret`` (or one the CLI attached), as qemu-img check opens it fully."""
+    if fmt == "luks":  # opened (and unlocked) as qemu-img check does, then refused
+        open_image(filename, "r", "luks", backing=False, force_share=force_share, secret=secret).close()
+        raise CheckNotSupported("This image format does not support checks")
     file = open_host_file(filename, writable=bool(fix), force_share=force_share)
     try:
         if fmt == "raw":

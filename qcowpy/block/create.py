@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgument
 from ..format.constants import MAX_L1_SIZE_BYTES
-from ..hostfile import HostFile, set_create_hints
+from ..hostfile import HostFile, set_create_hints, size_new_file
 from ..crypto.secret import passphrase
 from ..qcow2.create import EncryptSpec, Qcow2Options, create_qcow2
 
 __all__ = ["Qcow2Options", "create_image", "create_qcow2", "qcow2_options", "qcow2_size_fits", "backing_size"]
+if TYPE_CHECKING:
+    from ..crypto.luks import CreateOptions
 from ..units import parse_option_size, parse_size
 from .open import open_image, resolve_backing_path
 from .rbdspec import is_rbd_name
@@ -84,16 +86,20 @@ def encrypt_spec_for(fmt: str, secret: bytes | str | None, luks: dict[str, Any])
         raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
     if fmt == "aes" and luks:
         raise InvalidArgument(f"Parameter 'encrypt.{next(iter(luks)).replace('_', '-')}' is unexpected")
-    opts = None
-    if fmt == "luks":
-        from ..crypto.luks import CreateOptions as LuksCreateOptions
-        opts = LuksCreateOptions()
-        for key, value in luks.items():
-            if not hasattr(opts, key):
-                raise InvalidArgument(f"Invalid parameter 'encrypt.{key.replace('_', '-')}'")
-            setattr(opts, key, int(value) if key == "iter_time" else value)
-        opts.validate()
-    return EncryptSpec(fmt, passphrase(secret), opts)
+    return EncryptSpec(fmt, passphrase(secret), luks_options(luks, "encrypt.") if fmt == "luks" else None)
+
+
+def luks_options(luks: dict[str, Any], prefix: str = "") -> "CreateOptions":
+    """LUKS creation options from Python keywords (``iter_time=10``, ``cipher_alg="aes-128"``);
+    an unknown one is named with ``prefix`` as qemu-img names it."""
+    from ..crypto.luks import CreateOptions  # loaded only when a LUKS image is made
+    opts = CreateOptions()
+    for key, value in luks.items():
+        if not hasattr(opts, key):
+            raise InvalidArgument(f"Invalid parameter '{prefix}{key.replace('_', '-')}'")
+        setattr(opts, key, int(value) if key == "iter_time" else value)
+    opts.validate()
+    return opts
 
 
 def qcow2_size_fits(size: int, cluster_size: int, extended_l2: bool) -> bool:
@@ -105,6 +111,26 @@ def qcow2_size_fits(size: int, cluster_size: int, extended_l2: bool) -> bool:
 def backing_size(path: str, backing_file: str, backing_fmt: str | None) -> int:
     with open_image(resolve_backing_path(path, backing_file), "r", backing_fmt) as dev:
         return dev.size
+
+
+def _create_luks(path: str, size: int | None, options: dict[str, Any]) -> None:
+    """``create_image(path, size, "luks", secret=b"...", iter_time=10, ...)``; ``luks`` (a
+    CreateOptions) and ``password`` (bytes or a callable) are what the CLI hands over."""
+    if size is None:
+        raise InvalidArgument("Image creation needs a size parameter")
+    file_opts = {k: options.pop(k) for k in ("preallocation", "nocow", "extent_size_hint", "warn") if k in options}
+    hint = file_opts.get("extent_size_hint")
+    password = options.pop("password", None)
+    secret = options.pop("secret", None)
+    opts = options.pop("luks", None) or luks_options(options)
+    if password is None:
+        if secret is None:
+            raise InvalidArgument("Parameter 'key-secret' is required for cipher")
+        password = passphrase(secret)
+    from .luks import create_luks
+    create_luks(path, size, opts, password, str(file_opts.get("preallocation") or "off"),
+                _bool("nocow", file_opts.get("nocow", False)),
+                None if hint is None else parse_option_size("extent_size_hint", hint), file_opts.get("warn"))
 
 
 def create_image(path: str, size: int | str | None = None, format: str = "qcow2", **options: Any) -> None:
@@ -135,20 +161,14 @@ def create_image(path: str, size: int | str | None = None, format: str = "qcow2"
             message = set_create_hints(f.fd, nocow, hint)
             if message and warn is not None:
                 warn(message)
-            if prealloc == "off":
-                f.truncate(size)
-            elif prealloc == "falloc":
-                f.truncate(size)
-                f.allocate(0, size)
-            elif prealloc == "full":
-                chunk = 1 << 20
-                for off in range(0, size, chunk):
-                    f.pwrite(bytes(min(chunk, size - off)), off)
-            else:
+            if prealloc not in ("off", "falloc", "full"):
                 raise InvalidArgument(f"Invalid parameter '{prealloc}'")
+            size_new_file(f, size, prealloc)
         finally:
             f.close()
         return
+    if format == "luks":
+        return _create_luks(path, size, options)
     if format != "qcow2":
         raise InvalidArgument(f"Unknown file format '{format}'")
     backing_file = options.get("backing_file")

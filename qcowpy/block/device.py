@@ -93,6 +93,7 @@ class BlockDevice(ABC):
     display_name: str | None = None  # how QEMU names the image when it differs from the path (nbd URIs)
     has_image_info = True  # False where QEMU's driver has no get_info (info then omits dirty-flag)
     holes_read_zero = True  # what block status says of a run no layer has (False: QEMU's null-co)
+    has_zero_init = True  # a new image reads as zeros before anything is written (QEMU's bdrv_has_zero_init)
 
     @property
     @abstractmethod

@@ -7,7 +7,7 @@ from typing import Iterator
 
 from ..crypto.secret import SecretError, resolve_key
 from ..errors import FormatError, ImageNotFound, InvalidArgument, QcowError, UnsupportedFeature
-from ..format.constants import MAGIC
+from ..format.constants import LUKS_MAGIC, MAGIC
 from ..qcow2.encryption import EncryptionError
 from ..qcow2.image import Qcow2Image
 from .device import BlockDevice
@@ -18,7 +18,7 @@ from .rbdspec import PREFIX as RBD_PREFIX, is_rbd_name
 from .. import hostfile
 from .spec import NullDevice, file_protocol_path, is_json_filename, open_spec, parse_json_filename
 
-FORMATS = ("qcow2", "raw")
+FORMATS = ("qcow2", "raw", "luks")
 MAX_CHAIN_DEPTH = 256
 
 # Magic numbers of formats we recognise but do not read, so probing does not call them raw.
@@ -67,6 +67,8 @@ def probe_bytes(head: bytes) -> str:
     """The format the first bytes of an image announce: "qcow2", another format's name, or "raw"."""
     if head[:4] == MAGIC:
         return "qcow2"
+    if head[:6] == LUKS_MAGIC:
+        return "luks"
     for magic, name in _OTHER_MAGIC.items():
         if head.startswith(magic):
             return name
@@ -139,6 +141,9 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
     if fmt == "raw":
         return RawDevice(path, read_only=not writable, cache=cache, force_share=force_share)
     key, efmt = resolve_key(path, secret, encrypt, no_io)
+    if fmt == "luks":  # encrypt: the luks node's own options ({"key-secret": ID})
+        from .luks import LuksDevice
+        return LuksDevice(RawDevice(path, read_only=not writable, cache=cache, force_share=force_share), key, no_io)
     dev = Qcow2Device(Qcow2Image.open(path, writable=writable, cache=cache, force_share=force_share,
                                       secret=key, no_io=no_io, encrypt_format=efmt, data_file=data_file), path)
     info = dev.format_info()

@@ -30,6 +30,13 @@ class Qcow2Device(BlockDevice):
     def size(self) -> int:
         return self.image.size
 
+    @property
+    def has_zero_init(self) -> bool:  # type: ignore[override]
+        """False for an encrypted image whose L2 tables are preallocated: its data clusters
+        decrypt to noise (QEMU's qcow2_has_zero_init looks at the first L1 entry)."""
+        meta = self.image.meta
+        return not (self.image.crypto is not None and meta.l1 and meta.l1[0])
+
     def pread(self, length: int, offset: int) -> bytes:
         return self.image.pread(length, offset)
 

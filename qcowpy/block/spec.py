@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from ..errors import InvalidArgument, QcowError
 from .device import BlockDevice, LayerStatus, status_at
 
-SUPPORTED_DRIVERS = ("qcow2", "raw", "file", "null-co", "rbd")
+SUPPORTED_DRIVERS = ("qcow2", "raw", "luks", "file", "null-co", "rbd")
 
 
 class SpecError(QcowError):
@@ -172,13 +172,24 @@ def spec_filename(opts: dict[str, Any]) -> str | None:
 def plain_file(opts: dict[str, Any]) -> tuple[str, str | None] | None:
     """(filename, format) when ``opts`` is just a format (or nothing) over a plain file, which
     every tool opens the ordinary way; None when the spec needs this module's drivers."""
-    if not set(opts) <= {"driver", "file"} or opts.get("driver") not in ("qcow2", "raw", None):
+    if not set(opts) <= {"driver", "file"} or opts.get("driver") not in ("qcow2", "raw", "luks", None):
         return None
     child = opts.get("file")
     if isinstance(child, dict) and set(child) <= {"driver", "filename", "locking"} \
             and child.get("driver", "file") == "file":  # locking: qcowpy's locks follow -U and QCOWPY_LOCKING
         child = child.get("filename")
     return (str(child), opts.get("driver")) if isinstance(child, str) else None
+
+
+def key_options(opts: dict[str, Any], pop: bool = False) -> dict[str, Any] | None:
+    """The options that unlock an encrypted node: qcow2's ``encrypt.*`` (``encrypt.key-secret=ID``),
+    or the luks driver's own ``key-secret=ID`` (as ``{"key-secret": ID}``); ``pop`` takes them off."""
+    get = opts.pop if pop else opts.get
+    if isinstance(opts.get("encrypt"), dict):
+        return get("encrypt")  # type: ignore[operator]
+    if opts.get("driver") == "luks" and "key-secret" in opts:
+        return {"key-secret": get("key-secret")}  # type: ignore[operator]
+    return None
 
 
 def canonical_name(name: str) -> str:
@@ -227,7 +238,7 @@ def open_spec(opts: dict[str, Any], mode: str = "r", force_share: bool = False,
     if fmt == "raw" and ("offset" in opts or "size" in opts):
         return _raw_window(open_image(path, mode, "raw", force_share=force_share), opts)
     backing = opts.get("backing", ...)
-    encrypt = opts.get("encrypt") if isinstance(opts.get("encrypt"), dict) else None  # encrypt.key-secret=ID
+    encrypt = key_options(opts)
     data_file = opts.get("data-file")  # the external data file, overriding the header's name
     if isinstance(data_file, dict):
         data_file = spec_filename({"file": data_file})

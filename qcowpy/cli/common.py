@@ -175,7 +175,8 @@ def image_name(name: str, image_opts: bool, fmt: str | None = None) -> tuple[str
     """(what to open, format) for a filename argument: with ``--image-opts`` it is an options
     string (``driver=qcow2,file.filename=x``), turned into the ``json:`` filename every tool
     opens; a spec that is only a format over a plain file becomes that file and format."""
-    from ..block.spec import file_protocol_path, is_json_filename, parse_image_opts, parse_json_filename, plain_file
+    from ..block.spec import (file_protocol_path, is_json_filename, key_options, parse_image_opts, parse_json_filename,
+                              plain_file)
     import json
     if image_opts:
         if fmt:
@@ -193,11 +194,11 @@ def image_name(name: str, image_opts: bool, fmt: str | None = None) -> tuple[str
     else:
         return name, fmt
     _locking_off(opts)
-    encrypt = opts.pop("encrypt", None) if isinstance(opts.get("encrypt"), dict) else None
+    encrypt = key_options(opts, pop=True)
     simple = plain_file(opts)
     if encrypt is not None:
-        if simple is None:
-            opts["encrypt"] = encrypt  # the block layer's spec opener takes it from there
+        if simple is None:  # the block layer's spec opener takes it from there
+            opts.update({"key-secret": encrypt["key-secret"]} if opts.get("driver") == "luks" else {"encrypt": encrypt})
         else:
             ATTACHED.attach(simple[0], encrypt)
     opened, fmt = (simple[0], simple[1] or fmt) if simple is not None else ("json:" + json.dumps(opts), fmt)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import InvalidArgument, QcowError, UnsupportedFeature
+from ..format.constants import LUKS_MAGIC
 from . import afsplit
 from .algorithms import (CIPHER_ALGS, CIPHER_MODES, HASH_ALGS, IVGEN_ALGS, LUKS_FAMILIES, BlockCipher,
                          check_supported, cipher_name, hash_alg, iv_len, key_len)
@@ -23,7 +24,7 @@ from .ivgen import IVGen
 from .pbkdf import count_iters
 from .sector import SECTOR_SIZE, SectorCipher
 
-MAGIC = b"LUKS\xba\xbe"
+MAGIC = LUKS_MAGIC
 VERSION = 1
 NUM_SLOTS = 8
 STRIPES = 4000

@@ -80,3 +80,6 @@ SUBCLUSTER_BITS = 5  # log2(SUBCLUSTERS_PER_CLUSTER)
 L2_BITMAP_ALL_ALLOC = (1 << 32) - 1  # extended L2 bitmap: every subcluster allocated
 L2_BITMAP_ALL_ZEROES = L2_BITMAP_ALL_ALLOC << 32  # ... every subcluster reads zeros
 MAX_FILE_OFFSET = (1 << 63) - 1  # host offsets are int64 in QEMU (and in os.pread)
+
+# The LUKS1 magic (crypto/luks.py): probing recognises it without loading the crypto code
+LUKS_MAGIC = b"LUKS\xba\xbe"

@@ -44,13 +44,16 @@ class EncryptionError(QcowError):
 class ImageCrypto:
     """One image's encryption: ``cipher`` is None until a passphrase unlocked it."""
 
-    def __init__(self, method: int, luks: L.Luks | None = None, area: tuple[int, int] | None = None):
+    def __init__(self, method: int, luks: L.Luks | None = None, area: tuple[int, int] | None = None,
+                 physical: bool | None = None):
         self.method = method
         self.luks = luks
         self.area = area  # (offset, length) of the LUKS header area in the file
         self.cipher: SectorCipher | None = None
         self.password: bytes | None = None  # what unlocked it (amend adds key slots with it)
-        self.physical = method != C.CRYPT_AES  # QEMU: sector numbers from host offsets
+        # QEMU numbers sectors by host offset in qcow2 LUKS; by guest offset for legacy AES and
+        # for the raw LUKS format (block/luks.py), whose payload starts at sector 0
+        self.physical = method != C.CRYPT_AES if physical is None else physical
 
     @property
     def format(self) -> str:

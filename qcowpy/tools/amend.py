@@ -29,6 +29,8 @@ _COMMON = [replace(next(d for d in CREATE_OPTS["qcow2"] if d.name == name), defa
            for name in ("size", "compat", "backing_file", "backing_fmt", "data_file", "data_file_raw",
                         "lazy_refcounts", "refcount_bits")]
 AMEND_OPTS = _ENCRYPT + _COMMON  # QEMU's qcow2_amend_opts, in its order
+#: what each format can amend: the luks format's options are qcow2's encrypt.* ones unprefixed
+AMEND_TABLES = {"qcow2": AMEND_OPTS, "luks": [replace(d, name=d.name[len("encrypt."):]) for d in _ENCRYPT]}
 
 
 AmendError = engine.AmendError
@@ -66,15 +68,15 @@ AMEND_HANDLERS: dict[str, Callable[[AmendContext], None]] = {"encrypt.": _encryp
 
 
 def amend_help(fmt: str = "qcow2") -> str:
-    if fmt != "qcow2":
+    if fmt not in AMEND_TABLES:
         raise AmendError(f"Format driver '{fmt}' does not support option amendment")
-    return f"Amend options for '{fmt}':\n" + "\n".join(format_help_entries(AMEND_OPTS)) + "\n"
+    return f"Amend options for '{fmt}':\n" + "\n".join(format_help_entries(AMEND_TABLES[fmt])) + "\n"
 
 
-def parse_amend_options(text: str) -> dict[str, object]:
+def parse_amend_options(text: str, fmt: str = "qcow2") -> dict[str, object]:
     """Typed values of the ``-o`` options, refusing creation-only ones as qemu-img does."""
-    by_name = {d.name: d for d in AMEND_OPTS}
-    create_names = {d.name for d in CREATE_OPTS["qcow2"]} | {"encryption", "encrypt.format", "encrypt.key-secret",
+    by_name = {d.name: d for d in AMEND_TABLES[fmt]}
+    create_names = {d.name for d in CREATE_OPTS[fmt]} | {"encryption", "encrypt.format", "encrypt.key-secret",
                                                               "encrypt.cipher-alg", "encrypt.cipher-mode",
                                                               "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg",
                                                               "encrypt.hash-alg", "encrypt.slice-size"}
@@ -127,9 +129,16 @@ def run_amend(filename: str, fmt: str | None, options: str, force: bool = False,
 
 def amend_device(dev, options: str, force: bool = False, report: Callable[[float], None] = lambda p: None) -> None:
     """Amend an opened (read-write) device as ``qemu-img amend -o options`` does."""
-    if dev.format != "qcow2":
+    if dev.format not in AMEND_TABLES:
         raise AmendError(f"Format driver '{dev.format}' does not support option amendment")
-    _amend(dev, parse_amend_options(options), force, report)
+    values = parse_amend_options(options, dev.format)
+    if dev.format == "luks":  # key slots only (tools/encrypt_amend.py), options without a prefix
+        from .encrypt_amend import amend_encryption
+        report(0.0)
+        amend_encryption(dev, values, force, prefix="")
+        report(100.0)
+    else:
+        _amend(dev, values, force, report)
     dev.flush()
 
 

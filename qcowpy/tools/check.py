@@ -48,7 +48,7 @@ def run_check(filename: str, fmt: str | None = None, repair: str | None = None, 
     if repair not in REPAIR_MODES:
         raise InvalidArgument(f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}")
     fmt = fmt or probe_for_check(filename)
-    if fmt not in ("qcow2", "raw"):
+    if fmt not in ("qcow2", "raw", "luks"):
         raise InvalidArgument(f"Unknown driver '{fmt}'")
     o = check_image(filename, fmt, REPAIR_MODES[repair], force_share, log)
     return CheckReport(filename, fmt, o.result, o.repaired, o.failed, o.failed_lines)

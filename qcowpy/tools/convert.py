@@ -331,6 +331,14 @@ def _write_all(target: BlockDevice, writes: list[tuple[memoryview, int]]) -> Non
         target.pwrite(data, offset)
 
 
+def _new_target_key(kwargs: dict) -> bytes | None:
+    """The passphrase of a target just created encrypted: qcow2's ``encrypt`` spec, or the luks
+    format's ``password`` (a lookup of its key-secret)."""
+    if kwargs.get("encrypt") is not None:
+        return kwargs["encrypt"].passphrase
+    return kwargs["password"]() if "password" in kwargs else None
+
+
 def _copy_compressed(runs: list[_Run], target: BlockDevice, total: int, zero_init: bool,
                      progress: Callable[[int], None], salvage: Callable[[str], None] | None = None,
                      allocate_all: bool = False) -> None:
@@ -421,7 +429,7 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
         backing = req.backing
         backing_fmt = req.backing_fmt
         if not req.no_create:
-            if out_fmt not in ("qcow2", "raw"):
+            if out_fmt not in ("qcow2", "raw", "luks"):
                 try:
                     require_creatable(out_fmt)
                 except QcowError as e:
@@ -433,11 +441,11 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
                 raise ConvertError(str(e), getattr(e, "hint", None)) from None
             opts.set("size", total)
             if backing is not None:
-                if out_fmt == "raw":
+                if out_fmt in ("raw", "luks"):
                     raise ConvertError(f"Backing file not supported for file format '{out_fmt}'")
                 opts.set("backing_file", backing)
             if backing_fmt is not None:
-                if out_fmt == "raw":
+                if out_fmt in ("raw", "luks"):
                     raise ConvertError(f"Backing file format not supported for file format '{out_fmt}'")
                 opts.set("backing_fmt", backing_fmt)
             backing = opts.values.get("backing_file")  # type: ignore[assignment]
@@ -473,9 +481,9 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
             except QcowError as e:
                 msg = str(e).replace(f"Could not open '{req.target}'", f"Could not create '{req.target}'")
                 raise ConvertError(f"{req.target}: error while converting {out_fmt}: {msg}") from None
-        enc = None if req.no_create else kwargs.get("encrypt")  # a new encrypted target: its passphrase
+        key = None if req.no_create else _new_target_key(kwargs)
         try:
-            target = open_image(req.target, "r+", out_fmt, cache=req.cache, secret=enc.passphrase if enc else None)
+            target = open_image(req.target, "r+", out_fmt, cache=req.cache, secret=key)
         except QcowError as e:
             raise ConvertError(f"Could not open '{req.target}': {e}") from None
         if req.bitmaps and not target.supports_bitmaps:
@@ -490,7 +498,8 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
         if backing and not req.no_create and target.backing is not None:
             backing_end = target.backing.size
         zero_init = req.target_is_zero or (not req.no_create and req.min_sparse > 0 and not backing and
-                                           str(opts.values.get("preallocation", "off")) in ("off", "metadata"))
+                                           str(opts.values.get("preallocation", "off")) in ("off", "metadata")
+                                           and target.has_zero_init)
         runs = _plan(sources, sizes, top_only, backing_end)
         work = sum(r.length for r in runs if r.kind == DATA or (not req.min_sparse and r.kind == ZERO))
         if req.compress:

@@ -8,13 +8,16 @@ from ..block.create import create_image, create_qcow2, qcow2_options, qcow2_size
 from ..block.open import open_image, resolve_backing_path
 from ..errors import InvalidArgument, QcowError
 from ..units import INT64_MAX
-from .encrypt_opts import encrypt_spec
+from ..crypto.secret import SECRETS
+from .encrypt_opts import encrypt_spec, luks_create_options
 from .options import ParsedOpts, parse_create_options, refcount_bits_error
 
 _VERSIONS = {"v2": "0.10", "0.10": "0.10", "v3": "1.1", "1.1": "1.1"}
 _PREALLOC = {"qcow2": ("off", "metadata", "falloc", "full"), "raw": ("off", "falloc", "full")}
 #: formats whose image is the bare file: raw, and QEMU's file protocol named as a format (-f file)
 _BARE = ("raw", "file")
+#: formats without backing files
+_NO_BACKING = _BARE + ("luks",)
 #: every value QEMU's PreallocMode knows (a raw file refuses the others' meaning, not their name)
 _PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
@@ -52,11 +55,11 @@ def prepare(req: CreateRequest) -> ParsedOpts:
     elif req.size is not None:
         raise InvalidArgument("The image size must be specified only once")
     if req.backing is not None:
-        if req.fmt in _BARE:
+        if req.fmt in _NO_BACKING:
             raise InvalidArgument(f"Backing file not supported for file format '{req.fmt}'")
         opts.set("backing_file", req.backing)
     if req.backing_fmt is not None:
-        if req.fmt in _BARE:
+        if req.fmt in _NO_BACKING:
             raise InvalidArgument(f"Backing file format not supported for file format '{req.fmt}'")
         opts.set("backing_fmt", req.backing_fmt)
     backing_file = opts.values.get("backing_file")
@@ -69,7 +72,7 @@ def prepare(req: CreateRequest) -> ParsedOpts:
     if backing_file and not req.no_backing_open:
         try:
             dev = open_image(resolve_backing_path(req.filename, str(backing_file)), "r",
-                             str(backing_fmt) if backing_fmt else None, backing=False)
+                             str(backing_fmt) if backing_fmt else None, backing=False, no_io=True)
         except QcowError as e:
             raise CreateError(str(e), "Could not open backing image.\n") from None
         with dev:
@@ -100,6 +103,8 @@ def validate(fmt: str, opts: ParsedOpts) -> dict:
         out = {"preallocation": prealloc} if "preallocation" in v else {}
         out.update({k: v[k] for k in ("cluster_size", "password-secret") if k in v})  # rbd: object size, key
         return {**out, **hints}
+    if fmt == "luks":
+        return _validate_luks(v, prealloc, hints)
     compat = str(v.get("compat", "1.1"))
     if compat not in _VERSIONS:
         raise InvalidArgument(f"Parameter 'version' does not accept value '{compat}'")
@@ -153,6 +158,21 @@ def validate(fmt: str, opts: ParsedOpts) -> dict:
         out["encrypt"] = spec
     out.update(hints)
     return out
+
+
+def _validate_luks(v: dict, prealloc: str, hints: dict) -> dict:
+    """block_crypto_co_create_opts_luks's checks; the secret is looked up only once the file
+    exists (its failures then remove the file, as QEMU's do)."""
+    if prealloc not in _PREALLOC_MODES:
+        raise InvalidArgument(f"invalid parameter value: {prealloc}")
+    luks = luks_create_options(v, prefix="")
+    sid = v.get("key-secret")
+
+    def password() -> bytes:
+        if sid is None:
+            raise InvalidArgument("Parameter 'key-secret' is required for cipher")
+        return SECRETS.passphrase(str(sid))
+    return {"luks": luks, "password": password, "preallocation": prealloc, **hints}
 
 
 def run_create(req: CreateRequest, quiet: bool = False, echo: Callable[[str], None] = print,

@@ -21,14 +21,16 @@ AMEND_OPTIONS = {
 }
 
 
-def amend_encryption(dev: BlockDevice, values: dict, force: bool = False) -> None:
+def amend_encryption(dev: BlockDevice, values: dict, force: bool = False, prefix: str = "encrypt.") -> None:
     """Apply ``values`` (``{"encrypt.state": "active", "encrypt.new-secret": ID, ...}``) to the
-    image ``dev`` (opened read-write with its key), with QEMU's checks and messages."""
-    opts = {k[len("encrypt."):]: v for k, v in values.items() if k.startswith("encrypt.")}
+    image ``dev`` (opened read-write with its key), with QEMU's checks and messages. The luks
+    format names the same options without ``prefix`` (``prefix=""``); its device holds the
+    crypto state itself, where a qcow2 device's engine (``dev.image``) does."""
+    opts = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)}
     unknown = [k for k in opts if f"encrypt.{k}" not in AMEND_OPTIONS]
     if unknown:
-        raise InvalidArgument(f"Invalid parameter 'encrypt.{unknown[0]}'")
-    img = getattr(dev, "image", None)
+        raise InvalidArgument(f"Invalid parameter '{prefix}{unknown[0]}'")
+    img = getattr(dev, "image", dev)
     crypto = getattr(img, "crypto", None)
     if crypto is None:
         raise InvalidArgument("Can't amend encryption options - encryption not present")
@@ -46,7 +48,7 @@ def amend_encryption(dev: BlockDevice, values: dict, force: bool = False) -> Non
         try:
             return int(str(opts[key]), 0)
         except ValueError:
-            raise InvalidArgument(f"Parameter 'encrypt.{key}' expects a number") from None
+            raise InvalidArgument(f"Parameter '{prefix}{key}' expects a number") from None
 
     def secret(key: str) -> bytes | None:
         return SECRETS.passphrase(str(opts[key])) if key in opts else None

@@ -10,11 +10,12 @@ from ..qcow2.create import EncryptSpec
 _LUKS_ONLY = ("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg", "iter-time")
 
 
-def luks_create_options(values: dict) -> CreateOptions:
-    """The LUKS creation options among ``-o`` values (QEMU's defaults for the rest)."""
+def luks_create_options(values: dict, prefix: str = "encrypt.") -> CreateOptions:
+    """The LUKS creation options among ``-o`` values (QEMU's defaults for the rest); the luks
+    format names them without qcow2's ``encrypt.`` prefix (``prefix=""``)."""
     luks = CreateOptions()
     for key in _LUKS_ONLY:
-        value = values.get(f"encrypt.{key}")
+        value = values.get(f"{prefix}{key}")
         if value is not None:
             setattr(luks, key.replace("-", "_"), int(value) if key == "iter-time" else str(value))
     luks.validate()

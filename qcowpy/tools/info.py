@@ -34,8 +34,10 @@ def image_info(dev: BlockDevice, filename: str) -> QDict:
         kind, fields = specific()
         spec = QDict()
         spec["type"] = kind
-        spec["data"] = QDict(fields)
+        spec["data"] = _encrypt_info(fields)  # a luks node's slots are QDicts too
         info["format-specific"] = spec
+    if h is None and getattr(dev, "encrypted", False):  # the luks format
+        info["encrypted"] = True
     if h is not None:
         info["cluster-size"] = h.cluster_size
         if h.encrypt is not None:

@@ -3,7 +3,7 @@
 qcow2 follows qcow2_measure: the fully allocated size counts the header, every L2 table, the L1
 table and the refcount structures that would count them all (found as QEMU's fixed point); the
 required size keeps of the data only the clusters the input really holds (zero and unallocated
-ranges drop out; everything counts when a backing file is given). raw counts every byte.
+ranges drop out; everything counts when a backing file is given). raw counts every byte; luks every byte plus its header and key slots.
 """
 from __future__ import annotations
 
@@ -93,16 +93,17 @@ def _qcow2_params(opts: ParsedOpts) -> tuple[int, int, int, bool, str, bool]:
     return cs, version, bits.bit_length() - 1, ext, prealloc, bool(v.get("backing_file"))
 
 
-def _luks_area(opts: ParsedOpts, cluster_size: int) -> int:
-    """The clusters a LUKS header and its key slots take (``encrypt.format=luks``)."""
-    if opts.values.get("encrypt.format") != "luks":
+def _luks_area(opts: ParsedOpts, cluster_size: int, prefix: str = "encrypt.") -> int:
+    """The clusters a LUKS header and its key slots take (qcow2's ``encrypt.format=luks``, or
+    the luks format's own options, ``prefix=""``, in bytes: ``cluster_size`` 1)."""
+    if prefix and opts.values.get("encrypt.format") != "luks":
         return 0
     from .encrypt_opts import luks_create_options
     try:
-        luks = luks_create_options(opts.values)
-        secret_id = opts.values.get("encrypt.key-secret")  # QEMU's dry run looks the secret up
+        luks = luks_create_options(opts.values, prefix)
+        secret_id = opts.values.get(f"{prefix}key-secret")  # QEMU's dry run looks the secret up
         if secret_id is None:
-            raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
+            raise InvalidArgument(f"Parameter '{prefix}key-secret' is required for cipher")
         SECRETS.passphrase(str(secret_id))
         size = header_area_size(luks)
     except QcowError as e:
@@ -131,12 +132,15 @@ def measure(out_fmt: str, options: str | None, filename: str | None = None, fmt:
     if out_fmt in _NO_MEASURE:
         raise MeasureError(f"Block driver '{out_fmt}' does not support size measurement")
     try:
-        opts = parse_create_options(out_fmt, options)
+        opts = parse_create_options(out_fmt, options, "file:")  # QEMU adds the file driver's options
     except InvalidArgument as e:
         if "Unknown file format" in str(e):
             raise MeasureError(str(e)) from None
         raise MeasureError(f"{e}\nInvalid options for file format '{out_fmt}'") from None
-    dev = open_image(filename, "r", fmt, force_share=force_share) if filename else None
+    try:
+        dev = open_image(filename, "r", fmt, force_share=force_share) if filename else None
+    except QcowError as e:
+        raise MeasureError(f"Could not open '{filename}': {e}") from None
     try:
         if dev is not None and load_snapshot is not None:
             try:
@@ -146,6 +150,9 @@ def measure(out_fmt: str, options: str | None, filename: str | None = None, fmt:
         virtual = size if size is not None else int(opts.values.get("size", 0))  # type: ignore[call-overload]
         if out_fmt == "raw":
             total = dev.size if dev is not None else _round_up(virtual, 512)
+            return Measure(total, total)
+        if out_fmt == "luks":  # every payload byte is stored (encrypted), allocated or not
+            total = _luks_area(opts, 1, prefix="") + (dev.size if dev is not None else virtual)
             return Measure(total, total)
         cs, version, order, ext, prealloc, backing = _qcow2_params(opts)
         virtual = _round_up(virtual, cs)

@@ -31,6 +31,10 @@ _ENCRYPT = [  # QEMU's qcow2 create options for encryption (block/qcow2.c, crypt
     OptDesc("encrypt.hash-alg", "str", "Name of encryption hash algorithm"),
     OptDesc("encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds"),
 ]
+# the luks format's create options: qcow2's encrypt.* ones without the prefix, in QEMU's order
+_LUKS_KEY = OptDesc("key-secret", "str", "ID of the secret that provides the keyslot passphrase")
+_LUKS = [OptDesc("size", "size", "Virtual disk size"), _LUKS_KEY] + \
+    [OptDesc(d.name[len("encrypt."):], d.type, d.help) for d in _ENCRYPT[3:]]
 _QCOW2 = _ENCRYPT + [
     OptDesc("cluster_size", "size", "qcow2 cluster size", "65536"),
     OptDesc("extended_l2", "bool", "Extended L2 tables", "off"),
@@ -49,7 +53,7 @@ _RAW = [
     OptDesc("size", "size", "Virtual disk size"),
     OptDesc("preallocation", "str", "Preallocation mode (allowed values: off, falloc, full)"),
 ]
-CREATE_OPTS = {"qcow2": _QCOW2, "raw": _RAW, "file": _RAW}  # -f file: the protocol as the format
+CREATE_OPTS = {"qcow2": _QCOW2, "raw": _RAW, "file": _RAW, "luks": _LUKS}  # -f file: the protocol as the format
 # What a protocol driver adds to a format's list (QEMU appends the protocol's create options)
 PROTOCOL_OPTS = {
     "rbd:": [OptDesc("size", "size", "Virtual disk size"), OptDesc("cluster_size", "size", "RBD object size"),
@@ -76,6 +80,8 @@ def create_opts(fmt: str, filename: str | None = None) -> list[OptDesc]:
             descs += [d for d in extra if d.name not in {x.name for x in descs}]
     if filename and not protocol and (filename.startswith("file:") or ":" not in filename.split("/", 1)[0]):
         descs += FILE_PROTOCOL_OPTS
+        if fmt == "luks":  # the file driver's preallocation, in its place among the file's options
+            descs.insert(-1, _RAW[1])
         if fmt in ("raw", "file"):  # raw's list is the file driver's own, in its order
             order = ("size", "nocow", "preallocation", "extent_size_hint")
             descs.sort(key=lambda d: order.index(d.name) if d.name in order else len(order))
