@@ -12,6 +12,7 @@ import os
 from typing import Any, Iterator
 
 from ..errors import InvalidArgument, QcowError
+from ..qdict import qdict_order
 from .device import BlockDevice, LayerStatus, status_at
 
 SUPPORTED_DRIVERS = ("qcow2", "raw", "luks", "file", "null-co", "rbd")
@@ -190,6 +191,15 @@ def key_options(opts: dict[str, Any], pop: bool = False) -> dict[str, Any] | Non
     if opts.get("driver") == "luks" and "key-secret" in opts:
         return {"key-secret": get("key-secret")}  # type: ignore[operator]
     return None
+
+
+def keyed_node_name(fmt: str, filename: str, keys: dict[str, Any]) -> str:
+    """The ``json:`` name QEMU gives a format node over a plain file opened with key options
+    (``encrypt.*`` flat in a qcow2 node, ``key-secret`` in a luks node), as info shows it."""
+    node: dict[str, Any] = {("" if fmt == "luks" else "encrypt.") + k: v for k, v in keys.items()}
+    node["driver"] = fmt
+    node["file"] = qdict_order({"driver": "file", "filename": filename})
+    return "json:" + json.dumps(qdict_order(node))
 
 
 def canonical_name(name: str) -> str:

@@ -40,6 +40,8 @@ class CommandFailed(Exception):
 
 #: names the tools opened -> the argument the user gave (an --image-opts string or json: filename)
 _SHOWN_AS: dict[str, str] = {}
+#: the json: name QEMU gives a file opened through a spec with key options (info's "image:")
+NODE_NAMES: dict[str, str] = {}
 
 
 _SAVED_LOCKING: list[str | None] = []  # QCOWPY_LOCKING before a file.locking=off argument set it
@@ -49,6 +51,7 @@ def reset_names() -> None:
     """Forget the previous command's argument names and locking override (main() runs many
     commands in one process in tests)."""
     _SHOWN_AS.clear()
+    NODE_NAMES.clear()
     SECRETS.clear()
     ATTACHED.clear()
     while _SAVED_LOCKING:
@@ -175,8 +178,8 @@ def image_name(name: str, image_opts: bool, fmt: str | None = None) -> tuple[str
     """(what to open, format) for a filename argument: with ``--image-opts`` it is an options
     string (``driver=qcow2,file.filename=x``), turned into the ``json:`` filename every tool
     opens; a spec that is only a format over a plain file becomes that file and format."""
-    from ..block.spec import (file_protocol_path, is_json_filename, key_options, parse_image_opts, parse_json_filename,
-                              plain_file)
+    from ..block.spec import (file_protocol_path, is_json_filename, key_options, keyed_node_name, parse_image_opts,
+                              parse_json_filename, plain_file)
     import json
     if image_opts:
         if fmt:
@@ -201,9 +204,23 @@ def image_name(name: str, image_opts: bool, fmt: str | None = None) -> tuple[str
             opts.update({"key-secret": encrypt["key-secret"]} if opts.get("driver") == "luks" else {"encrypt": encrypt})
         else:
             ATTACHED.attach(simple[0], encrypt)
+            if simple[1]:  # QEMU names such a node by its options
+                NODE_NAMES[simple[0]] = keyed_node_name(simple[1], simple[0], encrypt)
+    _attach_backing_keys(opts.get("backing"))
     opened, fmt = (simple[0], simple[1] or fmt) if simple is not None else ("json:" + json.dumps(opts), fmt)
     _SHOWN_AS[opened] = name
     return opened, fmt
+
+
+def _attach_backing_keys(backing) -> None:
+    """Key options of backing nodes in a spec (``backing.encrypt.key-secret=ID``) follow their
+    files, so that tools opening the chain layer by layer (commit) unlock them too."""
+    from ..block.spec import key_options, spec_filename
+    while isinstance(backing, dict):
+        keys, path = key_options(backing), spec_filename(backing)
+        if keys is not None and path is not None:
+            ATTACHED.attach(path, keys)
+        backing = backing.get("backing")
 
 
 def open_error(filename: str, e: QcowError) -> str:

@@ -15,7 +15,7 @@ import click
 from ..errors import QcowError
 
 from . import common
-from .common import (CONTEXT, CommandFailed, error_line, image_name, open_error, out, parse_objects,  # noqa: F401
+from .common import (CONTEXT, NODE_NAMES, CommandFailed, error_line, image_name, open_error, out, parse_objects,  # noqa: F401
                      size_arg, warn_if_probed_raw, warn_line)
 
 
@@ -107,6 +107,8 @@ def info(fmt, output, backing_chain, force_share, image_opts, objects, filenames
         infos = collect(filename, fmt, backing_chain, force_share)
     except QcowError as e:
         raise CommandFailed(str(e)) from None
+    if filename in NODE_NAMES:
+        infos[0]["filename"] = NODE_NAMES[filename]
     out(render(infos, output, backing_chain))
 
 
@@ -301,6 +303,10 @@ def measure(fmt, out_fmt, options, output, size, snapshot_param, force_share, im
     from ..tools.measure import measure as run_measure, render
     from .convert import _snapshot_loader
 
+    try:
+        optstr = optmod.accumulate(options)  # refused while qemu-img parses its arguments
+    except QcowError as e:
+        raise CommandFailed(str(e)) from None
     check_output(output)
     loader = _snapshot_loader(snapshot_param, 1)
     if len(filenames) > 1:
@@ -316,7 +322,7 @@ def measure(fmt, out_fmt, options, output, size, snapshot_param, force_share, im
         raise CommandFailed("--size N cannot be used together with a filename.")
     if not filename and nbytes is None:
         raise CommandFailed("Either --size N or one filename must be specified.")
-    out(render(run_measure(out_fmt, optmod.accumulate(options), filename, fmt, nbytes, force_share, loader), output))
+    out(render(run_measure(out_fmt, optstr, filename, fmt, nbytes, force_share, loader), output))
 
 
 # ---------------------------------------------------------------------------------------- rebase
