@@ -168,9 +168,13 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = None
 
 
+FIRST_BLOCK = 4096  # what QEMU's file driver writes at offset 0 of a new file (allocate_first_block)
+
+
 def size_new_file(f: HostFile, length: int, preallocation: str = "off") -> None:
     """Give a new, empty file ``length`` bytes the way the file protocol preallocates them:
-    ``off`` a sparse file, ``falloc`` reserved blocks, ``full`` written zeros."""
+    ``off`` a sparse file (but for its first block), ``falloc`` reserved blocks, ``full`` written
+    zeros."""
     if preallocation == "full":
         chunk = 1 << 20
         for off in range(0, length, chunk):
@@ -179,6 +183,8 @@ def size_new_file(f: HostFile, length: int, preallocation: str = "off") -> None:
     f.truncate(length)
     if preallocation == "falloc":
         f.allocate(0, length)
+    if length:  # as file-posix does for alignment probing: the first block is allocated
+        f.pwrite(bytes(FIRST_BLOCK if length >= FIRST_BLOCK else 512), 0)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:

@@ -54,3 +54,14 @@ def test_measure_refuses_file(qemu_img):
     want = qemu(qemu_img, "measure", "-O", "file", "--size", "1M")
     got = qcowpy("measure", "-O", "file", "--size", "1M")
     assert (got.code, got.out, as_qemu(got.err)) == (want.code, want.out, want.err)
+
+
+@pytest.mark.parametrize("args", [["1G"], ["3000"], ["-o", "preallocation=falloc", "64k"], ["0"]])
+def test_new_raw_file_maps_as_qemu_img(tmp_path, qemu_img, args):
+    """file-posix allocates a new file's first block (4 KiB, or one sector when smaller): the
+    map of what we create is qemu-img's, so measure and convert see the same data."""
+    assert qcowpy("create", "-q", "-f", "raw", *args[:-1], tmp_path / "ours", args[-1]).code == 0
+    assert qemu(qemu_img, "create", "-q", "-f", "raw", *args[:-1], tmp_path / "theirs", args[-1]).code == 0
+    maps = [qemu(qemu_img, "map", "--output=json", "-f", "raw", tmp_path / n).out for n in ("ours", "theirs")]
+    assert maps[0] == maps[1]
+    assert (tmp_path / "ours").read_bytes() == (tmp_path / "theirs").read_bytes()

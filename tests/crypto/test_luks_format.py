@@ -221,3 +221,36 @@ def test_amend_key_slots_seen_by_qemu_io(tmp_path):
         ours = cli("amend", *secrets, "--image-opts", _spec(path, "s1"), "-o", opts)
         theirs = run_timed(img, "amend", *secrets, "--image-opts", _spec(twin, "s1"), "-o", opts)
         assert (ours.code, as_qemu(ours.err).replace("m.luks", "twin.luks")) == (theirs.returncode, theirs.stderr)
+
+
+def test_info_with_image_opts_names_the_node_as_qemu(tmp_path):
+    """QEMU names a node opened with key options by its json: options (QDict order)."""
+    img, _ = tools()
+    luks, q2 = tmp_path / "n.luks", tmp_path / "n.qcow2"
+    create_image(str(luks), MiB, "luks", secret="pw", iter_time=10)
+    create_image(str(q2), MiB, "qcow2", encrypt_format="luks", secret="pw", encrypt_iter_time=10)
+    for spec in (_spec(luks), f"driver=qcow2,encrypt.key-secret=s0,file.filename={q2}"):
+        for out in ("human", "json"):
+            argv = ["info", f"--output={out}", *secret_arg("pw"), "--image-opts", spec]
+            ours, theirs = cli(*argv), run(img, *argv)
+            assert (ours.code, ours.out) == (theirs.returncode, theirs.stdout), spec
+            assert "json:{" in ours.out
+
+
+def test_commit_of_an_encrypted_chain_given_by_image_opts(tmp_path):
+    """``backing.encrypt.key-secret`` unlocks the base that commit opens read-write."""
+    base, top = tmp_path / "b.qcow2", tmp_path / "t.qcow2"
+    secrets = [*secret_arg("pw0"), *secret_arg("pw1", "s1")]
+    create_image(str(base), MiB, "qcow2", encrypt_format="luks", secret="pw0", encrypt_iter_time=10)
+    r = cli("create", "-q", "-f", "qcow2", *secrets, "-o",
+            "encrypt.format=luks,encrypt.key-secret=s1,encrypt.iter-time=10", "-b", base, "-F", "qcow2", top)
+    assert r.code == 0, r.err
+    spec = (f"driver=qcow2,file.filename={top},encrypt.key-secret=s1,backing.driver=qcow2,"
+            f"backing.file.filename={base},backing.encrypt.key-secret=s0")
+    _, io = tools()
+    run(io, *secrets, "--image-opts", spec, "-c", "write -P 0x61 4k 8k")
+    r = cli("commit", *secrets, "--image-opts", spec)
+    assert (r.code, r.out) == (0, "Image committed.\n"), r.err
+    p = run(io, *secret_arg("pw0"), "--image-opts", f"driver=qcow2,file.filename={base},encrypt.key-secret=s0",
+            "-c", "read -P 0x61 4k 8k")
+    assert "Pattern verification failed" not in p.stdout and "read 8192/8192" in p.stdout, p.stdout
