@@ -67,7 +67,7 @@ def probe_bytes(head: bytes) -> str:
     """The format the first bytes of an image announce: "qcow2", another format's name, or "raw"."""
     if head[:4] == MAGIC:
         return "qcow2"
-    if head[:6] == LUKS_MAGIC:
+    if head[:6] == LUKS_MAGIC and head[6:8] == b"\0\1":  # QEMU probes LUKS version 1 only
         return "luks"
     for magic, name in _OTHER_MAGIC.items():
         if head.startswith(magic):
