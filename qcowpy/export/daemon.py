@@ -13,7 +13,9 @@ import threading
 from typing import Any, Callable, Optional
 
 from qcowpy.block.open import open_image
+from qcowpy.crypto.secret import SecretError
 from qcowpy.errors import QcowError
+from qcowpy.qcow2.encryption import EncryptionError
 
 from .keyval import OptionError, no_more, take, take_bool, take_int
 
@@ -119,9 +121,12 @@ class Daemon:
             no_more(opts)
             dev = self._open(filename, "raw", read_only)
             node = BlockNode(name, "file", dev, filename, None)
-        elif driver in ("qcow2", "raw"):
+        elif driver in ("qcow2", "raw", "luks"):
             file = take(opts, "file", required=True)
             encrypt = take(opts, "encrypt") if driver == "qcow2" else None  # encrypt.key-secret=ID
+            if driver == "luks":  # the LUKS container: key-secret=ID on the node itself
+                sid = take(opts, "key-secret")
+                encrypt = {"key-secret": sid} if sid is not None else None
             no_more(opts)
             if isinstance(file, str):
                 child = self.node(file, reference=True)
@@ -168,6 +173,8 @@ class Daemon:
         try:
             return open_image(filename, "r" if read_only else "r+", format=fmt,
                               encrypt=encrypt if isinstance(encrypt, dict) else None)
+        except (EncryptionError, SecretError) as e:  # the format driver's own words, unprefixed as in QEMU
+            raise OptionError(str(e)) from None
         except QcowError as e:
             msg = str(e)
             raise OptionError(msg if msg.startswith("Could not open") else f"Could not open '{filename}': {msg}") \
