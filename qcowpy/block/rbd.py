@@ -160,6 +160,9 @@ class RbdDevice(BlockDevice):
         self.broken: L.RbdError | None = None  # the timeout that ended this device's use
         self._ahead: tuple[int, bytearray, list] | None = None  # read-ahead: offset, buffer, requests
         self._last_end = -1
+        # off when the caller reads ahead itself (convert's reader threads): two read-aheads
+        # of concurrent calls would fetch and throw away each other's runs
+        self.read_ahead = True
         self.lock = threading.Lock()
         try:
             self.conn = Connection(loc, cache, secret)
@@ -241,7 +244,7 @@ class RbdDevice(BlockDevice):
             if ahead is not None:  # not what was read next: let it finish, unused
                 self._run(lambda c: L.wait_all(c, self.conn.wait_limit), [ahead[2]], direct=True)
             self._data_io(self.lib.rbd_aio_read, view, offset, "reading")
-        if sequential and offset + 2 * len(view) <= self.size and len(view) <= READ_AHEAD_MAX:
+        if self.read_ahead and sequential and offset + 2 * len(view) <= self.size and len(view) <= READ_AHEAD_MAX:
             self._read_ahead(offset + len(view), len(view))
 
     def _read_ahead(self, offset: int, length: int) -> None:
