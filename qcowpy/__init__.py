@@ -10,21 +10,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import QcowError
+from .lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from .block import BlockDevice, BlockFile, Extent
 
 __version__ = "0.1.0"
-_LAZY = {"BlockDevice": "device", "BlockFile": "fileio", "Extent": "device"}
+_LAZY = {"BlockDevice": "block.device", "BlockFile": "block.fileio", "Extent": "block.device"}
 
 
-def __getattr__(name: str) -> Any:
-    """The block layer's classes, imported on first use: ``import qcowpy.errors`` (as every CLI
-    command does) then costs nothing, and a command loads only the drivers it uses."""
-    if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(f".block.{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 def open(path: str, mode: str = "r", format: str | None = None, cache: str = "writeback",  # noqa: A001

@@ -67,16 +67,14 @@ def run_all(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         return [fn(x) for x in items]
     step = -(-len(items) // n)
     batches = [items[i:i + step] for i in range(0, len(items), step)]
+    from concurrent.futures import wait
     futures = [_executor().submit(_apply, fn, b) for b in batches[1:]]
     try:
-        first = _apply(fn, batches[0])  # the caller's thread takes one share of the work
+        out = _apply(fn, batches[0])  # the caller's thread takes one share of the work
     finally:
-        rest = [f.result() if f.exception() is None else f for f in futures]
-    out = list(first)
-    for r in rest:
-        if not isinstance(r, list):
-            raise r.exception()  # type: ignore[misc]
-        out.extend(r)
+        wait(futures)  # no batch outlives the call, even when this share failed
+    for f in futures:
+        out.extend(f.result())  # the first failure in item order is raised here
     return out
 
 

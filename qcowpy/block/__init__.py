@@ -2,20 +2,12 @@
 
 Programs that want qcowpy as their storage backend depend on this package only.
 """
-from typing import Any
-
+from ..lazy import lazy_attributes
 from .device import BlockDevice, Extent, LayerStatus
 
 _LAZY = {"BlockFile": "fileio", "create_image": "create", "FORMATS": "open", "open_image": "open",
          "probe_format": "open", "resolve_backing_path": "open"}
-
-
-def __getattr__(name: str) -> Any:
-    """Drivers and helpers imported on first use (start-up of a command stays small)."""
-    if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = ["BlockDevice", "BlockFile", "Extent", "FORMATS", "LayerStatus", "create_image", "open_image",
            "probe_format", "resolve_backing_path"]

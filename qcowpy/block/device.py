@@ -170,6 +170,9 @@ class BlockDevice(ABC):
             self.write_compressed(data, offset)
 
     supports_snapshots = False
+    #: a driver's own read-ahead for sequential readers (rbd); a caller that reads ahead
+    #: itself (convert's copier) turns it off, so the two do not fetch each other's runs
+    read_ahead = False
 
     def snapshots(self) -> list[Snapshot]:
         """The internal snapshots (none where the format has none)."""
@@ -247,11 +250,13 @@ class BlockDevice(ABC):
         return list(_chain_status(self, offset, length, 0))
 
 
-def _chain_status(dev: "BlockDevice", offset: int, length: int, depth: int) -> Iterator[Extent]:
-    """The extents :func:`status_at` gives one by one, from one pass over each layer: the
-    layer's runs in order, the unallocated ones resolved by the layers below (a 20 GiB image
-    is a few scans of its L2 tables, not one fresh scan per extent)."""
-    for st in dev.layer_status(offset, length):
+def _chain_status(dev: "BlockDevice", offset: int, length: int, depth: int,
+                  first: bool = False) -> Iterator[Extent]:
+    """Where each run of the range comes from, from one pass over each layer: the layer's runs
+    in order, the unallocated ones resolved by the layers below (a 20 GiB image is a few
+    scans of its L2 tables, not one fresh scan per extent). ``first`` asks each layer for its
+    first run only (:func:`status_at`)."""
+    for st in dev.layer_status(offset, length, 1 if first else None):
         if st.allocated:
             yield Extent(st.start, st.length, depth, True, st.zero, st.data, st.offset,
                          st.filename if st.offset is not None else None)
@@ -262,7 +267,7 @@ def _chain_status(dev: "BlockDevice", offset: int, length: int, depth: int) -> I
             continue
         cut = 0 if below is None else max(0, min(st.length, below.size - st.start))
         if cut:
-            yield from _chain_status(below, st.start, cut, depth + 1)
+            yield from _chain_status(below, st.start, cut, depth + 1, first)
         if cut < st.length:  # nothing below answers: zeros, at this depth (with any reserved host offset)
             host = None if st.offset is None else st.offset + cut
             yield Extent(st.start + cut, st.length - cut, depth, False, dev.holes_read_zero, False, host,
@@ -271,25 +276,7 @@ def _chain_status(dev: "BlockDevice", offset: int, length: int, depth: int) -> I
 
 def status_at(top: BlockDevice, offset: int, length: int) -> Extent:
     """Status of the first run at ``offset`` in the chain (QEMU's get_block_status loop)."""
-    dev: BlockDevice | None = top
-    depth = 0
-    while True:
-        assert dev is not None
-        st = next(iter(dev.layer_status(offset, length, 1)))
-        length = st.length
-        if st.allocated:
-            return Extent(offset, length, depth, True, st.zero, st.data, st.offset,
-                          st.filename if st.offset is not None else None)
-        below = dev.backing
-        if below is None and not dev.holes_read_zero:
-            return Extent(offset, length, depth, False, False, False)
-        if below is None or offset >= below.size:
-            # nothing below answers: zeros, at this depth (with a reserved host offset if any)
-            return Extent(offset, length, depth, False, dev.holes_read_zero, False, st.offset,
-                          st.filename if st.offset is not None else None)
-        length = min(length, below.size - offset)
-        dev = below
-        depth += 1
+    return next(_chain_status(top, offset, length, 0, first=True))
 
 
 def is_allocated(dev: BlockDevice, offset: int, length: int) -> tuple[bool, int]:

@@ -160,9 +160,7 @@ class RbdDevice(BlockDevice):
         self.broken: L.RbdError | None = None  # the timeout that ended this device's use
         self._ahead: tuple[int, bytearray, list] | None = None  # read-ahead: offset, buffer, requests
         self._last_end = -1
-        # off when the caller reads ahead itself (convert's reader threads): two read-aheads
-        # of concurrent calls would fetch and throw away each other's runs
-        self.read_ahead = True
+        self.read_ahead = True  # (BlockDevice.read_ahead: off under convert's own read-ahead)
         self.lock = threading.Lock()
         try:
             self.conn = Connection(loc, cache, secret)

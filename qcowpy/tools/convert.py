@@ -219,15 +219,16 @@ class _Copier:
         self._queue: deque[tuple] = deque()  # work in target order: ("data", ...) / ("zero", ...)
 
     def _buffer(self) -> bytearray:
-        while True:
-            if self._free:
-                return self._free.pop()
-            if len(self._pending) < _MAX_PENDING_WRITES:
-                return bytearray(self.chunk)
-            future, buf = self._pending.popleft()
-            future.result()
-            if buf is not None:
-                return buf
+        while not self._free and len(self._pending) >= _MAX_PENDING_WRITES:
+            self._reap()
+        return self._free.pop() if self._free else bytearray(self.chunk)
+
+    def _reap(self) -> None:
+        """Wait for the oldest queued write (re-raising its failure); its buffer is free again."""
+        future, buf = self._pending.popleft()
+        future.result()
+        if buf is not None:
+            self._free.append(buf)
 
     def run(self, runs: list[_Run], advance_zero: Callable[[int], None]) -> None:
         """Copy every DATA run and zero every ZERO run, in target order."""
@@ -284,10 +285,7 @@ class _Copier:
             return
         if self._ordered:
             while len(self._pending) >= _MAX_PENDING_WRITES:
-                future, buf = self._pending.popleft()
-                future.result()
-                if buf is not None:
-                    self._free.append(buf)
+                self._reap()
             self._pending.append((self._pool.submit(self.target.write_zeroes, length, offset, True), None))
         else:
             self.target.write_zeroes(length, offset, unmap=True)
@@ -518,8 +516,7 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
         else:
             copier = _Copier(target, zero_init, req.min_sparse, advance, req.salvage)
             for d in sources:  # the copier reads ahead itself (a device's own read-ahead would collide)
-                if hasattr(d, "read_ahead"):
-                    d.read_ahead = req.salvage is not None
+                d.read_ahead = req.salvage is not None
             try:
                 copier.run(runs, advance)
             finally:
