@@ -173,6 +173,9 @@ class BlockDevice(ABC):
     #: a driver's own read-ahead for sequential readers (rbd); a caller that reads ahead
     #: itself (convert's copier) turns it off, so the two do not fetch each other's runs
     read_ahead = False
+    #: chunk-sized requests the device serves in parallel to good effect: a local file's two
+    #: (the page cache does the rest); a network store (rbd) needs more in flight to hide latency
+    io_depth = 2
 
     def snapshots(self) -> list[Snapshot]:
         """The internal snapshots (none where the format has none)."""

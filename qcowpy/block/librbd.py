@@ -168,17 +168,25 @@ def address(view: memoryview) -> int:
 
 
 # ---------------------------------------------------------------- asynchronous requests
+try:  # completions signalled from C without the GIL (ext/_notice.pyx)
+    from .. import _notice
+except ImportError:  # a source checkout without a build: ctypes callbacks, which take the GIL
+    _notice = None  # type: ignore[assignment]
+
 COMPLETE_CB = CFUNCTYPE(None, c_void_p, c_void_p)  # rbd_callback_t(rbd_completion_t, void *arg)
 ETIMEDOUT = 110
-_inflight: dict[int, "Completion"] = {}  # token -> request, until it completes (or is released)
+_inflight: dict[int, "Completion"] = {}  # ctypes path: token -> request, until it completes
 _inflight_lock = threading.Lock()
 _tokens = iter(range(1, 1 << 62))
+_abandoned: list["Completion"] = []  # notice path: requests given up on keep their buffers here
+_c_callback: tuple[int, int] | None = None  # the notice callback's address, rbd_aio_release's
 
 
 @COMPLETE_CB
 def _on_complete(handle, arg) -> None:
-    """librbd's completion callback (one of its threads): record the result, wake the waiter; an
-    abandoned request (its waiter gave up) is released here, and its buffer with it."""
+    """librbd's completion callback (one of its threads) on the ctypes path: record the result,
+    wake the waiter; an abandoned request (its waiter gave up) is released here, and its buffer
+    with it."""
     with _inflight_lock:
         c = _inflight.get(arg or 0)
         if c is None:
@@ -191,23 +199,41 @@ def _on_complete(handle, arg) -> None:
             c.keep = None
 
 
+def _notice_functions(lib_: Lib) -> tuple[int, int]:
+    global _c_callback
+    if _c_callback is None:
+        _c_callback = (_notice.callback(), ctypes.cast(lib_.rbd_aio_release, c_void_p).value)
+    return _c_callback
+
+
 class Completion:
     """One librbd request in flight. :meth:`wait` returns its result; with a time limit a request
-    that has not completed by then is abandoned (-ETIMEDOUT): librbd keeps its buffer alive and
-    releases it when the request ends, whenever that is."""
+    that has not completed by then is abandoned (-ETIMEDOUT): librbd keeps using its buffer, so
+    the buffer is kept alive (on the notice path, until the process ends: only a cluster that
+    stopped answering abandons requests, and the device then refuses further I/O)."""
 
-    __slots__ = ("handle", "keep", "what", "token", "event", "ret", "abandoned")
+    __slots__ = ("handle", "keep", "what", "token", "event", "ret", "abandoned", "notice")
 
     def __init__(self, what: str, keep: object = None):
         self.handle = c_void_p()
         self.keep = keep  # the buffer librbd reads from or writes into, alive until completion
         self.what = what
-        self.event = threading.Event()
         self.ret = 0
         self.abandoned = False
+        lib_ = lib()
+        if _notice is not None:
+            callback, release = _notice_functions(lib_)
+            self.notice = _notice.new(release)
+            r = lib_.rbd_aio_create_completion(c_void_p(self.notice), c_void_p(callback), byref(self.handle))
+            if r < 0:
+                _notice.free_notice(self.notice)
+                raise fail("rbd aio completion", r)
+            return
+        self.notice = 0
+        self.event = threading.Event()
         self.token = next(_tokens)
-        r = lib().rbd_aio_create_completion(c_void_p(self.token), ctypes.cast(_on_complete, c_void_p),
-                                            byref(self.handle))
+        r = lib_.rbd_aio_create_completion(c_void_p(self.token), ctypes.cast(_on_complete, c_void_p),
+                                           byref(self.handle))
         if r < 0:
             raise fail("rbd aio completion", r)
         with _inflight_lock:
@@ -215,19 +241,31 @@ class Completion:
 
     def cancel(self) -> None:
         """The request was refused at submission: no callback will come."""
-        with _inflight_lock:
-            _inflight.pop(self.token, None)
+        if self.notice:
+            _notice.free_notice(self.notice)
+        else:
+            with _inflight_lock:
+                _inflight.pop(self.token, None)
         lib().rbd_aio_release(self.handle)
         self.keep = None
 
     def wait(self, timeout: float | None = None) -> int:
-        if not self.event.wait(timeout):
+        if self.notice:
+            if not _notice.wait(self.notice, -1.0 if timeout is None else max(0.0, timeout)):
+                self.abandoned = True  # the C callback frees the notice and the completion
+                with _inflight_lock:
+                    _abandoned.append(self)
+                return -ETIMEDOUT
+            _notice.free_notice(self.notice)
+            self.ret = _lib.rbd_aio_get_return_value(self.handle)  # type: ignore[union-attr]
+        elif not self.event.wait(timeout):
             with _inflight_lock:
                 if not self.event.is_set():
                     self.abandoned = True
                     return -ETIMEDOUT
-        with _inflight_lock:
-            _inflight.pop(self.token, None)
+        if not self.notice:
+            with _inflight_lock:
+                _inflight.pop(self.token, None)
         lib().rbd_aio_release(self.handle)
         self.keep = None
         return self.ret

@@ -148,6 +148,9 @@ class RbdDevice(BlockDevice):
     """One rbd image (or one of its snapshots, read-only) as raw bytes."""
 
     format = "raw"
+    #: convert keeps this many chunks in flight (qemu-img's eight coroutines): the OSDs serve
+    #: them in parallel, and a copy with four measured 10-15% slower here
+    io_depth = 8
 
     def __init__(self, loc: RbdLocation, read_only: bool = True, name: str | None = None, cache: bool = True,
                  secret: SecretLookup | None = None, fmt_name: str = "raw"):

@@ -172,8 +172,7 @@ def _salvage_sector(src: BlockDevice, pos: int, n: int, report: Callable[[str], 
         return bytes(n)
 
 
-_MAX_PENDING_WRITES = 4  # chunks being written: with the read-ahead, bounds memory to ~8 chunks
-_READ_AHEAD = 2  # chunks being read (by as many threads) while the current one is scanned and written
+_MAX_PENDING_WRITES = 4  # chunks being written (at least): with the read-ahead, bounds memory to ~8 chunks
 
 
 def _read_into(run: _Run, offset: int, view: memoryview, salvage: Callable[[str], None] | None = None) -> None:
@@ -197,7 +196,7 @@ class _Copier:
     parallel requests do. A buffer is reused once the writes from it have completed."""
 
     def __init__(self, target: BlockDevice, zero_init: bool, min_sparse: int, progress: Callable[[int], None],
-                 salvage: Callable[[str], None] | None = None):
+                 salvage: Callable[[str], None] | None = None, read_depth: int = 2):
         self.salvage = salvage
         self.target = target
         self.zero_init = zero_init
@@ -205,21 +204,26 @@ class _Copier:
         self.done = progress
         self.cluster = target.cluster_size or 65536
         self.chunk = max(CHUNK - CHUNK % self.cluster, self.cluster)
-        # Writes run on worker threads: two for a raw target (any order: os.pwrite drops the
-        # GIL), one for other formats, whose writes and zero writes must keep their order (the
-        # allocation order, hence the file layout, is qemu-img's).
+        # Writes run on worker threads: the target's io_depth for a raw target (any order:
+        # os.pwrite and librbd's waits drop the GIL), one for other formats, whose writes and
+        # zero writes must keep their order (the allocation order, hence the file layout, is
+        # qemu-img's). A network target (rbd) keeps as many chunks in flight as qemu-img's
+        # eight coroutines do.
         self._ordered = target.format != "raw"
-        self._pool = ThreadPoolExecutor(1 if self._ordered else 2)
+        writers = 1 if self._ordered else target.io_depth
+        self._max_pending = max(_MAX_PENDING_WRITES, writers)
+        self._read_depth = read_depth  # chunks being read (by as many threads) ahead of the writes
+        self._pool = ThreadPoolExecutor(writers)
         self._pending: deque[tuple[Future, bytearray | None]] = deque()
         self._free: list[bytearray] = []
         # Reads of the next chunks run on a thread while this one is scanned and written (host
         # reads and decompression drop the GIL). Salvage reads stay in order on this thread,
         # so their reports come out in qemu-img's order.
-        self._reader = ThreadPoolExecutor(_READ_AHEAD) if salvage is None else None
+        self._reader = ThreadPoolExecutor(read_depth) if salvage is None else None
         self._queue: deque[tuple] = deque()  # work in target order: ("data", ...) / ("zero", ...)
 
     def _buffer(self) -> bytearray:
-        while not self._free and len(self._pending) >= _MAX_PENDING_WRITES:
+        while not self._free and len(self._pending) >= self._max_pending:
             self._reap()
         return self._free.pop() if self._free else bytearray(self.chunk)
 
@@ -237,7 +241,7 @@ class _Copier:
                 self.data(r, r.start, r.length)
             elif r.kind == ZERO:
                 self._queue.append(("zero", r.start, r.length))
-                self._drain(_READ_AHEAD)
+                self._drain(self._read_depth)
                 if not self.min_sparse:
                     advance_zero(r.length)
         self._drain(0)
@@ -284,7 +288,7 @@ class _Copier:
         if self.zero_init or not length:
             return
         if self._ordered:
-            while len(self._pending) >= _MAX_PENDING_WRITES:
+            while len(self._pending) >= self._max_pending:
                 self._reap()
             self._pending.append((self._pool.submit(self.target.write_zeroes, length, offset, True), None))
         else:
@@ -303,7 +307,7 @@ class _Copier:
             else:
                 future = self._reader.submit(_read_into, run, pos, view)
             self._queue.append(("data", future, buf, view, pos))
-            self._drain(_READ_AHEAD)
+            self._drain(self._read_depth)
             pos += n
 
     def _write(self, buf: bytearray, view: memoryview, offset: int) -> None:
@@ -514,7 +518,8 @@ def run_convert(req: ConvertRequest, progress: bool = False, stream=None) -> Non
             target.write_compressed(b"", 0)  # qemu-img's last call: end the file on a sector boundary
             target.flush()
         else:
-            copier = _Copier(target, zero_init, req.min_sparse, advance, req.salvage)
+            copier = _Copier(target, zero_init, req.min_sparse, advance, req.salvage,
+                             read_depth=max(d.io_depth for d in sources))
             for d in sources:  # the copier reads ahead itself (a device's own read-ahead would collide)
                 d.read_ahead = req.salvage is not None
             try:
