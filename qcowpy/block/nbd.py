@@ -382,49 +382,6 @@ def _error(wire: int, what: str) -> QcowError:
     return err
 
 
-class DeviceFile:
-    """Read-only file-like view of a BlockDevice, so the qcow2 engine can read an image held in an export."""
-
-    writable = False
-    unsafe = False
-    dirty = False
-    fd = -1
-
-    def __init__(self, dev: BlockDevice):
-        self.dev = dev
-        self.path = dev.filename
-
-    def size(self) -> int:
-        return self.dev.size
-
-    def pread(self, length: int, offset: int) -> bytes:
-        """Bytes past the end read as zeros, as from a host file."""
-        buf = bytearray(length)
-        self.preadinto(memoryview(buf), offset)
-        return bytes(buf)
-
-    def preadinto(self, buf: memoryview, offset: int) -> None:
-        n = max(0, min(len(buf), self.dev.size - offset))
-        if n:
-            self.dev.preadinto(buf[:n], offset)
-        if n < len(buf):
-            buf[n:] = bytes(len(buf) - n)
-
-    def pwrite(self, data, offset: int) -> None:
-        raise ReadOnlyError(f"'{self.path}' is opened read-only")
-
-    truncate = allocate = pwrite
-
-    def flush(self) -> None:
-        pass
-
-    def allocated_bytes(self) -> int:
-        raise OSError(errno.ENOTSUP, "unknown for an NBD export")
-
-    def close(self) -> None:
-        self.dev.close()
-
-
 def open_nbd(uri: str, writable: bool, fmt: str | None, backing: bool = True) -> BlockDevice:
     """The export as ``fmt`` (probed when None: a qcow2 image in a raw export opens as qcow2, over
     the export as its host file (block/nbdfile.py), with its backing file when that is named by

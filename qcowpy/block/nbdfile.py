@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from .. import hostfile
 from ..errors import ReadOnlyError, UnsupportedFeature
-from .nbd import SCHEMES, DeviceFile, NbdDevice
+from .devicefile import DeviceFile
+from .nbd import SCHEMES, NbdDevice
 
 
 class NbdFile(DeviceFile):

@@ -16,7 +16,7 @@ from .. import hostfile
 from ..errors import InvalidArgument, ReadOnlyError
 from ..format.constants import MAGIC
 from .device import BlockDevice
-from .nbd import DeviceFile
+from .devicefile import DeviceFile
 from .rbd import RbdDevice, create_rbd, location
 from .rbdspec import PREFIX, RbdLocation, parse_filename
 from ..crypto.secret import SECRETS

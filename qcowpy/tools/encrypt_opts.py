@@ -2,17 +2,24 @@
 QEMU's qcow2_co_create_opts and the LUKS driver check them, with the secret resolved."""
 from __future__ import annotations
 
-from ..crypto.luks import CreateOptions
+from typing import TYPE_CHECKING
+
 from ..crypto.secret import SECRETS
 from ..errors import InvalidArgument
 from ..qcow2.create import EncryptSpec
+
+if TYPE_CHECKING:
+    from ..crypto.luks import CreateOptions
 
 _LUKS_ONLY = ("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg", "iter-time")
 
 
 def luks_create_options(values: dict, prefix: str = "encrypt.") -> CreateOptions:
     """The LUKS creation options among ``-o`` values (QEMU's defaults for the rest); the luks
-    format names them without qcow2's ``encrypt.`` prefix (``prefix=""``)."""
+    format names them without qcow2's ``encrypt.`` prefix (``prefix=""``). The cipher library is
+    imported here, when encryption is asked for, not by every create/convert."""
+    from ..crypto.luks import CreateOptions
+
     luks = CreateOptions()
     for key in _LUKS_ONLY:
         value = values.get(f"{prefix}{key}")
