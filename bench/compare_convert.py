@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+from bytecode import ensure_bytecode  # (bench/ is the script's directory)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
@@ -232,6 +234,7 @@ def main() -> None:
     ap.add_argument("--verbose", "-v", action="store_true", help="print every timing")
     ap.add_argument("--qcowpy-path", help="run qcowpy from this source tree instead (e.g. an older checkout)")
     args = ap.parse_args()
+    ensure_bytecode(args.qcowpy_path)
 
     global QROOT
     if args.qcowpy_path:

@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from bytecode import ensure_bytecode  # (bench/ is the script's directory)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -117,6 +119,7 @@ def main() -> None:
     for tool in ("qemu-nbd", "qemu-img", "nbdcopy"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is required")
+    ensure_bytecode()
     size = parse_size(args.size)
     with tempfile.TemporaryDirectory(prefix="qcowpy-nbd-bench.") as d:
         images = make_images(d, size)

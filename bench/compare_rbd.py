@@ -10,10 +10,11 @@ first, N repeats after one untimed warm-up each):
   out   convert -O raw rbd:rbd/IMG DST.raw       (read back from the cluster)
   zlib  convert -O raw SRC-zlib.qcow2 rbd:...    (decompression while writing)
 
-and prints medians, the qcowpy/qemu-img ratio and the load average (the machine may be shared:
+qcowpy is byte-compiled first, as ``pip install`` leaves it (bench/bytecode.py), and the script
+prints medians, min-max, the qcowpy/qemu-img ratio and the load average (the machine may be shared:
 quote figures with it).
 
-    python bench/compare_rbd.py --size 512M --repeats 3
+    python bench/compare_rbd.py --size 2048M --repeats 5
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bytecode import ensure_bytecode  # noqa: E402  (bench/ is the script's directory)
 from tests.rbd.cluster import Cluster  # noqa: E402
 
 
@@ -49,9 +51,10 @@ def timed(argv: list[str], before=None) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="512M")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--conf", help="ceph.conf of a running cluster (default: start one)")
     args = ap.parse_args()
+    ensure_bytecode()
     tmp = Path(tempfile.mkdtemp(prefix="qcowpy-rbd-bench-"))
     cluster = None
     conf = args.conf
@@ -90,8 +93,9 @@ def main() -> int:
                     if rep:
                         times[tool].append(t)
             q, p = statistics.median(times["qemu-img"]), statistics.median(times["qcowpy"])
+            spread = "  ".join(f"{t} {min(v):.2f}-{max(v):.2f}" for t, v in times.items())
             print(f"{case:5s} qemu-img {q:6.2f} s  qcowpy {p:6.2f} s  ratio {p / q:4.2f}  "
-                  f"({size_mib / p:.0f} MiB/s virtual)  load {os.getloadavg()[0]:.2f}")
+                  f"({size_mib / p:.0f} MiB/s virtual)  [{spread}]  load {os.getloadavg()[0]:.2f}")
     finally:
         if cluster is not None:
             cluster.stop()

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import compare_convert as cc  # noqa: E402  (image builders shared with the older script)
+from bytecode import ensure_bytecode  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
 
@@ -236,6 +237,7 @@ def main() -> None:
     ap.add_argument("--qcowpy-path", default=ROOT, help="source tree qcowpy runs from (default: this one)")
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args()
+    ensure_bytecode(args.qcowpy_path)
     load = os.getloadavg()
     tmp = args.dir or tempfile.mkdtemp(prefix="qcowpy-run-", dir=os.environ.get("TMPDIR", "/var/tmp"))
     os.makedirs(tmp, exist_ok=True)
