@@ -7,7 +7,8 @@ other 4 MiB written with data, a zlib-compressed variant too), then times, alter
 first, N repeats after one untimed warm-up each):
 
   into  convert -O raw SRC.qcow2 rbd:rbd/IMG     (the image is removed before each run)
-  out   convert -O raw rbd:rbd/IMG DST.raw       (read back from the cluster)
+  out   convert -O raw rbd:rbd/IMG DST.raw       (read back from the cluster into a new file,
+                                                  removed before each run as the image is)
   zlib  convert -O raw SRC-zlib.qcow2 rbd:...    (decompression while writing)
 
 qcowpy is byte-compiled first, as ``pip install`` leaves it (bench/bytecode.py), and the script
@@ -78,7 +79,7 @@ def main() -> int:
         cases = {
             "into": ([["convert", "-O", "raw", str(src), name]], rm),
             "zlib": ([["convert", "-O", "raw", str(srcz), name]], rm),
-            "out": ([["convert", "-O", "raw", name, str(dst)]], None),
+            "out": ([["convert", "-O", "raw", name, str(dst)]], lambda: dst.unlink(missing_ok=True)),
         }
         print(f"source {args.size} qcow2, half written; {args.repeats} runs each; "
               f"load average before: {os.getloadavg()[0]:.2f}")
