@@ -41,6 +41,10 @@ class CorruptTable(CorruptImage):
         return os.strerror(self.errno_)
 
 
+class EncryptionError(QcowError):
+    """Opening or using an encrypted image failed; the message is QEMU's."""
+
+
 class ImageNotFound(QcowError, FileNotFoundError):
     """An image or backing file does not exist."""
 

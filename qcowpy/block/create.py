@@ -8,11 +8,11 @@ from ..errors import InvalidArgument
 from ..format.constants import MAX_L1_SIZE_BYTES
 from ..hostfile import HostFile, set_create_hints, size_new_file
 from ..crypto.secret import passphrase
-from ..qcow2.create import EncryptSpec, Qcow2Options, create_qcow2
 
-__all__ = ["Qcow2Options", "create_image", "create_qcow2", "qcow2_options", "qcow2_size_fits", "backing_size"]
+__all__ = ["create_image", "create_qcow2", "qcow2_options", "qcow2_size_fits", "backing_size"]
 if TYPE_CHECKING:
     from ..crypto.luks import CreateOptions
+    from ..qcow2.create import EncryptSpec, Qcow2Options
 from ..units import parse_option_size, parse_size
 from .open import open_image, resolve_backing_path
 from .rbdspec import is_rbd_name
@@ -31,6 +31,8 @@ def _bool(name: str, value: Any) -> bool:
 
 def qcow2_options(size: int, **options: Any) -> Qcow2Options:
     """Map qemu-img style option names (dashes or underscores) to Qcow2Options."""
+    from ..qcow2.create import Qcow2Options
+
     opts = Qcow2Options(size=size)
     options = dict(options)
     fmt, secret = options.pop("encrypt_format", None), options.pop("secret", None)
@@ -86,6 +88,8 @@ def encrypt_spec_for(fmt: str, secret: bytes | str | None, luks: dict[str, Any])
         raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
     if fmt == "aes" and luks:
         raise InvalidArgument(f"Parameter 'encrypt.{next(iter(luks)).replace('_', '-')}' is unexpected")
+    from ..qcow2.create import EncryptSpec
+
     return EncryptSpec(fmt, passphrase(secret), luks_options(luks, "encrypt.") if fmt == "luks" else None)
 
 
@@ -100,6 +104,14 @@ def luks_options(luks: dict[str, Any], prefix: str = "") -> "CreateOptions":
         setattr(opts, key, int(value) if key == "iter_time" else value)
     opts.validate()
     return opts
+
+
+def create_qcow2(path: str, opts: Qcow2Options) -> None:
+    """The qcow2 engine's creation (qcow2/create.py), loaded when a qcow2 image is made: a
+    raw or rbd target never needs the engine."""
+    from ..qcow2.create import create_qcow2 as create
+
+    create(path, opts)
 
 
 def qcow2_size_fits(size: int, cluster_size: int, extended_l2: bool) -> bool:

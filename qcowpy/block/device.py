@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from ..errors import InvalidArgument, UnsupportedFeature
-from ..format.snapshot import Snapshot
 
-__all__ = ["BlockDevice", "BitmapInfo", "Extent", "FormatInfo", "LayerStatus", "Snapshot", "status_at",
+if TYPE_CHECKING:
+    from ..format.snapshot import Snapshot
+
+__all__ = ["BlockDevice", "BitmapInfo", "Extent", "FormatInfo", "LayerStatus", "status_at",
            "is_allocated", "is_allocated_above"]
 
 

@@ -6,13 +6,10 @@ import os
 from typing import Iterator
 
 from ..crypto.secret import SecretError, resolve_key
-from ..errors import FormatError, ImageNotFound, InvalidArgument, QcowError, UnsupportedFeature
+from ..errors import EncryptionError, FormatError, ImageNotFound, InvalidArgument, QcowError, UnsupportedFeature
 from ..format.constants import LUKS_MAGIC, MAGIC
-from ..qcow2.encryption import EncryptionError
-from ..qcow2.image import Qcow2Image
 from .device import BlockDevice
 from .names import NBD_SCHEMES, is_nbd_uri
-from .qcow2 import Qcow2Device
 from .raw import RawDevice
 from .rbdspec import PREFIX as RBD_PREFIX, is_rbd_name
 from .. import hostfile
@@ -144,6 +141,9 @@ def open_image(path: str, mode: str = "r", format: str | None = None, backing: b
     if fmt == "luks":  # encrypt: the luks node's own options ({"key-secret": ID})
         from .luks import LuksDevice
         return LuksDevice(RawDevice(path, read_only=not writable, cache=cache, force_share=force_share), key, no_io)
+    from ..qcow2.image import Qcow2Image  # the engine loads with the first qcow2 image (raw, rbd
+    from .qcow2 import Qcow2Device  # and nbd copies never need it)
+
     dev = Qcow2Device(Qcow2Image.open(path, writable=writable, cache=cache, force_share=force_share,
                                       secret=key, no_io=no_io, encrypt_format=efmt, data_file=data_file), path)
     info = dev.format_info()

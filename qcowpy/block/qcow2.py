@@ -10,7 +10,8 @@ from ..qcow2 import snapshot as sn
 from ..qcow2.bitmaps import BitmapError
 from ..qcow2.image import COMPRESSED, DATA, ZERO, Qcow2Image
 from ..qcow2.resize import make_empty, resize
-from .device import BitmapInfo, BlockDevice, FormatInfo, LayerStatus, Snapshot
+from ..format.snapshot import Snapshot
+from .device import BitmapInfo, BlockDevice, FormatInfo, LayerStatus
 
 
 class Qcow2Device(BlockDevice):

@@ -21,13 +21,15 @@ import os
 import struct
 import threading
 from ctypes import byref, c_int, c_uint64, c_void_p
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import ImageNotFound, InvalidArgument, ReadOnlyError, SnapshotNotFound, UnsupportedFeature
-from ..format.snapshot import Snapshot
 from . import librbd as L
 from .device import BlockDevice, LayerStatus
 from .rbdspec import RbdLocation, from_options, is_rbd_name, mon_host, parse_filename
+
+if TYPE_CHECKING:
+    from ..format.snapshot import Snapshot
 
 PIECE_MIN, PIECE_MAX = 1 << 20, 4 << 20  # bytes per asynchronous request: the object size, within these
 WINDOW = 16  # requests in flight per call
@@ -521,6 +523,8 @@ class RbdDevice(BlockDevice):
 def _snapshot(name: str, size: int) -> Snapshot:
     """An RBD snapshot as QEMU's rbd driver describes it: name and id alike, the image size as VM
     state size, no date, no clock, and an instruction count of 0 (not "none")."""
+    from ..format.snapshot import Snapshot
+
     return Snapshot(0, 0, name, name, vm_state_size=size, extra_data=struct.pack(">QQQ", size, 0, 0))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import CorruptImage, InvalidArgument, QcowError, UnsupportedFeature
+from ..errors import CorruptImage, EncryptionError, InvalidArgument, UnsupportedFeature
 from ..format import constants as C
 from ..format.fde import pack_fde, parse_fde
 from ..format.header import Header
@@ -35,10 +35,6 @@ def aes_cipher(password: bytes) -> "SectorCipher":
     from ..crypto.qcowaes import aes_cipher as make
     return make(password)
 NO_KEY = "Parameter 'encrypt.key-secret' is required for cipher"
-
-
-class EncryptionError(QcowError):
-    """Opening or using an encrypted image failed; the message is QEMU's."""
 
 
 class ImageCrypto:

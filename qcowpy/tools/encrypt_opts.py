@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING
 
 from ..crypto.secret import SECRETS
 from ..errors import InvalidArgument
-from ..qcow2.create import EncryptSpec
 
 if TYPE_CHECKING:
     from ..crypto.luks import CreateOptions
+    from ..qcow2.create import EncryptSpec
 
 _LUKS_ONLY = ("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg", "iter-time")
 
@@ -51,6 +51,8 @@ def encrypt_spec(values: dict) -> EncryptSpec | None:
                 raise InvalidArgument(f"Parameter 'encrypt.{key}' is unexpected")
     else:
         luks = luks_create_options(values)
+    from ..qcow2.create import EncryptSpec
+
     secret_id = sub.get("key-secret")
     if secret_id is None:
         raise InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher")
