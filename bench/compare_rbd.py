@@ -11,8 +11,8 @@ first, N repeats after one untimed warm-up each):
                                                   removed before each run as the image is)
   zlib  convert -O raw SRC-zlib.qcow2 rbd:...    (decompression while writing)
 
-qcowpy is byte-compiled first, as ``pip install`` leaves it (bench/bytecode.py), and the script
-prints medians, min-max, the qcowpy/qemu-img ratio and the load average (the machine may be shared:
+qcowpy is what a user runs: ``pip install`` of this checkout into a throw-away venv, or with
+``--from-tree`` the checkout itself, byte-compiled (bench/bytecode.py). The script prints medians, min-max, the qcowpy/qemu-img ratio and the load average (the machine may be shared:
 quote figures with it).
 
     python bench/compare_rbd.py --size 2048M --repeats 5
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bytecode import ensure_bytecode  # noqa: E402  (bench/ is the script's directory)
+from bytecode import ensure_bytecode, installed  # noqa: E402  (bench/ is the script's directory)
 from tests.rbd.cluster import Cluster  # noqa: E402
 
 
@@ -54,18 +54,23 @@ def main() -> int:
     ap.add_argument("--size", default="512M")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--conf", help="ceph.conf of a running cluster (default: start one)")
+    ap.add_argument("--out-dir", help="directory of the out case's target file (default: the work directory; "
+                                      "/dev/shm keeps the local disk's write-back out of the figures)")
+    ap.add_argument("--from-tree", action="store_true",
+                    help="time this checkout (python -m qcowpy, byte-compiled) instead of a venv install")
     args = ap.parse_args()
     ensure_bytecode()
     tmp = Path(tempfile.mkdtemp(prefix="qcowpy-rbd-bench-"))
+    dst = Path(args.out_dir or tmp) / f"qcowpy-rbd-bench-{os.getpid()}.raw"
     cluster = None
     conf = args.conf
     if conf is None:
         cluster = Cluster(tmp / "ceph").start()
         conf = str(cluster.conf)
-    qcowpy = [sys.executable, "-m", "qcowpy"]
     try:
+        qcowpy = [sys.executable, "-m", "qcowpy"] if args.from_tree else installed(tmp / "venv")
         size_mib = int(args.size.rstrip("Mm"))
-        src, srcz, dst = tmp / "src.qcow2", tmp / "src-zlib.qcow2", tmp / "dst.raw"
+        src, srcz = tmp / "src.qcow2", tmp / "src-zlib.qcow2"
         run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), args.size])
         cmds = [f"write -P {(i % 250) + 1} {i}M 4M" for i in range(0, size_mib, 8)]
         for i in range(0, len(cmds), 64):
@@ -81,6 +86,7 @@ def main() -> int:
             "zlib": ([["convert", "-O", "raw", str(srcz), name]], rm),
             "out": ([["convert", "-O", "raw", name, str(dst)]], lambda: dst.unlink(missing_ok=True)),
         }
+        print(f"qcowpy: {' '.join(qcowpy)}")
         print(f"source {args.size} qcow2, half written; {args.repeats} runs each; "
               f"load average before: {os.getloadavg()[0]:.2f}")
         for case, (argvs, before) in cases.items():
@@ -98,6 +104,7 @@ def main() -> int:
             print(f"{case:5s} qemu-img {q:6.2f} s  qcowpy {p:6.2f} s  ratio {p / q:4.2f}  "
                   f"({size_mib / p:.0f} MiB/s virtual)  [{spread}]  load {os.getloadavg()[0]:.2f}")
     finally:
+        dst.unlink(missing_ok=True)
         if cluster is not None:
             cluster.stop()
         subprocess.run(["rm", "-rf", str(tmp)])
