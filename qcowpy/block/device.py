@@ -81,6 +81,16 @@ class BitmapInfo:
         return bool(self.flags & 2)
 
 
+class ReadsInto:
+    """For drivers whose own read fills the caller's buffer (network stores, decryption, a
+    device seen as a file): ``pread`` on top of their ``preadinto``."""
+
+    def pread(self, length: int, offset: int) -> bytes:
+        buf = bytearray(length)
+        self.preadinto(memoryview(buf), offset)  # type: ignore[attr-defined]
+        return bytes(buf)
+
+
 class BlockDevice(ABC):
     """A guest-visible disk: random-access bytes of a fixed size, plus allocation status.
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import errno
 
 from ..errors import ReadOnlyError
-from .device import BlockDevice
+from .device import BlockDevice, ReadsInto
 
 
-class DeviceFile:
+class DeviceFile(ReadsInto):
     """Read-only file-like view of a BlockDevice, so the qcow2 engine can read an image held in an export."""
 
     writable = False
@@ -23,13 +23,8 @@ class DeviceFile:
     def size(self) -> int:
         return self.dev.size
 
-    def pread(self, length: int, offset: int) -> bytes:
-        """Bytes past the end read as zeros, as from a host file."""
-        buf = bytearray(length)
-        self.preadinto(memoryview(buf), offset)
-        return bytes(buf)
-
     def preadinto(self, buf: memoryview, offset: int) -> None:
+        """Bytes past the end read as zeros, as from a host file."""
         n = max(0, min(len(buf), self.dev.size - offset))
         if n:
             self.dev.preadinto(buf[:n], offset)

@@ -19,7 +19,7 @@ from ..errors import FormatError, InvalidArgument, QcowError, ReadOnlyError
 from ..format import constants as C
 from ..hostfile import HostFile, set_create_hints, size_new_file
 from ..qcow2.encryption import EncryptionError, ImageCrypto
-from .device import BlockDevice, LayerStatus
+from .device import BlockDevice, LayerStatus, ReadsInto
 from .raw import RawDevice
 
 NO_KEY = "Parameter 'key-secret' is required for cipher"
@@ -50,7 +50,7 @@ def load(raw: RawDevice, password: bytes | None, no_io: bool = False) -> ImageCr
     return crypto
 
 
-class LuksDevice(BlockDevice):
+class LuksDevice(ReadsInto, BlockDevice):
     """A LUKS container image; ``crypto`` is qcow2's ImageCrypto with guest-numbered sectors."""
 
     format = "luks"
@@ -82,11 +82,6 @@ class LuksDevice(BlockDevice):
         for pos in range(0, len(view), CHUNK):
             part = view[pos:pos + CHUNK]
             self.crypto.read_into(self.file, part, self.payload + offset + pos, offset + pos)
-
-    def pread(self, length: int, offset: int) -> bytes:
-        buf = bytearray(length)
-        self.preadinto(buf, offset)
-        return bytes(buf)
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         """Encrypt whole sectors; a request that cuts a sector first reads (decrypts) it, as

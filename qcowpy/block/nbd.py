@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import InvalidArgument, QcowError, ReadOnlyError, UnsupportedFeature
 from . import nbdproto as P
-from .device import BlockDevice, LayerStatus
+from .device import BlockDevice, LayerStatus, ReadsInto
 from .names import NBD_SCHEMES, is_nbd_uri  # noqa: F401  (is_nbd_uri: this module's API too)
 from .nbdwire import Disconnected, Sender, recv_exact, recv_into_exact
 
@@ -82,7 +82,7 @@ def _parse_legacy(uri: str) -> Address:
     return Address(export, host=host, port=int(port))
 
 
-class NbdDevice(BlockDevice):
+class NbdDevice(ReadsInto, BlockDevice):
     """A raw view of one export. Requests go one at a time (a lock), which is all the tools need."""
 
     format = "raw"
@@ -274,11 +274,6 @@ class NbdDevice(BlockDevice):
     @property
     def size(self) -> int:
         return self._size
-
-    def pread(self, length: int, offset: int) -> bytes:
-        buf = bytearray(length)
-        self.preadinto(buf, offset)
-        return bytes(buf)
 
     def preadinto(self, buf: bytearray | memoryview, offset: int) -> None:
         view = memoryview(buf).cast("B")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import ImageNotFound, InvalidArgument, ReadOnlyError, SnapshotNotFound, UnsupportedFeature
 from . import librbd as L
-from .device import BlockDevice, LayerStatus
+from .device import BlockDevice, LayerStatus, ReadsInto
 from .rbdspec import RbdLocation, from_options, is_rbd_name, mon_host, parse_filename
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ def _not_found_aware(e: L.RbdError) -> L.RbdError:
     return RbdNotFound(str(e), e.errno) if e.errno == 2 else e
 
 
-class RbdDevice(BlockDevice):
+class RbdDevice(ReadsInto, BlockDevice):
     """One rbd image (or one of its snapshots, read-only) as raw bytes."""
 
     format = "raw"
@@ -228,11 +228,6 @@ class RbdDevice(BlockDevice):
             out.append((pos, n))
             pos += n
         return out
-
-    def pread(self, length: int, offset: int) -> bytes:
-        buf = bytearray(length)
-        self.preadinto(buf, offset)
-        return bytes(buf)
 
     def preadinto(self, buf: bytearray | memoryview, offset: int) -> None:
         view = memoryview(buf).cast("B")

@@ -21,7 +21,8 @@ from typing import Any, Callable, Optional, Sequence
 from .accel import apply_compat_props, configure_accelerators, parse_accel_opt
 from .clock import VirtualClock
 from .errors import DeviceError, EmuError, PathNotFound, PropertyError
-from .memory import SIZE_2_64, AddressSpace, MemoryRegion, MemoryRegionOps, mtree_info
+from .memory import SIZE_2_64, AddressSpace, MemoryRegion, MemoryRegionOps
+from .mtree import mtree_info
 from .pci.bus import PCIBus
 from .pci.host import TYPE_PCI_HOST, TYPE_PCI_HOST_BRIDGE_FN, PCIHostState
 from .qdev import DeviceState

@@ -10,7 +10,7 @@ from typing import Callable, Optional, TextIO
 
 from .errors import CommandNotFound, EmuError
 from .machine import MachineState
-from .memory import mtree_flatview
+from .mtree import mtree_flatview
 from .pci import regs
 from .pci.device import PCIDevice, format_pci_addr
 from .pci.info import format_info_pci, query_pci

@@ -29,16 +29,16 @@ from .encryption import check_area
 from ..format import constants as C
 from ..format.entries import compressed_descriptor, csize_shift, pack_table, unpack_table
 from ..format.header import Header
-from ..format.refcount import encode_block
 from ..hostfile import HostFile
+from .check_rebuild import RebuildRefcounts
 from .check_snapshots import fix_snapshot_table, load_snapshots
 from .checkbase import (FIX_ERRORS, FIX_LEAKS, CheckAbort, CheckContext, CheckFailed, CheckResult,  # noqa: F401
-                        Hint, OnDiskRefcounts, copy_result, write_fields)
+                        Hint, copy_result, write_fields)
 
 _CHECK_FRAG_INFO = 2
 
 
-class _Checker(CheckContext):
+class _Checker(RebuildRefcounts, CheckContext):
     """The refcount check: compute every cluster's refcount, compare, repair or rebuild."""
 
     # ---------------------------------------------------------------- in-memory refcounts
@@ -344,89 +344,6 @@ class _Checker(CheckContext):
             self.file.flush()
         return rebuild, highest
 
-    # ---------------------------------------------------------------- rebuild
-    def _alloc_imrt(self, table_rc: array, count: int, first_free: list[int]) -> int:
-        cluster = first_free[0]
-        contiguous = 0
-        first_gap = True
-        n = len(table_rc)
-        while cluster < n and contiguous < count:
-            if not table_rc[cluster]:
-                contiguous += 1
-                if first_gap:
-                    first_free[0] = cluster
-                    first_gap = False
-            else:
-                contiguous = 0
-            cluster += 1
-        if contiguous < count:
-            need = cluster + count - contiguous
-            if need > len(table_rc):
-                table_rc.extend(array("Q", bytes(8 * (need - len(table_rc)))))
-        cluster -= contiguous
-        for i in range(count):
-            table_rc[cluster + i] = 1
-        return cluster << self.cbits
-
-    def _write_refblocks(self, table_rc: array, first_cluster: int, end_cluster: int,
-                         reftable: list[int]) -> bool:
-        od = self.ondisk
-        grown = False
-        first_free = [0]
-        cluster = first_cluster
-        while cluster < end_cluster:
-            if cluster >= len(table_rc) or not table_rc[cluster]:
-                cluster += 1
-                continue
-            index = cluster >> od.per_block_bits
-            start = index << od.per_block_bits
-            if index < len(reftable) and reftable[index]:
-                block_off = reftable[index]
-            else:
-                if first_free[0] < start:
-                    first_free[0] = start
-                block_off = self._alloc_imrt(table_rc, 1, first_free)
-                if (block_off >> self.cbits) >= end_cluster:
-                    end_cluster = (block_off >> self.cbits) + 1
-                if len(reftable) <= index:
-                    entries = (((index + 1) * 8 + self.cs - 1) // self.cs) * self.cs // 8
-                    reftable.extend([0] * (entries - len(reftable)))
-                    grown = True
-                reftable[index] = block_off
-            self._overlap_check(block_off, self.cs, "ERROR writing refblock")
-            values = table_rc[start:start + od.per_block].tolist()
-            values += [0] * (od.per_block - len(values))
-            self.file.pwrite(encode_block(values, self.order, self.cs), block_off)
-            cluster = start + od.per_block
-        return grown
-
-    def rebuild(self, res: CheckResult, table_rc: array) -> None:
-        """Write a new refcount structure from ``table_rc`` (the old one is leaked, as in QEMU)."""
-        self.ondisk.forget()
-        self._layout = self._current_layout()
-        reftable: list[int] = []
-        changed = self._write_refblocks(table_rc, 0, len(table_rc), reftable)
-        assert changed
-        rt_offset = -1
-        rt_clusters = 0
-        while changed:
-            rt_clusters = (len(reftable) * 8 + self.cs - 1) // self.cs
-            rt_offset = self._alloc_imrt(table_rc, rt_clusters, [0])
-            start = rt_offset >> self.cbits
-            changed = self._write_refblocks(table_rc, start, start + rt_clusters, reftable)
-        if rt_clusters * self.cs > C.MAX_REFTABLE_SIZE_BYTES:
-            raise CheckAbort("File too large")
-        self._overlap_check(rt_offset, len(reftable) * 8, "ERROR writing reftable")
-        self.file.pwrite(pack_table(reftable), rt_offset)
-        self.file.flush()
-        self.h.refcount_table_offset = rt_offset
-        self.h.refcount_table_clusters = rt_clusters
-        write_fields(self.file, self.h, "refcount_table_offset", "refcount_table_clusters")
-        self.file.flush()
-        self.file_len = self.file.size()
-        self.ondisk = OnDiskRefcounts(self.file, self.h, reftable)
-
-
     def check_copied(self, res: CheckResult, fix: int) -> None:
         if fix & FIX_ERRORS:
             repair = True
@@ -543,7 +460,6 @@ class _Checker(CheckContext):
                 _, highest = self.compare(res, fix, table_rc)
         self.check_copied(res, fix)
         res.image_end_offset = (highest + 1) * self.cs
-
 
 
 def check_file(file: HostFile, header: Header, fix: int = 0,

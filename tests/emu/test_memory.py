@@ -4,7 +4,8 @@ from __future__ import annotations
 from hypothesis import given, settings, strategies as st
 
 from qcowpy.emu.memory import (SIZE_2_64, AccessConstraints, AddressSpace, Endianness, ImplConstraints,
-                               MemoryRegion, MemoryRegionOps, mtree_info)
+                               MemoryRegion, MemoryRegionOps)
+from qcowpy.emu.mtree import mtree_info
 
 
 class Recorder:
