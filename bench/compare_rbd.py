@@ -7,15 +7,16 @@ other 4 MiB written with data, a zlib-compressed variant too), then times, alter
 first, N repeats after one untimed warm-up each):
 
   into  convert -O raw SRC.qcow2 rbd:rbd/IMG     (the image is removed before each run)
-  out   convert -O raw rbd:rbd/IMG DST.raw       (read back from the cluster into a new file,
-                                                  removed before each run as the image is)
+  out   convert -O raw rbd:rbd/IMG DST.raw       (read back from the cluster into a new file in
+                                                  /dev/shm, removed before each run as the image is)
   zlib  convert -O raw SRC-zlib.qcow2 rbd:...    (decompression while writing)
 
 qcowpy is what a user runs: ``pip install`` of this checkout into a throw-away venv, or with
-``--from-tree`` the checkout itself, byte-compiled (bench/bytecode.py). The script prints medians, min-max, the qcowpy/qemu-img ratio and the load average (the machine may be shared:
+``--from-tree`` the checkout itself, byte-compiled (bench/bytecode.py). The script prints
+medians, min-max, the qcowpy/qemu-img ratio and the load average (the machine may be shared:
 quote figures with it).
 
-    python bench/compare_rbd.py --size 2048M --repeats 5
+    python bench/compare_rbd.py --size 2048M --repeats 7
 """
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def main() -> int:
     ap.add_argument("--size", default="512M")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--conf", help="ceph.conf of a running cluster (default: start one)")
-    ap.add_argument("--out-dir", help="directory of the out case's target file (default: the work directory; "
-                                      "/dev/shm keeps the local disk's write-back out of the figures)")
+    ap.add_argument("--out-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                    help="directory of the out case's target file (default /dev/shm: the local disk's write-back "
+                         "swings either tool's time 2x from run to run)")
     ap.add_argument("--from-tree", action="store_true",
                     help="time this checkout (python -m qcowpy, byte-compiled) instead of a venv install")
     args = ap.parse_args()
