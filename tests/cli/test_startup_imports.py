@@ -53,3 +53,25 @@ def test_the_subsystems_load_when_used(tmp_path):
     assert code == 0 and _loaded(mods, "cryptography")
     code, mods = _modules("info", enc)
     assert code == 0 and _loaded(mods, "qcowpy.crypto.luks")  # info reads the LUKS header
+
+
+def test_a_raw_copy_loads_no_qcow2_engine_and_version_reads_no_metadata(tmp_path):
+    """convert between raw images (as into or out of rbd) needs neither the qcow2 engine nor the
+    cipher library; --version prints the package's own version without importlib.metadata."""
+    raw = tmp_path / "a.raw"
+    raw.write_bytes(b"x" * 65536)
+    code, mods = _modules("convert", "-f", "raw", "-O", "raw", str(raw), str(tmp_path / "b.raw"))
+    assert code == 0
+    assert [m for m in ("qcowpy.qcow2.image", "qcowpy.qcow2.create", "qcowpy.format.header", "cryptography")
+            if _loaded(mods, m)] == []
+    code, mods = _modules("--version")
+    assert code == 0 and not _loaded(mods, "importlib.metadata")
+
+
+def test_version_is_the_project_version():
+    import tomllib
+    from pathlib import Path
+
+    import qcowpy
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    assert qcowpy.__version__ == project["version"]
