@@ -15,6 +15,9 @@ and prints medians, min-max, the qcowpy/qemu-img ratio of medians, each tool's p
 child's ru_maxrss) and the load average at the start. Every output is checked with
 ``qemu-img compare`` (and ``check`` for qcow2 outputs); a wrong output fails the run.
 
+qcowpy is what a user runs: this checkout pip-installed into a throw-away venv (bench/bytecode.py);
+``--from-tree`` times ``python -m qcowpy`` from the tree instead (byte-compiled first).
+
 Quick run:  python bench/run.py --size 256M --sparse-size 4G --repeats 3
 Full run:   python bench/run.py
 """
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import compare_convert as cc  # noqa: E402  (image builders shared with the older script)
-from bytecode import ensure_bytecode  # noqa: E402
+from bytecode import ensure_bytecode, installed  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
 
@@ -235,6 +238,9 @@ def main() -> None:
     ap.add_argument("--no-api", action="store_true", help="skip the API row (no venv is made)")
     ap.add_argument("--dir", help="work directory (kept; images reused if present)")
     ap.add_argument("--qcowpy-path", default=ROOT, help="source tree qcowpy runs from (default: this one)")
+    ap.add_argument("--from-tree", action="store_true",
+                    help="run qcowpy from the source tree (python -m qcowpy, byte-compiled) instead of "
+                         "pip-installing it into a throw-away venv (what a user runs; the default)")
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args()
     ensure_bytecode(args.qcowpy_path)
@@ -247,10 +253,13 @@ def main() -> None:
         imgs = existing if all(map(os.path.exists, existing.values())) else \
             cc.build_images(tmp, cc.parse_size(args.size), cc.parse_size(args.sparse_size), which)
         qroot = os.path.abspath(args.qcowpy_path)
-        os.environ["PYTHONPATH"] = qroot  # for qcowpy's children (qemu-img ignores it)
-        qcowpy = [sys.executable, "-m", "qcowpy"]
+        if args.from_tree:
+            os.environ["PYTHONPATH"] = qroot  # for qcowpy's children (qemu-img ignores it)
+            qcowpy = [sys.executable, "-m", "qcowpy"]
+        else:
+            qcowpy = installed(os.path.join(tmp, "venv-qcowpy"), qroot)
         print(f"# load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} CPUs; "
-              f"repeats={args.repeats}; qcowpy from {qroot}")
+              f"repeats={args.repeats}; qcowpy from {qroot}" + ("" if args.from_tree else f" ({qcowpy[0]})"))
         print(f"# {subprocess.run(['qemu-img', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}",
               flush=True)
         rows = rows_for(imgs, qcowpy)
