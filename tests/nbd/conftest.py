@@ -90,11 +90,12 @@ def start_server(tmp_path):
     def start(kind: str, image, *options: str, name: str = "") -> Server:
         counter[0] += 1
         sock = tmp_path / f"{kind}-{counter[0]}.sock"
-        # qcowpy renames its socket into place once listening; qemu-nbd binds, then listens, so
-        # its pid file (written once it listens) is what says it is ready
-        ready = sock if kind == "qcowpy" else tmp_path / f"{kind}-{counter[0]}.pid"
+        # Both servers listen, then open the image (taking its lock), then write the pid file
+        # (qemu-nbd's order): the pid file, not the socket, says the export is ready and the
+        # image locked.
+        ready = tmp_path / f"{kind}-{counter[0]}.pid"
         if kind == "qcowpy":
-            argv = qcowpy_argv("nbd", "-k", sock, *options, image)
+            argv = qcowpy_argv("nbd", "-k", sock, "--pid-file", ready, *options, image)
         else:
             argv = [tool("qemu-nbd"), "-k", str(sock), "--pid-file", str(ready), *map(str, options), str(image)]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
