@@ -19,30 +19,34 @@ if TYPE_CHECKING:
     from .image import Qcow2Image
 
 
-def read_compressed(img: "Qcow2Image", dst: memoryview, start: int) -> None:
-    """Guest bytes ``[start, start+len(dst))`` of compressed clusters into ``dst``.
+def read_compressed(img: "Qcow2Image", items: list[tuple[memoryview, int]]) -> None:
+    """Compressed guest bytes into buffers: ``(dst, start)`` fills ``dst`` with guest bytes
+    ``[start, start+len(dst))``; all the compressed extents of one request come in one call.
 
     A partial cluster goes through a one-cluster cache (small sequential reads inflate it
-    once); whole clusters are read with one host read per contiguous run of compressed
-    bytes and inflated on the worker pool, several at a time."""
+    once); whole clusters are read with one host read per contiguous run of compressed bytes
+    and inflated on the worker pool together, so a request whose compressed clusters alternate
+    with plain ones (what ``convert -c`` leaves of data that does not compress) still inflates
+    on every CPU."""
     cs = img.cluster_size
-    end = start + len(dst)
-    whole: list[tuple[int, int]] = []  # (guest cluster, L2 entry) read whole
-    p = start
-    while p < end:
-        cstart = p & ~(cs - 1)
-        n = min(end, cstart + cs) - p
-        if n == cs:
-            whole.append((cstart, img.meta.l2_entry(cstart)[0]))
-        else:
-            data = img._read_compressed_cluster(cstart)
-            dst[p - start:p - start + n] = memoryview(data)[p - cstart:p - cstart + n]
-        p += n
+    whole: list[tuple[memoryview, int]] = []  # (one cluster of a dst, its L2 entry) read whole
+    for dst, start in items:
+        end = start + len(dst)
+        p = start
+        while p < end:
+            cstart = p & ~(cs - 1)
+            n = min(end, cstart + cs) - p
+            if n == cs:
+                whole.append((dst[p - start:p - start + cs], img.meta.l2_entry(cstart)[0]))
+            else:
+                data = img._read_compressed_cluster(cstart)
+                dst[p - start:p - start + n] = memoryview(data)[p - cstart:p - cstart + n]
+            p += n
     if not whole:
         return
     fsize = img.file.size()
     descs = [img._compressed_desc(entry, fsize) for _, entry in whole]
-    pieces: list[tuple[memoryview, int]] = []
+    pieces: list[tuple[memoryview, memoryview]] = []  # (compressed bytes, destination)
     for a, b, members in _host_spans(descs):
         raw = memoryview(img.file.pread(b - a, a))
         for i in members:
@@ -50,17 +54,18 @@ def read_compressed(img: "Qcow2Image", dst: memoryview, start: int) -> None:
             pieces.append((raw[h - a:h - a + nb], whole[i][0]))
     ctype = img.header.compression_type
 
-    def inflate(item: tuple[memoryview, int]) -> None:
-        data = codec.decompress(item[0], ctype, cs)
-        dst[item[1] - start:item[1] - start + cs] = data
+    def inflate(item: tuple[memoryview, memoryview]) -> None:
+        item[1][:] = codec.decompress(item[0], ctype, cs)
 
     run_all(inflate, pieces)
 
 
-def _host_spans(descs: list[tuple[int, int]], max_gap: int = 65536,
+def _host_spans(descs: list[tuple[int, int]], max_gap: int = 4096,
                 max_span: int = 8 << 20) -> list[tuple[int, int, list[int]]]:
     """Group compressed clusters ``(host, nbytes)`` into host runs read with one ``pread`` each:
-    consecutive ones whose bytes follow within ``max_gap``, up to ``max_span`` bytes a run."""
+    consecutive ones whose bytes follow within ``max_gap`` (compressed clusters are packed, a
+    sector's padding apart; a wider gap is other data, not worth reading), up to ``max_span``
+    bytes a run."""
     spans: list[list] = []
     for i, (h, nb) in enumerate(descs):
         last = spans[-1] if spans else None

@@ -254,6 +254,7 @@ class Qcow2Image:
 
     def _read_extents(self, view: memoryview, exts: list[LayerExtent], zeroed: bool) -> None:
         pos = 0
+        compressed: list[tuple[memoryview, int]] = []  # inflated together, after the loop
         for ext in exts:
             dst = view[pos:pos + ext.length]
             if ext.kind == DATA:
@@ -261,10 +262,12 @@ class Qcow2Image:
             elif ext.kind == UNALLOCATED and self.backing is not None:
                 self._read_backing_into(dst, ext.start)
             elif ext.kind == COMPRESSED:
-                self._read_compressed(dst, ext.start)
+                compressed.append((dst, ext.start))
             elif not zeroed:  # ZERO, or UNALLOCATED without a backing file
                 zero_fill(dst)
             pos += ext.length
+        if compressed:
+            read_compressed(self, compressed)
 
     def read_data(self, dst: memoryview, host: int, guest: int) -> None:
         """Guest data stored at ``host`` into ``dst`` (decrypted on encrypted images)."""
@@ -287,9 +290,6 @@ class Qcow2Image:
             self.backing.preadinto(dst[:n], offset)  # type: ignore[union-attr]
         if n < len(dst):
             zero_fill(dst[n:])
-
-    def _read_compressed(self, dst: memoryview, start: int) -> None:
-        read_compressed(self, dst, start)
 
     def _compressed_desc(self, entry: int, file_size: int | None = None) -> tuple[int, int]:
         host, nbytes = compressed_descriptor(entry, self.cluster_bits)

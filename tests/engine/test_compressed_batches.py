@@ -65,6 +65,22 @@ def test_reads_match_qemu_in_every_shape(shuffled, pool_size):
         assert buf == want[512 * KiB + 17:512 * KiB + 17 + 3 * MiB]
 
 
+def test_compressed_clusters_between_plain_ones_inflate_in_one_batch(qemu, tmp_path, monkeypatch):
+    """convert -c keeps data that does not compress as plain clusters: a read over alternating
+    plain and compressed clusters hands all its compressed ones to the pool at once (one batch
+    per request, not one inline inflate per extent) and reads what QEMU reads."""
+    from qcowpy.qcow2 import compressed
+    path = qemu.create(tmp_path / "alt.qcow2", 2 * MiB)
+    qemu.io(path, *[f"{'write -c' if i % 2 else 'write'} -P {i + 1} {i * 64 * KiB} 64k" for i in range(32)])
+    want = qemu.to_raw(path, tmp_path / "alt.raw")
+    batches: list[int] = []
+    real = compressed.run_all
+    monkeypatch.setattr(compressed, "run_all", lambda fn, items: batches.append(len(items)) or real(fn, items))
+    with qcowpy.open(path) as dev:
+        assert dev.pread(2 * MiB, 0) == want
+    assert batches == [16]
+
+
 def test_a_corrupt_cluster_in_a_batch_fails_the_read(qemu, tmp_path, pool_size):
     path = qemu.create(tmp_path / "c.qcow2", MiB)
     qemu.io(path, "write -c -P 1 0 512k")
