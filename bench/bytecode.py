@@ -29,13 +29,17 @@ def ensure_bytecode(tree: str | Path | None = None) -> None:
 
 
 def installed(dest: str | Path, tree: str | Path | None = None) -> list[str]:
-    """The command that runs qcowpy installed (``pip install TREE``) into a venv at ``dest``."""
+    """The command that runs qcowpy installed (``pip install TREE``) into a venv at ``dest``. A venv
+    that exists already gets the tree installed again (without its dependencies), so a reused
+    work directory never times an older copy."""
     dest = Path(dest)
     script = dest / "bin" / "qcowpy"
-    if not script.exists():
+    again = script.exists()
+    if not again:
         venv.create(dest, with_pip=True)
-        p = subprocess.run([str(dest / "bin" / "python"), "-m", "pip", "install", "-q", str(tree or ROOT)],
-                           capture_output=True, text=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
-        if p.returncode != 0:
-            raise SystemExit(f"pip install {tree or ROOT} into {dest} failed:\n{p.stdout}{p.stderr}")
+    p = subprocess.run([str(dest / "bin" / "python"), "-m", "pip", "install", "-q",
+                        *(["--no-deps", "--force-reinstall"] if again else []), str(tree or ROOT)],
+                       capture_output=True, text=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    if p.returncode != 0:
+        raise SystemExit(f"pip install {tree or ROOT} into {dest} failed:\n{p.stdout}{p.stderr}")
     return [str(script)]

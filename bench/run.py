@@ -257,7 +257,8 @@ def main() -> None:
             os.environ["PYTHONPATH"] = qroot  # for qcowpy's children (qemu-img ignores it)
             qcowpy = [sys.executable, "-m", "qcowpy"]
         else:
-            qcowpy = installed(os.path.join(tmp, "venv-qcowpy"), qroot)
+            tag = qroot.strip("/").replace("/", "_")  # one venv per tree: --dir is reused across trees
+            qcowpy = installed(os.path.join(tmp, f"venv-qcowpy-{tag}"), qroot)
         print(f"# load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} CPUs; "
               f"repeats={args.repeats}; qcowpy from {qroot}" + ("" if args.from_tree else f" ({qcowpy[0]})"))
         print(f"# {subprocess.run(['qemu-img', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}",
