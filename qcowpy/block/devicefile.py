@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 
 from ..errors import ReadOnlyError
+from ..hostfile import zero_fill
 from .device import BlockDevice, ReadsInto
 
 
@@ -29,7 +30,7 @@ class DeviceFile(ReadsInto):
         if n:
             self.dev.preadinto(buf[:n], offset)
         if n < len(buf):
-            buf[n:] = bytes(len(buf) - n)
+            zero_fill(buf[n:])
 
     def pwrite(self, data, offset: int) -> None:
         raise ReadOnlyError(f"'{self.path}' is opened read-only")

@@ -210,9 +210,17 @@ class Completion:
     """One librbd request in flight. :meth:`wait` returns its result; with a time limit a request
     that has not completed by then is abandoned (-ETIMEDOUT): librbd keeps using its buffer, so
     the buffer is kept alive (on the notice path, until the process ends: only a cluster that
-    stopped answering abandons requests, and the device then refuses further I/O)."""
+    stopped answering abandons requests, and the device then refuses further I/O).
 
-    __slots__ = ("handle", "keep", "what", "token", "event", "ret", "abandoned", "notice")
+    Constructing one gives a :class:`NoticeCompletion` when the C notices are built, else a
+    :class:`CallbackCompletion`; the two differ only in how librbd's callback reaches the waiter."""
+
+    __slots__ = ("handle", "keep", "what", "ret", "abandoned")
+
+    def __new__(cls, what: str, keep: object = None):
+        if cls is Completion:
+            cls = NoticeCompletion if _notice is not None else CallbackCompletion
+        return super().__new__(cls)
 
     def __init__(self, what: str, keep: object = None):
         self.handle = c_void_p()
@@ -221,54 +229,86 @@ class Completion:
         self.ret = 0
         self.abandoned = False
         lib_ = lib()
-        if _notice is not None:
-            callback, release = _notice_functions(lib_)
-            self.notice = _notice.new(release)
-            r = lib_.rbd_aio_create_completion(c_void_p(self.notice), c_void_p(callback), byref(self.handle))
-            if r < 0:
-                _notice.free_notice(self.notice)
-                raise fail("rbd aio completion", r)
-            return
-        self.notice = 0
-        self.event = threading.Event()
-        self.token = next(_tokens)
-        r = lib_.rbd_aio_create_completion(c_void_p(self.token), ctypes.cast(_on_complete, c_void_p),
-                                           byref(self.handle))
+        arg, callback = self._register(lib_)
+        r = lib_.rbd_aio_create_completion(c_void_p(arg), c_void_p(callback), byref(self.handle))
         if r < 0:
+            self._forget()
             raise fail("rbd aio completion", r)
-        with _inflight_lock:
-            _inflight[self.token] = self
 
     def cancel(self) -> None:
         """The request was refused at submission: no callback will come."""
-        if self.notice:
-            _notice.free_notice(self.notice)
-        else:
-            with _inflight_lock:
-                _inflight.pop(self.token, None)
+        self._forget()
         lib().rbd_aio_release(self.handle)
         self.keep = None
 
     def wait(self, timeout: float | None = None) -> int:
-        if self.notice:
-            if not _notice.wait(self.notice, -1.0 if timeout is None else max(0.0, timeout)):
-                self.abandoned = True  # the C callback frees the notice and the completion
-                with _inflight_lock:
-                    _abandoned.append(self)
-                return -ETIMEDOUT
-            _notice.free_notice(self.notice)
-            self.ret = _lib.rbd_aio_get_return_value(self.handle)  # type: ignore[union-attr]
-        elif not self.event.wait(timeout):
-            with _inflight_lock:
-                if not self.event.is_set():
-                    self.abandoned = True
-                    return -ETIMEDOUT
-        if not self.notice:
-            with _inflight_lock:
-                _inflight.pop(self.token, None)
+        if not self._wait(timeout):
+            return -ETIMEDOUT
         lib().rbd_aio_release(self.handle)
         self.keep = None
         return self.ret
+
+    def _register(self, lib_: Lib) -> tuple[int, int]:
+        """The callback's argument and the callback's address."""
+        raise NotImplementedError
+
+    def _forget(self) -> None:
+        """No callback will come: drop what :meth:`_register` set up."""
+        raise NotImplementedError
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Wait for the callback and set ``ret`` (True), or abandon the request (False)."""
+        raise NotImplementedError
+
+
+class NoticeCompletion(Completion):
+    """Signalled from C (ext/_notice.pyx) without the GIL."""
+
+    __slots__ = ("notice",)
+
+    def _register(self, lib_: Lib) -> tuple[int, int]:
+        callback, release = _notice_functions(lib_)
+        self.notice = _notice.new(release)
+        return self.notice, callback
+
+    def _forget(self) -> None:
+        _notice.free_notice(self.notice)
+
+    def _wait(self, timeout: float | None) -> bool:
+        if not _notice.wait(self.notice, -1.0 if timeout is None else max(0.0, timeout)):
+            self.abandoned = True  # the C callback frees the notice and releases the completion
+            with _inflight_lock:
+                _abandoned.append(self)  # librbd may still use the buffer
+            return False
+        _notice.free_notice(self.notice)
+        self.ret = lib().rbd_aio_get_return_value(self.handle)
+        return True
+
+
+class CallbackCompletion(Completion):
+    """Signalled by a ctypes callback (a checkout without a build): it takes the GIL."""
+
+    __slots__ = ("token", "event")
+
+    def _register(self, lib_: Lib) -> tuple[int, int]:
+        self.event = threading.Event()
+        self.token = next(_tokens)
+        with _inflight_lock:
+            _inflight[self.token] = self
+        return self.token, ctypes.cast(_on_complete, c_void_p).value  # type: ignore[return-value]
+
+    def _forget(self) -> None:
+        with _inflight_lock:
+            _inflight.pop(self.token, None)
+
+    def _wait(self, timeout: float | None) -> bool:
+        if not self.event.wait(timeout):
+            with _inflight_lock:
+                if not self.event.is_set():
+                    self.abandoned = True  # _on_complete releases it when librbd is done
+                    return False
+        self._forget()
+        return True
 
 
 def run_all(submit: Callable[[object], Completion | None], items: list, window: int,

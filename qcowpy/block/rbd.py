@@ -153,6 +153,7 @@ class RbdDevice(ReadsInto, BlockDevice):
     #: convert keeps this many chunks in flight (qemu-img's eight coroutines): the OSDs serve
     #: them in parallel, and a copy with four measured 10-15% slower here
     io_depth = 8
+    read_ahead = True  # for sequential readers; convert turns it off under its own read-ahead
 
     def __init__(self, loc: RbdLocation, read_only: bool = True, name: str | None = None, cache: bool = True,
                  secret: SecretLookup | None = None, fmt_name: str = "raw"):
@@ -165,7 +166,6 @@ class RbdDevice(ReadsInto, BlockDevice):
         self.broken: L.RbdError | None = None  # the timeout that ended this device's use
         self._ahead: tuple[int, bytearray, list] | None = None  # read-ahead: offset, buffer, requests
         self._last_end = -1
-        self.read_ahead = True  # (BlockDevice.read_ahead: off under convert's own read-ahead)
         self.lock = threading.Lock()
         try:
             self.conn = Connection(loc, cache, secret)
